@@ -1,0 +1,217 @@
+//! The admin HTTP endpoint (plain HTTP/1.1 GET, `Connection: close`): `/ready`, `/metrics`
+//! (Prometheus text), `/config_dump` (the effective config) and `/connections` (the last 1024
+//! accepted proxy connections). The request line is parsed by hand: four fixed GET routes do not
+//! need an HTTP stack.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{debug, warn};
+
+use crate::app::stopped;
+use crate::dataplane::Maps;
+use crate::proxy::ConnLog;
+
+const MAX_REQUEST: usize = 8192;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("cannot listen on admin_listen {addr}: {source}: is the port taken (use port 0 for an ephemeral one)?")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What the admin handlers read.
+pub struct AdminState {
+    /// True once the data plane is attached/adopted and every listener is bound.
+    pub ready: AtomicBool,
+    pub registry: Registry,
+    /// The effective config, serialized once at start.
+    pub config_json: String,
+    pub log: Arc<ConnLog>,
+    pub maps: Arc<Maps>,
+}
+
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, AdminError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| AdminError::Bind { addr, source })
+}
+
+pub fn spawn(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    mut shutdown: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stopped(&mut shutdown) => break,
+                res = listener.accept() => match res {
+                    Ok((sock, peer)) => {
+                        let state = state.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = tokio::time::timeout(REQUEST_TIMEOUT, serve(sock, &state)).await.unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "request timed out"))) {
+                                debug!(%peer, error = %e, "admin request failed");
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "admin accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// A parsed request line.
+#[derive(Debug, PartialEq, Eq)]
+struct Request<'a> {
+    method: &'a str,
+    path: &'a str,
+}
+
+fn parse_request_line(head: &str) -> Option<Request<'_>> {
+    let line = head.lines().next()?;
+    let mut parts = line.split_whitespace();
+    let method = parts.next()?;
+    let target = parts.next()?;
+    let version = parts.next()?;
+    if !version.starts_with("HTTP/1.") {
+        return None;
+    }
+    let path = target.split('?').next().unwrap_or(target);
+    Some(Request { method, path })
+}
+
+struct Response {
+    status: &'static str,
+    content_type: &'static str,
+    body: String,
+}
+
+fn route(req: &Request<'_>, state: &AdminState) -> Response {
+    let text = |status, body: &str| Response {
+        status,
+        content_type: "text/plain; charset=utf-8",
+        body: body.to_string(),
+    };
+    if req.method != "GET" && req.method != "HEAD" {
+        return text("405 Method Not Allowed", "only GET\n");
+    }
+    match req.path {
+        "/ready" => {
+            if state.ready.load(Ordering::SeqCst) {
+                text("200 OK", "ready")
+            } else {
+                text("503 Service Unavailable", "not ready")
+            }
+        }
+        "/metrics" => {
+            let mut body = String::new();
+            match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
+                Ok(()) => Response {
+                    status: "200 OK",
+                    content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    body,
+                },
+                Err(_) => text("500 Internal Server Error", "metrics encoding failed\n"),
+            }
+        }
+        "/config_dump" => Response {
+            status: "200 OK",
+            content_type: "application/json",
+            body: state.config_json.clone(),
+        },
+        "/connections" => {
+            let snap = state.log.snapshot(&state.maps);
+            match serde_json::to_string(&snap) {
+                Ok(body) => Response {
+                    status: "200 OK",
+                    content_type: "application/json",
+                    body,
+                },
+                Err(_) => text("500 Internal Server Error", "encoding failed\n"),
+            }
+        }
+        _ => text("404 Not Found", "not found\n"),
+    }
+}
+
+async fn serve(mut sock: TcpStream, state: &AdminState) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    // Read the head only; GET requests carry no body we care about.
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && !buf.windows(2).any(|w| w == b"\n\n") {
+        let n = sock.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.len() > MAX_REQUEST {
+            break;
+        }
+    }
+    let head = String::from_utf8_lossy(&buf);
+    let resp = match parse_request_line(&head) {
+        Some(req) => {
+            let mut r = route(&req, state);
+            if req.method == "HEAD" {
+                r.body.clear();
+            }
+            r
+        }
+        None => Response {
+            status: "400 Bad Request",
+            content_type: "text/plain; charset=utf-8",
+            body: "bad request\n".into(),
+        },
+    };
+    let out = format!(
+        "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+        resp.status,
+        resp.content_type,
+        resp.body.len(),
+        resp.body
+    );
+    sock.write_all(out.as_bytes()).await?;
+    sock.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_lines() {
+        assert_eq!(
+            parse_request_line("GET /ready HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Some(Request {
+                method: "GET",
+                path: "/ready"
+            })
+        );
+        assert_eq!(
+            parse_request_line("GET /metrics?x=1 HTTP/1.0\r\n\r\n"),
+            Some(Request {
+                method: "GET",
+                path: "/metrics"
+            })
+        );
+        assert_eq!(parse_request_line("garbage"), None);
+        assert_eq!(parse_request_line(""), None);
+    }
+}

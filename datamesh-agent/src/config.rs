@@ -1,0 +1,877 @@
+//! The agent's configuration: the file format (YAML or TOML, chosen by extension), defaults,
+//! the `DATAMESH_PROXY_ADDRESS` override, and validation that reports every bad field at once.
+//!
+//! The file is parsed into [`RawConfig`] (strings where a value needs checking, so one bad
+//! address does not hide the next), then [`RawConfig::validate`] turns it into the typed
+//! [`Config`] that the rest of the agent uses, or a list of `field: problem` errors.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Environment variable that overrides `proxy_address` (in Kubernetes: `status.hostIP`).
+pub const PROXY_ADDRESS_ENV: &str = "DATAMESH_PROXY_ADDRESS";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} must end in .yaml, .yml or .toml")]
+    UnknownFormat { path: PathBuf },
+    #[error("config file {path} is not valid YAML for this config: {source}")]
+    Yaml {
+        path: PathBuf,
+        #[source]
+        source: serde_yaml::Error,
+    },
+    #[error("config file {path} is not valid TOML for this config: {source}")]
+    Toml {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("config file {path} has {} error(s):\n{}", .errors.len(), FieldErrors(.errors))]
+    Invalid {
+        path: PathBuf,
+        errors: Vec<FieldError>,
+    },
+}
+
+/// One validation problem, naming the field it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+struct FieldErrors<'a>(&'a [FieldError]);
+
+impl fmt::Display for FieldErrors<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Keys the file has that the config does not know. Collected (instead of
+/// `deny_unknown_fields`, which stops at the first) so every typo is reported with the rest.
+type Unknown = BTreeMap<String, serde::de::IgnoredAny>;
+
+/// The config file as written. Unknown keys are errors, so a typo is never silently ignored.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawConfig {
+    pub proxy_address: Option<String>,
+    pub proxy_address_v6: Option<String>,
+    pub cgroup_path: Option<PathBuf>,
+    pub pin_dir: Option<PathBuf>,
+    pub fastpath: Option<bool>,
+    pub failopen_after_ms: Option<u64>,
+    pub heartbeat_interval_ms: Option<u64>,
+    pub bypass_mark: Option<u32>,
+    pub skip_host_network: Option<bool>,
+    pub drain_timeout_ms: Option<u64>,
+    pub admin_listen: Option<String>,
+    pub netns_dir: Option<PathBuf>,
+    pub default_conn_rate: Option<u32>,
+    pub default_conn_burst: Option<u32>,
+    #[serde(default)]
+    pub pods: Vec<RawPodPolicy>,
+    #[serde(default)]
+    pub endpoints: Vec<RawEndpoint>,
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawPodPolicy {
+    pub name: String,
+    #[serde(default)]
+    pub conn_rate: u32,
+    #[serde(default)]
+    pub conn_burst: u32,
+    #[serde(default)]
+    pub cmd_rate: u32,
+    #[serde(default)]
+    pub cmd_burst: u32,
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawEndpoint {
+    pub name: String,
+    pub address: String,
+    #[serde(default)]
+    pub proxy_port: u16,
+    pub backend: Option<String>,
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
+/// The effective, validated configuration (served back at `/config_dump`).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Config {
+    pub proxy_address: Ipv4Addr,
+    pub proxy_address_v6: Option<Ipv6Addr>,
+    pub cgroup_path: PathBuf,
+    pub pin_dir: PathBuf,
+    pub fastpath: bool,
+    pub failopen_after_ms: u64,
+    pub heartbeat_interval_ms: u64,
+    pub bypass_mark: u32,
+    pub skip_host_network: bool,
+    pub drain_timeout_ms: u64,
+    pub admin_listen: SocketAddr,
+    pub netns_dir: PathBuf,
+    pub default_conn_rate: u32,
+    pub default_conn_burst: u32,
+    pub pods: Vec<PodPolicyConfig>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct PodPolicyConfig {
+    pub name: String,
+    pub conn_rate: u32,
+    pub conn_burst: u32,
+    pub cmd_rate: u32,
+    pub cmd_burst: u32,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Endpoint {
+    pub name: String,
+    /// The service address pods dial (v4-mapped IPv6 folded to IPv4).
+    pub address: SocketAddr,
+    /// Proxy listener port; 0 = ephemeral.
+    pub proxy_port: u16,
+    /// Where the proxy forwards.
+    pub backend: SocketAddr,
+}
+
+impl Config {
+    /// The address the proxy listener of `ep` binds (and the rewrite target pods connect to).
+    pub fn proxy_bind(&self, ep: &Endpoint) -> SocketAddr {
+        match (ep.address, self.proxy_address_v6) {
+            (SocketAddr::V6(_), Some(v6)) => SocketAddr::new(IpAddr::V6(v6), ep.proxy_port),
+            _ => SocketAddr::new(IpAddr::V4(self.proxy_address), ep.proxy_port),
+        }
+    }
+}
+
+pub const DEFAULT_FAILOPEN_AFTER_MS: u64 = 1000;
+pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 100;
+pub const DEFAULT_BYPASS_MARK: u32 = 0x444d;
+pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 5000;
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:15090";
+pub const DEFAULT_NETNS_DIR: &str = "/var/run/netns";
+
+/// Reads, parses and validates a config file; the env override is applied.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let raw = parse_file(path)?;
+    let env = std::env::var(PROXY_ADDRESS_ENV)
+        .ok()
+        .filter(|s| !s.is_empty());
+    raw.validate(env.as_deref(), detect_cgroup2_root)
+        .map_err(|errors| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            errors,
+        })
+}
+
+/// Parses a config file by its extension.
+pub fn parse_file(path: &Path) -> Result<RawConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    match ext.as_str() {
+        "yaml" | "yml" => parse_yaml(&text).map_err(|source| ConfigError::Yaml {
+            path: path.to_path_buf(),
+            source,
+        }),
+        "toml" => parse_toml(&text).map_err(|source| ConfigError::Toml {
+            path: path.to_path_buf(),
+            source,
+        }),
+        _ => Err(ConfigError::UnknownFormat {
+            path: path.to_path_buf(),
+        }),
+    }
+}
+
+pub fn parse_yaml(text: &str) -> Result<RawConfig, serde_yaml::Error> {
+    // An empty document is an empty config (every field then reports what it misses).
+    if text.trim().is_empty() {
+        return Ok(RawConfig::default());
+    }
+    serde_yaml::from_str(text)
+}
+
+pub fn parse_toml(text: &str) -> Result<RawConfig, toml::de::Error> {
+    toml::from_str(text)
+}
+
+/// Finds the cgroup2 mount point in /proc/self/mountinfo.
+pub fn detect_cgroup2_root() -> Option<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    cgroup2_root_from_mountinfo(&text)
+}
+
+fn cgroup2_root_from_mountinfo(text: &str) -> Option<PathBuf> {
+    for line in text.lines() {
+        // Fields: id parent major:minor root mountpoint options [optional...] - fstype source super
+        let mut halves = line.splitn(2, " - ");
+        let (left, right) = (halves.next()?, halves.next().unwrap_or(""));
+        if right.split_whitespace().next() != Some("cgroup2") {
+            continue;
+        }
+        if let Some(mp) = left.split_whitespace().nth(4) {
+            return Some(PathBuf::from(unescape_mountinfo(mp)));
+        }
+    }
+    None
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal (`\040`).
+fn unescape_mountinfo(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
+            let v = (bytes[i + 1] - b'0') as u32 * 64
+                + (bytes[i + 2] - b'0') as u32 * 8
+                + (bytes[i + 3] - b'0') as u32;
+            out.push(v as u8);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Parses `ip:port` / `[ip6]:port`, folding v4-mapped IPv6 to IPv4 as the data plane does.
+fn parse_socket_addr(s: &str) -> Option<SocketAddr> {
+    let addr: SocketAddr = s.trim().parse().ok()?;
+    Some(fold_v4_mapped(addr))
+}
+
+pub fn fold_v4_mapped(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
+            None => addr,
+        },
+        SocketAddr::V4(_) => addr,
+    }
+}
+
+impl RawConfig {
+    /// Checks every field and returns the typed config, or every problem found.
+    ///
+    /// `env_proxy_address` overrides `proxy_address`; `detect_cgroup` supplies the default
+    /// `cgroup_path` (a parameter so tests do not depend on the machine).
+    pub fn validate(
+        &self,
+        env_proxy_address: Option<&str>,
+        detect_cgroup: impl FnOnce() -> Option<PathBuf>,
+    ) -> Result<Config, Vec<FieldError>> {
+        let mut errs = Vec::new();
+        let mut err = |field: &str, message: String| {
+            errs.push(FieldError {
+                field: field.to_string(),
+                message,
+            })
+        };
+        for k in self.unknown.keys() {
+            err(k, "unknown field".into());
+        }
+        for (i, p) in self.pods.iter().enumerate() {
+            for k in p.unknown.keys() {
+                err(&format!("pods[{i}].{k}"), "unknown field".into());
+            }
+        }
+        for (i, e) in self.endpoints.iter().enumerate() {
+            for k in e.unknown.keys() {
+                err(&format!("endpoints[{i}].{k}"), "unknown field".into());
+            }
+        }
+
+        // proxy_address (env wins, as in Kubernetes where the node IP comes from the downward API)
+        let proxy_src = env_proxy_address
+            .map(|s| (s, PROXY_ADDRESS_ENV))
+            .or(self.proxy_address.as_deref().map(|s| (s, "proxy_address")));
+        let proxy_address = match proxy_src {
+            None => {
+                err(
+                    "proxy_address",
+                    format!("missing: set it in the config or with {PROXY_ADDRESS_ENV}"),
+                );
+                None
+            }
+            Some((s, field)) => {
+                match s.trim().parse::<IpAddr>() {
+                    Ok(IpAddr::V4(v4))
+                        if v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast() =>
+                    {
+                        err(field, format!("{s:?} cannot be a connect target: use the node address pods can reach"));
+                        None
+                    }
+                    Ok(IpAddr::V4(v4)) => Some(v4),
+                    Ok(IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
+                        Some(v4) => Some(v4),
+                        None => {
+                            err(field, format!("{s:?} is IPv6: put it in proxy_address_v6"));
+                            None
+                        }
+                    },
+                    Err(_) => {
+                        err(field, format!("invalid IPv4 address {s:?}"));
+                        None
+                    }
+                }
+            }
+        };
+
+        let proxy_address_v6 = match self.proxy_address_v6.as_deref() {
+            None => None,
+            Some(s) => match s.trim().parse::<IpAddr>() {
+                Ok(IpAddr::V6(v6)) if !v6.is_unspecified() && v6.to_ipv4_mapped().is_none() => {
+                    Some(v6)
+                }
+                Ok(_) => {
+                    err(
+                        "proxy_address_v6",
+                        format!("{s:?} is not a usable IPv6 address"),
+                    );
+                    None
+                }
+                Err(_) => {
+                    err("proxy_address_v6", format!("invalid IPv6 address {s:?}"));
+                    None
+                }
+            },
+        };
+
+        let cgroup_path = match &self.cgroup_path {
+            Some(p) if p.as_os_str().is_empty() => {
+                err("cgroup_path", "must not be empty".into());
+                None
+            }
+            Some(p) if !p.is_absolute() => {
+                err(
+                    "cgroup_path",
+                    format!("{} must be an absolute path", p.display()),
+                );
+                None
+            }
+            Some(p) => Some(p.clone()),
+            None => match detect_cgroup() {
+                Some(p) => Some(p),
+                None => {
+                    err("cgroup_path", "not set and no cgroup2 mount found in /proc/self/mountinfo: is the cgroup2 filesystem mounted?".into());
+                    None
+                }
+            },
+        };
+
+        let pin_dir = self
+            .pin_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(datamesh_common::DEFAULT_PIN_DIR));
+        if !pin_dir.is_absolute() || pin_dir.parent().is_none() {
+            err(
+                "pin_dir",
+                format!(
+                    "{} must be an absolute path below a bpffs mount",
+                    pin_dir.display()
+                ),
+            );
+        }
+
+        let failopen_after_ms = self.failopen_after_ms.unwrap_or(DEFAULT_FAILOPEN_AFTER_MS);
+        let heartbeat_interval_ms = self
+            .heartbeat_interval_ms
+            .unwrap_or(DEFAULT_HEARTBEAT_INTERVAL_MS);
+        if heartbeat_interval_ms == 0 {
+            err("heartbeat_interval_ms", "must be greater than 0".into());
+        }
+        if failopen_after_ms <= heartbeat_interval_ms {
+            err(
+                "failopen_after_ms",
+                format!("{failopen_after_ms} must exceed heartbeat_interval_ms ({heartbeat_interval_ms}), or capture would flap off between heartbeats"),
+            );
+        }
+        if failopen_after_ms > u64::MAX / 1_000_000 {
+            err(
+                "failopen_after_ms",
+                format!("{failopen_after_ms} is too large"),
+            );
+        }
+
+        let bypass_mark = self.bypass_mark.unwrap_or(DEFAULT_BYPASS_MARK);
+        let skip_host_network = self.skip_host_network.unwrap_or(true);
+        if bypass_mark == 0 && !skip_host_network {
+            err("bypass_mark", "0 together with skip_host_network: false would let the proxy capture its own upstream connects (a loop)".into());
+        }
+
+        let admin_listen_s = self
+            .admin_listen
+            .clone()
+            .unwrap_or_else(|| DEFAULT_ADMIN_LISTEN.to_string());
+        let admin_listen = match admin_listen_s.trim().parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                err(
+                    "admin_listen",
+                    format!("invalid socket address {admin_listen_s:?}"),
+                );
+                None
+            }
+        };
+
+        let netns_dir = self
+            .netns_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_NETNS_DIR));
+        let default_conn_rate = self.default_conn_rate.unwrap_or(0);
+        let default_conn_burst = self.default_conn_burst.unwrap_or(0);
+        if default_conn_rate == 0 && default_conn_burst != 0 {
+            err(
+                "default_conn_burst",
+                "set without default_conn_rate (0 = unlimited ignores the burst)".into(),
+            );
+        }
+
+        // pods
+        let mut pods = Vec::new();
+        let mut pod_names = HashSet::new();
+        for (i, p) in self.pods.iter().enumerate() {
+            let field = |f: &str| format!("pods[{i}].{f}");
+            if p.name.trim().is_empty() {
+                err(&field("name"), "must not be empty".into());
+            } else if !pod_names.insert(p.name.clone()) {
+                err(&field("name"), format!("duplicate pod name {:?}", p.name));
+            } else if p.name.len() > 255 {
+                err(&field("name"), "longer than 255 bytes".into());
+            }
+            if p.conn_rate == 0 && p.conn_burst != 0 {
+                err(
+                    &field("conn_burst"),
+                    "set without conn_rate (0 = unlimited ignores the burst)".into(),
+                );
+            }
+            if p.cmd_rate == 0 && p.cmd_burst != 0 {
+                err(
+                    &field("cmd_burst"),
+                    "set without cmd_rate (0 = unlimited ignores the burst)".into(),
+                );
+            }
+            pods.push(PodPolicyConfig {
+                name: p.name.clone(),
+                conn_rate: p.conn_rate,
+                conn_burst: p.conn_burst,
+                cmd_rate: p.cmd_rate,
+                cmd_burst: p.cmd_burst,
+            });
+        }
+
+        // endpoints
+        if self.endpoints.is_empty() {
+            err("endpoints", "at least one endpoint is required".into());
+        }
+        if self.endpoints.len() > datamesh_common::ENDPOINTS_MAX as usize {
+            err(
+                "endpoints",
+                format!("more than {} endpoints", datamesh_common::ENDPOINTS_MAX),
+            );
+        }
+        let mut endpoints = Vec::new();
+        let mut names = HashSet::new();
+        let mut addrs = HashSet::new();
+        let mut proxy_ports = HashSet::new();
+        for (i, e) in self.endpoints.iter().enumerate() {
+            let field = |f: &str| format!("endpoints[{i}].{f}");
+            if e.name.trim().is_empty() {
+                err(&field("name"), "must not be empty".into());
+            } else if !names.insert(e.name.clone()) {
+                err(
+                    &field("name"),
+                    format!("duplicate endpoint name {:?}", e.name),
+                );
+            }
+            let address = match parse_socket_addr(&e.address) {
+                None => {
+                    err(
+                        &field("address"),
+                        format!("invalid socket address {:?}", e.address),
+                    );
+                    None
+                }
+                Some(a) if a.port() == 0 || a.ip().is_unspecified() => {
+                    err(
+                        &field("address"),
+                        format!(
+                            "{:?} needs a concrete address and a non-zero port",
+                            e.address
+                        ),
+                    );
+                    None
+                }
+                Some(a) => {
+                    if !addrs.insert(a) {
+                        err(&field("address"), format!("duplicate endpoint address {a}"));
+                    }
+                    if a.is_ipv6() && self.proxy_address_v6.is_none() {
+                        err(
+                            &field("address"),
+                            format!("{a} is IPv6 but proxy_address_v6 is not set"),
+                        );
+                    }
+                    Some(a)
+                }
+            };
+            if e.proxy_port != 0 && !proxy_ports.insert(e.proxy_port) {
+                err(
+                    &field("proxy_port"),
+                    format!("duplicate proxy_port {}", e.proxy_port),
+                );
+            }
+            let backend = match e.backend.as_deref() {
+                None => address,
+                Some(b) => match parse_socket_addr(b) {
+                    Some(a) if a.port() != 0 && !a.ip().is_unspecified() => Some(a),
+                    Some(_) => {
+                        err(
+                            &field("backend"),
+                            format!("{b:?} needs a concrete address and a non-zero port"),
+                        );
+                        None
+                    }
+                    None => {
+                        err(&field("backend"), format!("invalid socket address {b:?}"));
+                        None
+                    }
+                },
+            };
+            if let (Some(address), Some(backend)) = (address, backend) {
+                endpoints.push(Endpoint {
+                    name: e.name.clone(),
+                    address,
+                    proxy_port: e.proxy_port,
+                    backend,
+                });
+            }
+        }
+
+        match (proxy_address, cgroup_path, admin_listen) {
+            (Some(proxy_address), Some(cgroup_path), Some(admin_listen)) if errs.is_empty() => {
+                Ok(Config {
+                    proxy_address,
+                    proxy_address_v6,
+                    cgroup_path,
+                    pin_dir,
+                    fastpath: self.fastpath.unwrap_or(false),
+                    failopen_after_ms,
+                    heartbeat_interval_ms,
+                    bypass_mark,
+                    skip_host_network,
+                    drain_timeout_ms: self.drain_timeout_ms.unwrap_or(DEFAULT_DRAIN_TIMEOUT_MS),
+                    admin_listen,
+                    netns_dir,
+                    default_conn_rate,
+                    default_conn_burst,
+                    pods,
+                    endpoints,
+                })
+            }
+            _ => Err(errs),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+proxy_address: 198.18.3.1
+proxy_address_v6: null
+cgroup_path: /sys/fs/cgroup/unified/dmt-3
+pin_dir: /sys/fs/bpf/datamesh
+fastpath: false
+failopen_after_ms: 1000
+heartbeat_interval_ms: 100
+bypass_mark: 0x444d
+skip_host_network: true
+drain_timeout_ms: 5000
+admin_listen: 127.0.0.1:15090
+netns_dir: /var/run/netns
+default_conn_rate: 0
+default_conn_burst: 0
+pods:
+  - name: pod-a
+    conn_rate: 5
+    conn_burst: 5
+    cmd_rate: 0
+    cmd_burst: 0
+endpoints:
+  - name: cache
+    address: 198.19.3.1:6379
+    proxy_port: 0
+    backend: 198.19.3.1:6379
+"#;
+
+    fn no_cgroup() -> Option<PathBuf> {
+        None
+    }
+
+    /// Validates YAML text and returns the error lines (empty when valid).
+    fn check(yaml: &str) -> Vec<String> {
+        match parse_yaml(yaml).map(|r| r.validate(None, no_cgroup)) {
+            Ok(Ok(_)) => vec![],
+            Ok(Err(errs)) => errs.iter().map(|e| e.to_string()).collect(),
+            Err(e) => vec![format!("parse: {e}")],
+        }
+    }
+
+    #[test]
+    fn brief_example_is_valid() {
+        let raw = parse_yaml(GOOD).expect("parses");
+        let cfg = raw.validate(None, no_cgroup).expect("valid");
+        assert_eq!(cfg.bypass_mark, 0x444d);
+        assert_eq!(cfg.endpoints.len(), 1);
+        assert_eq!(
+            cfg.endpoints[0].backend,
+            "198.19.3.1:6379".parse().expect("addr")
+        );
+        assert_eq!(cfg.pods[0].conn_rate, 5);
+        assert_eq!(cfg.proxy_address, Ipv4Addr::new(198, 18, 3, 1));
+    }
+
+    #[test]
+    fn toml_has_the_same_keys() {
+        let text = r#"
+proxy_address = "198.18.3.1"
+cgroup_path = "/sys/fs/cgroup/unified/dmt-3"
+bypass_mark = 0x444d
+[[pods]]
+name = "pod-a"
+conn_rate = 5
+conn_burst = 5
+[[endpoints]]
+name = "cache"
+address = "198.19.3.1:6379"
+"#;
+        let cfg = parse_toml(text)
+            .expect("parses")
+            .validate(None, no_cgroup)
+            .expect("valid");
+        assert_eq!(cfg.endpoints[0].backend, cfg.endpoints[0].address);
+        assert_eq!(cfg.admin_listen, "127.0.0.1:15090".parse().expect("addr"));
+        assert_eq!(cfg.failopen_after_ms, 1000);
+    }
+
+    #[test]
+    fn every_error_is_reported_with_its_field() {
+        let errs = check(
+            r#"
+proxy_address: nope
+cgroup_path: relative/path
+failopen_after_ms: 100
+heartbeat_interval_ms: 100
+admin_listen: "x"
+endpoints:
+  - name: a
+    address: 198.19.3.1:6379
+  - name: a
+    address: x
+  - name: c
+    address: 198.19.3.1:6379
+    backend: "1.2.3.4"
+  - name: d
+    address: "[2001:db8::1]:6379"
+"#,
+        );
+        let want = [
+            "proxy_address: invalid IPv4 address \"nope\"",
+            "cgroup_path: relative/path must be an absolute path",
+            "failopen_after_ms: 100 must exceed heartbeat_interval_ms (100)",
+            "admin_listen: invalid socket address \"x\"",
+            "endpoints[1].name: duplicate endpoint name \"a\"",
+            "endpoints[1].address: invalid socket address \"x\"",
+            "endpoints[2].address: duplicate endpoint address 198.19.3.1:6379",
+            "endpoints[2].backend: invalid socket address \"1.2.3.4\"",
+            "endpoints[3].address: [2001:db8::1]:6379 is IPv6 but proxy_address_v6 is not set",
+        ];
+        for w in want {
+            assert!(
+                errs.iter().any(|e| e.starts_with(w)),
+                "missing {w:?} in {errs:#?}"
+            );
+        }
+        assert_eq!(errs.len(), want.len(), "{errs:#?}");
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let errs = check("proxy_address: 198.18.3.1\ncgroup_path: /x\nendpoints: []\nproxy_adress: 1.2.3.4\nfoo: {a: 1}\n");
+        assert_eq!(
+            errs,
+            [
+                "foo: unknown field",
+                "proxy_adress: unknown field",
+                "endpoints: at least one endpoint is required"
+            ]
+        );
+        let errs = check("proxy_address: 198.18.3.1\ncgroup_path: /x\nendpoints:\n  - name: a\n    address: 1.1.1.1:1\n    prot: 3\npods:\n  - name: p\n    rate: 1\n");
+        assert_eq!(
+            errs,
+            [
+                "pods[0].rate: unknown field",
+                "endpoints[0].prot: unknown field"
+            ]
+        );
+        // TOML too.
+        let errs = parse_toml("proxy_address = \"198.18.3.1\"\ncgroup_path = \"/x\"\nbogus = 1\n[[endpoints]]\nname = \"a\"\naddress = \"1.1.1.1:1\"\n")
+            .expect("parses")
+            .validate(None, no_cgroup)
+            .expect_err("invalid");
+        assert_eq!(
+            errs.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+            ["bogus: unknown field"]
+        );
+    }
+
+    #[test]
+    fn env_overrides_proxy_address() {
+        let raw = parse_yaml(GOOD).expect("parses");
+        let cfg = raw.validate(Some("198.18.9.1"), no_cgroup).expect("valid");
+        assert_eq!(cfg.proxy_address, Ipv4Addr::new(198, 18, 9, 1));
+        let errs = raw.validate(Some("bad"), no_cgroup).expect_err("invalid");
+        assert_eq!(errs[0].field, PROXY_ADDRESS_ENV);
+    }
+
+    #[test]
+    fn missing_proxy_address_and_endpoints() {
+        let errs = check("cgroup_path: /sys/fs/cgroup/unified/x\n");
+        assert!(
+            errs.iter().any(|e| e.starts_with("proxy_address: missing")),
+            "{errs:?}"
+        );
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("endpoints: at least one")),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn cgroup_path_defaults_to_detected_root() {
+        let raw = parse_yaml(
+            "proxy_address: 198.18.3.1\nendpoints:\n  - name: a\n    address: 198.19.3.1:6379\n",
+        )
+        .expect("parses");
+        let cfg = raw
+            .validate(None, || Some(PathBuf::from("/sys/fs/cgroup/unified")))
+            .expect("valid");
+        assert_eq!(cfg.cgroup_path, PathBuf::from("/sys/fs/cgroup/unified"));
+        let errs = raw.validate(None, no_cgroup).expect_err("no cgroup2");
+        assert_eq!(errs[0].field, "cgroup_path");
+    }
+
+    #[test]
+    fn v6_endpoint_with_proxy_v6_and_v4_mapped_fold() {
+        let cfg = check_ok(
+            "proxy_address: 198.18.3.1\nproxy_address_v6: \"fd00::1\"\ncgroup_path: /x\nendpoints:\n  - name: a\n    address: \"[fd00::2]:6379\"\n  - name: b\n    address: \"[::ffff:198.19.3.1]:6379\"\n",
+        );
+        assert!(cfg.endpoints[0].address.is_ipv6());
+        assert_eq!(
+            cfg.endpoints[1].address,
+            "198.19.3.1:6379".parse().expect("addr")
+        );
+        assert_eq!(
+            cfg.proxy_bind(&cfg.endpoints[0]).ip(),
+            "fd00::1".parse::<IpAddr>().expect("ip")
+        );
+        assert_eq!(
+            cfg.proxy_bind(&cfg.endpoints[1]).ip(),
+            "198.18.3.1".parse::<IpAddr>().expect("ip")
+        );
+    }
+
+    #[test]
+    fn pod_policy_errors() {
+        let errs = check(
+            "proxy_address: 198.18.3.1\ncgroup_path: /x\nendpoints:\n  - name: a\n    address: 198.19.3.1:6379\n    proxy_port: 7000\n  - name: b\n    address: 198.19.3.2:6379\n    proxy_port: 7000\npods:\n  - name: p\n  - name: p\n    conn_burst: 3\n",
+        );
+        assert!(
+            errs.contains(&"endpoints[1].proxy_port: duplicate proxy_port 7000".to_string()),
+            "{errs:?}"
+        );
+        assert!(
+            errs.contains(&"pods[1].name: duplicate pod name \"p\"".to_string()),
+            "{errs:?}"
+        );
+        assert!(
+            errs.iter().any(|e| e.starts_with("pods[1].conn_burst")),
+            "{errs:?}"
+        );
+    }
+
+    fn check_ok(yaml: &str) -> Config {
+        parse_yaml(yaml)
+            .expect("parses")
+            .validate(None, no_cgroup)
+            .expect("valid")
+    }
+
+    #[test]
+    fn mountinfo_detection() {
+        let text = "25 30 0:22 / /sys rw,nosuid shared:7 - sysfs sysfs rw\n\
+                    31 25 0:27 / /sys/fs/cgroup/unified rw,nosuid shared:9 - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            cgroup2_root_from_mountinfo(text),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(
+            cgroup2_root_from_mountinfo("1 2 0:1 / /a\\040b rw - cgroup2 x rw\n"),
+            Some(PathBuf::from("/a b"))
+        );
+        assert_eq!(
+            cgroup2_root_from_mountinfo("1 2 0:1 / /a rw - ext4 x rw\n"),
+            None
+        );
+    }
+}

@@ -1,0 +1,177 @@
+//! `datamesh-agent`: the DataMesh node agent's command line. Parses arguments, sets up tracing
+//! (stderr, RUST_LOG) and hands over to the subsystem for each subcommand.
+
+mod admin;
+mod app;
+mod config;
+mod dataplane;
+mod pods;
+mod preflight;
+mod proxy;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "datamesh-agent",
+    version,
+    about = "DataMesh node agent: eBPF capture of pods' Redis connects into a node-local proxy"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load or adopt the data plane, run the proxy and the admin endpoint until SIGTERM/SIGINT.
+    Run {
+        /// Config file (.yaml, .yml or .toml).
+        #[arg(long)]
+        config: PathBuf,
+        /// Written atomically (JSON) once the agent is ready.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+        /// Use this eBPF object instead of the embedded one.
+        #[arg(long)]
+        ebpf_object: Option<PathBuf>,
+    },
+    /// Per-pod counters and state from the pinned maps (works with the agent stopped).
+    Pods {
+        #[arg(long, default_value = datamesh_common::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Turn the sockmap fast path on or off in the pinned settings.
+    Fastpath {
+        state: OnOff,
+        #[arg(long, default_value = datamesh_common::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+    /// Unpin the links (detaching the programs) and remove every map pin and the pin dir.
+    Uninstall {
+        #[arg(long, default_value = datamesh_common::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+    /// Validate a config file and print every error.
+    CheckConfig {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        // Colour only on a terminal: tests and kubectl logs read plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+    match dispatch(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!("{}", full_message(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error with its causes, skipping causes whose text the message already contains (most
+/// of our errors embed their source; aya's syscall errors keep the errno in their source).
+fn full_message(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !msg.contains(&text) {
+            if !msg.is_empty() {
+                msg.push_str(": ");
+            }
+            msg.push_str(&text);
+        }
+    }
+    msg
+}
+
+fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
+    match cmd {
+        Command::Run {
+            config,
+            ready_file,
+            ebpf_object,
+        } => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the tokio runtime")?;
+            rt.block_on(app::run(app::RunOptions {
+                config,
+                ready_file,
+                ebpf_object,
+            }))?;
+            // Connections still open after the drain deadline are cut here.
+            rt.shutdown_timeout(std::time::Duration::from_millis(100));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Pods { pin_dir, json } => {
+            let rows = pods::read_rows(&pin_dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", pods::format_table(&rows, dataplane::monotonic_ns()));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Fastpath { state, pin_dir } => {
+            let on = matches!(state, OnOff::On);
+            let s = dataplane::set_fastpath(&pin_dir, on)?;
+            println!(
+                "fastpath {} (flags {:#x}) in {}",
+                if on { "on" } else { "off" },
+                s.flags,
+                pin_dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Uninstall { pin_dir } => {
+            let removed = dataplane::uninstall(&pin_dir)?;
+            if removed.is_empty() {
+                println!("nothing to remove at {}", pin_dir.display());
+            }
+            for p in removed {
+                println!("removed {}", p.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CheckConfig { config } => match config::load(&config) {
+            Ok(cfg) => {
+                println!(
+                    "{}: OK ({} endpoint(s), {} pod policy(ies))",
+                    config.display(),
+                    cfg.endpoints.len(),
+                    cfg.pods.len()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                Ok(ExitCode::FAILURE)
+            }
+        },
+    }
+}

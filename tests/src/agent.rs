@@ -1,0 +1,466 @@
+//! The real `datamesh-agent` under test: config file, process in the instance's `agent/`
+//! cgroup, ready file, admin HTTP, CLI (`pods`, `fastpath`, `uninstall`), stop and restart.
+//!
+//! The binary is `$DATAMESH_AGENT_BIN` or `<target>/debug/datamesh-agent`; a missing binary is a
+//! loud failure naming `cargo xtask test`, which builds the eBPF object and the agent first.
+//! Cleanup on drop: SIGTERM (SIGKILL after the drain deadline), then `datamesh-agent uninstall
+//! --pin-dir`, then the pin dir itself.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+
+use crate::proc::{run_ok, status_text};
+use crate::{tail, wait_until};
+
+/// Path of the agent binary; fails loudly when it is missing.
+pub fn agent_bin() -> Result<PathBuf> {
+    let path = match std::env::var_os("DATAMESH_AGENT_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => crate::target_dir().join("debug").join("datamesh-agent"),
+    };
+    if !path.is_file() {
+        bail!(
+            "datamesh-agent binary not found at {}: run `cargo xtask test` (it builds the eBPF object \
+             and the agent before the tests), or set DATAMESH_AGENT_BIN",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A per-pod policy override in the agent config.
+#[derive(Clone, Debug)]
+pub struct PodPolicy {
+    pub name: String,
+    pub conn_rate: u32,
+    pub conn_burst: u32,
+}
+
+/// One `endpoints[]` entry.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    pub name: String,
+    pub address: SocketAddr,
+    pub backend: SocketAddr,
+}
+
+/// The agent config the harness writes (YAML), mirroring the contract's keys.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub proxy_address: Ipv4Addr,
+    pub cgroup_path: PathBuf,
+    pub pin_dir: PathBuf,
+    pub fastpath: bool,
+    pub failopen_after_ms: u64,
+    pub heartbeat_interval_ms: u64,
+    pub drain_timeout_ms: u64,
+    pub netns_dir: PathBuf,
+    pub default_conn_rate: u32,
+    pub default_conn_burst: u32,
+    pub pods: Vec<PodPolicy>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+impl AgentConfig {
+    pub fn to_yaml(&self) -> String {
+        let mut y = String::new();
+        y.push_str(&format!("proxy_address: {}\n", self.proxy_address));
+        y.push_str(&format!("cgroup_path: {}\n", self.cgroup_path.display()));
+        y.push_str(&format!("pin_dir: {}\n", self.pin_dir.display()));
+        y.push_str(&format!("fastpath: {}\n", self.fastpath));
+        y.push_str(&format!("failopen_after_ms: {}\n", self.failopen_after_ms));
+        y.push_str(&format!("heartbeat_interval_ms: {}\n", self.heartbeat_interval_ms));
+        y.push_str("skip_host_network: true\n");
+        y.push_str(&format!("drain_timeout_ms: {}\n", self.drain_timeout_ms));
+        y.push_str("admin_listen: 127.0.0.1:0\n");
+        y.push_str(&format!("netns_dir: {}\n", self.netns_dir.display()));
+        y.push_str(&format!("default_conn_rate: {}\n", self.default_conn_rate));
+        y.push_str(&format!("default_conn_burst: {}\n", self.default_conn_burst));
+        if self.pods.is_empty() {
+            y.push_str("pods: []\n");
+        } else {
+            y.push_str("pods:\n");
+            for p in &self.pods {
+                y.push_str(&format!(
+                    "  - name: {}\n    conn_rate: {}\n    conn_burst: {}\n    cmd_rate: 0\n    cmd_burst: 0\n",
+                    p.name, p.conn_rate, p.conn_burst
+                ));
+            }
+        }
+        y.push_str("endpoints:\n");
+        for e in &self.endpoints {
+            y.push_str(&format!(
+                "  - name: {}\n    address: {}\n    proxy_port: 0\n    backend: {}\n",
+                e.name, e.address, e.backend
+            ));
+        }
+        y
+    }
+}
+
+/// The agent's ready file.
+#[derive(Clone, Debug)]
+pub struct Ready {
+    pub pid: u32,
+    pub admin: SocketAddr,
+    pub dataplane: String,
+    pub endpoints: Vec<ReadyEndpoint>,
+    pub raw: Value,
+}
+
+#[derive(Clone, Debug)]
+pub struct ReadyEndpoint {
+    pub name: String,
+    pub address: SocketAddr,
+    pub proxy: SocketAddr,
+    pub backend: SocketAddr,
+}
+
+impl Ready {
+    fn parse(text: &str) -> Result<Self> {
+        let raw: Value = serde_json::from_str(text).context("ready file is not JSON")?;
+        let s = |v: &Value, k: &str| -> Result<String> {
+            v.get(k).and_then(Value::as_str).map(str::to_string).ok_or_else(|| anyhow!("ready file: missing string {k:?} in {v}"))
+        };
+        let addr = |v: &Value, k: &str| -> Result<SocketAddr> {
+            s(v, k)?.parse().with_context(|| format!("ready file: {k:?} is not host:port"))
+        };
+        let pid = raw.get("pid").and_then(Value::as_u64).ok_or_else(|| anyhow!("ready file: missing pid"))?;
+        let mut endpoints = Vec::new();
+        for e in raw.get("endpoints").and_then(Value::as_array).ok_or_else(|| anyhow!("ready file: missing endpoints"))? {
+            endpoints.push(ReadyEndpoint {
+                name: s(e, "name")?,
+                address: addr(e, "address")?,
+                proxy: addr(e, "proxy")?,
+                backend: addr(e, "backend")?,
+            });
+        }
+        Ok(Self {
+            pid: u32::try_from(pid)?,
+            admin: addr(&raw, "admin")?,
+            dataplane: s(&raw, "dataplane")?,
+            endpoints,
+            raw,
+        })
+    }
+}
+
+/// The agent process and its files. Stops it and uninstalls its pins on drop.
+#[derive(Debug)]
+pub struct Agent {
+    bin: PathBuf,
+    config: AgentConfig,
+    config_path: PathBuf,
+    ready_path: PathBuf,
+    log_path: PathBuf,
+    cgroup: PathBuf,
+    child: Option<Child>,
+    ready: Option<Ready>,
+    starts: u32,
+}
+
+/// How long the harness waits for the ready file.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Agent {
+    /// Writes the config into `dir`, starts the agent in `cgroup` and waits until it is ready.
+    /// `bin` overrides [`agent_bin`] (the benchmark runs a release build).
+    pub fn start(config: AgentConfig, dir: &Path, cgroup: &Path, bin: Option<PathBuf>) -> Result<Self> {
+        let bin = match bin {
+            Some(b) if b.is_file() => b,
+            Some(b) => bail!("datamesh-agent binary not found at {}", b.display()),
+            None => agent_bin()?,
+        };
+        let config_path = dir.join("agent.yaml");
+        std::fs::write(&config_path, config.to_yaml()).with_context(|| format!("writing {}", config_path.display()))?;
+        let mut agent = Self {
+            bin,
+            config,
+            config_path,
+            ready_path: dir.join("ready.json"),
+            log_path: dir.join("agent.log"),
+            cgroup: cgroup.to_path_buf(),
+            child: None,
+            ready: None,
+            starts: 0,
+        };
+        agent.spawn()?;
+        Ok(agent)
+    }
+
+    /// Starts the agent process (again) with the same config and pin dir, and waits for ready.
+    pub fn spawn(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            bail!("agent is already running");
+        }
+        // A stale ready file from the previous run must not count as "ready".
+        match std::fs::remove_file(&self.ready_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).context("removing old ready file"),
+        }
+        self.starts += 1;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .with_context(|| format!("opening {}", self.log_path.display()))?;
+        {
+            let mut l = &log;
+            let _ = writeln!(l, "===== datamesh-tests: agent start #{} =====", self.starts);
+        }
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&self.config_path)
+            .arg("--ready-file")
+            .arg(&self.ready_path)
+            .env("RUST_LOG", std::env::var("DATAMESH_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        crate::pod::enter_cgroup_with_nofile(&mut cmd, &self.cgroup, 65536);
+        let child = cmd.spawn().with_context(|| format!("starting {}", self.bin.display()))?;
+        self.child = Some(child);
+        let ready = self.wait_ready()?;
+        self.ready = Some(ready);
+        Ok(())
+    }
+
+    fn wait_ready(&mut self) -> Result<Ready> {
+        let ready_path = self.ready_path.clone();
+        let log_path = self.log_path.clone();
+        let res = wait_until("the agent's ready file", READY_TIMEOUT, || {
+            if let Some(child) = self.child.as_mut() {
+                if let Some(st) = child.try_wait()? {
+                    self.child = None;
+                    bail!("datamesh-agent exited before it was ready ({}); log tail:\n{}", status_text(st), tail(&log_path, 40));
+                }
+            }
+            match std::fs::read_to_string(&ready_path) {
+                Ok(text) => Ready::parse(&text).map(Some),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e.into()),
+            }
+        });
+        match res {
+            Ok(r) => Ok(r),
+            Err(e) => Err(e.context(format!("agent log tail:\n{}", tail(&self.log_path, 40)))),
+        }
+    }
+
+    /// The ready file of the current (last) start.
+    pub fn ready(&self) -> Result<&Ready> {
+        self.ready.as_ref().ok_or_else(|| anyhow!("agent has not become ready"))
+    }
+
+    pub fn config(&self) -> &AgentConfig {
+        &self.config
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.config.pin_dir
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// The proxy listener address of the endpoint `name`.
+    pub fn proxy_addr(&self, endpoint: &str) -> Result<SocketAddr> {
+        self.ready()?
+            .endpoints
+            .iter()
+            .find(|e| e.name == endpoint)
+            .map(|e| e.proxy)
+            .ok_or_else(|| anyhow!("ready file has no endpoint {endpoint:?}"))
+    }
+
+    /// The running agent's pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Plain HTTP/1.1 GET on the admin listener; returns (status, body).
+    pub fn http_get(&self, path: &str) -> Result<(u16, String)> {
+        http_get(self.ready()?.admin, path)
+    }
+
+    /// `/connections` as JSON values.
+    pub fn connections(&self) -> Result<Vec<Value>> {
+        let (status, body) = self.http_get("/connections")?;
+        if status != 200 {
+            bail!("GET /connections answered {status}: {body}");
+        }
+        let v: Value = serde_json::from_str(&body).with_context(|| format!("/connections is not JSON: {body}"))?;
+        v.as_array().cloned().ok_or_else(|| anyhow!("/connections is not a JSON array: {body}"))
+    }
+
+    /// SIGKILL, then reap. The data plane (pinned links and maps) stays.
+    pub fn kill9(&mut self) -> Result<()> {
+        let mut child = self.child.take().ok_or_else(|| anyhow!("agent is not running"))?;
+        child.kill().context("SIGKILL to the agent")?;
+        child.wait().context("reaping the agent")?;
+        Ok(())
+    }
+
+    /// SIGTERM and wait for the exit (the drain deadline plus a margin); SIGKILL if it does not.
+    pub fn terminate(&mut self) -> Result<ExitStatus> {
+        let mut child = self.child.take().ok_or_else(|| anyhow!("agent is not running"))?;
+        let pid = libc::pid_t::try_from(child.id())?;
+        // SAFETY: kill(2) on the pid of our own unreaped child.
+        if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("SIGTERM to the agent");
+        }
+        let deadline = Instant::now() + Duration::from_millis(self.config.drain_timeout_ms) + Duration::from_secs(5);
+        loop {
+            if let Some(st) = child.try_wait()? {
+                return Ok(st);
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let st = child.wait()?;
+                bail!("agent did not exit within drain_timeout_ms + 5 s of SIGTERM (killed: {})", status_text(st));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Stops the agent with SIGTERM and starts it again with the same config and pin dir.
+    pub fn restart(&mut self) -> Result<ExitStatus> {
+        let st = self.terminate()?;
+        self.spawn()?;
+        Ok(st)
+    }
+
+    /// A command running the agent binary (for `pods`, `fastpath`, `uninstall`).
+    pub fn cli(&self) -> Command {
+        Command::new(&self.bin)
+    }
+
+    /// `datamesh-agent pods --json --pin-dir <pin>` (works with the agent dead).
+    pub fn pods_json(&self) -> Result<Vec<Value>> {
+        let out = run_ok(self.cli().args(["pods", "--json", "--pin-dir"]).arg(self.pin_dir()), Duration::from_secs(20))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let v: Value = serde_json::from_str(&text).with_context(|| format!("`pods --json` output is not JSON: {text}"))?;
+        v.as_array().cloned().ok_or_else(|| anyhow!("`pods --json` output is not an array: {text}"))
+    }
+
+    /// The `pods --json` row of the pod with this (discovered) name.
+    pub fn pod_row(&self, pod: &str) -> Result<Option<Value>> {
+        Ok(self.pods_json()?.into_iter().find(|r| r.get("pod").and_then(Value::as_str) == Some(pod)))
+    }
+
+    /// A counter of a pod from `pods --json` (0 when the pod has no row yet).
+    pub fn pod_counter(&self, pod: &str, key: &str) -> Result<u64> {
+        match self.pod_row(pod)? {
+            None => Ok(0),
+            Some(r) => r.get(key).and_then(Value::as_u64).ok_or_else(|| anyhow!("`pods --json` row has no integer {key:?}: {r}")),
+        }
+    }
+
+    /// `datamesh-agent fastpath on|off --pin-dir <pin>`.
+    pub fn set_fastpath(&self, on: bool) -> Result<()> {
+        run_ok(
+            self.cli().args(["fastpath", if on { "on" } else { "off" }, "--pin-dir"]).arg(self.pin_dir()),
+            Duration::from_secs(20),
+        )?;
+        Ok(())
+    }
+
+    /// Ids of the pinned cgroup links, by file name (`bpftool -j link show pinned ...`).
+    pub fn link_ids(&self) -> Result<Vec<(String, u64)>> {
+        let mut ids = Vec::new();
+        for prog in datamesh_common::CGROUP_PROGS {
+            let pin = self.pin_dir().join(datamesh_common::LINKS_SUBDIR).join(prog);
+            let out = run_ok(Command::new("bpftool").args(["-j", "link", "show", "pinned"]).arg(&pin), Duration::from_secs(20))?;
+            let v: Value = serde_json::from_slice(&out.stdout).context("bpftool -j link show output is not JSON")?;
+            let id = v.get("id").and_then(Value::as_u64).ok_or_else(|| anyhow!("no link id in bpftool output {v}"))?;
+            ids.push((prog.to_string(), id));
+        }
+        Ok(ids)
+    }
+
+    /// The last lines of the agent's log.
+    pub fn log_tail(&self, n: usize) -> String {
+        tail(&self.log_path, n)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            match self.terminate() {
+                Ok(st) if !st.success() => {
+                    eprintln!("datamesh-tests: agent exited with {} on SIGTERM (signal {:?})", status_text(st), st.signal())
+                }
+                Ok(_) => {}
+                Err(e) => eprintln!("datamesh-tests: stopping the agent: {e:#}"),
+            }
+        }
+        if self.config.pin_dir.exists() {
+            let out = Command::new(&self.bin)
+                .arg("uninstall")
+                .arg("--pin-dir")
+                .arg(&self.config.pin_dir)
+                .stdin(Stdio::null())
+                .output();
+            match out {
+                Ok(o) if o.status.success() => {}
+                Ok(o) => eprintln!(
+                    "datamesh-tests: `datamesh-agent uninstall --pin-dir {}` failed ({}): {}",
+                    self.config.pin_dir.display(),
+                    status_text(o.status),
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ),
+                Err(e) => eprintln!("datamesh-tests: cannot run datamesh-agent uninstall: {e}"),
+            }
+        }
+        crate::instance::uninstall_pins(&self.config.pin_dir);
+    }
+}
+
+/// Plain HTTP/1.1 GET over a std TcpStream (Connection: close); returns (status, body).
+/// Handles both Content-Length/close-delimited and chunked bodies.
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).with_context(|| format!("connecting to admin {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).with_context(|| format!("reading GET {path} response"))?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| anyhow!("malformed HTTP response: {text:?}"))?;
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("malformed HTTP status line: {head:?}"))?;
+    let chunked = head.lines().any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.starts_with("transfer-encoding:") && l.contains("chunked")
+    });
+    let body = if chunked { dechunk(body)? } else { body.to_string() };
+    Ok((status, body))
+}
+
+fn dechunk(mut body: &str) -> Result<String> {
+    let mut out = String::new();
+    loop {
+        let (size_line, rest) = body.split_once("\r\n").ok_or_else(|| anyhow!("bad chunked body"))?;
+        let size = usize::from_str_radix(size_line.split(';').next().unwrap_or("").trim(), 16)
+            .with_context(|| format!("bad chunk size {size_line:?}"))?;
+        if size == 0 {
+            return Ok(out);
+        }
+        let chunk = rest.get(..size).ok_or_else(|| anyhow!("truncated chunk"))?;
+        out.push_str(chunk);
+        body = rest.get(size + 2..).ok_or_else(|| anyhow!("truncated chunked body"))?;
+    }
+}

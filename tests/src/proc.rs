@@ -1,0 +1,144 @@
+//! Running helper commands (`ip`, `bpftool`, clients in pods) with captured output and deadlines.
+//!
+//! A client that hangs must fail its test instead of hanging the whole run, so every command a
+//! test starts runs under [`run_with_timeout`]: output goes to temporary files (no pipe can fill
+//! up and block the child) and the child is killed at the deadline.
+
+use std::fs::File;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// Renders a command line for error messages.
+pub fn describe(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        let a = a.to_string_lossy();
+        if a.len() > 120 {
+            s.push_str(&a[..120]);
+            s.push_str("...");
+        } else {
+            s.push_str(&a);
+        }
+    }
+    s
+}
+
+/// Runs `cmd` to completion; fails (naming the command, its status and stderr) unless it exits 0.
+pub fn run_checked(cmd: &mut Command) -> Result<Output> {
+    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("cannot start `{}`", describe(cmd)))?;
+    if !out.status.success() {
+        bail!(
+            "`{}` failed ({}): {}{}",
+            describe(cmd),
+            status_text(out.status),
+            String::from_utf8_lossy(&out.stderr).trim(),
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+    }
+    Ok(out)
+}
+
+/// Human text for an exit status, naming the signal when there is one.
+pub fn status_text(st: std::process::ExitStatus) -> String {
+    match (st.code(), st.signal()) {
+        (Some(c), _) => format!("exit code {c}"),
+        (None, Some(s)) => format!("killed by signal {s}"),
+        _ => "unknown status".into(),
+    }
+}
+
+static SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// Runs `cmd` (stdin from /dev/null) with stdout/stderr captured to files, killing it after
+/// `timeout`.
+///
+/// Returns the output whatever the exit status (the caller decides); fails only when the command
+/// cannot start or runs past the deadline.
+pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Result<Output> {
+    run_inner(cmd, Stdio::null(), timeout)
+}
+
+fn run_inner(cmd: &mut Command, stdin: Stdio, timeout: Duration) -> Result<Output> {
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    let base = std::env::temp_dir().join(format!("dmt-out-{}-{seq}", std::process::id()));
+    let out_path = PathBuf::from(format!("{}.out", base.display()));
+    let err_path = PathBuf::from(format!("{}.err", base.display()));
+    let result = (|| -> Result<Output> {
+        let out_f = File::create(&out_path).context("creating stdout capture file")?;
+        let err_f = File::create(&err_path).context("creating stderr capture file")?;
+        let mut child = cmd
+            .stdin(stdin)
+            .stdout(out_f)
+            .stderr(err_f)
+            .spawn()
+            .with_context(|| format!("cannot start `{}`", describe(cmd)))?;
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(st) = child.try_wait().context("waiting for child")? {
+                break st;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                let so = std::fs::read(&out_path).unwrap_or_default();
+                let se = std::fs::read(&err_path).unwrap_or_default();
+                bail!(
+                    "`{}` did not finish within {timeout:?} (killed)\nstdout: {}\nstderr: {}",
+                    describe(cmd),
+                    last_chars(&so, 2000),
+                    last_chars(&se, 2000)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        Ok(Output {
+            status,
+            stdout: std::fs::read(&out_path).context("reading stdout capture")?,
+            stderr: std::fs::read(&err_path).context("reading stderr capture")?,
+        })
+    })();
+    let _ = std::fs::remove_file(&out_path);
+    let _ = std::fs::remove_file(&err_path);
+    result
+}
+
+/// Like [`run_with_timeout`] with `input` as the command's standard input.
+pub fn run_with_input(cmd: &mut Command, input: &[u8], timeout: Duration) -> Result<Output> {
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    let in_path = std::env::temp_dir().join(format!("dmt-in-{}-{seq}", std::process::id()));
+    std::fs::write(&in_path, input).context("writing stdin file")?;
+    let f = File::open(&in_path).context("opening stdin file");
+    let _ = std::fs::remove_file(&in_path);
+    run_inner(cmd, Stdio::from(f?), timeout)
+}
+
+/// Like [`run_with_timeout`] but fails unless the command exits 0.
+pub fn run_ok(cmd: &mut Command, timeout: Duration) -> Result<Output> {
+    let out = run_with_timeout(cmd, timeout)?;
+    if !out.status.success() {
+        bail!(
+            "`{}` failed ({})\nstdout: {}\nstderr: {}",
+            describe(cmd),
+            status_text(out.status),
+            last_chars(&out.stdout, 4000),
+            last_chars(&out.stderr, 4000)
+        );
+    }
+    Ok(out)
+}
+
+/// The last `n` characters of some output, lossily decoded.
+pub fn last_chars(bytes: &[u8], n: usize) -> String {
+    let s = String::from_utf8_lossy(bytes);
+    let s = s.trim();
+    match s.char_indices().rev().nth(n) {
+        Some((i, _)) => format!("...{}", &s[i..]),
+        None => s.to_string(),
+    }
+}

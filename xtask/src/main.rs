@@ -1,0 +1,46 @@
+//! `cargo xtask`: the project's build, set-up, demo, test and benchmark commands.
+//!
+//! One module per subcommand. Every command that needs the machine prepared (apt packages,
+//! bpf-linker, redis-server) calls [`setup::ensure`] first, so the README's two commands work on
+//! a fresh machine.
+
+mod bench;
+mod build_ebpf;
+mod demo;
+mod setup;
+mod test;
+mod util;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "DataMesh build, demo, test and benchmark commands")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what the project needs (apt packages, bpf-linker, redis, Python test clients).
+    Setup,
+    /// Build the eBPF object (with BTF) for bpfel-unknown-none.
+    BuildEbpf(build_ebpf::Args),
+    /// Start redis-server, one demo pod and the agent; send traffic; print the per-pod table.
+    Demo(demo::Args),
+    /// Build everything and run every test (unit, integration, privileged eBPF, manifests).
+    Test(test::Args),
+    /// Benchmarks (not tests): they run the peers in the same run and print ratios.
+    #[command(subcommand)]
+    Bench(bench::Bench),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Setup => setup::ensure(),
+        Cmd::BuildEbpf(args) => build_ebpf::run(&args),
+        Cmd::Demo(args) => demo::run(&args),
+        Cmd::Test(args) => test::run(&args),
+        Cmd::Bench(b) => bench::run(&b),
+    }
+}

@@ -1,0 +1,369 @@
+//! `cargo xtask setup`: installs everything the project needs on a Debian machine.
+//!
+//! Owns the list of prerequisites (apt packages, bpf-linker, Python test clients, the bpffs
+//! mount) and makes each present, idempotently: every check runs first and costs a few
+//! milliseconds, one line is printed per thing installed, nothing when all is present. On a
+//! machine without apt-get it installs nothing and fails naming what is missing.
+//! `build-ebpf` calls [`ensure_ebpf_toolchain`], the subset it needs; every other command
+//! calls [`ensure`].
+
+use std::{
+    env,
+    ffi::OsStr,
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    sync::atomic::{AtomicBool, Ordering},
+};
+
+use anyhow::{bail, Context, Result};
+
+/// bpf-linker release that is built against Debian's LLVM 22 (the LLVM of rustc-web 1.96).
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const BPFFS: &str = "/sys/fs/bpf";
+
+/// An apt package and how to tell it is there on a machine without dpkg.
+struct Pkg {
+    name: &'static str,
+    probe: Probe,
+}
+
+enum Probe {
+    /// An executable on PATH (or in /usr/sbin, /sbin).
+    Cmd(&'static str),
+    /// A file or directory.
+    Path(&'static str),
+}
+
+const fn cmd(name: &'static str, c: &'static str) -> Pkg {
+    Pkg {
+        name,
+        probe: Probe::Cmd(c),
+    }
+}
+const fn path(name: &'static str, p: &'static str) -> Pkg {
+    Pkg {
+        name,
+        probe: Probe::Path(p),
+    }
+}
+
+/// What building the eBPF object needs (see shared/notes/ebpf-toolchain.md): Debian's rustc
+/// 1.96 with a prebuilt `core` for the BPF targets, and LLVM 22 for bpf-linker.
+const TOOLCHAIN_PKGS: &[Pkg] = &[
+    path("rustc-web", "/usr/bin/rustc"),
+    path(
+        "libstd-rust-web-dev-bpf",
+        "/usr/lib/rustlib/bpfel-unknown-none/lib",
+    ),
+    path("llvm-22-dev", "/usr/lib/llvm-22/bin/llvm-config"),
+    path("libpolly-22-dev", "/usr/lib/llvm-22/lib/libPolly.a"),
+    cmd("clang-22", "clang-22"),
+    cmd("lld-22", "ld.lld-22"),
+];
+
+/// What running the agent, its tests, demo and benchmarks needs.
+const RUNTIME_PKGS: &[Pkg] = &[
+    cmd("bpftool", "bpftool"),
+    cmd("iproute2", "ip"),
+    cmd("redis-server", "redis-server"),
+    cmd("redis-sentinel", "redis-sentinel"),
+    cmd("redis-tools", "redis-cli"),
+    cmd("nftables", "nft"),
+    cmd("nutcracker", "nutcracker"),
+    cmd("procps", "pkill"),
+];
+
+/// Python packages for the tests: (pip name, module to import).
+const PYTHON_PKGS: &[(&str, &str)] = &[
+    ("redis", "redis"),
+    ("kubernetes-validate", "kubernetes_validate"),
+    ("yamllint", "yamllint"),
+];
+
+/// Directory that holds tools the project installs itself (bpf-linker): `$DATAMESH_TOOLS_DIR`,
+/// else `$HOME/.local/datamesh-tools`.
+pub fn tools_dir() -> PathBuf {
+    if let Some(dir) = env::var_os("DATAMESH_TOOLS_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    let home = env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "/root".into());
+    PathBuf::from(home).join(".local/datamesh-tools")
+}
+
+/// Where `bpf-linker` lives; `build-ebpf` puts it first on PATH.
+pub fn tools_bin_dir() -> PathBuf {
+    tools_dir().join("bin")
+}
+
+/// Installs everything the project needs (`cargo xtask setup`).
+pub fn ensure() -> Result<()> {
+    let all: Vec<&Pkg> = TOOLCHAIN_PKGS.iter().chain(RUNTIME_PKGS).collect();
+    ensure_apt(&all)?;
+    ensure_bpf_linker()?;
+    ensure_python_pkgs()?;
+    ensure_bpffs()?;
+    Ok(())
+}
+
+/// Installs what `cargo xtask build-ebpf` needs: the toolchain packages and bpf-linker.
+pub fn ensure_ebpf_toolchain() -> Result<()> {
+    let pkgs: Vec<&Pkg> = TOOLCHAIN_PKGS.iter().collect();
+    ensure_apt(&pkgs)?;
+    ensure_bpf_linker()
+}
+
+fn ensure_apt(pkgs: &[&Pkg]) -> Result<()> {
+    let missing: Vec<&Pkg> = if have_cmd("dpkg-query") {
+        let installed = dpkg_installed(pkgs)?;
+        pkgs.iter()
+            .copied()
+            .filter(|p| !installed.iter().any(|i| i == p.name))
+            .collect()
+    } else {
+        pkgs.iter()
+            .copied()
+            .filter(|p| !probe_ok(&p.probe))
+            .collect()
+    };
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<&str> = missing.iter().map(|p| p.name).collect();
+    if !have_cmd("apt-get") {
+        bail!(
+            "missing prerequisites and no apt-get to install them: {}. Install the equivalents \
+             of these Debian packages (Rust 1.96 with a prebuilt core for bpfel-unknown-none, \
+             LLVM/clang/lld 22, bpftool, iproute2, redis, nftables, twemproxy, procps)",
+            names.join(" ")
+        );
+    }
+    apt_update_once()?;
+    println!("setup: apt-get install {}", names.join(" "));
+    let out = Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&names)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .stdin(Stdio::null())
+        .output()
+        .context("running apt-get install (are you root?)")?;
+    check_output("apt-get install", &out)?;
+    for name in &names {
+        println!("setup: installed apt package {name}");
+    }
+    Ok(())
+}
+
+/// Names among `pkgs` that dpkg reports as installed. `dpkg-query -W` exits non-zero when a
+/// package is unknown but still prints the known ones, so its status is not an error here.
+fn dpkg_installed(pkgs: &[&Pkg]) -> Result<Vec<String>> {
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f=${Package} ${Status}\n"])
+        .args(pkgs.iter().map(|p| p.name))
+        .stderr(Stdio::null())
+        .output()
+        .context("running dpkg-query")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text
+        .lines()
+        .filter_map(|l| l.strip_suffix(" install ok installed"))
+        .map(str::to_owned)
+        .collect())
+}
+
+static APT_UPDATED: AtomicBool = AtomicBool::new(false);
+
+fn apt_update_once() -> Result<()> {
+    if APT_UPDATED.swap(true, Ordering::SeqCst) {
+        return Ok(());
+    }
+    println!("setup: apt-get update");
+    let out = Command::new("apt-get")
+        .args(["update", "-q"])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .stdin(Stdio::null())
+        .output()
+        .context("running apt-get update (are you root?)")?;
+    check_output("apt-get update", &out)
+}
+
+fn ensure_bpf_linker() -> Result<()> {
+    let linker = tools_bin_dir().join("bpf-linker");
+    if let Ok(out) = Command::new(&linker).arg("--version").output() {
+        let version = String::from_utf8_lossy(&out.stdout);
+        if out.status.success() && version.split_whitespace().any(|w| w == BPF_LINKER_VERSION) {
+            return Ok(());
+        }
+    }
+    let root = tools_dir();
+    println!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 into {} (about a minute)",
+        root.display()
+    );
+    fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args([
+        "install",
+        "bpf-linker",
+        "--locked",
+        "--version",
+        BPF_LINKER_VERSION,
+    ])
+    .args(["--no-default-features", "--features", "llvm-22", "--root"])
+    .arg(&root)
+    // bpf-linker's build script looks for libLLVM in /usr/lib64 unless told where it is.
+    .env("LLVM_PREFIX", LLVM_PREFIX)
+    .stdin(Stdio::null());
+    // A host tool: built with the host toolchain, whatever an outer cargo set for its build.
+    for var in [
+        "RUSTC",
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+    ] {
+        cmd.env_remove(var);
+    }
+    let out = cmd.output().context("running cargo install bpf-linker")?;
+    check_output("cargo install bpf-linker", &out)?;
+    println!(
+        "setup: installed bpf-linker {BPF_LINKER_VERSION} at {}",
+        linker.display()
+    );
+    Ok(())
+}
+
+fn ensure_python_pkgs() -> Result<()> {
+    if !have_cmd("python3") {
+        if !have_cmd("apt-get") {
+            bail!("python3 is missing: install Python 3 with pip, then redis, kubernetes-validate and yamllint");
+        }
+        let pkgs = [
+            &path("python3", "/usr/bin/python3"),
+            &path("python3-pip", "/usr/lib/python3/dist-packages/pip"),
+        ];
+        ensure_apt(&pkgs)?;
+    }
+    let missing: Vec<&str> = PYTHON_PKGS
+        .iter()
+        .filter(|(_, module)| {
+            !Command::new("python3")
+                .args(["-c", &format!("import {module}")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let pip_works = Command::new("python3")
+        .args(["-m", "pip", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !pip_works {
+        if !have_cmd("apt-get") {
+            bail!(
+                "pip is missing for python3: install it, then {}",
+                missing.join(" ")
+            );
+        }
+        ensure_apt(&[&path("python3-pip", "/usr/lib/python3/dist-packages/pip")])?;
+    }
+    let pip = |extra: &[&str]| -> Result<Output> {
+        Command::new("python3")
+            .args(["-m", "pip", "install", "-q"])
+            .args(extra)
+            .args(&missing)
+            .stdin(Stdio::null())
+            .output()
+            .context("running python3 -m pip install")
+    };
+    let mut out = pip(&[])?;
+    // Debian's own python3 refuses pip installs (PEP 668) unless told otherwise; this is a
+    // dedicated test machine, so installing into it is what we want.
+    if !out.status.success()
+        && String::from_utf8_lossy(&out.stderr).contains("externally-managed-environment")
+    {
+        out = pip(&["--break-system-packages"])?;
+    }
+    check_output("python3 -m pip install", &out)?;
+    for pkg in &missing {
+        println!("setup: installed Python package {pkg}");
+    }
+    Ok(())
+}
+
+fn ensure_bpffs() -> Result<()> {
+    if bpffs_mounted()? {
+        return Ok(());
+    }
+    fs::create_dir_all(BPFFS).with_context(|| format!("creating {BPFFS}"))?;
+    let out = Command::new("mount")
+        .args(["-t", "bpf", "bpf", BPFFS])
+        .output()
+        .context("running mount -t bpf")?;
+    check_output(
+        "mount -t bpf bpf /sys/fs/bpf (are you root with CAP_SYS_ADMIN?)",
+        &out,
+    )?;
+    println!("setup: mounted bpffs at {BPFFS}");
+    Ok(())
+}
+
+/// Whether a bpf filesystem is mounted at /sys/fs/bpf (fields of /proc/mounts: device,
+/// mount point, type, ...).
+fn bpffs_mounted() -> Result<bool> {
+    let mounts = fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    Ok(mounts.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        let (_dev, point, fstype) = (f.next(), f.next(), f.next());
+        point == Some(BPFFS) && fstype == Some("bpf")
+    }))
+}
+
+fn probe_ok(probe: &Probe) -> bool {
+    match probe {
+        Probe::Cmd(c) => have_cmd(c),
+        Probe::Path(p) => Path::new(p).exists(),
+    }
+}
+
+/// Whether `name` is an executable on PATH or in the sbin directories (not on a non-root
+/// PATH, where bpftool, ip and nft live).
+fn have_cmd(name: impl AsRef<OsStr>) -> bool {
+    let name = name.as_ref();
+    let path = env::var_os("PATH").unwrap_or_default();
+    env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
+        .any(|dir| is_executable(&dir.join(name)))
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+fn check_output(what: &str, out: &Output) -> Result<()> {
+    if out.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let tail: Vec<&str> = stderr
+        .lines()
+        .chain(stdout.lines())
+        .rev()
+        .take(15)
+        .collect();
+    let tail: Vec<&str> = tail.into_iter().rev().collect();
+    bail!("{what} failed ({}):\n{}", out.status, tail.join("\n"))
+}

@@ -1,0 +1,72 @@
+//! `cargo xtask test`: the one test command (README, `.ci/run`).
+//!
+//! Prepares the machine (`setup::ensure`), builds the eBPF object and every binary (the agent
+//! and the harness's probe), then runs `cargo test --workspace` with its output streamed, so the
+//! `test result:` summary lines reach the terminal and CI. The privileged data-plane tests run
+//! for real here; they never skip. Exits non-zero when any test fails.
+
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use crate::util::project_root;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Test threads (each privileged test builds its own instance; 2 fits the 2-core machines).
+    #[arg(long, default_value_t = 2)]
+    pub test_threads: u32,
+    /// Extra arguments for the test binaries (after `--`), e.g. a test name filter.
+    #[arg(last = true)]
+    pub test_args: Vec<String>,
+}
+
+impl Default for Args {
+    fn default() -> Self {
+        Self { test_threads: 2, test_args: Vec::new() }
+    }
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(project_root());
+    c
+}
+
+fn run_step(what: &str, cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask test: {what}");
+    let st = cmd.status().with_context(|| format!("cannot start cargo for {what}"))?;
+    if !st.success() {
+        bail!("{what} failed ({st})");
+    }
+    Ok(())
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    crate::setup::ensure()?;
+    crate::build_ebpf::run(&crate::build_ebpf::Args::default())?;
+    // The data-plane tests run target/debug/datamesh-agent and the probe binary.
+    run_step("building every binary", cargo().args(["build", "--workspace", "--bins"]))?;
+
+    let agent = datamesh_tests::target_dir().join("debug").join("datamesh-agent");
+    let mut test = cargo();
+    test.args(["test", "--workspace", "--", &format!("--test-threads={}", args.test_threads)])
+        .args(&args.test_args)
+        .env("DATAMESH_AGENT_BIN", &agent);
+    eprintln!("xtask test: cargo test --workspace -- --test-threads={} {}", args.test_threads, args.test_args.join(" "));
+    let st = test.status().context("cannot start cargo test")?;
+
+    // A test binary that was killed cannot run its Drop guards; clean its leftovers now, so a
+    // failed run leaves nothing behind either.
+    match datamesh_tests::reap_stale() {
+        Ok(removed) if !removed.is_empty() => {
+            eprintln!("xtask test: removed leftovers of a killed test run: {}", removed.join(", "))
+        }
+        Ok(_) => {}
+        Err(e) => eprintln!("xtask test: reaping leftovers failed: {e:#}"),
+    }
+    if !st.success() {
+        bail!("cargo test failed ({st})");
+    }
+    Ok(())
+}

@@ -330,15 +330,21 @@ pub fn spawn_discovery(
     policies: Vec<PodPolicyConfig>,
     stop: Receiver<()>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
+    // The first scan runs before this returns, so that the agent reports ready only once it
+    // knows the pods that exist: a connection accepted right after readiness gets its pod name
+    // and a pod's connection limit is in the map before its first captured connect.
+    let mut cache = HashMap::new();
+    let found = scan(&netns_dir, &mut cache);
+    pods.apply(&found, &policies);
     std::thread::Builder::new()
         .name("pod-discovery".into())
         .spawn(move || {
-            let mut cache = HashMap::new();
             loop {
-                let found = scan(&netns_dir, &mut cache);
-                pods.apply(&found, &policies);
                 match stop.recv_timeout(Duration::from_secs(1)) {
-                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Timeout) => {
+                        let found = scan(&netns_dir, &mut cache);
+                        pods.apply(&found, &policies);
+                    }
                     _ => break,
                 }
             }

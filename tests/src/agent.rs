@@ -76,13 +76,19 @@ impl AgentConfig {
         y.push_str(&format!("pin_dir: {}\n", self.pin_dir.display()));
         y.push_str(&format!("fastpath: {}\n", self.fastpath));
         y.push_str(&format!("failopen_after_ms: {}\n", self.failopen_after_ms));
-        y.push_str(&format!("heartbeat_interval_ms: {}\n", self.heartbeat_interval_ms));
+        y.push_str(&format!(
+            "heartbeat_interval_ms: {}\n",
+            self.heartbeat_interval_ms
+        ));
         y.push_str("skip_host_network: true\n");
         y.push_str(&format!("drain_timeout_ms: {}\n", self.drain_timeout_ms));
         y.push_str("admin_listen: 127.0.0.1:0\n");
         y.push_str(&format!("netns_dir: {}\n", self.netns_dir.display()));
         y.push_str(&format!("default_conn_rate: {}\n", self.default_conn_rate));
-        y.push_str(&format!("default_conn_burst: {}\n", self.default_conn_burst));
+        y.push_str(&format!(
+            "default_conn_burst: {}\n",
+            self.default_conn_burst
+        ));
         if self.pods.is_empty() {
             y.push_str("pods: []\n");
         } else {
@@ -127,14 +133,26 @@ impl Ready {
     fn parse(text: &str) -> Result<Self> {
         let raw: Value = serde_json::from_str(text).context("ready file is not JSON")?;
         let s = |v: &Value, k: &str| -> Result<String> {
-            v.get(k).and_then(Value::as_str).map(str::to_string).ok_or_else(|| anyhow!("ready file: missing string {k:?} in {v}"))
+            v.get(k)
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .ok_or_else(|| anyhow!("ready file: missing string {k:?} in {v}"))
         };
         let addr = |v: &Value, k: &str| -> Result<SocketAddr> {
-            s(v, k)?.parse().with_context(|| format!("ready file: {k:?} is not host:port"))
+            s(v, k)?
+                .parse()
+                .with_context(|| format!("ready file: {k:?} is not host:port"))
         };
-        let pid = raw.get("pid").and_then(Value::as_u64).ok_or_else(|| anyhow!("ready file: missing pid"))?;
+        let pid = raw
+            .get("pid")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| anyhow!("ready file: missing pid"))?;
         let mut endpoints = Vec::new();
-        for e in raw.get("endpoints").and_then(Value::as_array).ok_or_else(|| anyhow!("ready file: missing endpoints"))? {
+        for e in raw
+            .get("endpoints")
+            .and_then(Value::as_array)
+            .ok_or_else(|| anyhow!("ready file: missing endpoints"))?
+        {
             endpoints.push(ReadyEndpoint {
                 name: s(e, "name")?,
                 address: addr(e, "address")?,
@@ -172,14 +190,20 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 impl Agent {
     /// Writes the config into `dir`, starts the agent in `cgroup` and waits until it is ready.
     /// `bin` overrides [`agent_bin`] (the benchmark runs a release build).
-    pub fn start(config: AgentConfig, dir: &Path, cgroup: &Path, bin: Option<PathBuf>) -> Result<Self> {
+    pub fn start(
+        config: AgentConfig,
+        dir: &Path,
+        cgroup: &Path,
+        bin: Option<PathBuf>,
+    ) -> Result<Self> {
         let bin = match bin {
             Some(b) if b.is_file() => b,
             Some(b) => bail!("datamesh-agent binary not found at {}", b.display()),
             None => agent_bin()?,
         };
         let config_path = dir.join("agent.yaml");
-        std::fs::write(&config_path, config.to_yaml()).with_context(|| format!("writing {}", config_path.display()))?;
+        std::fs::write(&config_path, config.to_yaml())
+            .with_context(|| format!("writing {}", config_path.display()))?;
         let mut agent = Self {
             bin,
             config,
@@ -214,7 +238,11 @@ impl Agent {
             .with_context(|| format!("opening {}", self.log_path.display()))?;
         {
             let mut l = &log;
-            let _ = writeln!(l, "===== datamesh-tests: agent start #{} =====", self.starts);
+            let _ = writeln!(
+                l,
+                "===== datamesh-tests: agent start #{} =====",
+                self.starts
+            );
         }
         let mut cmd = Command::new(&self.bin);
         cmd.arg("run")
@@ -222,12 +250,17 @@ impl Agent {
             .arg(&self.config_path)
             .arg("--ready-file")
             .arg(&self.ready_path)
-            .env("RUST_LOG", std::env::var("DATAMESH_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("DATAMESH_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
         crate::pod::enter_cgroup_with_nofile(&mut cmd, &self.cgroup, 65536);
-        let child = cmd.spawn().with_context(|| format!("starting {}", self.bin.display()))?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", self.bin.display()))?;
         self.child = Some(child);
         let ready = self.wait_ready()?;
         self.ready = Some(ready);
@@ -241,7 +274,11 @@ impl Agent {
             if let Some(child) = self.child.as_mut() {
                 if let Some(st) = child.try_wait()? {
                     self.child = None;
-                    bail!("datamesh-agent exited before it was ready ({}); log tail:\n{}", status_text(st), tail(&log_path, 40));
+                    bail!(
+                        "datamesh-agent exited before it was ready ({}); log tail:\n{}",
+                        status_text(st),
+                        tail(&log_path, 40)
+                    );
                 }
             }
             match std::fs::read_to_string(&ready_path) {
@@ -258,7 +295,9 @@ impl Agent {
 
     /// The ready file of the current (last) start.
     pub fn ready(&self) -> Result<&Ready> {
-        self.ready.as_ref().ok_or_else(|| anyhow!("agent has not become ready"))
+        self.ready
+            .as_ref()
+            .ok_or_else(|| anyhow!("agent has not become ready"))
     }
 
     pub fn config(&self) -> &AgentConfig {
@@ -299,13 +338,19 @@ impl Agent {
         if status != 200 {
             bail!("GET /connections answered {status}: {body}");
         }
-        let v: Value = serde_json::from_str(&body).with_context(|| format!("/connections is not JSON: {body}"))?;
-        v.as_array().cloned().ok_or_else(|| anyhow!("/connections is not a JSON array: {body}"))
+        let v: Value = serde_json::from_str(&body)
+            .with_context(|| format!("/connections is not JSON: {body}"))?;
+        v.as_array()
+            .cloned()
+            .ok_or_else(|| anyhow!("/connections is not a JSON array: {body}"))
     }
 
     /// SIGKILL, then reap. The data plane (pinned links and maps) stays.
     pub fn kill9(&mut self) -> Result<()> {
-        let mut child = self.child.take().ok_or_else(|| anyhow!("agent is not running"))?;
+        let mut child = self
+            .child
+            .take()
+            .ok_or_else(|| anyhow!("agent is not running"))?;
         child.kill().context("SIGKILL to the agent")?;
         child.wait().context("reaping the agent")?;
         Ok(())
@@ -313,13 +358,18 @@ impl Agent {
 
     /// SIGTERM and wait for the exit (the drain deadline plus a margin); SIGKILL if it does not.
     pub fn terminate(&mut self) -> Result<ExitStatus> {
-        let mut child = self.child.take().ok_or_else(|| anyhow!("agent is not running"))?;
+        let mut child = self
+            .child
+            .take()
+            .ok_or_else(|| anyhow!("agent is not running"))?;
         let pid = libc::pid_t::try_from(child.id())?;
         // SAFETY: kill(2) on the pid of our own unreaped child.
         if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
             return Err(std::io::Error::last_os_error()).context("SIGTERM to the agent");
         }
-        let deadline = Instant::now() + Duration::from_millis(self.config.drain_timeout_ms) + Duration::from_secs(5);
+        let deadline = Instant::now()
+            + Duration::from_millis(self.config.drain_timeout_ms)
+            + Duration::from_secs(5);
         loop {
             if let Some(st) = child.try_wait()? {
                 return Ok(st);
@@ -327,7 +377,10 @@ impl Agent {
             if Instant::now() >= deadline {
                 let _ = child.kill();
                 let st = child.wait()?;
-                bail!("agent did not exit within drain_timeout_ms + 5 s of SIGTERM (killed: {})", status_text(st));
+                bail!(
+                    "agent did not exit within drain_timeout_ms + 5 s of SIGTERM (killed: {})",
+                    status_text(st)
+                );
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -347,29 +400,45 @@ impl Agent {
 
     /// `datamesh-agent pods --json --pin-dir <pin>` (works with the agent dead).
     pub fn pods_json(&self) -> Result<Vec<Value>> {
-        let out = run_ok(self.cli().args(["pods", "--json", "--pin-dir"]).arg(self.pin_dir()), Duration::from_secs(20))?;
+        let out = run_ok(
+            self.cli()
+                .args(["pods", "--json", "--pin-dir"])
+                .arg(self.pin_dir()),
+            Duration::from_secs(20),
+        )?;
         let text = String::from_utf8_lossy(&out.stdout);
-        let v: Value = serde_json::from_str(&text).with_context(|| format!("`pods --json` output is not JSON: {text}"))?;
-        v.as_array().cloned().ok_or_else(|| anyhow!("`pods --json` output is not an array: {text}"))
+        let v: Value = serde_json::from_str(&text)
+            .with_context(|| format!("`pods --json` output is not JSON: {text}"))?;
+        v.as_array()
+            .cloned()
+            .ok_or_else(|| anyhow!("`pods --json` output is not an array: {text}"))
     }
 
     /// The `pods --json` row of the pod with this (discovered) name.
     pub fn pod_row(&self, pod: &str) -> Result<Option<Value>> {
-        Ok(self.pods_json()?.into_iter().find(|r| r.get("pod").and_then(Value::as_str) == Some(pod)))
+        Ok(self
+            .pods_json()?
+            .into_iter()
+            .find(|r| r.get("pod").and_then(Value::as_str) == Some(pod)))
     }
 
     /// A counter of a pod from `pods --json` (0 when the pod has no row yet).
     pub fn pod_counter(&self, pod: &str, key: &str) -> Result<u64> {
         match self.pod_row(pod)? {
             None => Ok(0),
-            Some(r) => r.get(key).and_then(Value::as_u64).ok_or_else(|| anyhow!("`pods --json` row has no integer {key:?}: {r}")),
+            Some(r) => r
+                .get(key)
+                .and_then(Value::as_u64)
+                .ok_or_else(|| anyhow!("`pods --json` row has no integer {key:?}: {r}")),
         }
     }
 
     /// `datamesh-agent fastpath on|off --pin-dir <pin>`.
     pub fn set_fastpath(&self, on: bool) -> Result<()> {
         run_ok(
-            self.cli().args(["fastpath", if on { "on" } else { "off" }, "--pin-dir"]).arg(self.pin_dir()),
+            self.cli()
+                .args(["fastpath", if on { "on" } else { "off" }, "--pin-dir"])
+                .arg(self.pin_dir()),
             Duration::from_secs(20),
         )?;
         Ok(())
@@ -379,10 +448,22 @@ impl Agent {
     pub fn link_ids(&self) -> Result<Vec<(String, u64)>> {
         let mut ids = Vec::new();
         for prog in datamesh_common::CGROUP_PROGS {
-            let pin = self.pin_dir().join(datamesh_common::LINKS_SUBDIR).join(prog);
-            let out = run_ok(Command::new("bpftool").args(["-j", "link", "show", "pinned"]).arg(&pin), Duration::from_secs(20))?;
-            let v: Value = serde_json::from_slice(&out.stdout).context("bpftool -j link show output is not JSON")?;
-            let id = v.get("id").and_then(Value::as_u64).ok_or_else(|| anyhow!("no link id in bpftool output {v}"))?;
+            let pin = self
+                .pin_dir()
+                .join(datamesh_common::LINKS_SUBDIR)
+                .join(prog);
+            let out = run_ok(
+                Command::new("bpftool")
+                    .args(["-j", "link", "show", "pinned"])
+                    .arg(&pin),
+                Duration::from_secs(20),
+            )?;
+            let v: Value = serde_json::from_slice(&out.stdout)
+                .context("bpftool -j link show output is not JSON")?;
+            let id = v
+                .get("id")
+                .and_then(Value::as_u64)
+                .ok_or_else(|| anyhow!("no link id in bpftool output {v}"))?;
             ids.push((prog.to_string(), id));
         }
         Ok(ids)
@@ -399,7 +480,11 @@ impl Drop for Agent {
         if self.child.is_some() {
             match self.terminate() {
                 Ok(st) if !st.success() => {
-                    eprintln!("datamesh-tests: agent exited with {} on SIGTERM (signal {:?})", status_text(st), st.signal())
+                    eprintln!(
+                        "datamesh-tests: agent exited with {} on SIGTERM (signal {:?})",
+                        status_text(st),
+                        st.signal()
+                    )
                 }
                 Ok(_) => {}
                 Err(e) => eprintln!("datamesh-tests: stopping the agent: {e:#}"),
@@ -430,13 +515,20 @@ impl Drop for Agent {
 /// Plain HTTP/1.1 GET over a std TcpStream (Connection: close); returns (status, body).
 /// Handles both Content-Length/close-delimited and chunked bodies.
 pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).with_context(|| format!("connecting to admin {addr}"))?;
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+        .with_context(|| format!("connecting to admin {addr}"))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).with_context(|| format!("reading GET {path} response"))?;
+    s.read_to_end(&mut raw)
+        .with_context(|| format!("reading GET {path} response"))?;
     let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| anyhow!("malformed HTTP response: {text:?}"))?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("malformed HTTP response: {text:?}"))?;
     let status: u16 = head
         .split_whitespace()
         .nth(1)
@@ -446,14 +538,20 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
         let l = l.to_ascii_lowercase();
         l.starts_with("transfer-encoding:") && l.contains("chunked")
     });
-    let body = if chunked { dechunk(body)? } else { body.to_string() };
+    let body = if chunked {
+        dechunk(body)?
+    } else {
+        body.to_string()
+    };
     Ok((status, body))
 }
 
 fn dechunk(mut body: &str) -> Result<String> {
     let mut out = String::new();
     loop {
-        let (size_line, rest) = body.split_once("\r\n").ok_or_else(|| anyhow!("bad chunked body"))?;
+        let (size_line, rest) = body
+            .split_once("\r\n")
+            .ok_or_else(|| anyhow!("bad chunked body"))?;
         let size = usize::from_str_radix(size_line.split(';').next().unwrap_or("").trim(), 16)
             .with_context(|| format!("bad chunk size {size_line:?}"))?;
         if size == 0 {
@@ -461,6 +559,8 @@ fn dechunk(mut body: &str) -> Result<String> {
         }
         let chunk = rest.get(..size).ok_or_else(|| anyhow!("truncated chunk"))?;
         out.push_str(chunk);
-        body = rest.get(size + 2..).ok_or_else(|| anyhow!("truncated chunked body"))?;
+        body = rest
+            .get(size + 2..)
+            .ok_or_else(|| anyhow!("truncated chunked body"))?;
     }
 }

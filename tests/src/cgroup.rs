@@ -23,8 +23,12 @@ impl Cgroup {
     pub fn create(path: impl Into<PathBuf>) -> Result<Self> {
         let path = path.into();
         guard_path(&path)?;
-        std::fs::create_dir(&path)
-            .with_context(|| format!("creating cgroup {} (is cgroup2 mounted at {CGROUP2_ROOT}?)", path.display()))?;
+        std::fs::create_dir(&path).with_context(|| {
+            format!(
+                "creating cgroup {} (is cgroup2 mounted at {CGROUP2_ROOT}?)",
+                path.display()
+            )
+        })?;
         Ok(Self { path })
     }
 
@@ -52,9 +56,15 @@ impl Drop for Cgroup {
 /// Refuses to operate on anything but a harness cgroup.
 fn guard_path(path: &Path) -> Result<()> {
     let under_root = path.parent() == Some(Path::new(CGROUP2_ROOT));
-    let named = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("datamesh-test-"));
+    let named = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("datamesh-test-"));
     if !under_root || !named {
-        bail!("refusing to manage cgroup {}: not a harness cgroup", path.display());
+        bail!(
+            "refusing to manage cgroup {}: not a harness cgroup",
+            path.display()
+        );
     }
     Ok(())
 }
@@ -65,13 +75,23 @@ pub fn kill_tree(path: &Path) {
         return;
     }
     if let Err(e) = std::fs::write(path.join("cgroup.kill"), "1") {
-        eprintln!("datamesh-tests: cannot write {}/cgroup.kill: {e}", path.display());
+        eprintln!(
+            "datamesh-tests: cannot write {}/cgroup.kill: {e}",
+            path.display()
+        );
         return;
     }
-    let res = wait_until("cgroup to become unpopulated", Duration::from_secs(10), || {
-        let events = std::fs::read_to_string(path.join("cgroup.events"))?;
-        Ok(events.lines().any(|l| l.trim() == "populated 0").then_some(()))
-    });
+    let res = wait_until(
+        "cgroup to become unpopulated",
+        Duration::from_secs(10),
+        || {
+            let events = std::fs::read_to_string(path.join("cgroup.events"))?;
+            Ok(events
+                .lines()
+                .any(|l| l.trim() == "populated 0")
+                .then_some(()))
+        },
+    );
     if let Err(e) = res {
         eprintln!("datamesh-tests: {}: {e:#}", path.display());
     }
@@ -94,9 +114,13 @@ fn rmdir_recursive(path: &Path) -> Result<()> {
         }
     }
     // A just-emptied cgroup can briefly report EBUSY while its last task exits.
-    wait_until(&format!("rmdir {}", path.display()), Duration::from_secs(5), || match std::fs::remove_dir(path) {
-        Ok(()) => Ok(Some(())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Some(())),
-        Err(e) => Err(anyhow::Error::from(e)),
-    })
+    wait_until(
+        &format!("rmdir {}", path.display()),
+        Duration::from_secs(5),
+        || match std::fs::remove_dir(path) {
+            Ok(()) => Ok(Some(())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Some(())),
+            Err(e) => Err(anyhow::Error::from(e)),
+        },
+    )
 }

@@ -124,14 +124,20 @@ impl EnvBuilder {
             bridge: None,
             instance: Some(instance),
         };
-        std::fs::create_dir_all(&env.run_dir).with_context(|| format!("creating {}", env.run_dir.display()))?;
+        std::fs::create_dir_all(&env.run_dir)
+            .with_context(|| format!("creating {}", env.run_dir.display()))?;
         let cg = Cgroup::create(Path::new(CGROUP2_ROOT).join(&id))?;
         let agent_cg = cg.child("agent")?;
         env.cgroup = Some(cg);
-        env.outside = Some(Cgroup::create(Path::new(CGROUP2_ROOT).join(format!("{id}-outside")))?);
+        env.outside = Some(Cgroup::create(
+            Path::new(CGROUP2_ROOT).join(format!("{id}-outside")),
+        )?);
         env.bridge = Some(Bridge::create(n)?);
         for (i, name) in self.pods.iter().enumerate() {
-            let i = u8::try_from(i).ok().filter(|i| *i < 200).ok_or_else(|| anyhow!("too many pods"))?;
+            let i = u8::try_from(i)
+                .ok()
+                .filter(|i| *i < 200)
+                .ok_or_else(|| anyhow!("too many pods"))?;
             let pod = Pod::create(n, i, name, env.bridge()?, env.cgroup()?)?;
             env.pods.push(pod);
         }
@@ -141,7 +147,11 @@ impl EnvBuilder {
             let pods = self
                 .limits
                 .iter()
-                .map(|(p, rate, burst)| PodPolicy { name: format!("dmt{n}-{p}"), conn_rate: *rate, conn_burst: *burst })
+                .map(|(p, rate, burst)| PodPolicy {
+                    name: format!("dmt{n}-{p}"),
+                    conn_rate: *rate,
+                    conn_burst: *burst,
+                })
                 .collect();
             let config = AgentConfig {
                 proxy_address: net::proxy_ip(n),
@@ -155,9 +165,18 @@ impl EnvBuilder {
                 default_conn_rate: 0,
                 default_conn_burst: 0,
                 pods,
-                endpoints: vec![Endpoint { name: ENDPOINT_NAME.into(), address: env.service_addr(), backend: env.service_addr() }],
+                endpoints: vec![Endpoint {
+                    name: ENDPOINT_NAME.into(),
+                    address: env.service_addr(),
+                    backend: env.service_addr(),
+                }],
             };
-            env.agent = Some(Agent::start(config, &env.run_dir, &agent_cg, self.agent_bin.clone())?);
+            env.agent = Some(Agent::start(
+                config,
+                &env.run_dir,
+                &agent_cg,
+                self.agent_bin.clone(),
+            )?);
         }
         Ok(env)
     }
@@ -222,7 +241,10 @@ impl Env {
     pub fn pod(&self, name: &str) -> &Pod {
         match self.pods.iter().find(|p| p.name() == name) {
             Some(p) => p,
-            None => panic!("no pod {name:?} in this env (pods: {:?})", self.pods.iter().map(Pod::name).collect::<Vec<_>>()),
+            None => panic!(
+                "no pod {name:?} in this env (pods: {:?})",
+                self.pods.iter().map(Pod::name).collect::<Vec<_>>()
+            ),
         }
     }
 
@@ -259,7 +281,9 @@ impl Env {
 
     /// The attached cgroup (where the agent attaches its programs).
     pub fn cgroup(&self) -> Result<&Cgroup> {
-        self.cgroup.as_ref().ok_or_else(|| anyhow!("env has no cgroup"))
+        self.cgroup
+            .as_ref()
+            .ok_or_else(|| anyhow!("env has no cgroup"))
     }
 
     /// The sibling cgroup outside the attached one.
@@ -271,7 +295,9 @@ impl Env {
     }
 
     fn bridge(&self) -> Result<&Bridge> {
-        self.bridge.as_ref().ok_or_else(|| anyhow!("env has no bridge"))
+        self.bridge
+            .as_ref()
+            .ok_or_else(|| anyhow!("env has no bridge"))
     }
 
     /// Every resource name this env created (for leak checks after drop).
@@ -296,7 +322,11 @@ impl Drop for Env {
     fn drop(&mut self) {
         if std::thread::panicking() {
             if let Some(a) = &self.agent {
-                eprintln!("---- datamesh-agent log tail ({}) ----\n{}\n----", self.id, a.log_tail(60));
+                eprintln!(
+                    "---- datamesh-agent log tail ({}) ----\n{}\n----",
+                    self.id,
+                    a.log_tail(60)
+                );
             }
         }
         // Reverse order of creation; each guard's Drop reports but never panics.

@@ -44,9 +44,14 @@ impl Instance {
             let n = (start.wrapping_add(k) % MAX_INSTANCE) + 1;
             let owner_file = owner_path(n);
             for _attempt in 0..2 {
-                match OpenOptions::new().write(true).create_new(true).open(&owner_file) {
+                match OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&owner_file)
+                {
                     Ok(mut f) => {
-                        writeln!(f, "{pid}").with_context(|| format!("writing {}", owner_file.display()))?;
+                        writeln!(f, "{pid}")
+                            .with_context(|| format!("writing {}", owner_file.display()))?;
                         let n = u8::try_from(n).context("instance number out of range")?;
                         return Ok(Self { n, pid, owner_file });
                     }
@@ -60,7 +65,9 @@ impl Instance {
                             }
                         }
                     }
-                    Err(e) => return Err(e).with_context(|| format!("creating {}", owner_file.display())),
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("creating {}", owner_file.display()))
+                    }
                 }
             }
         }
@@ -114,11 +121,20 @@ impl Lock {
     }
 }
 
+/// Runs `f` holding the harness lock, so no reaper or allocator runs meanwhile (the test that
+/// fakes a dead run's leftovers uses it). `f` must not call [`reap_stale`] or allocate.
+pub fn with_lock<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let _lock = Lock::acquire()?;
+    f()
+}
+
 /// Parses `datamesh-test-<pid>-<N>[suffix]`, returning (pid, N, suffix).
 fn parse_id(name: &str) -> Option<(u32, u32, &str)> {
     let rest = name.strip_prefix(PREFIX)?;
     let (pid, rest) = rest.split_once('-')?;
-    let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+    let digits = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
     let (n, suffix) = rest.split_at(digits);
     Some((pid.parse().ok()?, n.parse().ok()?, suffix))
 }
@@ -171,13 +187,19 @@ fn reap_instance_net(n: u32) -> Vec<String> {
 
 fn list_netns() -> Vec<String> {
     std::fs::read_dir(NETNS_DIR)
-        .map(|rd| rd.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
 fn dir_names(dir: &str) -> Vec<String> {
     std::fs::read_dir(dir)
-        .map(|rd| rd.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -193,7 +215,11 @@ pub fn reap_stale() -> Result<Vec<String>> {
     //    so nothing holds a link when the cgroups go.
     let dead_cgroups: Vec<String> = dir_names(CGROUP2_ROOT)
         .into_iter()
-        .filter(|name| parse_id(name).is_some_and(|(pid, _, sfx)| !pid_alive(pid) && (sfx.is_empty() || sfx == "-outside")))
+        .filter(|name| {
+            parse_id(name).is_some_and(|(pid, _, sfx)| {
+                !pid_alive(pid) && (sfx.is_empty() || sfx == "-outside")
+            })
+        })
         .collect();
     for name in &dead_cgroups {
         cgroup::kill_tree(&Path::new(CGROUP2_ROOT).join(name));
@@ -208,7 +234,10 @@ pub fn reap_stale() -> Result<Vec<String>> {
     for name in &dead_cgroups {
         let path = Path::new(CGROUP2_ROOT).join(name);
         if let Err(e) = cgroup::remove_tree(&path) {
-            eprintln!("datamesh-tests: reap: cannot remove {}: {e:#}", path.display());
+            eprintln!(
+                "datamesh-tests: reap: cannot remove {}: {e:#}",
+                path.display()
+            );
         }
         removed.push(format!("cgroup {}", path.display()));
     }
@@ -227,7 +256,10 @@ pub fn reap_stale() -> Result<Vec<String>> {
         removed.extend(reap_instance_net(n));
     }
     for name in dir_names(RUN_DIR) {
-        if let Some(n) = name.strip_prefix("inst-").and_then(|s| s.parse::<u32>().ok()) {
+        if let Some(n) = name
+            .strip_prefix("inst-")
+            .and_then(|s| s.parse::<u32>().ok())
+        {
             if !instance_owned(n) {
                 let _ = std::fs::remove_file(owner_path(n));
                 removed.push(format!("owner file inst-{n}"));
@@ -235,6 +267,20 @@ pub fn reap_stale() -> Result<Vec<String>> {
         } else if parse_id(&name).is_some_and(|(pid, _, _)| !pid_alive(pid)) {
             let _ = std::fs::remove_dir_all(Path::new(RUN_DIR).join(&name));
             removed.push(format!("run dir {name}"));
+        }
+    }
+    // 3. Output capture files of killed runs (`dmt-out-<pid>-*`, `dmt-in-<pid>-*`, see `proc`).
+    if let Ok(rd) = std::fs::read_dir(std::env::temp_dir()) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let pid = name
+                .strip_prefix("dmt-out-")
+                .or_else(|| name.strip_prefix("dmt-in-"))
+                .and_then(|r| r.split('-').next())
+                .and_then(|p| p.parse::<u32>().ok());
+            if pid.is_some_and(|p| !pid_alive(p)) && std::fs::remove_file(e.path()).is_ok() {
+                removed.push(format!("capture file {name}"));
+            }
         }
     }
     Ok(removed)
@@ -258,7 +304,10 @@ pub fn uninstall_pins(dir: &Path) {
     }
     if dir.exists() {
         if let Err(e) = std::fs::remove_dir_all(dir) {
-            eprintln!("datamesh-tests: cannot remove pin dir {}: {e}", dir.display());
+            eprintln!(
+                "datamesh-tests: cannot remove pin dir {}: {e}",
+                dir.display()
+            );
         }
     }
 }
@@ -270,7 +319,10 @@ mod tests {
     #[test]
     fn ids_parse() {
         assert_eq!(parse_id("datamesh-test-123-7"), Some((123, 7, "")));
-        assert_eq!(parse_id("datamesh-test-123-7-outside"), Some((123, 7, "-outside")));
+        assert_eq!(
+            parse_id("datamesh-test-123-7-outside"),
+            Some((123, 7, "-outside"))
+        );
         assert_eq!(parse_id("datamesh"), None);
         assert_eq!(parse_id("datamesh-test-x-7"), None);
     }

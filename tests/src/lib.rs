@@ -83,22 +83,29 @@ pub fn check_privileges() -> Result<()> {
     if euid != 0 {
         bail!("not running as root (euid {euid}); run the tests with sudo or as root");
     }
-    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
     let cap_eff = status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))
         .map(str::trim)
         .context("no CapEff line in /proc/self/status")?;
-    let caps = u64::from_str_radix(cap_eff, 16).with_context(|| format!("bad CapEff {cap_eff:?}"))?;
+    let caps =
+        u64::from_str_radix(cap_eff, 16).with_context(|| format!("bad CapEff {cap_eff:?}"))?;
     const CAP_NET_ADMIN: u32 = 12;
     const CAP_SYS_ADMIN: u32 = 21;
     const CAP_BPF: u32 = 39;
-    for (bit, name) in [(CAP_BPF, "CAP_BPF"), (CAP_SYS_ADMIN, "CAP_SYS_ADMIN"), (CAP_NET_ADMIN, "CAP_NET_ADMIN")] {
+    for (bit, name) in [
+        (CAP_BPF, "CAP_BPF"),
+        (CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
+        (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
+    ] {
         if caps & (1u64 << bit) == 0 {
             bail!("{name} is missing from the effective capabilities (CapEff {cap_eff}); is this a restricted container?");
         }
     }
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let mountinfo =
+        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
     if !has_mount(&mountinfo, CGROUP2_ROOT, "cgroup2") {
         bail!("no cgroup2 filesystem mounted at {CGROUP2_ROOT}; is the cgroup2 (unified) hierarchy mounted?");
     }
@@ -127,18 +134,26 @@ fn has_mount(mountinfo: &str, point: &str, fstype: &str) -> bool {
 /// Finds `tool` on PATH.
 pub fn which(tool: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|d| d.join(tool)).find(|p| is_executable(p))
+    std::env::split_paths(&path)
+        .map(|d| d.join(tool))
+        .find(|p| is_executable(p))
 }
 
 fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+    p.metadata()
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
 }
 
 /// Polls `f` every 10 ms until it returns `Some`, failing after `timeout` with `what` in the error.
 ///
 /// The harness never sleeps and hopes: everything it waits for is a condition checked here.
-pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+pub fn wait_until<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
     let deadline = Instant::now() + timeout;
     let mut last_err = None;
     loop {
@@ -149,7 +164,9 @@ pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Resul
         }
         if Instant::now() >= deadline {
             return match last_err {
-                Some(e) => Err(e.context(format!("timed out after {timeout:?} waiting for {what}"))),
+                Some(e) => {
+                    Err(e.context(format!("timed out after {timeout:?} waiting for {what}")))
+                }
                 None => bail!("timed out after {timeout:?} waiting for {what}"),
             };
         }
@@ -159,7 +176,9 @@ pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Resul
 
 /// True when a process with this pid exists (zombies included).
 pub fn pid_alive(pid: u32) -> bool {
-    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
     // SAFETY: kill with signal 0 only checks for existence and permission.
     let r = unsafe { libc::kill(pid, 0) };
     r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)

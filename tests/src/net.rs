@@ -41,7 +41,8 @@ impl Bridge {
     /// Creates `dmtbr<n>` with the proxy and service addresses and brings it up.
     pub fn create(n: u8) -> Result<Self> {
         let name = format!("dmtbr{n}");
-        ip(&["link", "add", &name, "type", "bridge"]).with_context(|| format!("creating bridge {name}"))?;
+        ip(&["link", "add", &name, "type", "bridge"])
+            .with_context(|| format!("creating bridge {name}"))?;
         let guard = Self { name };
         let name = guard.name.as_str();
         ip(&["addr", "add", &format!("{}/24", proxy_ip(n)), "dev", name])?;
@@ -70,7 +71,9 @@ pub struct Netns {
 impl Netns {
     pub fn create(name: &str) -> Result<Self> {
         ip(&["netns", "add", name]).with_context(|| format!("creating netns {name}"))?;
-        Ok(Self { name: name.to_string() })
+        Ok(Self {
+            name: name.to_string(),
+        })
     }
 
     pub fn name(&self) -> &str {
@@ -101,17 +104,44 @@ impl Veth {
     /// both ends and `lo`, and routes the pod's default via the proxy address.
     pub fn create(n: u8, i: u8, ns: &Netns, addr: Ipv4Addr, bridge: &Bridge) -> Result<Self> {
         let host = format!("dmt{n}h{i}");
-        ip(&["link", "add", &host, "type", "veth", "peer", "name", "eth0", "netns", ns.name()])
-            .with_context(|| format!("creating veth {host} for netns {}", ns.name()))?;
+        ip(&[
+            "link",
+            "add",
+            &host,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
+        ])
+        .with_context(|| format!("creating veth {host} for netns {}", ns.name()))?;
         let guard = Self { host };
         let h = guard.host.as_str();
         ip(&["link", "set", h, "master", bridge.name()])?;
         ip(&["link", "set", h, "up"])?;
         let nsn = ns.name();
-        ip(&["-n", nsn, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+        ip(&[
+            "-n",
+            nsn,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            "eth0",
+        ])?;
         ip(&["-n", nsn, "link", "set", "eth0", "up"])?;
         ip(&["-n", nsn, "link", "set", "lo", "up"])?;
-        ip(&["-n", nsn, "route", "add", "default", "via", &proxy_ip(n).to_string()])?;
+        ip(&[
+            "-n",
+            nsn,
+            "route",
+            "add",
+            "default",
+            "via",
+            &proxy_ip(n).to_string(),
+        ])?;
         Ok(guard)
     }
 
@@ -154,6 +184,9 @@ pub fn link_exists(name: &str) -> bool {
 /// Names of all links in the host netns.
 pub fn list_links() -> Vec<String> {
     std::fs::read_dir("/sys/class/net")
-        .map(|rd| rd.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect()
+        })
         .unwrap_or_default()
 }

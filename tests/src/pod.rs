@@ -34,12 +34,24 @@ pub struct Pod {
 impl Pod {
     /// Creates the netns `dmt<n>-<name>`, the veth `dmt<n>h<i>` and the cgroup `pod-<name>`
     /// under `parent_cgroup`.
-    pub fn create(n: u8, i: u8, name: &str, bridge: &Bridge, parent_cgroup: &crate::cgroup::Cgroup) -> Result<Self> {
+    pub fn create(
+        n: u8,
+        i: u8,
+        name: &str,
+        bridge: &Bridge,
+        parent_cgroup: &crate::cgroup::Cgroup,
+    ) -> Result<Self> {
         let netns = Netns::create(&format!("dmt{n}-{name}"))?;
         let ip = crate::net::pod_ip(n, i);
         let veth = Veth::create(n, i, &netns, ip, bridge)?;
         let cgroup = parent_cgroup.child(&format!("pod-{name}"))?;
-        Ok(Self { name: name.to_string(), ip, cgroup, veth, netns })
+        Ok(Self {
+            name: name.to_string(),
+            ip,
+            cgroup,
+            veth,
+            netns,
+        })
     }
 
     /// The short name given to the builder (`a`).
@@ -85,12 +97,18 @@ impl Pod {
 /// The files are opened here, in the parent; if that fails, spawning the command fails with the
 /// same error (so `cmd()` itself can stay infallible).
 pub fn enter(cmd: &mut Command, cgroup: &Path, netns_path: &Path) {
-    let procs: io::Result<File> = OpenOptions::new().write(true).open(cgroup.join("cgroup.procs"));
+    let procs: io::Result<File> = OpenOptions::new()
+        .write(true)
+        .open(cgroup.join("cgroup.procs"));
     let ns: io::Result<File> = File::open(netns_path);
     let (procs, ns) = match (procs, ns) {
         (Ok(p), Ok(n)) => (p, n),
         (Err(e), _) | (_, Err(e)) => {
-            eprintln!("datamesh-tests: cannot enter pod (cgroup {}, netns {}): {e}", cgroup.display(), netns_path.display());
+            eprintln!(
+                "datamesh-tests: cannot enter pod (cgroup {}, netns {}): {e}",
+                cgroup.display(),
+                netns_path.display()
+            );
             fail_spawn(cmd, &e);
             return;
         }
@@ -118,14 +136,19 @@ pub fn enter(cmd: &mut Command, cgroup: &Path, netns_path: &Path) {
 /// demo, which then stops the agent and redis in order.
 pub fn enter_cgroup_with_nofile(cmd: &mut Command, cgroup: &Path, nofile: u64) {
     cmd.process_group(0);
-    let procs: io::Result<File> = OpenOptions::new().write(true).open(cgroup.join("cgroup.procs"));
+    let procs: io::Result<File> = OpenOptions::new()
+        .write(true)
+        .open(cgroup.join("cgroup.procs"));
     match procs {
         Ok(procs) => {
             // SAFETY: runs in the forked child before exec; write(2) and setrlimit(2) on values
             // the closure owns; no allocation.
             unsafe {
                 cmd.pre_exec(move || {
-                    let lim = libc::rlimit { rlim_cur: nofile, rlim_max: nofile };
+                    let lim = libc::rlimit {
+                        rlim_cur: nofile,
+                        rlim_max: nofile,
+                    };
                     // A lower hard limit than ours is only a smaller test; keep going on failure.
                     let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
                     let r = libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1);
@@ -137,7 +160,10 @@ pub fn enter_cgroup_with_nofile(cmd: &mut Command, cgroup: &Path, nofile: u64) {
             }
         }
         Err(e) => {
-            eprintln!("datamesh-tests: cannot open {}/cgroup.procs: {e}", cgroup.display());
+            eprintln!(
+                "datamesh-tests: cannot open {}/cgroup.procs: {e}",
+                cgroup.display()
+            );
             fail_spawn(cmd, &e);
         }
     }

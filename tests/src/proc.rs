@@ -31,7 +31,10 @@ pub fn describe(cmd: &Command) -> String {
 
 /// Runs `cmd` to completion; fails (naming the command, its status and stderr) unless it exits 0.
 pub fn run_checked(cmd: &mut Command) -> Result<Output> {
-    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("cannot start `{}`", describe(cmd)))?;
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot start `{}`", describe(cmd)))?;
     if !out.status.success() {
         bail!(
             "`{}` failed ({}): {}{}",

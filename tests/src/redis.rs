@@ -31,7 +31,16 @@ impl RedisServer {
         let mut cmd = Command::new("redis-server");
         cmd.args(["--bind", &addr.ip().to_string()])
             .args(["--port", &addr.port().to_string()])
-            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no", "--daemonize", "no"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "no",
+                "--daemonize",
+                "no",
+            ])
             .args(["--maxclients", "10000"])
             .arg("--logfile")
             .arg(&log)
@@ -41,17 +50,26 @@ impl RedisServer {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         crate::pod::enter_cgroup_with_nofile(&mut cmd, cgroup, 65536);
-        let child = cmd.spawn().context("starting redis-server (is redis-server installed? run `cargo xtask setup`)")?;
+        let child = cmd.spawn().context(
+            "starting redis-server (is redis-server installed? run `cargo xtask setup`)",
+        )?;
         let mut server = Self { child, addr, log };
-        let started = wait_until(&format!("redis-server on {addr} to answer PING"), Duration::from_secs(15), || {
-            if let Some(st) = server.child.try_wait()? {
-                bail!("redis-server exited ({st}); its log:\n{}", tail(&server.log, 20));
-            }
-            match server.command(&[b"PING"]) {
-                Ok(Reply::Simple(s)) if s == "PONG" => Ok(Some(())),
-                _ => Ok(None),
-            }
-        });
+        let started = wait_until(
+            &format!("redis-server on {addr} to answer PING"),
+            Duration::from_secs(15),
+            || {
+                if let Some(st) = server.child.try_wait()? {
+                    bail!(
+                        "redis-server exited ({st}); its log:\n{}",
+                        tail(&server.log, 20)
+                    );
+                }
+                match server.command(&[b"PING"]) {
+                    Ok(Reply::Simple(s)) if s == "PONG" => Ok(Some(())),
+                    _ => Ok(None),
+                }
+            },
+        );
         started?;
         Ok(server)
     }

@@ -45,10 +45,16 @@ fn read_line<R: BufRead>(r: &mut R) -> io::Result<String> {
     let mut line = Vec::new();
     r.read_until(b'\n', &mut line)?;
     if line.is_empty() {
-        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed before a reply"));
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "connection closed before a reply",
+        ));
     }
     if !line.ends_with(b"\r\n") {
-        return Err(bad(format!("reply line without CRLF: {:?}", String::from_utf8_lossy(&line))));
+        return Err(bad(format!(
+            "reply line without CRLF: {:?}",
+            String::from_utf8_lossy(&line)
+        )));
     }
     line.truncate(line.len() - 2);
     String::from_utf8(line).map_err(|_| bad("reply line is not UTF-8"))
@@ -58,7 +64,10 @@ fn read_line<R: BufRead>(r: &mut R) -> io::Result<String> {
 pub fn read_reply<R: BufRead>(r: &mut R) -> io::Result<Reply> {
     let line = read_line(r)?;
     let (tag, rest) = line.split_at(line.len().min(1));
-    let int = |s: &str| s.parse::<i64>().map_err(|_| bad(format!("bad integer {s:?}")));
+    let int = |s: &str| {
+        s.parse::<i64>()
+            .map_err(|_| bad(format!("bad integer {s:?}")))
+    };
     Ok(match tag {
         "+" => Reply::Simple(rest.to_string()),
         "-" => Reply::Error(rest.to_string()),
@@ -114,8 +123,14 @@ mod tests {
     #[test]
     fn roundtrip_replies() {
         let mut input: &[u8] = b"+OK\r\n$3\r\nabc\r\n$-1\r\n*2\r\n:5\r\n-ERR x\r\n";
-        assert_eq!(read_reply(&mut input).expect("reply"), Reply::Simple("OK".into()));
-        assert_eq!(read_reply(&mut input).expect("reply"), Reply::Bulk(Some(b"abc".to_vec())));
+        assert_eq!(
+            read_reply(&mut input).expect("reply"),
+            Reply::Simple("OK".into())
+        );
+        assert_eq!(
+            read_reply(&mut input).expect("reply"),
+            Reply::Bulk(Some(b"abc".to_vec()))
+        );
         assert_eq!(read_reply(&mut input).expect("reply"), Reply::Bulk(None));
         assert_eq!(
             read_reply(&mut input).expect("reply"),
@@ -130,7 +145,9 @@ mod tests {
 
     #[test]
     fn client_list_lines() {
-        let l = parse_client_list("id=3 addr=198.18.3.10:4000 laddr=198.19.3.1:6379 name=x cmd=client|list\n");
+        let l = parse_client_list(
+            "id=3 addr=198.18.3.10:4000 laddr=198.19.3.1:6379 name=x cmd=client|list\n",
+        );
         assert_eq!(l[0]["addr"], "198.18.3.10:4000");
         assert_eq!(l[0]["name"], "x");
     }

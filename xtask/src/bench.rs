@@ -72,22 +72,40 @@ struct Sample {
 }
 
 fn datapath(a: &DatapathArgs) -> Result<()> {
-    ensure!(a.requests > 0 && a.rounds > 0, "--requests and --rounds must be positive");
+    ensure!(
+        a.requests > 0 && a.rounds > 0,
+        "--requests and --rounds must be positive"
+    );
     // A release agent: a debug build's proxy would be the bottleneck being measured.
     let bin = crate::demo::build_agent(true)?;
-    let env = Env::builder().pods(["bench"]).fastpath(false).agent_bin(bin).build()?;
+    let env = Env::builder()
+        .pods(["bench"])
+        .fastpath(false)
+        .agent_bin(bin)
+        .build()?;
     let pod = env.pod("bench");
     let agent = env.agent();
     let svc = env.service_addr();
 
     // redis-benchmark's GET reads the literal key "key:__rand_int__" (no -r): seed it.
     let value = vec![b'v'; a.value_size];
-    env.redis().command(&[b"SET", b"key:__rand_int__", &value])?;
+    env.redis()
+        .command(&[b"SET", b"key:__rand_int__", &value])?;
 
-    println!("DataMesh datapath benchmark (instance {}): pod {} -> {svc}", env.n(), pod.netns_name());
+    println!(
+        "DataMesh datapath benchmark (instance {}): pod {} -> {svc}",
+        env.n(),
+        pod.netns_name()
+    );
     println!("  direct   = redis-benchmark in the pod's netns, cgroup outside the attached one (not captured)");
-    println!("  proxy    = same, in the pod's cgroup: captured into the proxy {}", agent.proxy_addr("cache")?);
-    println!("  requests {} per run, {} rounds, GET value {} bytes, medians shown\n", a.requests, a.rounds, a.value_size);
+    println!(
+        "  proxy    = same, in the pod's cgroup: captured into the proxy {}",
+        agent.proxy_addr("cache")?
+    );
+    println!(
+        "  requests {} per run, {} rounds, GET value {} bytes, medians shown\n",
+        a.requests, a.rounds, a.value_size
+    );
 
     let mut samples = Vec::new();
     let mut fp_before = None;
@@ -112,17 +130,38 @@ fn datapath(a: &DatapathArgs) -> Result<()> {
                 };
                 cmd.args(["-h", &svc.ip().to_string(), "-p", &svc.port().to_string()])
                     .args(["-c", &clients.to_string(), "-n", &a.requests.to_string()])
-                    .args(["-t", "ping_mbulk,get", "-d", &a.value_size.to_string(), "--csv"]);
+                    .args([
+                        "-t",
+                        "ping_mbulk,get",
+                        "-d",
+                        &a.value_size.to_string(),
+                        "--csv",
+                    ]);
                 let out = run_ok(&mut cmd, Duration::from_secs(600))?;
                 let rows = parse_csv(&String::from_utf8_lossy(&out.stdout))?;
-                let captured = agent.pod_counter(pod.netns_name(), "connects_captured")? - captured0;
+                let captured =
+                    agent.pod_counter(pod.netns_name(), "connects_captured")? - captured0;
                 match case {
-                    Case::Direct => ensure!(captured == 0, "the direct run was captured ({captured} connects)"),
-                    _ => ensure!(captured >= u64::from(clients), "the {} run was not captured ({captured} connects)", case.name()),
+                    Case::Direct => ensure!(
+                        captured == 0,
+                        "the direct run was captured ({captured} connects)"
+                    ),
+                    _ => ensure!(
+                        captured >= u64::from(clients),
+                        "the {} run was not captured ({captured} connects)",
+                        case.name()
+                    ),
                 }
                 for (test, rps, p50, p99) in rows {
                     eprintln!("  round {} {:<22} c={clients:<3} {test:<11} {rps:>10.0} ops/s p50 {p50:.3} ms p99 {p99:.3} ms", round + 1, case.name());
-                    samples.push(Sample { case, clients, test, rps, p50_ms: p50, p99_ms: p99 });
+                    samples.push(Sample {
+                        case,
+                        clients,
+                        test,
+                        rps,
+                        p50_ms: p50,
+                        p99_ms: p99,
+                    });
                 }
             }
             if case == Case::Fastpath {
@@ -134,9 +173,18 @@ fn datapath(a: &DatapathArgs) -> Result<()> {
 
     print_tables(&samples);
     let (b, f) = (fp_before.unwrap_or(0), fp_after.unwrap_or(0));
-    println!("\nfast path proof: fastpath_msgs of {} went {b} -> {f} over the fast-path runs", pod.netns_name());
-    println!("\n$ datamesh-agent pods --pin-dir {}", env.pin_dir().display());
-    let out = run_ok(agent.cli().args(["pods", "--pin-dir"]).arg(env.pin_dir()), Duration::from_secs(20))?;
+    println!(
+        "\nfast path proof: fastpath_msgs of {} went {b} -> {f} over the fast-path runs",
+        pod.netns_name()
+    );
+    println!(
+        "\n$ datamesh-agent pods --pin-dir {}",
+        env.pin_dir().display()
+    );
+    let out = run_ok(
+        agent.cli().args(["pods", "--pin-dir"]).arg(env.pin_dir()),
+        Duration::from_secs(20),
+    )?;
     print!("{}", String::from_utf8_lossy(&out.stdout));
     if f <= b {
         bail!("the fast-path runs redirected no messages (fastpath_msgs {b} -> {f}): the fast path was not used");
@@ -148,15 +196,24 @@ fn datapath(a: &DatapathArgs) -> Result<()> {
 fn parse_csv(text: &str) -> Result<Vec<(String, f64, f64, f64)>> {
     let mut rows = Vec::new();
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
-        let f: Vec<&str> = line.split(',').map(|s| s.trim().trim_matches('"')).collect();
+        let f: Vec<&str> = line
+            .split(',')
+            .map(|s| s.trim().trim_matches('"'))
+            .collect();
         if f.first() == Some(&"test") {
             continue;
         }
         ensure!(f.len() >= 7, "unexpected redis-benchmark CSV line {line:?}");
-        let num = |i: usize| -> Result<f64> { f[i].parse().with_context(|| format!("bad number {:?} in {line:?}", f[i])) };
+        let num = |i: usize| -> Result<f64> {
+            f[i].parse()
+                .with_context(|| format!("bad number {:?} in {line:?}", f[i]))
+        };
         rows.push((f[0].to_string(), num(1)?, num(4)?, num(6)?));
     }
-    ensure!(!rows.is_empty(), "redis-benchmark printed no results: {text:?}");
+    ensure!(
+        !rows.is_empty(),
+        "redis-benchmark printed no results: {text:?}"
+    );
     Ok(rows)
 }
 
@@ -177,19 +234,33 @@ fn print_tables(samples: &[Sample]) {
         t
     };
     let med = |case: Case, clients: u32, test: &str| -> (f64, f64, f64) {
-        let sel: Vec<&Sample> = samples.iter().filter(|s| s.case == case && s.clients == clients && s.test == test).collect();
+        let sel: Vec<&Sample> = samples
+            .iter()
+            .filter(|s| s.case == case && s.clients == clients && s.test == test)
+            .collect();
         (
             median(sel.iter().map(|s| s.rps).collect()),
             median(sel.iter().map(|s| s.p50_ms).collect()),
             median(sel.iter().map(|s| s.p99_ms).collect()),
         )
     };
-    println!("\n{:<22} {:>7} {:<11} {:>12} {:>9} {:>9}", "case", "clients", "test", "ops/s", "p50 ms", "p99 ms");
+    println!(
+        "\n{:<22} {:>7} {:<11} {:>12} {:>9} {:>9}",
+        "case", "clients", "test", "ops/s", "p50 ms", "p99 ms"
+    );
     for clients in [1u32, 50] {
         for test in &tests {
             for case in [Case::Direct, Case::Proxy, Case::Fastpath] {
                 let (rps, p50, p99) = med(case, clients, test);
-                println!("{:<22} {:>7} {:<11} {:>12.0} {:>9.3} {:>9.3}", case.name(), clients, test, rps, p50, p99);
+                println!(
+                    "{:<22} {:>7} {:<11} {:>12.0} {:>9.3} {:>9.3}",
+                    case.name(),
+                    clients,
+                    test,
+                    rps,
+                    p50,
+                    p99
+                );
             }
         }
     }

@@ -35,7 +35,13 @@ pub fn build_agent(release: bool) -> Result<PathBuf> {
     crate::setup::ensure()?;
     crate::build_ebpf::run(&crate::build_ebpf::Args::default())?;
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    cmd.current_dir(project_root()).args(["build", "-p", "datamesh-agent", "--bin", "datamesh-agent"]);
+    cmd.current_dir(project_root()).args([
+        "build",
+        "-p",
+        "datamesh-agent",
+        "--bin",
+        "datamesh-agent",
+    ]);
     if release {
         cmd.arg("--release");
     }
@@ -44,17 +50,25 @@ pub fn build_agent(release: bool) -> Result<PathBuf> {
         bail!("building datamesh-agent failed ({st})");
     }
     datamesh_tests::check_privileges().context("this needs root with CAP_BPF and cgroup2")?;
-    Ok(datamesh_tests::target_dir().join(if release { "release" } else { "debug" }).join("datamesh-agent"))
+    Ok(datamesh_tests::target_dir()
+        .join(if release { "release" } else { "debug" })
+        .join("datamesh-agent"))
 }
 
 pub fn run(args: &Args) -> Result<()> {
     let bin = build_agent(false)?;
     // Ctrl-C / SIGTERM only set a flag: the harness then tears down in order.
     let stop = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop)).context("installing the SIGINT handler")?;
-    signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop)).context("installing the SIGTERM handler")?;
+    signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop))
+        .context("installing the SIGINT handler")?;
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))
+        .context("installing the SIGTERM handler")?;
 
-    let env = Env::builder().pods(["demo"]).fastpath(args.fastpath).agent_bin(bin).build()?;
+    let env = Env::builder()
+        .pods(["demo"])
+        .fastpath(args.fastpath)
+        .agent_bin(bin)
+        .build()?;
     let result = show(&env);
     if result.is_ok() && !args.once {
         let pod = env.pod("demo");
@@ -72,7 +86,9 @@ pub fn run(args: &Args) -> Result<()> {
         println!("\nStopping.");
     }
     drop(env);
-    println!("demo: cleaned up (agent stopped and uninstalled, pod, bridge, cgroups and redis removed)");
+    println!(
+        "demo: cleaned up (agent stopped and uninstalled, pod, bridge, cgroups and redis removed)"
+    );
     result
 }
 
@@ -83,23 +99,53 @@ fn show(env: &Env) -> Result<()> {
     let svc = env.service_addr();
     let proxy = agent.proxy_addr(datamesh_tests::env::ENDPOINT_NAME)?;
     println!("\nDataMesh demo (instance {})", env.n());
-    println!("  pod          {} at {} (cgroup {})", pod.netns_name(), pod.ip(), pod.cgroup().display());
+    println!(
+        "  pod          {} at {} (cgroup {})",
+        pod.netns_name(),
+        pod.ip(),
+        pod.cgroup().display()
+    );
     println!("  service      {svc} (a real redis-server)");
-    println!("  agent        pid {}, data plane {}, proxy {proxy}, admin http://{}", ready.pid, ready.dataplane, ready.admin);
+    println!(
+        "  agent        pid {}, data plane {}, proxy {proxy}, admin http://{}",
+        ready.pid, ready.dataplane, ready.admin
+    );
     println!("  attached to  {}", env.cgroup()?.path().display());
     println!("  pins         {}", env.pin_dir().display());
 
     let ip = svc.ip().to_string();
     let port = svc.port().to_string();
     println!("\n$ redis-cli -h {ip} SET / GET   (inside the pod)");
-    for cmd in [vec!["SET", "demo:greeting", "hello from the pod"], vec!["GET", "demo:greeting"]] {
-        let out = run_ok(pod.cmd("redis-cli").args(["-h", &ip, "-p", &port]).args(&cmd), Duration::from_secs(20))?;
-        println!("{} -> {}", cmd.join(" "), String::from_utf8_lossy(&out.stdout).trim());
+    for cmd in [
+        vec!["SET", "demo:greeting", "hello from the pod"],
+        vec!["GET", "demo:greeting"],
+    ] {
+        let out = run_ok(
+            pod.cmd("redis-cli")
+                .args(["-h", &ip, "-p", &port])
+                .args(&cmd),
+            Duration::from_secs(20),
+        )?;
+        println!(
+            "{} -> {}",
+            cmd.join(" "),
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
     }
 
     println!("\n$ redis-benchmark -h {ip} -n 2000 -q -t ping,set,get   (inside the pod)");
     let out = run_ok(
-        pod.cmd("redis-benchmark").args(["-h", &ip, "-p", &port, "-n", "2000", "-q", "-t", "ping,set,get"]),
+        pod.cmd("redis-benchmark").args([
+            "-h",
+            &ip,
+            "-p",
+            &port,
+            "-n",
+            "2000",
+            "-q",
+            "-t",
+            "ping,set,get",
+        ]),
         Duration::from_secs(120),
     )?;
     // redis-benchmark -q redraws a progress line with \r; keep the final lines only.
@@ -116,19 +162,40 @@ fn show(env: &Env) -> Result<()> {
         println!("  {c}");
     }
 
-    println!("\n$ datamesh-agent pods --pin-dir {}", env.pin_dir().display());
-    let out = run_ok(agent.cli().args(["pods", "--pin-dir"]).arg(env.pin_dir()), Duration::from_secs(20))
-        .map_err(|e| anyhow::anyhow!("{e:#}"))?;
+    println!(
+        "\n$ datamesh-agent pods --pin-dir {}",
+        env.pin_dir().display()
+    );
+    let out = run_ok(
+        agent.cli().args(["pods", "--pin-dir"]).arg(env.pin_dir()),
+        Duration::from_secs(20),
+    )
+    .map_err(|e| anyhow::anyhow!("{e:#}"))?;
     print!("{}", String::from_utf8_lossy(&out.stdout));
     if !out.stderr.is_empty() {
         eprintln!("{}", last_chars(&out.stderr, 2000));
     }
 
     println!("\nInspect the pinned maps (field names come from BTF):");
-    for map in ["dm_pod_counters", "dm_pod_state", "dm_settings", "dm_endpoints", "dm_conns"] {
-        println!("  bpftool map dump pinned {}/{map}", env.pin_dir().display());
+    for map in [
+        "dm_pod_counters",
+        "dm_pod_state",
+        "dm_settings",
+        "dm_endpoints",
+        "dm_conns",
+    ] {
+        println!(
+            "  bpftool map dump pinned {}/{map}",
+            env.pin_dir().display()
+        );
     }
-    println!("  bpftool link show pinned {}/links/dm_connect4", env.pin_dir().display());
-    println!("  curl -s http://{}/connections ; curl -s http://{}/metrics", ready.admin, ready.admin);
+    println!(
+        "  bpftool link show pinned {}/links/dm_connect4",
+        env.pin_dir().display()
+    );
+    println!(
+        "  curl -s http://{}/connections ; curl -s http://{}/metrics",
+        ready.admin, ready.admin
+    );
     Ok(())
 }

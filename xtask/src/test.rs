@@ -23,7 +23,10 @@ pub struct Args {
 
 impl Default for Args {
     fn default() -> Self {
-        Self { test_threads: 2, test_args: Vec::new() }
+        Self {
+            test_threads: 2,
+            test_args: Vec::new(),
+        }
     }
 }
 
@@ -35,7 +38,9 @@ fn cargo() -> Command {
 
 fn run_step(what: &str, cmd: &mut Command) -> Result<()> {
     eprintln!("xtask test: {what}");
-    let st = cmd.status().with_context(|| format!("cannot start cargo for {what}"))?;
+    let st = cmd
+        .status()
+        .with_context(|| format!("cannot start cargo for {what}"))?;
     if !st.success() {
         bail!("{what} failed ({st})");
     }
@@ -46,21 +51,38 @@ pub fn run(args: &Args) -> Result<()> {
     crate::setup::ensure()?;
     crate::build_ebpf::run(&crate::build_ebpf::Args::default())?;
     // The data-plane tests run target/debug/datamesh-agent and the probe binary.
-    run_step("building every binary", cargo().args(["build", "--workspace", "--bins"]))?;
+    run_step(
+        "building every binary",
+        cargo().args(["build", "--workspace", "--bins"]),
+    )?;
 
-    let agent = datamesh_tests::target_dir().join("debug").join("datamesh-agent");
+    let agent = datamesh_tests::target_dir()
+        .join("debug")
+        .join("datamesh-agent");
     let mut test = cargo();
-    test.args(["test", "--workspace", "--", &format!("--test-threads={}", args.test_threads)])
-        .args(&args.test_args)
-        .env("DATAMESH_AGENT_BIN", &agent);
-    eprintln!("xtask test: cargo test --workspace -- --test-threads={} {}", args.test_threads, args.test_args.join(" "));
+    test.args([
+        "test",
+        "--workspace",
+        "--",
+        &format!("--test-threads={}", args.test_threads),
+    ])
+    .args(&args.test_args)
+    .env("DATAMESH_AGENT_BIN", &agent);
+    eprintln!(
+        "xtask test: cargo test --workspace -- --test-threads={} {}",
+        args.test_threads,
+        args.test_args.join(" ")
+    );
     let st = test.status().context("cannot start cargo test")?;
 
     // A test binary that was killed cannot run its Drop guards; clean its leftovers now, so a
     // failed run leaves nothing behind either.
     match datamesh_tests::reap_stale() {
         Ok(removed) if !removed.is_empty() => {
-            eprintln!("xtask test: removed leftovers of a killed test run: {}", removed.join(", "))
+            eprintln!(
+                "xtask test: removed leftovers of a killed test run: {}",
+                removed.join(", ")
+            )
         }
         Ok(_) => {}
         Err(e) => eprintln!("xtask test: reaping leftovers failed: {e:#}"),

@@ -51,7 +51,9 @@ impl Opts {
         let mut flags = BTreeMap::new();
         let mut i = 0;
         while i < args.len() {
-            let k = args[i].strip_prefix("--").ok_or_else(|| format!("unexpected argument {:?}", args[i]))?;
+            let k = args[i]
+                .strip_prefix("--")
+                .ok_or_else(|| format!("unexpected argument {:?}", args[i]))?;
             match args.get(i + 1).filter(|v| !v.starts_with("--")) {
                 Some(v) => {
                     flags.insert(k.to_string(), v.clone());
@@ -66,7 +68,11 @@ impl Opts {
         Ok(Self { flags })
     }
     fn addr(&self) -> Res<SocketAddr> {
-        self.flags.get("addr").ok_or("--addr is required")?.parse().map_err(|e| format!("--addr: {e}"))
+        self.flags
+            .get("addr")
+            .ok_or("--addr is required")?
+            .parse()
+            .map_err(|e| format!("--addr: {e}"))
     }
     fn num(&self, k: &str, default: Option<u64>) -> Res<u64> {
         match self.flags.get(k) {
@@ -80,7 +86,9 @@ impl Opts {
 }
 
 fn run(args: &[String]) -> Res<String> {
-    let (sub, rest) = args.split_first().ok_or("usage: dmprobe <burst|bigvalue|slowreader|reset|concurrent|connect-loop> --addr A ...")?;
+    let (sub, rest) = args.split_first().ok_or(
+        "usage: dmprobe <burst|bigvalue|slowreader|reset|concurrent|connect-loop> --addr A ...",
+    )?;
     let o = Opts::parse(rest)?;
     match sub.as_str() {
         "burst" => burst(o.addr()?, o.num("n", Some(1000))?),
@@ -101,14 +109,20 @@ fn run(args: &[String]) -> Res<String> {
 
 /// A key prefix unique to this process, so concurrent probes never share keys.
 fn uniq() -> String {
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
     format!("dmprobe:{}:{}", std::process::id(), t)
 }
 
 fn connect(addr: SocketAddr) -> Res<TcpStream> {
-    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| format!("connect {addr}: {e}"))?;
-    s.set_read_timeout(Some(IO_TIMEOUT)).map_err(|e| e.to_string())?;
-    s.set_write_timeout(Some(IO_TIMEOUT)).map_err(|e| e.to_string())?;
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_read_timeout(Some(IO_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(IO_TIMEOUT))
+        .map_err(|e| e.to_string())?;
     s.set_nodelay(true).map_err(|e| e.to_string())?;
     Ok(s)
 }
@@ -119,10 +133,20 @@ fn expect_bytes(s: &mut impl Read, expected: &[u8], what: &str) -> Res<()> {
     let mut off = 0;
     while off < got.len() {
         match s.read(&mut got[off..]) {
-            Ok(0) => return Err(format!("{what}: connection closed after {off} of {} expected bytes", expected.len())),
+            Ok(0) => {
+                return Err(format!(
+                    "{what}: connection closed after {off} of {} expected bytes",
+                    expected.len()
+                ))
+            }
             Ok(n) => off += n,
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => return Err(format!("{what}: read failed after {off} of {} bytes: {e}", expected.len())),
+            Err(e) => {
+                return Err(format!(
+                    "{what}: read failed after {off} of {} bytes: {e}",
+                    expected.len()
+                ))
+            }
         }
     }
     compare(&got, expected, what)
@@ -132,9 +156,15 @@ fn compare(got: &[u8], expected: &[u8], what: &str) -> Res<()> {
     if got == expected {
         return Ok(());
     }
-    let at = got.iter().zip(expected).position(|(a, b)| a != b).unwrap_or(got.len().min(expected.len()));
+    let at = got
+        .iter()
+        .zip(expected)
+        .position(|(a, b)| a != b)
+        .unwrap_or(got.len().min(expected.len()));
     let lo = at.saturating_sub(16);
-    let show = |b: &[u8]| String::from_utf8_lossy(&b[lo.min(b.len())..(at + 32).min(b.len())]).into_owned();
+    let show = |b: &[u8]| {
+        String::from_utf8_lossy(&b[lo.min(b.len())..(at + 32).min(b.len())]).into_owned()
+    };
     Err(format!(
         "{what}: reply differs at byte {at} of {} (got {} bytes): expected {:?}, got {:?}",
         expected.len(),
@@ -183,10 +213,12 @@ fn burst(addr: SocketAddr, n: u64) -> Res<String> {
     }
     let t0 = Instant::now();
     let mut s = connect(addr)?;
-    s.write_all(&req).map_err(|e| format!("writing the burst: {e}"))?;
+    s.write_all(&req)
+        .map_err(|e| format!("writing the burst: {e}"))?;
     expect_bytes(&mut s, &want, "burst replies")?;
     // Nothing extra may follow: the next reply must be exactly the PONG.
-    s.write_all(&encode(&[b"PING"])).map_err(|e| e.to_string())?;
+    s.write_all(&encode(&[b"PING"]))
+        .map_err(|e| e.to_string())?;
     expect_bytes(&mut s, b"+PONG\r\n", "PING after burst")?;
     Ok(format!(
         "{{\"case\":\"burst\",\"commands\":{n},\"request_bytes\":{},\"reply_bytes\":{},\"ms\":{}}}",
@@ -197,7 +229,8 @@ fn burst(addr: SocketAddr, n: u64) -> Res<String> {
 }
 
 fn set_value(s: &mut TcpStream, key: &str, value: &[u8]) -> Res<()> {
-    s.write_all(&encode(&[b"SET", key.as_bytes(), value])).map_err(|e| format!("writing SET: {e}"))?;
+    s.write_all(&encode(&[b"SET", key.as_bytes(), value]))
+        .map_err(|e| format!("writing SET: {e}"))?;
     expect_bytes(s, b"+OK\r\n", "SET reply")
 }
 
@@ -208,11 +241,16 @@ fn bigvalue(addr: SocketAddr, size: u64) -> Res<String> {
     let t0 = Instant::now();
     let mut s = connect(addr)?;
     set_value(&mut s, &key, &value)?;
-    s.write_all(&encode(&[b"GET", key.as_bytes()])).map_err(|e| e.to_string())?;
+    s.write_all(&encode(&[b"GET", key.as_bytes()]))
+        .map_err(|e| e.to_string())?;
     expect_bytes(&mut s, &bulk(&value), "GET of the big value")?;
-    s.write_all(&encode(&[b"DEL", key.as_bytes()])).map_err(|e| e.to_string())?;
+    s.write_all(&encode(&[b"DEL", key.as_bytes()]))
+        .map_err(|e| e.to_string())?;
     expect_bytes(&mut s, b":1\r\n", "DEL reply")?;
-    Ok(format!("{{\"case\":\"bigvalue\",\"size\":{size},\"ms\":{}}}", t0.elapsed().as_millis()))
+    Ok(format!(
+        "{{\"case\":\"bigvalue\",\"size\":{size},\"ms\":{}}}",
+        t0.elapsed().as_millis()
+    ))
 }
 
 /// GET of a big value read 64 KiB at a time with 5 ms pauses (the receiver's queue fills up).
@@ -223,32 +261,53 @@ fn slowreader(addr: SocketAddr, size: u64) -> Res<String> {
     set_value(&mut s, &key, &value)?;
     let want = bulk(&value);
     let t0 = Instant::now();
-    s.write_all(&encode(&[b"GET", key.as_bytes()])).map_err(|e| e.to_string())?;
+    s.write_all(&encode(&[b"GET", key.as_bytes()]))
+        .map_err(|e| e.to_string())?;
     let mut got = Vec::with_capacity(want.len());
     let mut chunk = vec![0u8; 64 * 1024];
     let mut reads = 0u64;
     while got.len() < want.len() {
         let room = (want.len() - got.len()).min(chunk.len());
         match s.read(&mut chunk[..room]) {
-            Ok(0) => return Err(format!("slow reader: connection closed after {} of {} bytes", got.len(), want.len())),
+            Ok(0) => {
+                return Err(format!(
+                    "slow reader: connection closed after {} of {} bytes",
+                    got.len(),
+                    want.len()
+                ))
+            }
             Ok(n) => got.extend_from_slice(&chunk[..n]),
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) => return Err(format!("slow reader: read failed after {} of {} bytes: {e}", got.len(), want.len())),
+            Err(e) => {
+                return Err(format!(
+                    "slow reader: read failed after {} of {} bytes: {e}",
+                    got.len(),
+                    want.len()
+                ))
+            }
         }
         reads += 1;
         std::thread::sleep(Duration::from_millis(5));
     }
     compare(&got, &want, "slow reader GET")?;
-    s.write_all(&encode(&[b"PING"])).map_err(|e| e.to_string())?;
+    s.write_all(&encode(&[b"PING"]))
+        .map_err(|e| e.to_string())?;
     expect_bytes(&mut s, b"+PONG\r\n", "PING after slow read")?;
-    s.write_all(&encode(&[b"DEL", key.as_bytes()])).map_err(|e| e.to_string())?;
+    s.write_all(&encode(&[b"DEL", key.as_bytes()]))
+        .map_err(|e| e.to_string())?;
     expect_bytes(&mut s, b":1\r\n", "DEL reply")?;
-    Ok(format!("{{\"case\":\"slowreader\",\"size\":{size},\"reads\":{reads},\"ms\":{}}}", t0.elapsed().as_millis()))
+    Ok(format!(
+        "{{\"case\":\"slowreader\",\"size\":{size},\"reads\":{reads},\"ms\":{}}}",
+        t0.elapsed().as_millis()
+    ))
 }
 
 /// Sets SO_LINGER {on, 0} so close() sends a RST instead of a FIN.
 fn linger_zero(s: &TcpStream) -> Res<()> {
-    let l = libc::linger { l_onoff: 1, l_linger: 0 };
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
     // SAFETY: setsockopt on a socket fd we own, with a pointer to a live, correctly sized value.
     let r = unsafe {
         libc::setsockopt(
@@ -280,13 +339,20 @@ fn reset(addr: SocketAddr, rounds: u64) -> Res<String> {
         let mut req = Vec::new();
         for i in 0..2000 {
             if i % 10 == 0 {
-                req.extend_from_slice(&encode(&[b"SET", format!("{key}:r{round}:{i}").as_bytes(), b"v"]));
+                req.extend_from_slice(&encode(&[
+                    b"SET",
+                    format!("{key}:r{round}:{i}").as_bytes(),
+                    b"v",
+                ]));
             }
             req.extend_from_slice(&encode(&[b"GET", key.as_bytes()]));
         }
-        s.write_all(&req).map_err(|e| format!("round {round}: writing the pipeline: {e}"))?;
+        s.write_all(&req)
+            .map_err(|e| format!("round {round}: writing the pipeline: {e}"))?;
         let mut buf = vec![0u8; 64 * 1024];
-        let n = s.read(&mut buf).map_err(|e| format!("round {round}: first read: {e}"))?;
+        let n = s
+            .read(&mut buf)
+            .map_err(|e| format!("round {round}: first read: {e}"))?;
         if n == 0 {
             return Err(format!("round {round}: connection closed before any reply"));
         }
@@ -295,19 +361,35 @@ fn reset(addr: SocketAddr, rounds: u64) -> Res<String> {
         drop(s);
         // A new connection right after the reset must be fully correct.
         let mut s = connect(addr)?;
-        s.write_all(&encode(&[b"PING"])).map_err(|e| e.to_string())?;
-        expect_bytes(&mut s, b"+PONG\r\n", &format!("round {round}: PING after reset"))?;
-        s.write_all(&encode(&[b"GET", key.as_bytes()])).map_err(|e| e.to_string())?;
-        expect_bytes(&mut s, &bulk(&value), &format!("round {round}: GET after reset"))?;
+        s.write_all(&encode(&[b"PING"]))
+            .map_err(|e| e.to_string())?;
+        expect_bytes(
+            &mut s,
+            b"+PONG\r\n",
+            &format!("round {round}: PING after reset"),
+        )?;
+        s.write_all(&encode(&[b"GET", key.as_bytes()]))
+            .map_err(|e| e.to_string())?;
+        expect_bytes(
+            &mut s,
+            &bulk(&value),
+            &format!("round {round}: GET after reset"),
+        )?;
     }
     Ok(format!("{{\"case\":\"reset\",\"rounds\":{rounds},\"bytes_read_before_reset\":{read_before_reset}}}"))
 }
 
 fn raise_nofile(want: u64) -> Res<()> {
-    let lim = libc::rlimit { rlim_cur: want, rlim_max: want };
+    let lim = libc::rlimit {
+        rlim_cur: want,
+        rlim_max: want,
+    };
     // SAFETY: setrlimit with a pointer to a live rlimit value.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
-        return Err(format!("raising RLIMIT_NOFILE to {want}: {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "raising RLIMIT_NOFILE to {want}: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     Ok(())
 }
@@ -319,7 +401,10 @@ fn concurrent(addr: SocketAddr, conns: u64) -> Res<String> {
     let t0 = Instant::now();
     let mut socks = Vec::with_capacity(conns as usize);
     for i in 0..conns {
-        socks.push((i, connect(addr).map_err(|e| format!("connection {i}: {e}"))?));
+        socks.push((
+            i,
+            connect(addr).map_err(|e| format!("connection {i}: {e}"))?,
+        ));
     }
     let connect_ms = t0.elapsed().as_millis();
     // Every connection is open now; drive them from a few threads at once.
@@ -340,7 +425,8 @@ fn concurrent(addr: SocketAddr, conns: u64) -> Res<String> {
                     let mut req = encode(&[b"PING"]);
                     req.extend_from_slice(&encode(&[b"SET", k.as_bytes(), v.as_bytes()]));
                     req.extend_from_slice(&encode(&[b"GET", k.as_bytes()]));
-                    s.write_all(&req).map_err(|e| format!("connection {i}: write: {e}"))?;
+                    s.write_all(&req)
+                        .map_err(|e| format!("connection {i}: write: {e}"))?;
                 }
                 for (i, s) in group.iter_mut() {
                     let v = format!("v{i}-{}", "c".repeat((*i % 50) as usize));
@@ -361,7 +447,11 @@ fn concurrent(addr: SocketAddr, conns: u64) -> Res<String> {
         }
     }
     if !errors.is_empty() {
-        return Err(format!("{} of {threads} workers failed; first: {}", errors.len(), errors[0]));
+        return Err(format!(
+            "{} of {threads} workers failed; first: {}",
+            errors.len(),
+            errors[0]
+        ));
     }
     Ok(format!(
         "{{\"case\":\"concurrent\",\"conns\":{conns},\"connect_ms\":{connect_ms},\"ms\":{}}}",
@@ -373,8 +463,10 @@ fn concurrent(addr: SocketAddr, conns: u64) -> Res<String> {
 fn ping_once(addr: SocketAddr) -> Result<(), (String, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500))
         .map_err(|e| (kind_name(&e), format!("connect: {e}")))?;
-    s.set_read_timeout(Some(Duration::from_millis(1000))).map_err(|e| (kind_name(&e), e.to_string()))?;
-    s.write_all(&encode(&[b"PING"])).map_err(|e| (kind_name(&e), format!("write: {e}")))?;
+    s.set_read_timeout(Some(Duration::from_millis(1000)))
+        .map_err(|e| (kind_name(&e), e.to_string()))?;
+    s.write_all(&encode(&[b"PING"]))
+        .map_err(|e| (kind_name(&e), format!("write: {e}")))?;
     let mut r = BufReader::new(s);
     match read_reply(&mut r) {
         Ok(Reply::Simple(p)) if p == "PONG" => Ok(()),

@@ -5,7 +5,6 @@
 use anyhow::{ensure, Context, Result};
 use datamesh_tests::env::run_test;
 use datamesh_tests::Env;
-use serde_json::Value;
 
 use crate::common::{assert_captured_entry, counter, counters, pod_connections, probe_in_pod};
 
@@ -23,7 +22,8 @@ pub fn battery(env: &Env, pod: &str) -> Result<()> {
         &["concurrent", "--conns", "1000"],
     ];
     for case in cases {
-        let summary = probe_in_pod(pod, addr, case).with_context(|| format!("battery case {case:?}"))?;
+        let summary =
+            probe_in_pod(pod, addr, case).with_context(|| format!("battery case {case:?}"))?;
         eprintln!("battery [{}]: {summary}", pod.netns_name());
     }
     Ok(())
@@ -35,21 +35,44 @@ fn battery_through_proxy(fastpath: bool) {
         let pod = env.pod("a");
         // The battery's connections really went through the proxy.
         let conns = pod_connections(env, pod)?;
-        ensure!(conns.len() >= 1000, "only {} /connections entries from the pod after the battery", conns.len());
+        ensure!(
+            conns.len() >= 1000,
+            "only {} /connections entries from the pod after the battery",
+            conns.len()
+        );
         for c in conns.iter().take(20) {
             assert_captured_entry(env, pod, c)?;
         }
-        let redirected = conns.iter().filter(|c| c["fastpath"] == Value::from("redirect")).count();
+        let redirected = conns.iter().filter(|c| c["fastpath"] == "redirect").count();
         let m = counters(env, pod)?;
         eprintln!("counters after the battery (fastpath {fastpath}): {m:?}; /connections redirect entries: {redirected}");
-        ensure!(counter(&m, "connects_captured") >= 1000, "connects_captured is {:?} after 1000+ connects: {m:?}", m.get("connects_captured"));
+        ensure!(
+            counter(&m, "connects_captured") >= 1000,
+            "connects_captured is {:?} after 1000+ connects: {m:?}",
+            m.get("connects_captured")
+        );
         if fastpath {
-            ensure!(counter(&m, "fastpath_msgs") > 0, "fast path on, but fastpath_msgs is 0 for the pod: {m:?}");
-            ensure!(counter(&m, "fastpath_bytes") > 0, "fast path on, but fastpath_bytes is 0 for the pod: {m:?}");
-            ensure!(redirected > 0, "fast path on, but no /connections entry reports fastpath=redirect");
+            ensure!(
+                counter(&m, "fastpath_msgs") > 0,
+                "fast path on, but fastpath_msgs is 0 for the pod: {m:?}"
+            );
+            ensure!(
+                counter(&m, "fastpath_bytes") > 0,
+                "fast path on, but fastpath_bytes is 0 for the pod: {m:?}"
+            );
+            ensure!(
+                redirected > 0,
+                "fast path on, but no /connections entry reports fastpath=redirect"
+            );
         } else {
-            ensure!(counter(&m, "fastpath_msgs") == 0, "fast path off, but fastpath_msgs moved: {m:?}");
-            ensure!(redirected == 0, "fast path off, but {redirected} /connections entries report fastpath=redirect");
+            ensure!(
+                counter(&m, "fastpath_msgs") == 0,
+                "fast path off, but fastpath_msgs moved: {m:?}"
+            );
+            ensure!(
+                redirected == 0,
+                "fast path off, but {redirected} /connections entries report fastpath=redirect"
+            );
         }
         Ok(())
     });

@@ -23,12 +23,21 @@ fn redis_cli_and_redis_py_are_captured() {
         let before = counters(env, pod)?;
 
         let cli_seen = redis_cli_client_addr(pod.cmd("redis-cli"), svc, "dmcli")?;
-        ensure!(!is_pod_addr(pod, cli_seen), "Redis saw the pod itself ({cli_seen}) for redis-cli: not captured");
+        ensure!(
+            !is_pod_addr(pod, cli_seen),
+            "Redis saw the pod itself ({cli_seen}) for redis-cli: not captured"
+        );
         let py_seen = redis_py_client_addr(pod, svc, "dmpy")?;
-        ensure!(!is_pod_addr(pod, py_seen), "Redis saw the pod itself ({py_seen}) for redis-py: not captured");
+        ensure!(
+            !is_pod_addr(pod, py_seen),
+            "Redis saw the pod itself ({py_seen}) for redis-py: not captured"
+        );
 
         let conns = pod_connections(env, pod)?;
-        ensure!(conns.len() >= 2, "expected the redis-cli and redis-py connections in /connections, got {conns:?}");
+        ensure!(
+            conns.len() >= 2,
+            "expected the redis-cli and redis-py connections in /connections, got {conns:?}"
+        );
         for c in &conns {
             assert_captured_entry(env, pod, c)?;
         }
@@ -38,7 +47,10 @@ fn redis_cli_and_redis_py_are_captured() {
             counter(&after, "connects_captured") >= counter(&before, "connects_captured") + 2,
             "connects_captured did not move by 2: before {before:?}, after {after:?}"
         );
-        ensure!(counter(&after, "connects_failopen") == 0, "fail-open counted while the agent is up: {after:?}");
+        ensure!(
+            counter(&after, "connects_failopen") == 0,
+            "fail-open counted while the agent is up: {after:?}"
+        );
         Ok(())
     });
 }
@@ -52,10 +64,17 @@ fn port_not_in_endpoints_is_untouched() {
         let before = counters(env, pod)?;
 
         let seen = redis_cli_client_addr(pod.cmd("redis-cli"), other, "dmport")?;
-        ensure!(is_pod_addr(pod, seen), "Redis on {other} saw {seen}, not the pod {}: the connect was modified", pod.ip());
+        ensure!(
+            is_pod_addr(pod, seen),
+            "Redis on {other} saw {seen}, not the pod {}: the connect was modified",
+            pod.ip()
+        );
 
         let conns_after = env.agent().connections()?.len();
-        ensure!(conns_after == conns_before, "/connections grew from {conns_before} to {conns_after}");
+        ensure!(
+            conns_after == conns_before,
+            "/connections grew from {conns_before} to {conns_after}"
+        );
         let after = counters(env, pod)?;
         ensure!(
             counter(&after, "connects_captured") == counter(&before, "connects_captured"),
@@ -75,14 +94,24 @@ fn process_outside_attached_cgroup_is_untouched() {
         // Same netns as the pod, same destination, but a cgroup outside the attached one.
         let cmd = pod.cmd_in_cgroup(env.outside_cgroup(), "redis-cli");
         let seen = redis_cli_client_addr(cmd, svc, "dmoutside")?;
-        ensure!(is_pod_addr(pod, seen), "Redis saw {seen}, not the pod {}: a process outside the cgroup was captured", pod.ip());
+        ensure!(
+            is_pod_addr(pod, seen),
+            "Redis saw {seen}, not the pod {}: a process outside the cgroup was captured",
+            pod.ip()
+        );
 
         let conns_after = env.agent().connections()?.len();
-        ensure!(conns_after == conns_before, "/connections grew from {conns_before} to {conns_after}");
+        ensure!(
+            conns_after == conns_before,
+            "/connections grew from {conns_before} to {conns_after}"
+        );
 
         // The same client inside the pod's cgroup is captured (the control).
         let seen = redis_cli_client_addr(pod.cmd("redis-cli"), svc, "dminside")?;
-        ensure!(!is_pod_addr(pod, seen), "control: the in-pod client was not captured (Redis saw {seen})");
+        ensure!(
+            !is_pod_addr(pod, seen),
+            "control: the in-pod client was not captured (Redis saw {seen})"
+        );
         Ok(())
     });
 }
@@ -94,15 +123,31 @@ fn bpftool_dump_of_counters_prints_field_names() {
         redis_cli_client_addr(pod.cmd("redis-cli"), env.service_addr(), "dmdump")?;
         let pin = env.pin_dir();
         let dump = |map: &str| -> Result<String> {
-            let out = run_ok(Command::new("bpftool").args(["map", "dump", "pinned"]).arg(pin.join(map)), Duration::from_secs(20))?;
+            let out = run_ok(
+                Command::new("bpftool")
+                    .args(["map", "dump", "pinned"])
+                    .arg(pin.join(map)),
+                Duration::from_secs(20),
+            )?;
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         };
         let counters = dump("dm_pod_counters")?;
-        for field in ["connects_captured", "connects_failopen", "connects_refused", "fastpath_msgs"] {
-            ensure!(counters.contains(field), "`bpftool map dump pinned dm_pod_counters` lacks {field:?}:\n{counters}");
+        for field in [
+            "connects_captured",
+            "connects_failopen",
+            "connects_refused",
+            "fastpath_msgs",
+        ] {
+            ensure!(
+                counters.contains(field),
+                "`bpftool map dump pinned dm_pod_counters` lacks {field:?}:\n{counters}"
+            );
         }
         let settings = dump("dm_settings")?;
-        ensure!(settings.contains("heartbeat_ns"), "`bpftool map dump pinned dm_settings` lacks field names:\n{settings}");
+        ensure!(
+            settings.contains("heartbeat_ns"),
+            "`bpftool map dump pinned dm_settings` lacks field names:\n{settings}"
+        );
         Ok(())
     });
 }

@@ -63,7 +63,8 @@ pub fn redis_cli(mut cmd: Command, addr: SocketAddr, script: &str) -> Result<Str
 /// Runs redis-cli in `cmd` with a named connection: SETNAME, SET/GET a key, CLIENT LIST.
 /// Returns the address Redis saw for that connection (`addr=` of the line named `name`).
 pub fn redis_cli_client_addr(cmd: Command, addr: SocketAddr, name: &str) -> Result<SocketAddr> {
-    let script = format!("CLIENT SETNAME {name}\nSET dm:{name} hello-{name}\nGET dm:{name}\nCLIENT LIST\n");
+    let script =
+        format!("CLIENT SETNAME {name}\nSET dm:{name} hello-{name}\nGET dm:{name}\nCLIENT LIST\n");
     let out = redis_cli(cmd, addr, &script)?;
     ensure!(
         out.contains(&format!("hello-{name}")),
@@ -111,13 +112,28 @@ print(json.dumps({{"get_ok": ok, "addr": me[0]["addr"] if me else None}}))
     cmd.arg("-c").arg(&script);
     let out = run_with_timeout(&mut cmd, CLIENT_TIMEOUT)?;
     if !out.status.success() {
-        bail!("redis-py in pod {} failed ({}): {}", pod.name(), status_text(out.status), last_chars(&out.stderr, 3000));
+        bail!(
+            "redis-py in pod {} failed ({}): {}",
+            pod.name(),
+            status_text(out.status),
+            last_chars(&out.stderr, 3000)
+        );
     }
     let v: Value = serde_json::from_slice(&out.stdout).with_context(|| {
-        format!("redis-py script printed no JSON: {}", String::from_utf8_lossy(&out.stdout))
+        format!(
+            "redis-py script printed no JSON: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
     })?;
-    ensure!(v["get_ok"] == Value::Bool(true), "redis-py read back a different value: {v}");
-    v["addr"].as_str().ok_or_else(|| anyhow!("redis-py found no client named {name}: {v}"))?.parse().context("addr")
+    ensure!(
+        v["get_ok"] == Value::Bool(true),
+        "redis-py read back a different value: {v}"
+    );
+    v["addr"]
+        .as_str()
+        .ok_or_else(|| anyhow!("redis-py found no client named {name}: {v}"))?
+        .parse()
+        .context("addr")
 }
 
 /// The `/connections` entries whose peer is this pod's address.
@@ -128,7 +144,11 @@ pub fn pod_connections(env: &Env, pod: &Pod) -> Result<Vec<Value>> {
         .connections()?
         .into_iter()
         .filter(|c| {
-            c["peer"].as_str().and_then(|p| p.parse::<SocketAddr>().ok()).map(|p| p.ip().to_string()) == Some(ip.clone())
+            c["peer"]
+                .as_str()
+                .and_then(|p| p.parse::<SocketAddr>().ok())
+                .map(|p| p.ip().to_string())
+                == Some(ip.clone())
         })
         .collect())
 }
@@ -136,12 +156,32 @@ pub fn pod_connections(env: &Env, pod: &Pod) -> Result<Vec<Value>> {
 /// Checks that a `/connections` entry is a captured connection of `pod` to the service.
 pub fn assert_captured_entry(env: &Env, pod: &Pod, c: &Value) -> Result<()> {
     let svc = env.service_addr().to_string();
-    ensure!(c["captured"] == Value::Bool(true), "connection not marked captured: {c}");
-    ensure!(c["pod"].as_str() == Some(pod.netns_name()), "connection names pod {} instead of {}: {c}", c["pod"], pod.netns_name());
-    ensure!(c["orig_dst"].as_str() == Some(svc.as_str()), "orig_dst is {} instead of {svc}: {c}", c["orig_dst"]);
-    ensure!(c["endpoint"].as_str() == Some("cache"), "endpoint is {} instead of cache: {c}", c["endpoint"]);
+    ensure!(
+        c["captured"] == Value::Bool(true),
+        "connection not marked captured: {c}"
+    );
+    ensure!(
+        c["pod"].as_str() == Some(pod.netns_name()),
+        "connection names pod {} instead of {}: {c}",
+        c["pod"],
+        pod.netns_name()
+    );
+    ensure!(
+        c["orig_dst"].as_str() == Some(svc.as_str()),
+        "orig_dst is {} instead of {svc}: {c}",
+        c["orig_dst"]
+    );
+    ensure!(
+        c["endpoint"].as_str() == Some("cache"),
+        "endpoint is {} instead of cache: {c}",
+        c["endpoint"]
+    );
     let proxy = env.agent().proxy_addr("cache")?.to_string();
-    ensure!(c["local"].as_str() == Some(proxy.as_str()), "local is {} instead of the proxy {proxy}: {c}", c["local"]);
+    ensure!(
+        c["local"].as_str() == Some(proxy.as_str()),
+        "local is {} instead of the proxy {proxy}: {c}",
+        c["local"]
+    );
     Ok(())
 }
 

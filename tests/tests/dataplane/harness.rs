@@ -21,10 +21,17 @@ fn preflight_privileges_are_present() {
 #[test]
 fn env_teardown_leaves_nothing_behind() {
     require_privileges();
-    let env = Env::builder().pods(["a", "b"]).build().expect("building the env");
+    let env = Env::builder()
+        .pods(["a", "b"])
+        .build()
+        .expect("building the env");
     let names = env.resource_names();
     for p in &names {
-        assert!(p.exists(), "{} should exist while the env lives", p.display());
+        assert!(
+            p.exists(),
+            "{} should exist while the env lives",
+            p.display()
+        );
     }
     let agent_pid = env.agent().pid().expect("agent running");
     let redis_pid = env.redis().pid();
@@ -32,8 +39,14 @@ fn env_teardown_leaves_nothing_behind() {
     for p in &names {
         assert!(!p.exists(), "{} is left behind after teardown", p.display());
     }
-    assert!(!pid_alive(agent_pid), "agent pid {agent_pid} is still alive after teardown");
-    assert!(!pid_alive(redis_pid), "redis-server pid {redis_pid} is still alive after teardown");
+    assert!(
+        !pid_alive(agent_pid),
+        "agent pid {agent_pid} is still alive after teardown"
+    );
+    assert!(
+        !pid_alive(redis_pid),
+        "redis-server pid {redis_pid} is still alive after teardown"
+    );
 }
 
 #[test]
@@ -48,33 +61,62 @@ fn stale_leftovers_of_a_dead_run_are_reaped() {
         // Take an instance number, then hand it to the dead pid as if that run had been killed.
         let inst = Instance::allocate()?;
         let n = inst.n();
-        std::fs::write(Path::new(RUN_DIR).join(format!("inst-{n}")), format!("{dead}\n"))?;
-        // The reaper removes the owner file; our guard must not remove a later owner's file.
-        std::mem::forget(inst);
-        let id = format!("datamesh-test-{dead}-{n}");
-        let cg = Path::new(CGROUP2_ROOT).join(&id);
-        std::fs::create_dir(&cg)?;
-        std::fs::create_dir(cg.join("pod-x"))?;
-        let outside = Path::new(CGROUP2_ROOT).join(format!("{id}-outside"));
-        std::fs::create_dir(&outside)?;
-        let pin = Path::new(BPFFS).join(&id);
-        std::fs::create_dir(&pin)?;
-        let run = Path::new(RUN_DIR).join(&id);
-        std::fs::create_dir_all(&run)?;
-        let ns = format!("dmt{n}-stale");
-        datamesh_tests::proc::run_checked(Command::new("ip").args(["netns", "add", &ns]))?;
-        datamesh_tests::proc::run_checked(Command::new("ip").args(["link", "add", &format!("dmtbr{n}"), "type", "bridge"]))?;
-        // A process still running in the dead run's cgroup (like an orphaned redis-server).
-        let mut sleeper = Command::new("sleep");
-        sleeper.arg("300");
-        datamesh_tests::pod::enter_cgroup_with_nofile(&mut sleeper, &cg.join("pod-x"), 1024);
-        let mut sleeper = sleeper.spawn()?;
+        // Other tests reap concurrently: build the whole dead run under the harness lock.
+        let lock_guarded = datamesh_tests::instance::with_lock(|| -> Result<_> {
+            std::fs::write(
+                Path::new(RUN_DIR).join(format!("inst-{n}")),
+                format!("{dead}\n"),
+            )?;
+            // The reaper removes the owner file; our guard must not remove a later owner's file.
+            std::mem::forget(inst);
+            let id = format!("datamesh-test-{dead}-{n}");
+            let cg = Path::new(CGROUP2_ROOT).join(&id);
+            std::fs::create_dir(&cg)?;
+            std::fs::create_dir(cg.join("pod-x"))?;
+            let outside = Path::new(CGROUP2_ROOT).join(format!("{id}-outside"));
+            std::fs::create_dir(&outside)?;
+            let pin = Path::new(BPFFS).join(&id);
+            std::fs::create_dir(&pin)?;
+            let run = Path::new(RUN_DIR).join(&id);
+            std::fs::create_dir_all(&run)?;
+            let ns = format!("dmt{n}-stale");
+            datamesh_tests::proc::run_checked(Command::new("ip").args(["netns", "add", &ns]))?;
+            datamesh_tests::proc::run_checked(Command::new("ip").args([
+                "link",
+                "add",
+                &format!("dmtbr{n}"),
+                "type",
+                "bridge",
+            ]))?;
+            // A process still running in the dead run's cgroup (like an orphaned redis-server).
+            let mut sleeper = Command::new("sleep");
+            sleeper.arg("300");
+            datamesh_tests::pod::enter_cgroup_with_nofile(&mut sleeper, &cg.join("pod-x"), 1024);
+            let sleeper = sleeper.spawn()?;
+            Ok((sleeper, cg, outside, pin, run, ns))
+        });
+        let (mut sleeper, cg, outside, pin, run, ns) = lock_guarded?;
 
+        // Any reaper may get there first (another test's env build); either way it must be gone.
         let removed = datamesh_tests::reap_stale()?;
         let status = sleeper.wait()?;
-        ensure!(!status.success(), "the orphan in the dead run's cgroup was not killed");
-        for p in [cg, outside, pin, run, Path::new(NETNS_DIR).join(&ns), Path::new(RUN_DIR).join(format!("inst-{n}"))] {
-            ensure!(!p.exists(), "{} survived reap_stale (removed: {removed:?})", p.display());
+        ensure!(
+            !status.success(),
+            "the orphan in the dead run's cgroup was not killed"
+        );
+        for p in [
+            cg,
+            outside,
+            pin,
+            run,
+            Path::new(NETNS_DIR).join(&ns),
+            Path::new(RUN_DIR).join(format!("inst-{n}")),
+        ] {
+            ensure!(
+                !p.exists(),
+                "{} survived reap_stale (removed: {removed:?})",
+                p.display()
+            );
         }
         ensure!(
             !datamesh_tests::net::link_exists(&format!("dmtbr{n}")),
@@ -96,12 +138,18 @@ fn without_agent_pods_reach_redis_directly() {
     run_test(Env::builder().pods(["a"]).agent(false), |env| {
         let pod = env.pod("a");
         let seen = redis_cli_client_addr(pod.cmd("redis-cli"), env.service_addr(), "dmbase")?;
-        ensure!(is_pod_addr(pod, seen), "Redis saw {seen}, expected the pod's address {}", pod.ip());
+        ensure!(
+            is_pod_addr(pod, seen),
+            "Redis saw {seen}, expected the pod's address {}",
+            pod.ip()
+        );
         Ok(())
     });
 }
 
 #[test]
 fn battery_against_plain_redis() {
-    run_test(Env::builder().pods(["a"]).agent(false), |env| crate::battery::battery(env, "a"));
+    run_test(Env::builder().pods(["a"]).agent(false), |env| {
+        crate::battery::battery(env, "a")
+    });
 }

@@ -11,7 +11,8 @@ use datamesh_tests::Env;
 use serde_json::Value;
 
 use crate::common::{
-    assert_captured_entry, counter, counters, is_pod_addr, pod_connections, probe_in_pod, redis_cli_client_addr,
+    assert_captured_entry, counter, counters, is_pod_addr, pod_connections, probe_in_pod,
+    redis_cli_client_addr,
 };
 
 /// failopen_after_ms of these envs.
@@ -23,7 +24,10 @@ const MARGIN_MS: u64 = 400;
 /// A redis-cli round trip through the service address is captured and shows in /connections.
 fn assert_capture_works(env: &Env, pod: &Pod, name: &str) -> Result<()> {
     let seen = redis_cli_client_addr(pod.cmd("redis-cli"), env.service_addr(), name)?;
-    ensure!(!is_pod_addr(pod, seen), "not captured: Redis saw the pod itself ({seen})");
+    ensure!(
+        !is_pod_addr(pod, seen),
+        "not captured: Redis saw the pod itself ({seen})"
+    );
     let conns = pod_connections(env, pod)?;
     let last = conns.last().context("no /connections entry for the pod")?;
     assert_captured_entry(env, pod, last)
@@ -31,46 +35,67 @@ fn assert_capture_works(env: &Env, pod: &Pod, name: &str) -> Result<()> {
 
 #[test]
 fn sigkilled_agent_fails_open_within_bound_then_restart_readopts() {
-    run_test(Env::builder().pods(["a"]).failopen_after_ms(FAILOPEN_MS), |env| {
-        let svc = env.service_addr();
-        assert_capture_works(env, env.pod("a"), "dmbefore")?;
-        let before = counters(env, env.pod("a"))?;
+    run_test(
+        Env::builder().pods(["a"]).failopen_after_ms(FAILOPEN_MS),
+        |env| {
+            let svc = env.service_addr();
+            assert_capture_works(env, env.pod("a"), "dmbefore")?;
+            let before = counters(env, env.pod("a"))?;
 
-        let t_kill = Instant::now();
-        env.agent_mut().kill9()?;
-        let pod = env.pod("a");
-        let spawn_after = t_kill.elapsed();
-        let summary = probe_in_pod(pod, svc, &["connect-loop", "--until-ok", "--timeout-ms", "5000"])?;
-        let total = t_kill.elapsed();
-        let first_ok_ms = summary["first_ok_ms"].as_u64().context("first_ok_ms")?;
-        let from_kill = spawn_after.as_millis() as u64 + first_ok_ms;
-        eprintln!("fail-open: first success {from_kill} ms after SIGKILL (probe: {summary}; wall {total:?})");
-        ensure!(
+            let t_kill = Instant::now();
+            env.agent_mut().kill9()?;
+            let pod = env.pod("a");
+            let spawn_after = t_kill.elapsed();
+            let summary = probe_in_pod(
+                pod,
+                svc,
+                &["connect-loop", "--until-ok", "--timeout-ms", "5000"],
+            )?;
+            let total = t_kill.elapsed();
+            let first_ok_ms = summary["first_ok_ms"].as_u64().context("first_ok_ms")?;
+            let from_kill = spawn_after.as_millis() as u64 + first_ok_ms;
+            eprintln!("fail-open: first success {from_kill} ms after SIGKILL (probe: {summary}; wall {total:?})");
+            ensure!(
             from_kill <= FAILOPEN_MS + MARGIN_MS,
             "first successful connect came {from_kill} ms after SIGKILL; bound is {FAILOPEN_MS} ms + {MARGIN_MS} ms margin ({summary})"
         );
 
-        // Those connects went straight to Redis: it sees the pod's own address.
-        let seen = redis_cli_client_addr(pod.cmd("redis-cli"), svc, "dmfailopen")?;
-        ensure!(is_pod_addr(pod, seen), "after fail-open Redis saw {seen}, not the pod {}", pod.ip());
+            // Those connects went straight to Redis: it sees the pod's own address.
+            let seen = redis_cli_client_addr(pod.cmd("redis-cli"), svc, "dmfailopen")?;
+            ensure!(
+                is_pod_addr(pod, seen),
+                "after fail-open Redis saw {seen}, not the pod {}",
+                pod.ip()
+            );
 
-        // `pods` reads the pinned counters with the agent dead.
-        let dead = counters(env, pod)?;
-        ensure!(
-            counter(&dead, "connects_captured") >= counter(&before, "connects_captured"),
-            "counters went backwards with the agent dead: before {before:?}, now {dead:?}"
-        );
-        ensure!(counter(&dead, "connects_failopen") >= 2, "connects_failopen did not count the direct connects: {dead:?}");
+            // `pods` reads the pinned counters with the agent dead.
+            let dead = counters(env, pod)?;
+            ensure!(
+                counter(&dead, "connects_captured") >= counter(&before, "connects_captured"),
+                "counters went backwards with the agent dead: before {before:?}, now {dead:?}"
+            );
+            ensure!(
+                counter(&dead, "connects_failopen") >= 2,
+                "connects_failopen did not count the direct connects: {dead:?}"
+            );
 
-        // A new agent re-adopts the pinned data plane and capture resumes.
-        let ids = env.agent().link_ids()?;
-        env.agent_mut().spawn()?;
-        let ready = env.agent().ready()?.clone();
-        ensure!(ready.dataplane == "adopted", "restarted agent reports dataplane {:?}, expected \"adopted\"", ready.dataplane);
-        ensure!(env.agent().link_ids()? == ids, "link ids changed across the restart: the links were re-attached");
-        assert_capture_works(env, env.pod("a"), "dmafter")?;
-        Ok(())
-    });
+            // A new agent re-adopts the pinned data plane and capture resumes.
+            let ids = env.agent().link_ids()?;
+            env.agent_mut().spawn()?;
+            let ready = env.agent().ready()?.clone();
+            ensure!(
+                ready.dataplane == "adopted",
+                "restarted agent reports dataplane {:?}, expected \"adopted\"",
+                ready.dataplane
+            );
+            ensure!(
+                env.agent().link_ids()? == ids,
+                "link ids changed across the restart: the links were re-attached"
+            );
+            assert_capture_works(env, env.pod("a"), "dmafter")?;
+            Ok(())
+        },
+    );
 }
 
 #[test]
@@ -78,19 +103,34 @@ fn restarted_agent_readopts_pinned_links_and_maps() {
     run_test(Env::builder().pods(["a"]), |env| {
         {
             let ready = env.agent().ready()?;
-            ensure!(ready.dataplane == "attached", "first start reports dataplane {:?}, expected \"attached\"", ready.dataplane);
+            ensure!(
+                ready.dataplane == "attached",
+                "first start reports dataplane {:?}, expected \"attached\"",
+                ready.dataplane
+            );
         }
         assert_capture_works(env, env.pod("a"), "dmfirst")?;
         let ids_before = env.agent().link_ids()?;
         let before = counters(env, env.pod("a"))?;
 
         let status = env.agent_mut().restart()?;
-        ensure!(status.success(), "agent exited with {status} on SIGTERM; expected 0");
+        ensure!(
+            status.success(),
+            "agent exited with {status} on SIGTERM; expected 0"
+        );
         let ready = env.agent().ready()?.clone();
-        ensure!(ready.dataplane == "adopted", "restarted agent reports dataplane {:?}, expected \"adopted\" ({})", ready.dataplane, ready.raw);
+        ensure!(
+            ready.dataplane == "adopted",
+            "restarted agent reports dataplane {:?}, expected \"adopted\" ({})",
+            ready.dataplane,
+            ready.raw
+        );
 
         let ids_after = env.agent().link_ids()?;
-        ensure!(ids_after == ids_before, "pinned link ids changed across restart: {ids_before:?} -> {ids_after:?}");
+        ensure!(
+            ids_after == ids_before,
+            "pinned link ids changed across restart: {ids_before:?} -> {ids_after:?}"
+        );
 
         assert_capture_works(env, env.pod("a"), "dmsecond")?;
         let after = counters(env, env.pod("a"))?;
@@ -99,7 +139,10 @@ fn restarted_agent_readopts_pinned_links_and_maps() {
             "counters restarted from zero or did not move: the maps were not re-adopted ({before:?} -> {after:?})"
         );
         let (status, body) = env.agent().http_get("/ready")?;
-        ensure!(status == 200, "/ready answered {status} {body:?} after the restart");
+        ensure!(
+            status == 200,
+            "/ready answered {status} {body:?} after the restart"
+        );
         let cfg = env.agent().http_get("/config_dump")?;
         let v: Value = serde_json::from_str(&cfg.1).context("/config_dump is not JSON")?;
         ensure!(v.is_object(), "/config_dump is not a JSON object: {v}");

@@ -75,11 +75,12 @@ const RUNTIME_PKGS: &[Pkg] = &[
     cmd("procps", "pkill"),
 ];
 
-/// Python packages for the tests: (pip name, module to import).
+/// Python packages for the tests: (pip requirement, module to import). Pinned to the versions
+/// the tests were written against (the deploy test parses kubernetes-validate's output format).
 const PYTHON_PKGS: &[(&str, &str)] = &[
-    ("redis", "redis"),
-    ("kubernetes-validate", "kubernetes_validate"),
-    ("yamllint", "yamllint"),
+    ("redis==8.1.0", "redis"),
+    ("kubernetes-validate==1.37.0", "kubernetes_validate"),
+    ("yamllint==1.38.0", "yamllint"),
 ];
 
 /// Directory that holds tools the project installs itself (bpf-linker): `$DATAMESH_TOOLS_DIR`,

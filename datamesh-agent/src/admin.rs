@@ -1,11 +1,12 @@
 //! The admin HTTP endpoint (plain HTTP/1.1 GET, `Connection: close`): `/ready`, `/metrics`
-//! (Prometheus text), `/config_dump` (the effective config) and `/connections` (the last 1024
-//! accepted proxy connections). The request line is parsed by hand: four fixed GET routes do not
+//! (Prometheus text), `/config_dump` (the effective config, passwords redacted),
+//! `/connections` (the last 1024 accepted proxy connections) and `/backends` (per endpoint:
+//! topology nodes, pools, each backend connection's phase and in-flight commands). The request line is parsed by hand: four fixed GET routes do not
 //! need an HTTP stack.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use prometheus_client::registry::Registry;
@@ -17,7 +18,7 @@ use tracing::{debug, warn};
 
 use crate::app::stopped;
 use crate::dataplane::Maps;
-use crate::proxy::ConnLog;
+use crate::proxy::{backends_snapshot, ConnLog, EndpointHandle};
 
 const MAX_REQUEST: usize = 8192;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -37,10 +38,12 @@ pub struct AdminState {
     /// True once the data plane is attached/adopted and every listener is bound.
     pub ready: AtomicBool,
     pub registry: Registry,
-    /// The effective config, serialized once at start.
-    pub config_json: String,
+    /// The effective config (replaced on reload).
+    pub config_json: RwLock<String>,
     pub log: Arc<ConnLog>,
     pub maps: Arc<Maps>,
+    /// The endpoints served, for `/backends`.
+    pub endpoints: RwLock<Vec<Arc<EndpointHandle>>>,
 }
 
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, AdminError> {
@@ -134,8 +137,24 @@ fn route(req: &Request<'_>, state: &AdminState) -> Response {
         "/config_dump" => Response {
             status: "200 OK",
             content_type: "application/json",
-            body: state.config_json.clone(),
+            body: state
+                .config_json
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
         },
+        "/backends" => {
+            let eps = state
+                .endpoints
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            Response {
+                status: "200 OK",
+                content_type: "application/json",
+                body: backends_snapshot(&eps).to_string(),
+            }
+        }
         "/connections" => {
             let snap = state.log.snapshot(&state.maps);
             match serde_json::to_string(&snap) {

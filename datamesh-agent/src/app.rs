@@ -2,11 +2,18 @@
 //! data plane (adopt / attach / upgrade, settings, endpoints) → pod discovery → heartbeat →
 //! admin → ready file; then, on SIGTERM/SIGINT, capture off (heartbeat 0) → stop accepting →
 //! drain → exit. Nothing is detached or unpinned on exit: a restarted agent re-adopts.
+//!
+//! Config reload (SIGHUP, or the file's mtime/size/content changing, polled every second):
+//! the new file is validated in full; if invalid, every error is logged and the running config
+//! stays. Otherwise proxy settings, users, pod policies, data-plane settings and endpoints are
+//! applied: new endpoints get a listener and an endpoints-map entry, removed ones lose them,
+//! changed backends get a new runtime that sessions use from their next command. Open client
+//! connections are never dropped. Fields that need a restart are kept and a warning names them.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use datamesh_common::{Settings, ABI_VERSION};
@@ -21,7 +28,11 @@ use crate::config::{self, Config, ConfigError};
 use crate::dataplane::{self, DataplaneError, DataplaneMetrics, DesiredState, Maps};
 use crate::pods::{self, Pods, PodsError};
 use crate::preflight::{self, PreflightError};
-use crate::proxy::{self, ConnLog, ProxyError, ProxyMetrics, Shared};
+use crate::proxy::pod_limits::{PodRegistry, PolicySource};
+use crate::proxy::{
+    self, ConnLog, EndpointHandle, EndpointRuntime, ListenerMap, ProxyError, ProxyMetrics,
+    RuntimeSettings, Shared,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -51,6 +62,9 @@ pub enum AppError {
         source: std::io::Error,
     },
 }
+
+/// How long start-up and reload wait for a sentinel master or a cluster slot map.
+const TOPOLOGY_READY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Resolves once `rx` holds `true` (or its sender is gone). Does not hold the watch's read
 /// guard across an await, so tasks using it stay `Send`.
@@ -129,6 +143,7 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
     })?;
 
     let cfg = config::load(&opts.config)?;
+    raise_nofile_limit();
     let config_json = serde_json::to_string_pretty(&cfg).unwrap_or_else(|_| "{}".into());
     info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "effective config");
 
@@ -179,11 +194,12 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
 
     let pods = Arc::new(Pods::new(maps.clone()));
     pods.reset_open_conns();
+    let policies: pods::SharedPolicies = Arc::new(RwLock::new(cfg.pods.clone()));
     let (pods_stop_tx, pods_stop_rx) = std::sync::mpsc::channel::<()>();
     let discovery = pods::spawn_discovery(
         pods.clone(),
         cfg.netns_dir.clone(),
-        cfg.pods.clone(),
+        policies.clone(),
         pods_stop_rx,
     )
     .map_err(|source| AppError::Io {
@@ -192,8 +208,13 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
         source,
     })?;
 
+    let pod_limits = Arc::new(PodRegistry::new(
+        Some(&cfg.pin_dir),
+        Some(pods.clone()),
+        policy_source(&cfg),
+    )?);
     let mut registry = Registry::with_prefix("datamesh");
-    let proxy_metrics = Arc::new(ProxyMetrics::default());
+    let proxy_metrics = Arc::new(ProxyMetrics::with_pods(pod_limits.metrics.clone()));
     proxy_metrics.register(&mut registry);
     let dp_metrics = Arc::new(DataplaneMetrics::default());
     dp_metrics.register(&mut registry, mode);
@@ -205,6 +226,8 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
         dp_metrics.clone(),
         hb_stop_rx,
     );
+    let (flush_stop_tx, flush_stop_rx) = watch::channel(false);
+    let flusher = pod_limits.clone().spawn_flusher(flush_stop_rx);
 
     let log = Arc::new(ConnLog::default());
     let shared = Arc::new(Shared::new(
@@ -212,26 +235,29 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
         pods.clone(),
         log.clone(),
         proxy_metrics.clone(),
-        cfg.bypass_mark,
+        pod_limits.clone(),
+        RuntimeSettings::from_config(&cfg),
     ));
-    let ready_endpoints: Vec<ReadyEndpoint> = bound
-        .iter()
-        .map(|b| ReadyEndpoint {
-            name: b.endpoint.name.clone(),
-            address: b.endpoint.address.to_string(),
-            proxy: b.local.to_string(),
-            backend: b.endpoint.backend.to_string(),
-        })
-        .collect();
     let (stop_tx, stop_rx) = watch::channel(false);
-    let accept_loops = proxy::spawn_accept_loops(bound, shared.clone(), stop_rx);
+    let mut listeners: ListenerMap = ListenerMap::new();
+    for b in bound {
+        let rt = EndpointRuntime::build(&b.endpoint, cfg.bypass_mark, &proxy_metrics);
+        rt.wait_ready(TOPOLOGY_READY_TIMEOUT).await;
+        let handle = Arc::new(EndpointHandle::new(rt));
+        let name = b.endpoint.name.clone();
+        listeners.insert(
+            name,
+            proxy::spawn_listener(b, handle, shared.clone(), stop_rx.clone()),
+        );
+    }
 
     let admin_state = Arc::new(AdminState {
         ready: std::sync::atomic::AtomicBool::new(false),
         registry,
-        config_json,
+        config_json: RwLock::new(config_json),
         log,
         maps: maps.clone(),
+        endpoints: RwLock::new(handles(&listeners)),
     });
     // The admin endpoint has its own stop: it keeps answering (/ready = 503) while we drain.
     let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
@@ -239,22 +265,53 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
 
     // Ready: data plane attached/adopted, every listener bound and accepting.
     admin_state.ready.store(true, Ordering::SeqCst);
-    if let Some(path) = &opts.ready_file {
-        let ready = ReadyFile {
-            pid: std::process::id(),
-            admin: admin_addr.to_string(),
-            dataplane: mode.as_str(),
-            endpoints: ready_endpoints,
-        };
-        let json = serde_json::to_vec(&ready).unwrap_or_default();
-        write_atomic(path, &json)?;
-    }
+    let ready = Ready {
+        path: opts.ready_file.clone(),
+        admin: admin_addr,
+        mode: mode.as_str(),
+    };
+    ready.write(&cfg, &listeners)?;
     info!(dataplane = mode.as_str(), admin = %admin_addr, "ready");
 
-    let sig = tokio::select! {
-        _ = sigterm.recv() => "SIGTERM",
-        _ = sigint.recv() => "SIGINT",
+    let mut sighup = signal(SignalKind::hangup()).map_err(|source| AppError::Signal {
+        signal: "SIGHUP",
+        source,
+    })?;
+    let mut running = Running {
+        cfg,
+        listeners,
+        stamp: file_stamp(&opts.config),
     };
+    let mut poll = tokio::time::interval(Duration::from_secs(1));
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let ctx = ReloadCtx {
+        path: opts.config.clone(),
+        shared: shared.clone(),
+        maps: maps.clone(),
+        policies: policies.clone(),
+        admin: admin_state.clone(),
+        ready: &ready,
+        stop_rx: stop_rx.clone(),
+    };
+    let sig = loop {
+        tokio::select! {
+            _ = sigterm.recv() => break "SIGTERM",
+            _ = sigint.recv() => break "SIGINT",
+            _ = sighup.recv() => {
+                info!("SIGHUP: reloading the config");
+                reload(&ctx, &mut running).await;
+            }
+            _ = poll.tick() => {
+                let stamp = file_stamp(&ctx.path);
+                if stamp != running.stamp {
+                    info!(path = %ctx.path.display(), "config file changed: reloading");
+                    running.stamp = stamp;
+                    reload(&ctx, &mut running).await;
+                }
+            }
+        }
+    };
+    let Running { cfg, listeners, .. } = running;
     info!(signal = sig, "shutting down: capture off, then drain");
 
     // 1. Capture off at once: stop the heartbeat writer, then write heartbeat 0, so new pod
@@ -267,8 +324,8 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
     }
     // 2. Stop accepting.
     let _ = stop_tx.send(true);
-    for h in accept_loops {
-        let _ = h.await;
+    for (_, l) in listeners {
+        l.stop().await;
     }
     // 3. Drain.
     let left = shared
@@ -284,6 +341,8 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
     }
     let _ = admin_stop_tx.send(true);
     let _ = admin_task.await;
+    let _ = flush_stop_tx.send(true);
+    let _ = flusher.await;
     drop(pods_stop_tx);
     let _ = tokio::task::spawn_blocking(move || discovery.join()).await;
     if let Some(path) = &opts.ready_file {
@@ -292,4 +351,274 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
     }
     info!("stopped (links and maps stay pinned)");
     Ok(())
+}
+
+fn policy_source(cfg: &Config) -> PolicySource {
+    PolicySource {
+        pods: cfg.pods.clone(),
+        default_rate: cfg.default_cmd_rate,
+        default_burst: cfg.default_cmd_burst,
+    }
+}
+
+fn handles(listeners: &ListenerMap) -> Vec<Arc<EndpointHandle>> {
+    let mut v: Vec<(u32, Arc<EndpointHandle>)> = listeners
+        .values()
+        .map(|l| (l.id, l.handle.clone()))
+        .collect();
+    v.sort_by_key(|(id, _)| *id);
+    v.into_iter().map(|(_, h)| h).collect()
+}
+
+/// What identifies a version of the config file (mtime, size and a content hash, so an edit
+/// within the same second is seen too).
+fn file_stamp(path: &Path) -> Option<(std::time::SystemTime, u64, u64)> {
+    let md = std::fs::metadata(path).ok()?;
+    let text = std::fs::read(path).ok()?;
+    Some((md.modified().ok()?, md.len(), datamesh_common::fnv1a(&text)))
+}
+
+/// The ready file's location and the parts of it that never change.
+struct Ready {
+    path: Option<PathBuf>,
+    admin: SocketAddr,
+    mode: &'static str,
+}
+
+impl Ready {
+    /// (Re)writes the ready file for the endpoints now served, in config order.
+    fn write(&self, cfg: &Config, listeners: &ListenerMap) -> Result<(), AppError> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let endpoints = cfg
+            .endpoints
+            .iter()
+            .filter_map(|ep| {
+                let l = listeners.get(&ep.name)?;
+                Some(ReadyEndpoint {
+                    name: ep.name.clone(),
+                    address: ep.address.to_string(),
+                    proxy: l.local.to_string(),
+                    backend: ep.backend.primary_address().to_string(),
+                })
+            })
+            .collect();
+        let ready = ReadyFile {
+            pid: std::process::id(),
+            admin: self.admin.to_string(),
+            dataplane: self.mode,
+            endpoints,
+        };
+        let json = serde_json::to_vec(&ready).unwrap_or_default();
+        write_atomic(path, &json)
+    }
+}
+
+struct Running {
+    cfg: Config,
+    listeners: ListenerMap,
+    stamp: Option<(std::time::SystemTime, u64, u64)>,
+}
+
+struct ReloadCtx<'a> {
+    path: PathBuf,
+    shared: Arc<Shared>,
+    maps: Arc<Maps>,
+    policies: pods::SharedPolicies,
+    admin: Arc<AdminState>,
+    ready: &'a Ready,
+    stop_rx: watch::Receiver<bool>,
+}
+
+/// Loads and applies the config file (see the module docs). Never drops a client connection.
+async fn reload(ctx: &ReloadCtx<'_>, running: &mut Running) {
+    let metrics = &ctx.shared.metrics;
+    let result = |r: &str| {
+        metrics
+            .config_reloads
+            .get_or_create(&proxy::ResultLabels { result: r.into() })
+            .inc()
+    };
+    let mut new = match config::load(&ctx.path) {
+        Ok(c) => c,
+        Err(e) => {
+            error!("config reload rejected, keeping the running config: {e}");
+            result("invalid");
+            return;
+        }
+    };
+    let old = &running.cfg;
+    // Fields that need a restart: keep the running values.
+    let mut kept = Vec::new();
+    macro_rules! keep {
+        ($($f:ident),*) => {$(
+            if new.$f != old.$f {
+                kept.push(stringify!($f));
+                new.$f = old.$f.clone();
+            }
+        )*};
+    }
+    keep!(
+        proxy_address,
+        proxy_address_v6,
+        cgroup_path,
+        pin_dir,
+        admin_listen,
+        netns_dir,
+        bypass_mark,
+        skip_host_network,
+        heartbeat_interval_ms
+    );
+    if !kept.is_empty() {
+        warn!(fields = ?kept, "config reload: these fields need a restart; keeping the running values");
+    }
+    if new == *old {
+        info!("config reload: nothing changed");
+        result("ok");
+        return;
+    }
+
+    ctx.shared.set_settings(RuntimeSettings::from_config(&new));
+    ctx.shared.pod_limits.set_policy(policy_source(&new));
+    *ctx.policies.write().unwrap_or_else(|p| p.into_inner()) = new.pods.clone();
+    let flags = dataplane::settings_flags(new.fastpath);
+    let failopen = new.failopen_after_ms.saturating_mul(1_000_000);
+    let (rate, burst) = (new.default_conn_rate, new.default_conn_burst);
+    if let Err(e) = ctx.maps.update_settings(|s| {
+        s.flags = flags;
+        s.failopen_after_ns = failopen;
+        s.default_conn_rate = rate;
+        s.default_conn_burst = burst;
+    }) {
+        error!(error = %e, "config reload: cannot write dm_settings");
+    }
+
+    // Endpoints.
+    let old_eps: std::collections::HashMap<&str, &config::Endpoint> =
+        old.endpoints.iter().map(|e| (e.name.as_str(), e)).collect();
+    let mut used_ids: std::collections::HashSet<u32> =
+        running.listeners.values().map(|l| l.id).collect();
+    let new_names: std::collections::HashSet<&str> =
+        new.endpoints.iter().map(|e| e.name.as_str()).collect();
+    // Removed (or moved to another address/port): stop the listener, remove the map entry.
+    let mut to_remove = Vec::new();
+    for (name, ep) in &old_eps {
+        let moved = new
+            .endpoints
+            .iter()
+            .find(|n| n.name == *name)
+            .is_some_and(|n| n.address != ep.address || n.proxy_port != ep.proxy_port);
+        if !new_names.contains(name) || moved {
+            to_remove.push((name.to_string(), ep.address));
+        }
+    }
+    for (name, address) in to_remove {
+        if let Some(l) = running.listeners.remove(&name) {
+            used_ids.remove(&l.id);
+            l.stop().await;
+        }
+        let removed = ctx
+            .maps
+            .endpoints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&dataplane::endpoint_key(address));
+        if let Err(e) = removed {
+            warn!(endpoint = %name, error = %e, "config reload: cannot remove the endpoints map entry");
+        }
+        info!(endpoint = %name, "endpoint removed (open connections stay)");
+    }
+    for ep in &new.endpoints {
+        match running.listeners.get(&ep.name) {
+            Some(l) => {
+                if old_eps
+                    .get(ep.name.as_str())
+                    .is_some_and(|o| o.backend != ep.backend)
+                {
+                    info!(endpoint = %ep.name, "backend changed: new commands use the new backend");
+                    let rt = EndpointRuntime::build(ep, new.bypass_mark, metrics);
+                    // The old backend keeps serving until the new one knows its topology.
+                    rt.wait_ready(TOPOLOGY_READY_TIMEOUT).await;
+                    l.handle.replace(rt);
+                }
+            }
+            None => {
+                let id = (0..).find(|i| !used_ids.contains(i)).unwrap_or(0);
+                match proxy::bind_one(&new, ep, id) {
+                    Ok(b) => {
+                        used_ids.insert(id);
+                        let written = ctx
+                            .maps
+                            .endpoints
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(
+                                dataplane::endpoint_key(ep.address),
+                                dataplane::endpoint_value(id, b.local),
+                                0,
+                            );
+                        if let Err(e) = written {
+                            error!(endpoint = %ep.name, error = %e, "config reload: cannot write the endpoints map");
+                        }
+                        let rt = EndpointRuntime::build(ep, new.bypass_mark, metrics);
+                        rt.wait_ready(TOPOLOGY_READY_TIMEOUT).await;
+                        let handle = Arc::new(EndpointHandle::new(rt));
+                        running.listeners.insert(
+                            ep.name.clone(),
+                            proxy::spawn_listener(
+                                b,
+                                handle,
+                                ctx.shared.clone(),
+                                ctx.stop_rx.clone(),
+                            ),
+                        );
+                        info!(endpoint = %ep.name, "endpoint added");
+                    }
+                    Err(e) => error!("config reload: {e}"),
+                }
+            }
+        }
+    }
+    // Endpoints that failed to bind are left out of the running config, so a later reload
+    // tries them again.
+    new.endpoints
+        .retain(|e| running.listeners.contains_key(&e.name));
+    *ctx.admin
+        .endpoints
+        .write()
+        .unwrap_or_else(|p| p.into_inner()) = handles(&running.listeners);
+    *ctx.admin
+        .config_json
+        .write()
+        .unwrap_or_else(|p| p.into_inner()) =
+        serde_json::to_string_pretty(&new).unwrap_or_else(|_| "{}".into());
+    if let Err(e) = ctx.ready.write(&new, &running.listeners) {
+        warn!(error = %e, "config reload: cannot rewrite the ready file");
+    }
+    info!(config = %serde_json::to_string(&new).unwrap_or_default(), "config reloaded");
+    running.cfg = new;
+    result("ok");
+}
+
+/// Raises the soft open-files limit to the hard limit: every client connection and every
+/// backend connection is a descriptor, and the default soft limit (often 1024) is far below
+/// what a node proxy needs.
+fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into `lim`, which we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let old = lim.rlim_cur;
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: setrlimit reads the rlimit we pass; raising soft up to hard needs no privilege.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
+            info!(from = old, to = lim.rlim_cur, "raised the open-files limit");
+        }
+    }
 }

@@ -92,6 +92,12 @@ pub struct RawConfig {
     pub netns_dir: Option<PathBuf>,
     pub default_conn_rate: Option<u32>,
     pub default_conn_burst: Option<u32>,
+    pub default_cmd_rate: Option<u32>,
+    pub default_cmd_burst: Option<u32>,
+    #[serde(default)]
+    pub proxy: RawProxy,
+    #[serde(default)]
+    pub users: Vec<RawUser>,
     #[serde(default)]
     pub pods: Vec<RawPodPolicy>,
     #[serde(default)]
@@ -121,7 +127,60 @@ pub struct RawEndpoint {
     pub address: String,
     #[serde(default)]
     pub proxy_port: u16,
-    pub backend: Option<String>,
+    pub backend: Option<RawBackend>,
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
+/// `backend:` is either an address (standalone shorthand) or a map.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RawBackend {
+    Address(String),
+    Full(Box<RawBackendMap>),
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawBackendMap {
+    pub kind: Option<String>,
+    pub address: Option<String>,
+    pub sentinels: Option<Vec<String>>,
+    pub master_name: Option<String>,
+    pub read_from_replicas: Option<bool>,
+    pub sentinel_username: Option<String>,
+    pub sentinel_password: Option<String>,
+    pub nodes: Option<Vec<String>>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub pool_size: Option<u32>,
+    pub pool_prewarm: Option<bool>,
+    pub max_dedicated: Option<u32>,
+    pub connect_timeout_ms: Option<u64>,
+    pub command_timeout_ms: Option<u64>,
+    pub databases: Option<u32>,
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
+/// `proxy:`: RESP limits and throttling.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawProxy {
+    pub max_bulk_len: Option<u64>,
+    pub max_array_len: Option<u64>,
+    pub max_depth: Option<u32>,
+    pub max_inline_len: Option<u64>,
+    pub throttle_max_delay_ms: Option<u64>,
+    pub max_pipeline: Option<u32>,
+    pub client_output_limit_bytes: Option<u64>,
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
+/// A user clients authenticate as at the proxy (`AUTH [name] password`).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawUser {
+    pub name: String,
+    pub password: Option<String>,
     #[serde(flatten)]
     pub unknown: Unknown,
 }
@@ -143,8 +202,156 @@ pub struct Config {
     pub netns_dir: PathBuf,
     pub default_conn_rate: u32,
     pub default_conn_burst: u32,
+    /// Command-rate limit for pods without a policy (and node-local clients), per second.
+    pub default_cmd_rate: u32,
+    pub default_cmd_burst: u32,
+    pub proxy: ProxySettings,
+    /// Users clients authenticate as at the proxy; empty = no AUTH needed.
+    pub users: Vec<User>,
     pub pods: Vec<PodPolicyConfig>,
     pub endpoints: Vec<Endpoint>,
+}
+
+/// A password that never shows up in `/config_dump`, logs or `Debug` output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("<redacted>")
+    }
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct User {
+    pub name: String,
+    /// `None`: the user needs no password (nopass).
+    pub password: Option<Secret>,
+}
+
+/// `proxy:` settings (RESP limits, throttling, per-client bounds).
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct ProxySettings {
+    pub max_bulk_len: u64,
+    pub max_array_len: u64,
+    pub max_depth: u32,
+    pub max_inline_len: u64,
+    /// How long an over-limit command may be delayed before it is refused.
+    pub throttle_max_delay_ms: u64,
+    /// Most commands of one client in flight at once (the client is not read further).
+    pub max_pipeline: u32,
+    /// Reply bytes buffered for a client that does not read before the proxy stops reading it.
+    pub client_output_limit_bytes: u64,
+}
+
+pub const DEFAULT_THROTTLE_MAX_DELAY_MS: u64 = 100;
+pub const DEFAULT_MAX_PIPELINE: u32 = 4096;
+pub const DEFAULT_CLIENT_OUTPUT_LIMIT: u64 = 64 * 1024 * 1024;
+pub const DEFAULT_POOL_SIZE: u32 = 4;
+pub const DEFAULT_MAX_DEDICATED: u32 = 512;
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 1000;
+pub const DEFAULT_DATABASES: u32 = 16;
+
+impl Default for ProxySettings {
+    fn default() -> Self {
+        Self {
+            max_bulk_len: 512 * 1024 * 1024,
+            max_array_len: 1_048_576,
+            max_depth: 32,
+            max_inline_len: 64 * 1024,
+            throttle_max_delay_ms: DEFAULT_THROTTLE_MAX_DELAY_MS,
+            max_pipeline: DEFAULT_MAX_PIPELINE,
+            client_output_limit_bytes: DEFAULT_CLIENT_OUTPUT_LIMIT,
+        }
+    }
+}
+
+/// Where an endpoint's commands go, and how.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Backend {
+    #[serde(flatten)]
+    pub kind: BackendKind,
+    /// ACL user the proxy authenticates to backends as (`AUTH user pass`).
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    /// Shared, multiplexed connections per backend node, database and protocol.
+    pub pool_size: u32,
+    /// Connect the shared pool at start instead of on first use.
+    pub pool_prewarm: bool,
+    /// Exclusive connections (transactions, blocking commands, pub/sub) per node at most.
+    pub max_dedicated: u32,
+    pub connect_timeout_ms: u64,
+    /// 0 = no timeout; else a command without reply after this long fails (and its shared
+    /// connection is reset, since its later replies can no longer be matched).
+    pub command_timeout_ms: u64,
+    /// Databases clients may SELECT (0..databases); cluster backends only have 0.
+    pub databases: u32,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum BackendKind {
+    Standalone {
+        address: SocketAddr,
+    },
+    Sentinel {
+        sentinels: Vec<SocketAddr>,
+        master_name: String,
+        read_from_replicas: bool,
+        sentinel_username: Option<String>,
+        sentinel_password: Option<Secret>,
+    },
+    Cluster {
+        nodes: Vec<SocketAddr>,
+        read_from_replicas: bool,
+    },
+}
+
+impl Backend {
+    /// A standalone backend with every default (the `backend: ip:port` shorthand).
+    pub fn standalone(address: SocketAddr) -> Self {
+        Self {
+            kind: BackendKind::Standalone { address },
+            username: None,
+            password: None,
+            pool_size: DEFAULT_POOL_SIZE,
+            pool_prewarm: false,
+            max_dedicated: DEFAULT_MAX_DEDICATED,
+            connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
+            command_timeout_ms: 0,
+            databases: DEFAULT_DATABASES,
+        }
+    }
+
+    /// One address that stands for the backend (ready file, logs): the standalone address,
+    /// the first sentinel or the first cluster seed.
+    pub fn primary_address(&self) -> SocketAddr {
+        match &self.kind {
+            BackendKind::Standalone { address } => *address,
+            BackendKind::Sentinel { sentinels, .. } => sentinels[0],
+            BackendKind::Cluster { nodes, .. } => nodes[0],
+        }
+    }
+
+    pub fn kind_name(&self) -> &'static str {
+        match self.kind {
+            BackendKind::Standalone { .. } => "standalone",
+            BackendKind::Sentinel { .. } => "sentinel",
+            BackendKind::Cluster { .. } => "cluster",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -164,7 +371,7 @@ pub struct Endpoint {
     /// Proxy listener port; 0 = ephemeral.
     pub proxy_port: u16,
     /// Where the proxy forwards.
-    pub backend: SocketAddr,
+    pub backend: Backend,
 }
 
 impl Config {
@@ -325,6 +532,22 @@ impl RawConfig {
         for (i, e) in self.endpoints.iter().enumerate() {
             for k in e.unknown.keys() {
                 err(&format!("endpoints[{i}].{k}"), "unknown field".into());
+            }
+            if let Some(RawBackend::Full(b)) = &e.backend {
+                for k in b.unknown.keys() {
+                    err(
+                        &format!("endpoints[{i}].backend.{k}"),
+                        "unknown field".into(),
+                    );
+                }
+            }
+        }
+        for k in self.proxy.unknown.keys() {
+            err(&format!("proxy.{k}"), "unknown field".into());
+        }
+        for (i, u) in self.users.iter().enumerate() {
+            for k in u.unknown.keys() {
+                err(&format!("users[{i}].{k}"), "unknown field".into());
             }
         }
 
@@ -568,10 +791,12 @@ impl RawConfig {
                     format!("duplicate proxy_port {}", e.proxy_port),
                 );
             }
-            let backend = match e.backend.as_deref() {
-                None => address,
-                Some(b) => match parse_socket_addr(b) {
-                    Some(a) if a.port() != 0 && !a.ip().is_unspecified() => Some(a),
+            let backend = match &e.backend {
+                None => address.map(Backend::standalone),
+                Some(RawBackend::Address(b)) => match parse_socket_addr(b) {
+                    Some(a) if a.port() != 0 && !a.ip().is_unspecified() => {
+                        Some(Backend::standalone(a))
+                    }
                     Some(_) => {
                         err(
                             &field("backend"),
@@ -584,6 +809,9 @@ impl RawConfig {
                         None
                     }
                 },
+                Some(RawBackend::Full(b)) => {
+                    validate_backend(b, address, &field("backend"), &mut err)
+                }
             };
             if let (Some(address), Some(backend)) = (address, backend) {
                 endpoints.push(Endpoint {
@@ -593,6 +821,39 @@ impl RawConfig {
                     backend,
                 });
             }
+        }
+
+        let default_cmd_rate = self.default_cmd_rate.unwrap_or(0);
+        let default_cmd_burst = self.default_cmd_burst.unwrap_or(0);
+        if default_cmd_rate == 0 && default_cmd_burst != 0 {
+            err(
+                "default_cmd_burst",
+                "set without default_cmd_rate (0 = unlimited ignores the burst)".into(),
+            );
+        }
+        let proxy = validate_proxy(&self.proxy, &mut err);
+        let mut users = Vec::new();
+        let mut user_names = HashSet::new();
+        for (i, u) in self.users.iter().enumerate() {
+            let field = |f: &str| format!("users[{i}].{f}");
+            if u.name.is_empty() || u.name.bytes().any(|b| b.is_ascii_whitespace()) {
+                err(
+                    &field("name"),
+                    format!("{:?} must be non-empty without blanks", u.name),
+                );
+            } else if !user_names.insert(u.name.clone()) {
+                err(&field("name"), format!("duplicate user {:?}", u.name));
+            }
+            if matches!(&u.password, Some(p) if p.is_empty()) {
+                err(
+                    &field("password"),
+                    "empty: leave it out for a user without password".into(),
+                );
+            }
+            users.push(User {
+                name: u.name.clone(),
+                password: u.password.clone().map(Secret),
+            });
         }
 
         match (proxy_address, cgroup_path, admin_listen) {
@@ -612,6 +873,10 @@ impl RawConfig {
                     netns_dir,
                     default_conn_rate,
                     default_conn_burst,
+                    default_cmd_rate,
+                    default_cmd_burst,
+                    proxy,
+                    users,
                     pods,
                     endpoints,
                 })
@@ -619,6 +884,220 @@ impl RawConfig {
             _ => Err(errs),
         }
     }
+}
+
+fn validate_proxy(p: &RawProxy, err: &mut impl FnMut(&str, String)) -> ProxySettings {
+    let d = ProxySettings::default();
+    let out = ProxySettings {
+        max_bulk_len: p.max_bulk_len.unwrap_or(d.max_bulk_len),
+        max_array_len: p.max_array_len.unwrap_or(d.max_array_len),
+        max_depth: p.max_depth.unwrap_or(d.max_depth),
+        max_inline_len: p.max_inline_len.unwrap_or(d.max_inline_len),
+        throttle_max_delay_ms: p.throttle_max_delay_ms.unwrap_or(d.throttle_max_delay_ms),
+        max_pipeline: p.max_pipeline.unwrap_or(d.max_pipeline),
+        client_output_limit_bytes: p
+            .client_output_limit_bytes
+            .unwrap_or(d.client_output_limit_bytes),
+    };
+    if out.max_bulk_len == 0 || out.max_bulk_len > 4 * 1024 * 1024 * 1024 {
+        err(
+            "proxy.max_bulk_len",
+            format!("{} must be between 1 and 4 GiB", out.max_bulk_len),
+        );
+    }
+    if out.max_array_len == 0 || out.max_array_len > i32::MAX as u64 {
+        err(
+            "proxy.max_array_len",
+            format!("{} must be between 1 and {}", out.max_array_len, i32::MAX),
+        );
+    }
+    if out.max_depth == 0 || out.max_depth > 1024 {
+        err(
+            "proxy.max_depth",
+            format!("{} must be between 1 and 1024", out.max_depth),
+        );
+    }
+    if out.max_inline_len < 64 || out.max_inline_len > 64 * 1024 * 1024 {
+        err(
+            "proxy.max_inline_len",
+            format!("{} must be between 64 and 64 MiB", out.max_inline_len),
+        );
+    }
+    if out.throttle_max_delay_ms > 60_000 {
+        err(
+            "proxy.throttle_max_delay_ms",
+            format!(
+                "{} is more than a minute: clients would time out first",
+                out.throttle_max_delay_ms
+            ),
+        );
+    }
+    if out.max_pipeline == 0 {
+        err("proxy.max_pipeline", "must be at least 1".into());
+    }
+    if out.client_output_limit_bytes < 1024 * 1024 {
+        err(
+            "proxy.client_output_limit_bytes",
+            format!(
+                "{} is below 1 MiB: large replies could never be sent",
+                out.client_output_limit_bytes
+            ),
+        );
+    }
+    out
+}
+
+fn parse_addr_list(
+    list: &[String],
+    field: &str,
+    err: &mut impl FnMut(&str, String),
+) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for (j, s) in list.iter().enumerate() {
+        match parse_socket_addr(s) {
+            Some(a) if a.port() != 0 && !a.ip().is_unspecified() => {
+                if out.contains(&a) {
+                    err(&format!("{field}[{j}]"), format!("duplicate address {a}"));
+                }
+                out.push(a)
+            }
+            _ => err(
+                &format!("{field}[{j}]"),
+                format!("invalid socket address {s:?}"),
+            ),
+        }
+    }
+    if list.is_empty() {
+        err(field, "needs at least one address".into());
+    }
+    out
+}
+
+/// Checks a `backend:` map. `address` is the endpoint address (the standalone default).
+fn validate_backend(
+    b: &RawBackendMap,
+    address: Option<SocketAddr>,
+    field: &str,
+    err: &mut impl FnMut(&str, String),
+) -> Option<Backend> {
+    let f = |k: &str| format!("{field}.{k}");
+    let kind_name = b.kind.as_deref().unwrap_or("standalone");
+    let wrong_for = |k: &str, set: bool, err: &mut dyn FnMut(&str, String)| {
+        if set {
+            err(&f(k), format!("not used by kind {kind_name}"));
+        }
+    };
+    let kind = match kind_name {
+        "standalone" => {
+            wrong_for("sentinels", b.sentinels.is_some(), err);
+            wrong_for("master_name", b.master_name.is_some(), err);
+            wrong_for("nodes", b.nodes.is_some(), err);
+            wrong_for("read_from_replicas", b.read_from_replicas.is_some(), err);
+            wrong_for("sentinel_password", b.sentinel_password.is_some(), err);
+            wrong_for("sentinel_username", b.sentinel_username.is_some(), err);
+            let a = match &b.address {
+                None => address,
+                Some(s) => match parse_socket_addr(s) {
+                    Some(a) if a.port() != 0 && !a.ip().is_unspecified() => Some(a),
+                    _ => {
+                        err(&f("address"), format!("invalid socket address {s:?}"));
+                        None
+                    }
+                },
+            };
+            a.map(|address| BackendKind::Standalone { address })
+        }
+        "sentinel" => {
+            wrong_for("address", b.address.is_some(), err);
+            wrong_for("nodes", b.nodes.is_some(), err);
+            let sentinels =
+                parse_addr_list(b.sentinels.as_deref().unwrap_or(&[]), &f("sentinels"), err);
+            let master_name = b.master_name.clone().unwrap_or_default();
+            if master_name.is_empty() {
+                err(&f("master_name"), "required for kind sentinel".into());
+            }
+            (!sentinels.is_empty() && !master_name.is_empty()).then(|| BackendKind::Sentinel {
+                sentinels,
+                master_name,
+                read_from_replicas: b.read_from_replicas.unwrap_or(false),
+                sentinel_username: b.sentinel_username.clone(),
+                sentinel_password: b.sentinel_password.clone().map(Secret),
+            })
+        }
+        "cluster" => {
+            wrong_for("address", b.address.is_some(), err);
+            wrong_for("sentinels", b.sentinels.is_some(), err);
+            wrong_for("master_name", b.master_name.is_some(), err);
+            wrong_for("sentinel_password", b.sentinel_password.is_some(), err);
+            wrong_for("sentinel_username", b.sentinel_username.is_some(), err);
+            let nodes = parse_addr_list(b.nodes.as_deref().unwrap_or(&[]), &f("nodes"), err);
+            if b.databases.is_some_and(|d| d != 1) {
+                err(
+                    &f("databases"),
+                    "a Redis Cluster has only database 0: leave it out or set 1".into(),
+                );
+            }
+            (!nodes.is_empty()).then(|| BackendKind::Cluster {
+                nodes,
+                read_from_replicas: b.read_from_replicas.unwrap_or(false),
+            })
+        }
+        other => {
+            err(
+                &f("kind"),
+                format!("{other:?} is not one of standalone, sentinel, cluster"),
+            );
+            None
+        }
+    };
+    let pool_size = b.pool_size.unwrap_or(DEFAULT_POOL_SIZE);
+    if pool_size == 0 || pool_size > 256 {
+        err(
+            &f("pool_size"),
+            format!("{pool_size} must be between 1 and 256"),
+        );
+    }
+    let max_dedicated = b.max_dedicated.unwrap_or(DEFAULT_MAX_DEDICATED);
+    if max_dedicated == 0 || max_dedicated > 65_536 {
+        err(
+            &f("max_dedicated"),
+            format!("{max_dedicated} must be between 1 and 65536"),
+        );
+    }
+    let connect_timeout_ms = b.connect_timeout_ms.unwrap_or(DEFAULT_CONNECT_TIMEOUT_MS);
+    if connect_timeout_ms == 0 || connect_timeout_ms > 60_000 {
+        err(
+            &f("connect_timeout_ms"),
+            format!("{connect_timeout_ms} must be between 1 and 60000"),
+        );
+    }
+    let is_cluster = kind_name == "cluster";
+    let databases = b
+        .databases
+        .unwrap_or(if is_cluster { 1 } else { DEFAULT_DATABASES });
+    if databases == 0 || databases > 1_000_000 {
+        err(&f("databases"), format!("{databases} must be at least 1"));
+    }
+    if b.username.is_some() && b.password.is_none() {
+        err(&f("username"), "set without password".into());
+    }
+    if matches!(&b.password, Some(p) if p.is_empty()) {
+        err(
+            &f("password"),
+            "empty: leave it out for a backend without AUTH".into(),
+        );
+    }
+    Some(Backend {
+        kind: kind?,
+        username: b.username.clone(),
+        password: b.password.clone().map(Secret),
+        pool_size,
+        pool_prewarm: b.pool_prewarm.unwrap_or(false),
+        max_dedicated,
+        connect_timeout_ms,
+        command_timeout_ms: b.command_timeout_ms.unwrap_or(0),
+        databases,
+    })
 }
 
 #[cfg(test)]
@@ -673,7 +1152,7 @@ endpoints:
         assert_eq!(cfg.bypass_mark, 0x444d);
         assert_eq!(cfg.endpoints.len(), 1);
         assert_eq!(
-            cfg.endpoints[0].backend,
+            cfg.endpoints[0].backend.primary_address(),
             "198.19.3.1:6379".parse().expect("addr")
         );
         assert_eq!(cfg.pods[0].conn_rate, 5);
@@ -698,7 +1177,10 @@ address = "198.19.3.1:6379"
             .expect("parses")
             .validate(None, no_cgroup)
             .expect("valid");
-        assert_eq!(cfg.endpoints[0].backend, cfg.endpoints[0].address);
+        assert_eq!(
+            cfg.endpoints[0].backend.primary_address(),
+            cfg.endpoints[0].address
+        );
         assert_eq!(cfg.admin_listen, "127.0.0.1:15090".parse().expect("addr"));
         assert_eq!(cfg.failopen_after_ms, 1000);
     }
@@ -855,6 +1337,120 @@ endpoints:
             .expect("parses")
             .validate(None, no_cgroup)
             .expect("valid")
+    }
+
+    #[test]
+    fn backend_maps_users_and_proxy_limits() {
+        let cfg = check_ok(
+            r#"
+proxy_address: 198.18.3.1
+cgroup_path: /x
+default_cmd_rate: 100
+default_cmd_burst: 10
+users:
+  - name: default
+    password: secret
+  - name: app
+proxy:
+  max_bulk_len: 1048576
+  throttle_max_delay_ms: 50
+endpoints:
+  - name: plain
+    address: 198.19.3.1:6379
+  - name: auth
+    address: 198.19.3.2:6379
+    backend: {address: 10.0.0.1:6379, username: proxy, password: pw, pool_size: 2, command_timeout_ms: 500}
+  - name: sentinel
+    address: 198.19.3.3:6379
+    backend:
+      kind: sentinel
+      sentinels: [10.0.0.2:26379, 10.0.0.3:26379]
+      master_name: mymaster
+      read_from_replicas: true
+  - name: cluster
+    address: 198.19.3.4:6379
+    backend: {kind: cluster, nodes: [10.0.0.4:7000, 10.0.0.5:7000]}
+"#,
+        );
+        assert_eq!(cfg.default_cmd_rate, 100);
+        assert_eq!(cfg.users.len(), 2);
+        assert_eq!(cfg.users[1].password, None);
+        assert_eq!(cfg.proxy.max_bulk_len, 1_048_576);
+        assert_eq!(cfg.proxy.max_array_len, 1_048_576);
+        assert_eq!(cfg.proxy.throttle_max_delay_ms, 50);
+        let b = &cfg.endpoints[0].backend;
+        assert_eq!(b.pool_size, DEFAULT_POOL_SIZE);
+        assert_eq!(b.primary_address(), cfg.endpoints[0].address);
+        let b = &cfg.endpoints[1].backend;
+        assert_eq!((b.pool_size, b.command_timeout_ms), (2, 500));
+        assert_eq!(b.password.as_ref().map(|p| p.expose()), Some("pw"));
+        assert!(
+            matches!(&cfg.endpoints[2].backend.kind, BackendKind::Sentinel { read_from_replicas: true, sentinels, .. } if sentinels.len() == 2)
+        );
+        assert_eq!(cfg.endpoints[3].backend.databases, 1);
+        assert_eq!(cfg.endpoints[3].backend.kind_name(), "cluster");
+        // Passwords never leave the process through /config_dump or logs.
+        let json = serde_json::to_string(&cfg).expect("json");
+        assert!(
+            !json.contains("secret") && !json.contains("\"pw\""),
+            "{json}"
+        );
+        assert!(json.contains("<redacted>"));
+        assert!(!format!("{cfg:?}").contains("secret"));
+    }
+
+    #[test]
+    fn backend_and_proxy_errors_are_all_listed() {
+        let errs = check(
+            r#"
+proxy_address: 198.18.3.1
+cgroup_path: /x
+default_cmd_burst: 3
+users:
+  - name: ""
+  - name: a
+    password: ""
+  - name: a
+proxy:
+  max_depth: 0
+  max_inline_len: 1
+  bogus: 1
+endpoints:
+  - name: s
+    address: 198.19.3.1:6379
+    backend: {kind: sentinel, sentinels: [], address: 1.2.3.4:1}
+  - name: c
+    address: 198.19.3.2:6379
+    backend: {kind: cluster, nodes: [x], databases: 4, pool_size: 0}
+  - name: k
+    address: 198.19.3.3:6379
+    backend: {kind: memcached, typo: 1}
+"#,
+        );
+        let want = [
+            "default_cmd_burst: set without default_cmd_rate",
+            "users[0].name:",
+            "users[1].password: empty",
+            "users[2].name: duplicate user \"a\"",
+            "proxy.max_depth: 0 must be between 1 and 1024",
+            "proxy.max_inline_len: 1 must be between 64",
+            "proxy.bogus: unknown field",
+            "endpoints[0].backend.address: not used by kind sentinel",
+            "endpoints[0].backend.sentinels: needs at least one address",
+            "endpoints[0].backend.master_name: required for kind sentinel",
+            "endpoints[1].backend.nodes[0]: invalid socket address \"x\"",
+            "endpoints[1].backend.databases: a Redis Cluster has only database 0",
+            "endpoints[1].backend.pool_size: 0 must be between 1 and 256",
+            "endpoints[2].backend.kind: \"memcached\" is not one of",
+            "endpoints[2].backend.typo: unknown field",
+        ];
+        for w in want {
+            assert!(
+                errs.iter().any(|e| e.starts_with(w)),
+                "missing {w:?} in {errs:#?}"
+            );
+        }
+        assert_eq!(errs.len(), want.len(), "{errs:#?}");
     }
 
     #[test]

@@ -323,11 +323,14 @@ fn scan(netns_dir: &Path, cache: &mut HashMap<(String, u64, u64), u64>) -> BTree
     found
 }
 
+/// The pod policies discovery writes into `dm_pod_policy`; replaced on config reload.
+pub type SharedPolicies = Arc<RwLock<Vec<PodPolicyConfig>>>;
+
 /// Runs discovery every second until `stop` fires (or its sender is dropped).
 pub fn spawn_discovery(
     pods: Arc<Pods>,
     netns_dir: PathBuf,
-    policies: Vec<PodPolicyConfig>,
+    policies: SharedPolicies,
     stop: Receiver<()>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     // The first scan runs before this returns, so that the agent reports ready only once it
@@ -335,18 +338,17 @@ pub fn spawn_discovery(
     // and a pod's connection limit is in the map before its first captured connect.
     let mut cache = HashMap::new();
     let found = scan(&netns_dir, &mut cache);
-    pods.apply(&found, &policies);
+    pods.apply(
+        &found,
+        &policies.read().unwrap_or_else(|p| p.into_inner()).clone(),
+    );
     std::thread::Builder::new()
         .name("pod-discovery".into())
         .spawn(move || {
-            loop {
-                match stop.recv_timeout(Duration::from_secs(1)) {
-                    Err(RecvTimeoutError::Timeout) => {
-                        let found = scan(&netns_dir, &mut cache);
-                        pods.apply(&found, &policies);
-                    }
-                    _ => break,
-                }
+            while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(Duration::from_secs(1)) {
+                let found = scan(&netns_dir, &mut cache);
+                let current = policies.read().unwrap_or_else(|p| p.into_inner()).clone();
+                pods.apply(&found, &current);
             }
         })
 }

@@ -36,11 +36,14 @@ pub fn agent_bin() -> Result<PathBuf> {
 }
 
 /// A per-pod policy override in the agent config.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct PodPolicy {
     pub name: String,
     pub conn_rate: u32,
     pub conn_burst: u32,
+    /// Commands/s (0 = unlimited) and burst of the proxy's per-pod command-rate limit.
+    pub cmd_rate: u32,
+    pub cmd_burst: u32,
 }
 
 /// One `endpoints[]` entry.
@@ -48,7 +51,98 @@ pub struct PodPolicy {
 pub struct Endpoint {
     pub name: String,
     pub address: SocketAddr,
-    pub backend: SocketAddr,
+    /// Proxy listener port; 0 = ephemeral (the ready file says which).
+    pub proxy_port: u16,
+    pub backend: BackendSpec,
+}
+
+impl Endpoint {
+    /// An endpoint with an ephemeral proxy port.
+    pub fn new(name: impl Into<String>, address: SocketAddr, backend: BackendSpec) -> Self {
+        Self {
+            name: name.into(),
+            address,
+            proxy_port: 0,
+            backend,
+        }
+    }
+}
+
+/// An endpoint's `backend:`: the `ip:port` shorthand (standalone with defaults) or a map.
+#[derive(Clone, Debug)]
+pub enum BackendSpec {
+    Address(SocketAddr),
+    /// Keys of the map in order, each with its value as YAML flow text (see [`yaml_str`]).
+    Map(Vec<(String, String)>),
+}
+
+impl BackendSpec {
+    /// `{kind: standalone, address: ...}`.
+    pub fn standalone(address: SocketAddr) -> Self {
+        Self::Map(vec![
+            ("kind".into(), "standalone".into()),
+            ("address".into(), address.to_string()),
+        ])
+    }
+
+    /// `{kind: sentinel, sentinels: [...], master_name: ...}`.
+    pub fn sentinel(sentinels: &[SocketAddr], master_name: &str) -> Self {
+        Self::Map(vec![
+            ("kind".into(), "sentinel".into()),
+            ("sentinels".into(), yaml_list(sentinels)),
+            ("master_name".into(), yaml_str(master_name)),
+        ])
+    }
+
+    /// `{kind: cluster, nodes: [...]}`.
+    pub fn cluster(nodes: &[SocketAddr]) -> Self {
+        Self::Map(vec![
+            ("kind".into(), "cluster".into()),
+            ("nodes".into(), yaml_list(nodes)),
+        ])
+    }
+
+    /// Sets (or replaces) a key of the map; `value` is YAML flow text (`4`, `true`,
+    /// `yaml_str("pw")`). The address shorthand becomes a standalone map first.
+    pub fn with(self, key: &str, value: impl std::fmt::Display) -> Self {
+        let mut map = match self {
+            Self::Address(a) => match Self::standalone(a) {
+                Self::Map(m) => m,
+                Self::Address(_) => Vec::new(),
+            },
+            Self::Map(m) => m,
+        };
+        let value = value.to_string();
+        match map.iter_mut().find(|(k, _)| k == key) {
+            Some(kv) => kv.1 = value,
+            None => map.push((key.to_string(), value)),
+        }
+        Self::Map(map)
+    }
+
+    fn to_yaml(&self, indent: &str) -> String {
+        match self {
+            Self::Address(a) => format!(" {a}\n"),
+            Self::Map(m) => {
+                let mut y = String::from("\n");
+                for (k, v) in m {
+                    y.push_str(&format!("{indent}{k}: {v}\n"));
+                }
+                y
+            }
+        }
+    }
+}
+
+/// A string as a YAML scalar (JSON strings are valid YAML flow scalars).
+pub fn yaml_str(s: &str) -> String {
+    serde_json::Value::String(s.to_string()).to_string()
+}
+
+/// Addresses as a YAML flow list of strings.
+pub fn yaml_list(addrs: &[SocketAddr]) -> String {
+    let items: Vec<String> = addrs.iter().map(|a| yaml_str(&a.to_string())).collect();
+    format!("[{}]", items.join(", "))
 }
 
 /// The agent config the harness writes (YAML), mirroring the contract's keys.
@@ -66,6 +160,12 @@ pub struct AgentConfig {
     pub default_conn_burst: u32,
     pub pods: Vec<PodPolicy>,
     pub endpoints: Vec<Endpoint>,
+    /// `users:` clients authenticate as at the proxy (name, password); empty = no AUTH.
+    pub users: Vec<(String, String)>,
+    /// `proxy:` settings as (key, YAML value); empty = the agent's defaults.
+    pub proxy: Vec<(String, String)>,
+    /// Raw top-level YAML appended to the file (keys the harness has no field for).
+    pub extra_yaml: String,
 }
 
 impl AgentConfig {
@@ -95,18 +195,38 @@ impl AgentConfig {
             y.push_str("pods:\n");
             for p in &self.pods {
                 y.push_str(&format!(
-                    "  - name: {}\n    conn_rate: {}\n    conn_burst: {}\n    cmd_rate: 0\n    cmd_burst: 0\n",
-                    p.name, p.conn_rate, p.conn_burst
+                    "  - name: {}\n    conn_rate: {}\n    conn_burst: {}\n    cmd_rate: {}\n    cmd_burst: {}\n",
+                    p.name, p.conn_rate, p.conn_burst, p.cmd_rate, p.cmd_burst
                 ));
             }
         }
         y.push_str("endpoints:\n");
         for e in &self.endpoints {
             y.push_str(&format!(
-                "  - name: {}\n    address: {}\n    proxy_port: 0\n    backend: {}\n",
-                e.name, e.address, e.backend
+                "  - name: {}\n    address: {}\n    proxy_port: {}\n    backend:{}",
+                e.name,
+                e.address,
+                e.proxy_port,
+                e.backend.to_yaml("      ")
             ));
         }
+        if !self.users.is_empty() {
+            y.push_str("users:\n");
+            for (name, password) in &self.users {
+                y.push_str(&format!(
+                    "  - name: {}\n    password: {}\n",
+                    yaml_str(name),
+                    yaml_str(password)
+                ));
+            }
+        }
+        if !self.proxy.is_empty() {
+            y.push_str("proxy:\n");
+            for (k, v) in &self.proxy {
+                y.push_str(&format!("  {k}: {v}\n"));
+            }
+        }
+        y.push_str(&self.extra_yaml);
         y
     }
 }
@@ -310,6 +430,40 @@ impl Agent {
 
     pub fn log_path(&self) -> &Path {
         &self.log_path
+    }
+
+    /// The config file the agent was started with (and reloads).
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// Rewrites the config file with `config` (atomically: tmp + rename, so a reload never reads
+    /// half a file). The running agent sees it on its next reload ([`Agent::sighup`]).
+    pub fn write_config(&mut self, config: AgentConfig) -> Result<()> {
+        let tmp = self.config_path.with_extension("yaml.tmp");
+        std::fs::write(&tmp, config.to_yaml())
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &self.config_path)
+            .with_context(|| format!("renaming {} into place", tmp.display()))?;
+        self.config = config;
+        Ok(())
+    }
+
+    /// Sends SIGHUP (reload the config file) to the running agent.
+    pub fn sighup(&self) -> Result<()> {
+        let pid = self.pid().ok_or_else(|| anyhow!("agent is not running"))?;
+        let pid = libc::pid_t::try_from(pid)?;
+        // SAFETY: kill(2) on the pid of our own unreaped child.
+        if unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("SIGHUP to the agent");
+        }
+        Ok(())
+    }
+
+    /// The agent's resident set size in KiB (`VmRSS` of /proc/<pid>/status).
+    pub fn rss_kib(&self) -> Result<u64> {
+        let pid = self.pid().ok_or_else(|| anyhow!("agent is not running"))?;
+        crate::proc::rss_kib(pid)
     }
 
     /// The proxy listener address of the endpoint `name`.

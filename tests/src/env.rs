@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context, Result};
 
-use crate::agent::{Agent, AgentConfig, Endpoint, PodPolicy};
+use crate::agent::{Agent, AgentConfig, BackendSpec, Endpoint, PodPolicy};
 use crate::cgroup::Cgroup;
 use crate::instance::Instance;
 use crate::net::{self, Bridge};
@@ -41,6 +41,11 @@ pub struct EnvBuilder {
     failopen_after_ms: u64,
     drain_timeout_ms: u64,
     agent_bin: Option<PathBuf>,
+    cmd_limits: Vec<(String, u32, u32)>,
+    users: Vec<(String, String)>,
+    backend_options: Vec<(String, String)>,
+    proxy_settings: Vec<(String, String)>,
+    extra_yaml: String,
 }
 
 impl Default for EnvBuilder {
@@ -53,6 +58,11 @@ impl Default for EnvBuilder {
             failopen_after_ms: 1000,
             drain_timeout_ms: 2000,
             agent_bin: None,
+            cmd_limits: Vec::new(),
+            users: Vec::new(),
+            backend_options: Vec::new(),
+            proxy_settings: Vec::new(),
+            extra_yaml: String::new(),
         }
     }
 }
@@ -77,6 +87,43 @@ impl EnvBuilder {
     /// A per-pod connection-rate limit (connects/s and burst) for the pod with this short name.
     pub fn conn_limit(mut self, pod: &str, rate: u32, burst: u32) -> Self {
         self.limits.push((pod.to_string(), rate, burst));
+        self
+    }
+
+    /// A per-pod command-rate limit (commands/s and burst) for the pod with this short name.
+    pub fn cmd_limit(mut self, pod: &str, rate: u32, burst: u32) -> Self {
+        self.cmd_limits.push((pod.to_string(), rate, burst));
+        self
+    }
+
+    /// A `users:` entry: clients must `AUTH` at the proxy (`default` makes `AUTH <password>` work).
+    pub fn user(mut self, name: &str, password: &str) -> Self {
+        self.users.push((name.to_string(), password.to_string()));
+        self
+    }
+
+    /// A key of the `cache` endpoint's backend map (`pool_size`, `password`, ...); the value is
+    /// YAML flow text (see [`crate::agent::yaml_str`] for strings). Any option turns the
+    /// `backend: ip:port` shorthand into `{kind: standalone, address: ..., <options>}`.
+    pub fn backend_option(mut self, key: &str, value: impl std::fmt::Display) -> Self {
+        self.backend_options
+            .push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// A key of the top-level `proxy:` section (`max_depth`, `throttle_max_delay_ms`, ...).
+    pub fn proxy_setting(mut self, key: &str, value: impl std::fmt::Display) -> Self {
+        self.proxy_settings
+            .push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Raw top-level YAML appended to the agent's config file.
+    pub fn extra_config(mut self, yaml: &str) -> Self {
+        self.extra_yaml.push_str(yaml);
+        if !self.extra_yaml.ends_with('\n') {
+            self.extra_yaml.push('\n');
+        }
         self
     }
 
@@ -114,6 +161,8 @@ impl EnvBuilder {
         let mut env = Env {
             n,
             id: id.clone(),
+            builder: self.clone(),
+            agent_cgroup: PathBuf::new(),
             run_dir: Path::new(RUN_DIR).join(&id),
             pin_dir: Path::new(BPFFS).join(&id),
             agent: None,
@@ -127,7 +176,7 @@ impl EnvBuilder {
         std::fs::create_dir_all(&env.run_dir)
             .with_context(|| format!("creating {}", env.run_dir.display()))?;
         let cg = Cgroup::create(Path::new(CGROUP2_ROOT).join(&id))?;
-        let agent_cg = cg.child("agent")?;
+        env.agent_cgroup = cg.child("agent")?;
         env.cgroup = Some(cg);
         env.outside = Some(Cgroup::create(
             Path::new(CGROUP2_ROOT).join(format!("{id}-outside")),
@@ -144,39 +193,8 @@ impl EnvBuilder {
         let redis = RedisServer::start(env.service_addr(), env.outside_cgroup(), &env.run_dir)?;
         env.redis.push(redis);
         if self.agent {
-            let pods = self
-                .limits
-                .iter()
-                .map(|(p, rate, burst)| PodPolicy {
-                    name: format!("dmt{n}-{p}"),
-                    conn_rate: *rate,
-                    conn_burst: *burst,
-                })
-                .collect();
-            let config = AgentConfig {
-                proxy_address: net::proxy_ip(n),
-                cgroup_path: env.cgroup()?.path().to_path_buf(),
-                pin_dir: env.pin_dir.clone(),
-                fastpath: self.fastpath,
-                failopen_after_ms: self.failopen_after_ms,
-                heartbeat_interval_ms: 100,
-                drain_timeout_ms: self.drain_timeout_ms,
-                netns_dir: PathBuf::from(NETNS_DIR),
-                default_conn_rate: 0,
-                default_conn_burst: 0,
-                pods,
-                endpoints: vec![Endpoint {
-                    name: ENDPOINT_NAME.into(),
-                    address: env.service_addr(),
-                    backend: env.service_addr(),
-                }],
-            };
-            env.agent = Some(Agent::start(
-                config,
-                &env.run_dir,
-                &agent_cg,
-                self.agent_bin.clone(),
-            )?);
+            let config = env.base_agent_config()?;
+            env.start_agent(config)?;
         }
         Ok(env)
     }
@@ -187,6 +205,9 @@ impl EnvBuilder {
 pub struct Env {
     n: u8,
     id: String,
+    /// The options this env was built with (the base of [`Env::base_agent_config`]).
+    builder: EnvBuilder,
+    agent_cgroup: PathBuf,
     run_dir: PathBuf,
     pin_dir: PathBuf,
     agent: Option<Agent>,
@@ -257,12 +278,95 @@ impl Env {
         &self.redis[0]
     }
 
+    /// The redis-server on the service address, mutably (to set the password its checks use).
+    pub fn redis_mut(&mut self) -> &mut RedisServer {
+        &mut self.redis[0]
+    }
+
     /// Starts another redis-server on the service IP at `port` (not in the endpoints map).
     pub fn start_redis(&mut self, port: u16) -> Result<&RedisServer> {
         let addr = SocketAddr::V4(SocketAddrV4::new(self.service_ip(), port));
         let r = RedisServer::start(addr, self.outside_cgroup(), &self.run_dir)?;
         self.redis.push(r);
         Ok(&self.redis[self.redis.len() - 1])
+    }
+
+    /// The agent config the builder's options make: the `cache` endpoint on the service address
+    /// (backend = the redis-server there, with any backend options), pod policies, users,
+    /// `proxy:` settings. Tests that need more (a sentinel or cluster endpoint) build the env
+    /// with `.agent(false)`, start their servers, extend this config and call
+    /// [`Env::start_agent`].
+    pub fn base_agent_config(&self) -> Result<AgentConfig> {
+        let b = &self.builder;
+        let n = self.n;
+        let mut pods: Vec<PodPolicy> = Vec::new();
+        let mut policy = |p: &str| -> usize {
+            let name = format!("dmt{n}-{p}");
+            match pods.iter().position(|x| x.name == name) {
+                Some(i) => i,
+                None => {
+                    pods.push(PodPolicy {
+                        name,
+                        ..PodPolicy::default()
+                    });
+                    pods.len() - 1
+                }
+            }
+        };
+        let mut idx = Vec::new();
+        for (p, rate, burst) in &b.limits {
+            idx.push((policy(p), Some((*rate, *burst)), None));
+        }
+        for (p, rate, burst) in &b.cmd_limits {
+            idx.push((policy(p), None, Some((*rate, *burst))));
+        }
+        for (i, conn, cmd) in idx {
+            if let Some((r, bu)) = conn {
+                pods[i].conn_rate = r;
+                pods[i].conn_burst = bu;
+            }
+            if let Some((r, bu)) = cmd {
+                pods[i].cmd_rate = r;
+                pods[i].cmd_burst = bu;
+            }
+        }
+        let mut backend = BackendSpec::Address(self.service_addr());
+        for (k, v) in &b.backend_options {
+            backend = backend.with(k, v);
+        }
+        Ok(AgentConfig {
+            proxy_address: net::proxy_ip(n),
+            cgroup_path: self.cgroup()?.path().to_path_buf(),
+            pin_dir: self.pin_dir.clone(),
+            fastpath: b.fastpath,
+            failopen_after_ms: b.failopen_after_ms,
+            heartbeat_interval_ms: 100,
+            drain_timeout_ms: b.drain_timeout_ms,
+            netns_dir: PathBuf::from(NETNS_DIR),
+            default_conn_rate: 0,
+            default_conn_burst: 0,
+            pods,
+            endpoints: vec![Endpoint::new(ENDPOINT_NAME, self.service_addr(), backend)],
+            users: b.users.clone(),
+            proxy: b.proxy_settings.clone(),
+            extra_yaml: b.extra_yaml.clone(),
+        })
+    }
+
+    /// Starts the agent (in the instance's `agent/` cgroup) with `config` and waits until it is
+    /// ready. Fails if this env already has one.
+    pub fn start_agent(&mut self, config: AgentConfig) -> Result<()> {
+        if self.agent.is_some() {
+            return Err(anyhow!("this env already has an agent"));
+        }
+        let agent = Agent::start(
+            config,
+            &self.run_dir,
+            &self.agent_cgroup,
+            self.builder.agent_bin.clone(),
+        )?;
+        self.agent = Some(agent);
+        Ok(())
     }
 
     pub fn agent(&self) -> &Agent {
@@ -331,6 +435,17 @@ impl Drop for Env {
         }
         // Reverse order of creation; each guard's Drop reports but never panics.
         drop(self.agent.take());
+        // For debugging: keep the agent's full log (the run dir goes away below).
+        if let Some(keep) = std::env::var_os("DATAMESH_TEST_KEEP_LOGS") {
+            let src = self.run_dir.join("agent.log");
+            let dst = Path::new(&keep).join(format!("{}-agent.log", self.id));
+            if src.exists() {
+                let _ = std::fs::create_dir_all(&keep);
+                if let Err(e) = std::fs::copy(&src, &dst) {
+                    eprintln!("datamesh-tests: keeping {}: {e}", src.display());
+                }
+            }
+        }
         self.redis.clear();
         drop(self.cgroup.take());
         drop(self.outside.take());

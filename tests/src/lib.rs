@@ -10,17 +10,22 @@
 //!
 //! Modules: [`instance`] (numbering, ownership, reaping), [`net`] (bridge, veth, netns),
 //! [`cgroup`], [`pod`], [`redis`], [`resp`] (a tiny RESP reader for checks), [`agent`],
-//! [`env`] (the builder tests use), [`proc`] (running commands with deadlines).
+//! [`env`] (the builder tests use), [`proc`] (running commands with deadlines), and for the RESP
+//! proxy tests [`proxy`] (raw RESP connections, real-client runners), [`sentinel`] (master,
+//! replica and three sentinels) and [`cluster`] (a 3-master Redis Cluster).
 
 pub mod agent;
 pub mod cgroup;
+pub mod cluster;
 pub mod env;
 pub mod instance;
 pub mod net;
 pub mod pod;
 pub mod proc;
+pub mod proxy;
 pub mod redis;
 pub mod resp;
+pub mod sentinel;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -145,3 +145,43 @@ pub fn last_chars(bytes: &[u8], n: usize) -> String {
         None => s.to_string(),
     }
 }
+
+/// Resident set size of a process in KiB (`VmRSS` of /proc/<pid>/status).
+pub fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status (has the process exited?)"))?;
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .with_context(|| format!("no VmRSS line in /proc/{pid}/status"))?;
+    let kib = line.trim().trim_end_matches("kB").trim();
+    kib.parse()
+        .with_context(|| format!("bad VmRSS value {line:?} in /proc/{pid}/status"))
+}
+
+/// Raises this process's RLIMIT_NOFILE (soft and hard) to at least `n`; returns the new soft
+/// limit. Raising the hard limit needs CAP_SYS_RESOURCE (root has it).
+pub fn raise_nofile(n: u64) -> Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
+    }
+    if lim.rlim_cur >= n {
+        return Ok(lim.rlim_cur);
+    }
+    let new = libc::rlimit {
+        rlim_cur: n,
+        rlim_max: lim.rlim_max.max(n),
+    };
+    // SAFETY: setrlimit reads the struct we own.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } != 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| {
+            format!("setrlimit(RLIMIT_NOFILE, {n}) (is CAP_SYS_RESOURCE missing?)")
+        });
+    }
+    Ok(n)
+}

@@ -21,12 +21,20 @@ pub struct RedisServer {
     child: Child,
     addr: SocketAddr,
     log: PathBuf,
+    /// `requirepass` of the server, sent as AUTH by [`RedisServer::command`].
+    password: Option<String>,
 }
 
 impl RedisServer {
     /// Starts redis-server on `addr` in `cgroup`, logging to `<dir>/redis-<port>.log`, and waits
     /// until it answers PING.
     pub fn start(addr: SocketAddr, cgroup: &Path, dir: &Path) -> Result<Self> {
+        Self::start_with(addr, cgroup, dir, &[])
+    }
+
+    /// Like [`RedisServer::start`] with extra command-line options (`["--requirepass", "pw"]`,
+    /// `["--cluster-enabled", "yes", ...]`); they come last, so they override the defaults.
+    pub fn start_with(addr: SocketAddr, cgroup: &Path, dir: &Path, extra: &[&str]) -> Result<Self> {
         let log = dir.join(format!("redis-{}.log", addr.port()));
         let mut cmd = Command::new("redis-server");
         cmd.args(["--bind", &addr.ip().to_string()])
@@ -46,21 +54,44 @@ impl RedisServer {
             .arg(&log)
             .arg("--dir")
             .arg(dir)
-            .stdin(Stdio::null())
+            .args(extra);
+        Self::spawn(cmd, addr, cgroup, log, None)
+    }
+
+    /// Starts `cmd` (a redis-server or redis-sentinel command line that listens on `addr` and
+    /// logs to `log`) in `cgroup` and waits until PING on `addr` answers PONG (with `password`
+    /// if the server requires one).
+    pub fn spawn(
+        mut cmd: Command,
+        addr: SocketAddr,
+        cgroup: &Path,
+        log: PathBuf,
+        password: Option<&str>,
+    ) -> Result<Self> {
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         crate::pod::enter_cgroup_with_nofile(&mut cmd, cgroup, 65536);
-        let child = cmd.spawn().context(
-            "starting redis-server (is redis-server installed? run `cargo xtask setup`)",
-        )?;
-        let mut server = Self { child, addr, log };
+        let child = cmd.spawn().with_context(|| {
+            format!(
+                "starting {} (is it installed? run `cargo xtask setup`)",
+                crate::proc::describe(&cmd)
+            )
+        })?;
+        let mut server = Self {
+            child,
+            addr,
+            log,
+            password: password.map(str::to_string),
+        };
         let started = wait_until(
-            &format!("redis-server on {addr} to answer PING"),
+            &format!("{} on {addr} to answer PING", crate::proc::describe(&cmd)),
             Duration::from_secs(15),
             || {
                 if let Some(st) = server.child.try_wait()? {
                     bail!(
-                        "redis-server exited ({st}); its log:\n{}",
+                        "{} exited ({st}); its log:\n{}",
+                        crate::proc::describe(&cmd),
                         tail(&server.log, 20)
                     );
                 }
@@ -88,9 +119,50 @@ impl RedisServer {
         let mut s = TcpStream::connect_timeout(&self.addr, Duration::from_secs(2))
             .with_context(|| format!("connecting to redis at {}", self.addr))?;
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        s.write_all(&resp::encode(args))?;
+        let mut req = Vec::new();
+        if let Some(pw) = &self.password {
+            req.extend_from_slice(&resp::encode(&[b"AUTH", pw.as_bytes()]));
+        }
+        req.extend_from_slice(&resp::encode(args));
+        s.write_all(&req)?;
         let mut r = BufReader::new(s);
+        if self.password.is_some() {
+            match resp::read_reply(&mut r)? {
+                Reply::Simple(_) => {}
+                other => bail!("AUTH to redis at {} failed: {other:?}", self.addr),
+            }
+        }
         Ok(resp::read_reply(&mut r)?)
+    }
+
+    /// Sets the password [`RedisServer::command`] authenticates with (after `CONFIG SET
+    /// requirepass` or for a server started with `--requirepass`).
+    pub fn set_password(&mut self, password: Option<&str>) {
+        self.password = password.map(str::to_string);
+    }
+
+    /// `INFO <section>` as key → value.
+    pub fn info(&self, section: &str) -> Result<std::collections::BTreeMap<String, String>> {
+        match self.command(&[b"INFO", section.as_bytes()])? {
+            Reply::Bulk(Some(b)) => Ok(resp::parse_info(&String::from_utf8_lossy(&b))),
+            other => bail!("unexpected INFO reply from {}: {other:?}", self.addr),
+        }
+    }
+
+    /// One integer field of `INFO <section>` (`total_connections_received` of `stats`).
+    pub fn info_u64(&self, section: &str, field: &str) -> Result<u64> {
+        let info = self.info(section)?;
+        info.get(field)
+            .with_context(|| format!("INFO {section} of {} has no {field}", self.addr))?
+            .parse()
+            .with_context(|| format!("INFO {section} field {field} is not an integer"))
+    }
+
+    /// SIGKILLs the server (a crash, for failover tests) and reaps it.
+    pub fn kill9(&mut self) -> Result<()> {
+        self.child.kill().context("SIGKILL to redis-server")?;
+        self.child.wait().context("reaping redis-server")?;
+        Ok(())
     }
 
     /// `CLIENT LIST` parsed into one map per client.

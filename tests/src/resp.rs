@@ -116,6 +116,15 @@ pub fn parse_client_list(text: &str) -> Vec<std::collections::BTreeMap<String, S
         .collect()
 }
 
+/// Parses `INFO` text (`key:value` lines, `#` section headers) into key → value.
+pub fn parse_info(text: &str) -> std::collections::BTreeMap<String, String> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.trim_end().split_once(':'))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,5 +1,6 @@
 //! `cargo xtask bench datapath`: pod-to-Redis round trips direct, through the proxy with the
 //! fast path off, and with it on, in the same run; prints ops/s, p50, p99 and the ratios.
+//! (`cargo xtask bench proxy`, the RESP proxy against twemproxy, lives in `bench_proxy.rs`.)
 //!
 //! Setup (the test harness): one pod, the real agent (fast path off at start), redis-server on
 //! the service address. redis-benchmark runs inside the pod's network namespace for every case:
@@ -22,6 +23,8 @@ use datamesh_tests::Env;
 pub enum Bench {
     /// Pod-to-proxy round trips (PING, 1 KiB GET): direct vs fast path off vs on.
     Datapath(DatapathArgs),
+    /// The RESP proxy vs twemproxy vs direct: GET/SET throughput, connection storm, idle memory.
+    Proxy(crate::bench_proxy::ProxyArgs),
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -40,6 +43,7 @@ pub struct DatapathArgs {
 pub fn run(b: &Bench) -> Result<()> {
     match b {
         Bench::Datapath(a) => datapath(a),
+        Bench::Proxy(a) => crate::bench_proxy::run(a),
     }
 }
 

@@ -5,6 +5,7 @@
 //! a fresh machine.
 
 mod bench;
+mod bench_proxy;
 mod build_ebpf;
 mod demo;
 mod setup;
@@ -14,7 +15,10 @@ mod util;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "xtask", about = "DataMesh build, demo, test and benchmark commands")]
+#[command(
+    name = "xtask",
+    about = "DataMesh build, demo, test and benchmark commands"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

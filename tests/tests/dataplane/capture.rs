@@ -11,8 +11,8 @@ use datamesh_tests::proc::run_ok;
 use datamesh_tests::Env;
 
 use crate::common::{
-    assert_captured_entry, counter, counters, is_pod_addr, pod_connections, redis_cli_client_addr,
-    redis_py_client_addr,
+    assert_captured_entry, captured_by_proxy, counter, counters, is_pod_addr, pod_connections,
+    redis_cli_client_addr, redis_py_client_addr,
 };
 
 #[test]
@@ -24,13 +24,13 @@ fn redis_cli_and_redis_py_are_captured() {
 
         let cli_seen = redis_cli_client_addr(pod.cmd("redis-cli"), svc, "dmcli")?;
         ensure!(
-            !is_pod_addr(pod, cli_seen),
-            "Redis saw the pod itself ({cli_seen}) for redis-cli: not captured"
+            captured_by_proxy(env, pod, cli_seen)?,
+            "the proxy has no record of redis-cli's connection {cli_seen}: not captured"
         );
         let py_seen = redis_py_client_addr(pod, svc, "dmpy")?;
         ensure!(
-            !is_pod_addr(pod, py_seen),
-            "Redis saw the pod itself ({py_seen}) for redis-py: not captured"
+            captured_by_proxy(env, pod, py_seen)?,
+            "the proxy has no record of redis-py's connection {py_seen}: not captured"
         );
 
         let conns = pod_connections(env, pod)?;
@@ -69,6 +69,10 @@ fn port_not_in_endpoints_is_untouched() {
             "Redis on {other} saw {seen}, not the pod {}: the connect was modified",
             pod.ip()
         );
+        ensure!(
+            !captured_by_proxy(env, pod, seen)?,
+            "the proxy recorded {seen}: a connect to a port not in endpoints was captured"
+        );
 
         let conns_after = env.agent().connections()?.len();
         ensure!(
@@ -99,6 +103,10 @@ fn process_outside_attached_cgroup_is_untouched() {
             "Redis saw {seen}, not the pod {}: a process outside the cgroup was captured",
             pod.ip()
         );
+        ensure!(
+            !captured_by_proxy(env, pod, seen)?,
+            "the proxy recorded {seen}: a process outside the cgroup was captured"
+        );
 
         let conns_after = env.agent().connections()?.len();
         ensure!(
@@ -109,8 +117,8 @@ fn process_outside_attached_cgroup_is_untouched() {
         // The same client inside the pod's cgroup is captured (the control).
         let seen = redis_cli_client_addr(pod.cmd("redis-cli"), svc, "dminside")?;
         ensure!(
-            !is_pod_addr(pod, seen),
-            "control: the in-pod client was not captured (Redis saw {seen})"
+            captured_by_proxy(env, pod, seen)?,
+            "control: the in-pod client {seen} was not captured"
         );
         Ok(())
     });

@@ -204,6 +204,22 @@ pub fn counter(m: &BTreeMap<String, u64>, key: &str) -> u64 {
 }
 
 /// True when `addr`'s IP is this pod's address (Redis saw the pod itself, not the proxy).
+/// Whether the client connection whose address was `seen` went through the proxy, checking the
+/// `/connections` entry of exactly that socket when there is one. The proxy answers `CLIENT LIST`
+/// itself with the client's own address (as Redis would), so the address alone cannot tell a
+/// captured connection from a direct one; the proxy's record of that socket can.
+pub fn captured_by_proxy(env: &Env, pod: &Pod, seen: SocketAddr) -> Result<bool> {
+    let seen = seen.to_string();
+    let conns = env.agent().connections()?;
+    match conns.iter().find(|c| c["peer"].as_str() == Some(seen.as_str())) {
+        Some(c) => {
+            assert_captured_entry(env, pod, c)?;
+            Ok(true)
+        }
+        None => Ok(false),
+    }
+}
+
 pub fn is_pod_addr(pod: &Pod, addr: SocketAddr) -> bool {
     addr.ip() == IpAddr::V4(pod.ip())
 }

@@ -1,0 +1,439 @@
+//! Per-pod command accounting and the per-pod command-rate limit.
+//!
+//! Every client session holds the [`PodStats`] of its pod (resolved once per connection from
+//! the netns cookie the eBPF capture recorded; node-local clients share pod "node", cookie
+//! 0). Counting is two atomic adds per command. A task flushes the deltas to the pinned
+//! `dm_pod_counters` map every 200 ms, so `datamesh-agent pods` shows them, and refreshes each
+//! pod's policy (config `pods[].cmd_rate/cmd_burst`, else `default_cmd_rate/burst`).
+//!
+//! The limit is GCRA (the same [`datamesh_common::gcra_allow`] the eBPF connection limit uses).
+//! A command over the limit waits until its slot comes if that is within
+//! `proxy.throttle_max_delay_ms`, else it is answered with an error; both count as throttled.
+//!
+//! The flush is a read-modify-write of the whole map value (the bpf syscall has no
+//! per-field update): an eBPF atomic add landing between our read and our write is lost. The
+//! window is a few microseconds every 200 ms per active pod; we accept that small race on the
+//! eBPF-side counters rather than split the value (which would change the map ABI).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use datamesh_common::{gcra_allow, PodCounters, MAP_POD_COUNTERS};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use crate::app::stopped;
+use crate::config::PodPolicyConfig;
+use crate::dataplane::{self, DataplaneError};
+use crate::pods::Pods;
+
+/// Name of the pseudo-pod of clients whose connection was not captured (node-local).
+pub const NODE_POD: &str = "node";
+
+/// A rate-limit decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Throttle {
+    Allow,
+    /// Allowed after waiting this long (the slot is reserved).
+    Delay(Duration),
+    /// Over the limit by more than the allowed delay.
+    Refuse,
+}
+
+/// One pod's counters, bucket and policy, shared by all its sessions.
+pub struct PodStats {
+    pub cookie: u64,
+    name: RwLock<String>,
+    rate: AtomicU32,
+    burst: AtomicU32,
+    tat_ns: AtomicU64,
+    commands: AtomicU64,
+    throttled: AtomicU64,
+    flushed_commands: AtomicU64,
+    flushed_throttled: AtomicU64,
+}
+
+impl PodStats {
+    pub fn new(cookie: u64, name: String, rate: u32, burst: u32) -> Self {
+        Self {
+            cookie,
+            name: RwLock::new(name),
+            rate: AtomicU32::new(rate),
+            burst: AtomicU32::new(burst),
+            tat_ns: AtomicU64::new(0),
+            commands: AtomicU64::new(0),
+            throttled: AtomicU64::new(0),
+            flushed_commands: AtomicU64::new(0),
+            flushed_throttled: AtomicU64::new(0),
+        }
+    }
+
+    pub fn name(&self) -> String {
+        self.name.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn commands(&self, n: u64) {
+        self.commands.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn throttled(&self, n: u64) {
+        self.throttled.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn totals(&self) -> (u64, u64) {
+        (
+            self.commands.load(Ordering::Relaxed),
+            self.throttled.load(Ordering::Relaxed),
+        )
+    }
+
+    /// True when the pod has a command-rate limit (checked before anything else per command).
+    pub fn limited(&self) -> bool {
+        self.rate.load(Ordering::Relaxed) != 0
+    }
+
+    pub fn set_policy(&self, rate: u32, burst: u32) {
+        self.rate.store(rate, Ordering::Relaxed);
+        self.burst.store(burst, Ordering::Relaxed);
+    }
+
+    /// GCRA check of one command at `now_ns`, delaying up to `max_delay`.
+    pub fn check(&self, now_ns: u64, max_delay: Duration) -> Throttle {
+        let rate = self.rate.load(Ordering::Relaxed);
+        if rate == 0 {
+            return Throttle::Allow;
+        }
+        let burst = self.burst.load(Ordering::Relaxed);
+        let interval = 1_000_000_000u64 / rate as u64;
+        let burst_ns = burst.max(1) as u64 * interval;
+        loop {
+            let tat = self.tat_ns.load(Ordering::Acquire);
+            let (new_tat, wait) = match gcra_allow(tat, now_ns, rate, burst) {
+                Some(t) => (t, 0),
+                None => {
+                    // Allowed once `new_tat - t <= burst * interval`.
+                    let new_tat = tat.max(now_ns) + interval;
+                    let wait = new_tat.saturating_sub(burst_ns).saturating_sub(now_ns);
+                    if wait > max_delay.as_nanos() as u64 {
+                        return Throttle::Refuse;
+                    }
+                    (new_tat, wait)
+                }
+            };
+            if self
+                .tat_ns
+                .compare_exchange(tat, new_tat, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                return if wait == 0 {
+                    Throttle::Allow
+                } else {
+                    Throttle::Delay(Duration::from_nanos(wait))
+                };
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PodLabels {
+    pub pod: String,
+}
+
+/// Per-pod metrics (`datamesh_proxy_pod_commands_total`, `..._pod_throttled_total`).
+#[derive(Default)]
+pub struct PodMetrics {
+    pub commands: Family<PodLabels, Counter>,
+    pub throttled: Family<PodLabels, Counter>,
+}
+
+/// The policy inputs: per-pod config and the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct PolicySource {
+    pub pods: Vec<PodPolicyConfig>,
+    pub default_rate: u32,
+    pub default_burst: u32,
+}
+
+impl PolicySource {
+    fn for_name(&self, name: Option<&str>) -> (u32, u32) {
+        match name.and_then(|n| self.pods.iter().find(|p| p.name == n)) {
+            Some(p) => (p.cmd_rate, p.cmd_burst),
+            None => (self.default_rate, self.default_burst),
+        }
+    }
+}
+
+type CountersMap = BpfHashMap<MapData, u64, PodCounters>;
+
+/// All pods' stats, the policy source and the flusher.
+pub struct PodRegistry {
+    stats: Mutex<HashMap<u64, Arc<PodStats>>>,
+    policy: RwLock<PolicySource>,
+    pods: Option<Arc<Pods>>,
+    counters: Option<Mutex<CountersMap>>,
+    base: Instant,
+    pub metrics: Arc<PodMetrics>,
+}
+
+impl PodRegistry {
+    /// `pin_dir`: where `dm_pod_counters` is pinned (None in unit tests).
+    pub fn new(
+        pin_dir: Option<&Path>,
+        pods: Option<Arc<Pods>>,
+        policy: PolicySource,
+    ) -> Result<Self, DataplaneError> {
+        let counters = match pin_dir {
+            Some(d) => Some(Mutex::new(dataplane::open_typed::<CountersMap>(
+                d,
+                MAP_POD_COUNTERS,
+            )?)),
+            None => None,
+        };
+        Ok(Self {
+            stats: Mutex::new(HashMap::new()),
+            policy: RwLock::new(policy),
+            pods,
+            counters,
+            base: Instant::now(),
+            metrics: Arc::new(PodMetrics::default()),
+        })
+    }
+
+    /// Nanoseconds on the (tokio) clock the buckets use; starts at 1 s so a fresh bucket's
+    /// TAT of 0 is in the past.
+    pub fn now_ns(&self) -> u64 {
+        self.ns_at(Instant::now())
+    }
+
+    /// [`PodRegistry::now_ns`] of an earlier instant (when a batch of commands arrived).
+    pub fn ns_at(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.base).as_nanos() as u64 + 1_000_000_000
+    }
+
+    /// The stats of the pod with `cookie` (0 = node-local clients), created on first use.
+    pub fn get(&self, cookie: u64) -> Arc<PodStats> {
+        let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = stats.get(&cookie) {
+            return s.clone();
+        }
+        let name = self.name_of(cookie);
+        let (rate, burst) = self
+            .policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .for_name(if cookie == 0 { None } else { Some(&name) });
+        let s = Arc::new(PodStats::new(cookie, name, rate, burst));
+        stats.insert(cookie, s.clone());
+        s
+    }
+
+    fn name_of(&self, cookie: u64) -> String {
+        if cookie == 0 {
+            return NODE_POD.to_string();
+        }
+        self.pods
+            .as_ref()
+            .and_then(|p| p.name_of(cookie))
+            .unwrap_or_else(|| format!("netns-{cookie}"))
+    }
+
+    pub fn set_policy(&self, policy: PolicySource) {
+        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = policy;
+        self.refresh();
+    }
+
+    /// Re-resolves names (discovery may have named a pod since) and policies.
+    fn refresh(&self) {
+        let policy = self
+            .policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let stats: Vec<Arc<PodStats>> = self
+            .stats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for s in stats {
+            let name = self.name_of(s.cookie);
+            let (rate, burst) = policy.for_name(if s.cookie == 0 { None } else { Some(&name) });
+            s.set_policy(rate, burst);
+            *s.name.write().unwrap_or_else(|p| p.into_inner()) = name;
+        }
+    }
+
+    /// Writes counter deltas to `dm_pod_counters` and the metrics; forgets pods without
+    /// sessions whose counts are all flushed.
+    pub fn flush(&self) {
+        let stats: Vec<Arc<PodStats>> = self
+            .stats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for s in &stats {
+            let (c, t) = s.totals();
+            let dc = c - s.flushed_commands.swap(c, Ordering::Relaxed);
+            let dt = t - s.flushed_throttled.swap(t, Ordering::Relaxed);
+            if dc == 0 && dt == 0 {
+                continue;
+            }
+            let labels = PodLabels { pod: s.name() };
+            self.metrics.commands.get_or_create(&labels).inc_by(dc);
+            self.metrics.throttled.get_or_create(&labels).inc_by(dt);
+            // Node-local clients have no pod entry in the data plane's maps.
+            if s.cookie == 0 {
+                continue;
+            }
+            if let Some(m) = &self.counters {
+                let mut m = m.lock().unwrap_or_else(|p| p.into_inner());
+                let mut v = m.get(&s.cookie, 0).unwrap_or_default();
+                v.commands = v.commands.saturating_add(dc);
+                v.commands_throttled = v.commands_throttled.saturating_add(dt);
+                if let Err(e) = m.insert(s.cookie, v, 0) {
+                    warn!(cookie = s.cookie, error = %e, "cannot write {MAP_POD_COUNTERS}");
+                }
+            }
+        }
+        drop(stats);
+        let mut all = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        all.retain(|_, s| {
+            let (c, t) = s.totals();
+            Arc::strong_count(s) > 1
+                || c != s.flushed_commands.load(Ordering::Relaxed)
+                || t != s.flushed_throttled.load(Ordering::Relaxed)
+        });
+    }
+
+    /// Flushes every 200 ms (and once more at stop).
+    pub fn spawn_flusher(self: Arc<Self>, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut n = 0u64;
+            loop {
+                tokio::select! {
+                    _ = stopped(&mut stop) => break,
+                    _ = tick.tick() => {
+                        self.flush();
+                        n += 1;
+                        if n.is_multiple_of(5) {
+                            self.refresh();
+                        }
+                    }
+                }
+            }
+            self.flush();
+            debug!("pod counters flushed");
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registry(pods: Vec<PodPolicyConfig>, rate: u32, burst: u32) -> PodRegistry {
+        PodRegistry::new(
+            None,
+            None,
+            PolicySource {
+                pods,
+                default_rate: rate,
+                default_burst: burst,
+            },
+        )
+        .expect("no maps")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gcra_burst_then_delay_then_refuse() {
+        let r = registry(vec![], 10, 2);
+        let node = r.get(0);
+        let max = Duration::from_millis(100);
+        // 10/s, burst 2: two at once, the third waits 100 ms, the fourth would wait 200 ms.
+        assert_eq!(node.check(r.now_ns(), max), Throttle::Allow);
+        assert_eq!(node.check(r.now_ns(), max), Throttle::Allow);
+        assert_eq!(
+            node.check(r.now_ns(), max),
+            Throttle::Delay(Duration::from_millis(100))
+        );
+        assert_eq!(node.check(r.now_ns(), max), Throttle::Refuse);
+        // Refusals do not consume the bucket: after 200 ms two more pass (one waits 0).
+        tokio::time::advance(Duration::from_millis(200)).await;
+        assert_eq!(node.check(r.now_ns(), max), Throttle::Allow);
+        assert_eq!(
+            node.check(r.now_ns(), max),
+            Throttle::Delay(Duration::from_millis(100))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sustained_rate_is_the_configured_rate() {
+        let r = registry(vec![], 50, 1);
+        let s = r.get(0);
+        let mut allowed = 0;
+        for _ in 0..1000 {
+            match s.check(r.now_ns(), Duration::ZERO) {
+                Throttle::Allow => allowed += 1,
+                Throttle::Delay(_) => unreachable!("max delay is 0"),
+                Throttle::Refuse => {}
+            }
+            tokio::time::advance(Duration::from_millis(2)).await;
+        }
+        // 2 s at 50/s.
+        assert!((99..=101).contains(&allowed), "{allowed}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unlimited_and_per_pod_policy() {
+        let pods = vec![PodPolicyConfig {
+            name: "netns-7".into(),
+            conn_rate: 0,
+            conn_burst: 0,
+            cmd_rate: 1,
+            cmd_burst: 1,
+        }];
+        let r = registry(pods, 0, 0);
+        let node = r.get(0);
+        for _ in 0..100 {
+            assert_eq!(node.check(r.now_ns(), Duration::ZERO), Throttle::Allow);
+        }
+        let p = r.get(7);
+        assert_eq!(p.name(), "netns-7");
+        assert_eq!(p.check(r.now_ns(), Duration::ZERO), Throttle::Allow);
+        assert_eq!(p.check(r.now_ns(), Duration::ZERO), Throttle::Refuse);
+        // Policy reload: unlimited now.
+        r.set_policy(PolicySource::default());
+        assert_eq!(p.check(r.now_ns(), Duration::ZERO), Throttle::Allow);
+    }
+
+    #[test]
+    fn flush_forgets_idle_pods() {
+        let r = registry(vec![], 0, 0);
+        let s = r.get(0);
+        s.commands(3);
+        s.throttled(1);
+        drop(s);
+        r.flush();
+        let labels = PodLabels {
+            pod: NODE_POD.into(),
+        };
+        assert_eq!(r.metrics.commands.get_or_create(&labels).get(), 3);
+        assert_eq!(r.metrics.throttled.get_or_create(&labels).get(), 1);
+        assert!(r.stats.lock().expect("lock").is_empty());
+    }
+}

@@ -1,0 +1,552 @@
+//! `cargo xtask bench proxy`: the RESP proxy against its peer, in one run, against ONE
+//! redis-server: `direct` (redis-benchmark to the server), `datamesh` (the release agent's proxy
+//! listener) and `twemproxy` (nutcracker with one server, same pool size). All three require
+//! the same password (the server's `requirepass`; datamesh with a configured user, twemproxy
+//! with `redis_auth`), so every client connection starts with AUTH everywhere.
+//!
+//! Measured, in this order (each target gets its own idle listener, so the TIME_WAIT sockets
+//! of the storm never starve the idle test of ephemeral ports):
+//! 1. memory per idle client: RSS (VmRSS) of the proxy process before and after 10,000 client
+//!    connections that each did AUTH + PING and then stay open;
+//! 2. throughput: redis-benchmark SET and GET, 50 clients, pipeline 1 and 16, `-n` sized from
+//!    a calibration run to take about `--seconds`; ops/s, p50, p99 (`--csv`), medians over
+//!    `--rounds`;
+//! 3. short-connection storm: `--storm` cycles of (connect, AUTH, GET, close) from 20 client
+//!    threads; cycles/s, p50/p99 of a cycle, and the server's `total_connections_received`
+//!    delta (the proxies must not pass the storm through).
+//!
+//! Clients run on the node (host netns, a cgroup outside the attached one), so nothing is
+//! captured: this measures the proxy, not the eBPF path (`bench datapath` does that). It is a
+//! benchmark, not a test: it fails only when a run itself fails (errors, a dead peer).
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use datamesh_tests::agent::{yaml_str, BackendSpec, Endpoint};
+use datamesh_tests::proc::{last_chars, rss_kib, run_ok};
+use datamesh_tests::proxy::parse_benchmark_csv;
+use datamesh_tests::redis::RedisServer;
+use datamesh_tests::resp::{self, Reply};
+use datamesh_tests::{wait_until, Env};
+
+const PASSWORD: &str = "bench-secret";
+/// twemproxy's listeners and stats port, on the instance's own proxy IP (no collisions).
+const TWEM_PORT: u16 = 22121;
+const TWEM_IDLE_PORT: u16 = 22122;
+const TWEM_STATS_PORT: u16 = 22222;
+/// Service port of the datamesh endpoint used only for the idle-connection test.
+const IDLE_SERVICE_PORT: u16 = 6399;
+/// Concurrent clients of the storm.
+const STORM_CLIENTS: usize = 20;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ProxyArgs {
+    /// Target duration of each redis-benchmark run, seconds (sets -n from a calibration run).
+    #[arg(long, default_value_t = 3.0)]
+    pub seconds: f64,
+    /// Rounds of every throughput case (interleaved); the table shows medians.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: u32,
+    /// Backend connections per proxy (datamesh pool_size, twemproxy server_connections).
+    #[arg(long, default_value_t = 4)]
+    pub pool_size: u32,
+    /// Connect/AUTH/GET/close cycles of the storm.
+    #[arg(long, default_value_t = 20_000)]
+    pub storm: u64,
+    /// Idle client connections for the memory measurement.
+    #[arg(long, default_value_t = 10_000)]
+    pub idle_conns: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Target {
+    Direct,
+    Datamesh,
+    Twemproxy,
+}
+
+const TARGETS: [Target; 3] = [Target::Direct, Target::Datamesh, Target::Twemproxy];
+
+impl Target {
+    fn name(self) -> &'static str {
+        match self {
+            Target::Direct => "direct",
+            Target::Datamesh => "datamesh",
+            Target::Twemproxy => "twemproxy",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Sample {
+    target: Target,
+    test: String,
+    pipeline: u32,
+    rps: f64,
+    p50: f64,
+    p99: f64,
+}
+
+/// twemproxy (nutcracker), killed on drop.
+struct Twemproxy {
+    server: RedisServer,
+    dir: PathBuf,
+}
+
+impl Twemproxy {
+    fn start(env: &Env, backend: SocketAddr, pool: u32) -> Result<Self> {
+        let dir = env.run_dir().join("twemproxy");
+        std::fs::create_dir_all(&dir)?;
+        let ip = env.proxy_ip();
+        let pool_yaml = |name: &str, port: u16| {
+            format!(
+                "{name}:\n  listen: {ip}:{port}\n  hash: fnv1a_64\n  distribution: ketama\n  redis: true\n  \
+                 redis_auth: {PASSWORD}\n  server_connections: {pool}\n  auto_eject_hosts: false\n  \
+                 preconnect: true\n  servers:\n    - {backend}:1\n"
+            )
+        };
+        let conf = dir.join("nutcracker.yml");
+        std::fs::write(
+            &conf,
+            pool_yaml("bench", TWEM_PORT) + &pool_yaml("idle", TWEM_IDLE_PORT),
+        )?;
+        run_ok(
+            Command::new("nutcracker").arg("-t").arg("-c").arg(&conf),
+            Duration::from_secs(10),
+        )
+        .context("nutcracker rejected its config (is nutcracker installed? `cargo xtask setup`)")?;
+        let log = dir.join("nutcracker.log");
+        let mut cmd = Command::new("nutcracker");
+        cmd.arg("-c").arg(&conf).arg("-o").arg(&log).args([
+            "-a",
+            &ip.to_string(),
+            "-s",
+            &TWEM_STATS_PORT.to_string(),
+        ]);
+        let addr = SocketAddr::new(IpAddr::V4(ip), TWEM_PORT);
+        let server = RedisServer::spawn(cmd, addr, env.outside_cgroup(), log, Some(PASSWORD))
+            .context("starting twemproxy")?;
+        Ok(Self { server, dir })
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.server.addr()
+    }
+
+    fn idle_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.server.addr().ip(), TWEM_IDLE_PORT)
+    }
+
+    fn pid(&self) -> u32 {
+        self.server.pid()
+    }
+
+    fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+pub fn run(a: &ProxyArgs) -> Result<()> {
+    ensure!(
+        a.seconds > 0.0 && a.rounds > 0 && a.pool_size > 0,
+        "--seconds, --rounds and --pool-size must be positive"
+    );
+    // A release agent: a debug build's proxy would be the bottleneck being measured.
+    let bin = crate::demo::build_agent(true)?;
+    let nofile = datamesh_tests::proc::raise_nofile(a.idle_conns as u64 + 4096)?;
+    ensure!(
+        nofile as usize > a.idle_conns + 100,
+        "RLIMIT_NOFILE {nofile} is too low for {} idle connections",
+        a.idle_conns
+    );
+
+    let mut env = Env::builder().agent(false).agent_bin(bin).build()?;
+    // The one server, with a password everyone must use.
+    let r = env
+        .redis()
+        .command(&[b"CONFIG", b"SET", b"requirepass", PASSWORD.as_bytes()])?;
+    ensure!(
+        matches!(r, Reply::Simple(_)),
+        "CONFIG SET requirepass answered {r:?}"
+    );
+    env.redis_mut().set_password(Some(PASSWORD));
+    let backend = env.service_addr();
+
+    let mut cfg = env.base_agent_config()?;
+    let spec = BackendSpec::Address(backend)
+        .with("password", yaml_str(PASSWORD))
+        .with("pool_size", a.pool_size);
+    cfg.endpoints[0].backend = spec.clone();
+    cfg.endpoints.push(Endpoint::new(
+        "idle",
+        SocketAddr::new(IpAddr::V4(env.service_ip()), IDLE_SERVICE_PORT),
+        spec,
+    ));
+    cfg.users = vec![("default".into(), PASSWORD.into())];
+    env.start_agent(cfg)?;
+    let twem = Twemproxy::start(&env, backend, a.pool_size)?;
+
+    let agent = env.agent();
+    let datamesh_addr = agent.proxy_addr("cache")?;
+    let datamesh_idle = agent.proxy_addr("idle")?;
+    let agent_pid = agent.pid().context("agent not running")?;
+    let addr_of = |t: Target| match t {
+        Target::Direct => backend,
+        Target::Datamesh => datamesh_addr,
+        Target::Twemproxy => twem.addr(),
+    };
+
+    println!("DataMesh proxy benchmark (instance {})", env.n());
+    println!("  redis-server  {backend} (requirepass; one server for all targets)");
+    println!(
+        "  datamesh      {datamesh_addr} (release agent pid {agent_pid}, pool_size {})",
+        a.pool_size
+    );
+    println!(
+        "  twemproxy     {} (nutcracker pid {}, server_connections {}, config {})",
+        twem.addr(),
+        twem.pid(),
+        a.pool_size,
+        twem.dir().join("nutcracker.yml").display()
+    );
+    println!(
+        "  redis-benchmark -c 50, -P 1 and 16, ~{} s per run, {} round(s), medians\n",
+        a.seconds, a.rounds
+    );
+
+    // The GET tests read "key:__rand_int__" (no -r).
+    env.redis()
+        .command(&[b"SET", b"key:__rand_int__", b"xxx"])?;
+
+    // 1. Memory per idle client connection (first: no TIME_WAIT pile-up yet).
+    let mut memory = Vec::new();
+    for (t, pid, addr) in [
+        (Target::Datamesh, agent_pid, datamesh_idle),
+        (Target::Twemproxy, twem.pid(), twem.idle_addr()),
+    ] {
+        let (before, after) = idle_rss(pid, addr, a.idle_conns)
+            .with_context(|| format!("idle connections to {}", t.name()))?;
+        let per = (after.saturating_sub(before)) as f64 / a.idle_conns as f64;
+        eprintln!(
+            "  memory {:<9} RSS {before} KiB -> {after} KiB with {} idle clients: {per:.2} KiB/conn",
+            t.name(),
+            a.idle_conns
+        );
+        memory.push((t, before, after, per));
+    }
+
+    // 2. Throughput.
+    let mut samples = Vec::new();
+    let mut sizes = std::collections::BTreeMap::new();
+    for round in 0..a.rounds {
+        for p in [1u32, 16] {
+            for t in TARGETS {
+                let addr = addr_of(t);
+                let n = match sizes.get(&(t.name(), p)) {
+                    Some(n) => *n,
+                    None => {
+                        let rows = benchmark(
+                            addr,
+                            &[
+                                "-t",
+                                "set,get",
+                                "-c",
+                                "50",
+                                "-P",
+                                &p.to_string(),
+                                "-n",
+                                "20000",
+                            ],
+                        )?;
+                        let rps = rows.iter().map(|r| r.1).fold(f64::INFINITY, f64::min);
+                        let n = ((rps * a.seconds) as u64).clamp(20_000, 50_000_000);
+                        sizes.insert((t.name(), p), n);
+                        n
+                    }
+                };
+                let rows = benchmark(
+                    addr,
+                    &[
+                        "-t",
+                        "set,get",
+                        "-c",
+                        "50",
+                        "-P",
+                        &p.to_string(),
+                        "-n",
+                        &n.to_string(),
+                    ],
+                )
+                .with_context(|| format!("{} -P {p}", t.name()))?;
+                for (test, rps, p50, p99) in rows {
+                    eprintln!(
+                        "  round {} {:<9} P={p:<2} {test:<4} n={n:<9} {rps:>11.0} ops/s p50 {p50:.3} ms p99 {p99:.3} ms",
+                        round + 1,
+                        t.name()
+                    );
+                    samples.push(Sample {
+                        target: t,
+                        test,
+                        pipeline: p,
+                        rps,
+                        p50,
+                        p99,
+                    });
+                }
+            }
+        }
+    }
+
+    // 3. Short-connection storm: connect, AUTH, GET, close.
+    let mut storms = Vec::new();
+    for t in TARGETS {
+        let before = env
+            .redis()
+            .info_u64("stats", "total_connections_received")?;
+        let st = storm(addr_of(t), a.storm, STORM_CLIENTS)
+            .with_context(|| format!("{} storm", t.name()))?;
+        let after = env
+            .redis()
+            .info_u64("stats", "total_connections_received")?;
+        // The "after" INFO reading's own connection is counted.
+        let conns = after.saturating_sub(before).saturating_sub(1);
+        eprintln!(
+            "  storm  {:<9} {} x (connect, AUTH, GET, close): {:.0} cycles/s, cycle p50 {:.3} ms p99 {:.3} ms, backend connections +{conns}",
+            t.name(),
+            a.storm,
+            st.0,
+            st.1,
+            st.2
+        );
+        storms.push((t, st, conns));
+    }
+
+    print_table(&samples, &storms, &memory, a);
+    drop(twem);
+    drop(env);
+    Ok(())
+}
+
+/// Runs redis-benchmark (`-a`, `--csv`, `-e` so server errors are shown) against `addr`.
+fn benchmark(addr: SocketAddr, args: &[&str]) -> Result<Vec<(String, f64, f64, f64)>> {
+    let mut cmd = Command::new("redis-benchmark");
+    cmd.args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
+        .args(["-a", PASSWORD, "--csv", "-e"])
+        .args(args);
+    let out = run_ok(&mut cmd, Duration::from_secs(900))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if stderr.contains("Error from server") || stdout.contains("Error from server") {
+        bail!(
+            "redis-benchmark against {addr} got server errors: {}",
+            last_chars(format!("{stdout}\n{stderr}").as_bytes(), 1500)
+        );
+    }
+    parse_benchmark_csv(&stdout)
+}
+
+/// Opens `n` client connections to `addr` (each AUTH + PING, then idle) and returns the RSS of
+/// `pid` before and after, in KiB. Connections are opened in batches (connect, write, read),
+/// so the listen backlog never overflows.
+fn idle_rss(pid: u32, addr: SocketAddr, n: usize) -> Result<(u64, u64)> {
+    // Settle first: one round trip, so lazily created state (the backend pool) is not counted.
+    let mut warm = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+    hello(&mut warm)?;
+    drop(warm);
+    let before = rss_kib(pid)?;
+    let mut conns = Vec::with_capacity(n);
+    let req = [
+        resp::encode(&[b"AUTH", PASSWORD.as_bytes()]),
+        resp::encode(&[b"PING"]),
+    ]
+    .concat();
+    while conns.len() < n {
+        let batch = (n - conns.len()).min(500);
+        let mut fresh = Vec::with_capacity(batch);
+        for _ in 0..batch {
+            let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+                .with_context(|| format!("connection {} to {addr}", conns.len() + fresh.len()))?;
+            s.set_read_timeout(Some(Duration::from_secs(20)))?;
+            fresh.push(s);
+        }
+        for s in &mut fresh {
+            s.write_all(&req)?;
+        }
+        for s in &mut fresh {
+            expect_bytes(s, b"+OK\r\n+PONG\r\n")?;
+        }
+        conns.extend(fresh);
+    }
+    // The proxy finished its work for every connection (each answered); read RSS until stable.
+    let mut last = rss_kib(pid)?;
+    let after = wait_until("the RSS to settle", Duration::from_secs(5), || {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = rss_kib(pid)?;
+        let stable = now == last;
+        last = now;
+        Ok(stable.then_some(now))
+    })
+    .unwrap_or(last);
+    drop(conns);
+    Ok((before, after))
+}
+
+/// `total` cycles of (connect, AUTH, GET key:__rand_int__, read both replies, close) from
+/// `clients` threads; returns (cycles/s, p50 ms, p99 ms of one cycle). A Rust loop rather than
+/// `redis-benchmark -k 0` so the latency of a whole cycle (connect included) is measured and
+/// every reply is checked.
+fn storm(addr: SocketAddr, total: u64, clients: usize) -> Result<(f64, f64, f64)> {
+    let req = [
+        resp::encode(&[b"AUTH", PASSWORD.as_bytes()]),
+        resp::encode(&[b"GET", b"key:__rand_int__"]),
+    ]
+    .concat();
+    // The SET runs left a 3-byte value (redis-benchmark's -d default) at the key.
+    let want_len = b"+OK\r\n$3\r\nxxx\r\n".len();
+    let next = std::sync::atomic::AtomicU64::new(0);
+    let t0 = std::time::Instant::now();
+    let results: Vec<Result<Vec<f64>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..clients)
+            .map(|_| {
+                s.spawn(|| -> Result<Vec<f64>> {
+                    let mut lat = Vec::new();
+                    while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < total {
+                        let c0 = std::time::Instant::now();
+                        let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+                            .with_context(|| format!("storm connect to {addr}"))?;
+                        c.set_read_timeout(Some(Duration::from_secs(10)))?;
+                        c.set_nodelay(true)?;
+                        c.write_all(&req)?;
+                        let mut got = vec![0u8; want_len];
+                        c.read_exact(&mut got)
+                            .context("reading the storm's replies")?;
+                        ensure!(
+                            got.starts_with(b"+OK\r\n$3\r\n") && got.ends_with(b"\r\n"),
+                            "storm: unexpected replies {:?}",
+                            String::from_utf8_lossy(&got)
+                        );
+                        drop(c);
+                        lat.push(c0.elapsed().as_secs_f64() * 1000.0);
+                    }
+                    Ok(lat)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| bail!("storm thread panicked")))
+            .collect()
+    });
+    let secs = t0.elapsed().as_secs_f64();
+    let mut lat = Vec::new();
+    for r in results {
+        lat.extend(r?);
+    }
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    Ok((lat.len() as f64 / secs, pct(0.5), pct(0.99)))
+}
+
+fn hello(s: &mut TcpStream) -> Result<()> {
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(
+        &[
+            resp::encode(&[b"AUTH", PASSWORD.as_bytes()]),
+            resp::encode(&[b"PING"]),
+        ]
+        .concat(),
+    )?;
+    expect_bytes(s, b"+OK\r\n+PONG\r\n")
+}
+
+fn expect_bytes(s: &mut TcpStream, want: &[u8]) -> Result<()> {
+    let mut got = vec![0u8; want.len()];
+    s.read_exact(&mut got)
+        .context("reading AUTH/PING replies")?;
+    ensure!(
+        got == want,
+        "expected {:?}, got {:?}",
+        String::from_utf8_lossy(want),
+        String::from_utf8_lossy(&got)
+    );
+    Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[v.len() / 2]
+}
+
+fn print_table(
+    samples: &[Sample],
+    storms: &[(Target, (f64, f64, f64), u64)],
+    memory: &[(Target, u64, u64, f64)],
+    a: &ProxyArgs,
+) {
+    let med = |t: Target, test: &str, p: u32| -> (f64, f64, f64) {
+        let sel: Vec<&Sample> = samples
+            .iter()
+            .filter(|s| s.target == t && s.test == test && s.pipeline == p)
+            .collect();
+        (
+            median(sel.iter().map(|s| s.rps).collect()),
+            median(sel.iter().map(|s| s.p50).collect()),
+            median(sel.iter().map(|s| s.p99).collect()),
+        )
+    };
+    println!(
+        "\n{:<5} {:>3} | {:>22} | {:>22} | {:>22} | {:>6} {:>6}",
+        "test",
+        "P",
+        "direct ops/s p50 p99",
+        "datamesh ops/s p50 p99",
+        "twemproxy ops/s p50 p99",
+        "dm/tw",
+        "dm/dir"
+    );
+    for test in ["SET", "GET"] {
+        for p in [1u32, 16] {
+            let cells: Vec<(f64, f64, f64)> = TARGETS.iter().map(|t| med(*t, test, p)).collect();
+            let cell = |c: (f64, f64, f64)| format!("{:>9.0} {:>5.2} {:>5.2}", c.0, c.1, c.2);
+            println!(
+                "{test:<5} {p:>3} | {:>22} | {:>22} | {:>22} | {:>6.2} {:>6.2}",
+                cell(cells[0]),
+                cell(cells[1]),
+                cell(cells[2]),
+                cells[1].0 / cells[2].0,
+                cells[1].0 / cells[0].0
+            );
+        }
+    }
+    println!(
+        "\nstorm ({} x connect, AUTH, GET, close; {STORM_CLIENTS} clients)   cycles/s  p50 ms  p99 ms  backend conns",
+        a.storm
+    );
+    for (t, (rps, p50, p99), conns) in storms {
+        println!(
+            "  {:<47} {rps:>9.0} {p50:>7.2} {p99:>7.2} {conns:>14}",
+            t.name()
+        );
+    }
+    println!(
+        "\nmemory per idle client ({} connections, AUTH + PING each)   RSS before -> after   KiB/conn",
+        a.idle_conns
+    );
+    for (t, before, after, per) in memory {
+        println!("  {:<56} {before:>7} -> {after:<8} {per:>7.2}", t.name());
+    }
+    println!(
+        "\n(p50/p99 in ms from redis-benchmark --csv; all processes share this machine's cores)"
+    );
+}

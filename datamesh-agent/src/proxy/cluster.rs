@@ -284,6 +284,7 @@ impl SlotMap {
     }
 
     /// The master serving `slot`.
+    #[cfg(test)]
     pub fn master_of(&self, slot: u16) -> Option<SocketAddr> {
         self.shard_of(slot).map(|s| s.master)
     }
@@ -720,6 +721,7 @@ impl Cluster {
     }
 
     /// Like [`Cluster::spawn`] but waits up to `timeout` for the first slot map.
+    #[cfg(test)]
     pub async fn connect(cfg: ClusterConfig, timeout: Duration) -> Result<Self, ClusterError> {
         let c = Self::spawn(cfg);
         c.ready(timeout).await?;
@@ -762,12 +764,8 @@ impl Cluster {
         self.inner.refresh.notify_one();
     }
 
-    /// Refreshes now (outside the background task; used by tests and admin).
-    pub async fn refresh_now(&self) -> Result<bool, ClusterError> {
-        self.inner.refresh_once().await
-    }
-
     /// A copy of the current slot map.
+    #[cfg(test)]
     pub fn slot_map(&self) -> SlotMap {
         self.inner.read_map().clone()
     }
@@ -779,18 +777,13 @@ impl Cluster {
 
     /// True when `addr` is a replica in the current map: connections to it need `READONLY`
     /// before serving reads (only relevant with `read_from_replicas`).
+    #[cfg(test)]
     pub fn is_replica(&self, addr: SocketAddr) -> bool {
         self.inner
             .read_map()
             .shards()
             .iter()
             .any(|s| s.replicas.contains(&addr))
-    }
-
-    /// Generation changes (new slot map or MOVED update), for pools that evict connections
-    /// to nodes no longer in [`Topology::nodes`].
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.inner.generation.subscribe()
     }
 }
 
@@ -1691,6 +1684,7 @@ pub mod wire {
         }
 
         /// Sends several commands in one write and reads all replies in order.
+        #[cfg(test)]
         pub async fn pipeline(&mut self, cmds: &[Vec<&[u8]>]) -> Result<Vec<Value>, ClientError> {
             let mut out = Vec::new();
             for c in cmds {

@@ -435,6 +435,7 @@ impl Sentinel {
     }
 
     /// Like [`Sentinel::spawn`] but waits up to `timeout` for the first master.
+    #[cfg(test)]
     pub async fn connect(cfg: SentinelConfig, timeout: Duration) -> Result<Self, SentinelError> {
         let s = Self::spawn(cfg);
         s.ready(timeout).await?;
@@ -459,16 +460,19 @@ impl Sentinel {
     }
 
     /// The current view.
+    #[cfg(test)]
     pub fn state(&self) -> SentinelState {
         self.inner.state.borrow().clone()
     }
 
     /// The sentinel currently followed, if any.
+    #[cfg(test)]
     pub fn current_sentinel(&self) -> Option<SocketAddr> {
         *self.inner.current.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Every change of master or replicas (see the module docs for what the pool should do).
+    #[cfg(test)]
     pub fn subscribe(&self) -> watch::Receiver<SentinelState> {
         self.inner.state.subscribe()
     }

@@ -503,7 +503,9 @@ impl Session {
                 return;
             };
             if cmd.name() == b"\0protocol-error" {
-                let cmd = self.queue.pop_front().expect("front exists");
+                let Some(cmd) = self.queue.pop_front() else {
+                    return;
+                };
                 self.push_reply(Reply {
                     raw: cmd.args[1].clone(),
                     kind: super::resp::ReplyKind::Error,
@@ -532,7 +534,9 @@ impl Session {
                         return;
                     }
                     Throttle::Refuse => {
-                        let cmd = self.queue.pop_front().expect("front exists");
+                        let Some(cmd) = self.queue.pop_front() else {
+                            return;
+                        };
                         self.pod.throttled(1);
                         self.pod.commands(1);
                         self.commands_total.inc();
@@ -727,7 +731,9 @@ impl Session {
         if !self.lane_ok(lane) {
             return Need::Barrier;
         }
-        let cmd = self.queue.pop_front().expect("front exists");
+        let Some(cmd) = self.queue.pop_front() else {
+            return Need::Go;
+        };
         let is_cluster = rt.topology.is_cluster();
         if is_cluster {
             if let Some(s) = spec {
@@ -804,7 +810,9 @@ impl Session {
             }
         };
         self.lane = Some(ded_lane(&conn));
-        let cmd = self.queue.pop_front().expect("front exists");
+        let Some(cmd) = self.queue.pop_front() else {
+            return Need::Go;
+        };
         let rx = conn.conn.submit(cmd.raw, false);
         let blocking = self.blocking.clone();
         blocking.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -842,7 +850,9 @@ impl Session {
                         self.tx = Tx::Watching(d);
                         return Need::Barrier;
                     }
-                    let cmd = self.queue.pop_front().expect("front exists");
+                    let Some(cmd) = self.queue.pop_front() else {
+                        return Need::Go;
+                    };
                     let rx = d.conn.submit(cmd.raw, false);
                     self.pending.push_back(Slot::Boxed(Box::pin(async move {
                         recv(rx).await.unwrap_or_else(|e| backend_error_reply(&e))
@@ -855,7 +865,9 @@ impl Session {
                     Need::Go
                 }
                 Tx::None => {
-                    let cmd = self.queue.pop_front().expect("front exists");
+                    let Some(cmd) = self.queue.pop_front() else {
+                        return Need::Go;
+                    };
                     self.tx = Tx::Multi {
                         conn: None,
                         deferred: vec![cmd.raw],
@@ -881,7 +893,9 @@ impl Session {
                             };
                             return Need::Barrier;
                         }
-                        let cmd = self.queue.pop_front().expect("front exists");
+                        let Some(cmd) = self.queue.pop_front() else {
+                            return Need::Go;
+                        };
                         let abort = is_exec && failed;
                         let raw = if abort {
                             Bytes::from_static(b"*1\r\n$7\r\nDISCARD\r\n")
@@ -976,7 +990,9 @@ impl Session {
                             }
                         }
                     }
-                    let cmd = self.queue.pop_front().expect("front exists");
+                    let Some(cmd) = self.queue.pop_front() else {
+                        return Need::Go;
+                    };
                     let rx = d.conn.submit(cmd.raw, false);
                     self.pending.push_back(Slot::Boxed(Box::pin(async move {
                         recv(rx).await.unwrap_or_else(|e| backend_error_reply(&e))
@@ -995,7 +1011,9 @@ impl Session {
                         }
                     };
                     self.lane = Some(ded_lane(&d));
-                    let cmd = self.queue.pop_front().expect("front exists");
+                    let Some(cmd) = self.queue.pop_front() else {
+                        return Need::Go;
+                    };
                     d.clean = false;
                     let rx = d.conn.submit(cmd.raw, false);
                     self.pending.push_back(Slot::Boxed(Box::pin(async move {
@@ -1011,7 +1029,9 @@ impl Session {
                         self.tx = Tx::Watching(d);
                         return Need::Barrier;
                     }
-                    let cmd = self.queue.pop_front().expect("front exists");
+                    let Some(cmd) = self.queue.pop_front() else {
+                        return Need::Go;
+                    };
                     let rx = d.conn.submit(cmd.raw, false);
                     self.pending.push_back(Slot::Boxed(Box::pin(async move {
                         let r = recv(rx).await;
@@ -1069,7 +1089,9 @@ impl Session {
             None => cmd.args.len() > 1,
         };
         if conn.is_none() && rt.topology.is_cluster() && !keyed && !is_exec {
-            let cmd = self.queue.pop_front().expect("front exists");
+            let Some(cmd) = self.queue.pop_front() else {
+                return Need::Go;
+            };
             deferred.push(cmd.raw);
             self.push_reply(Reply::simple("QUEUED"));
             return Need::Go;
@@ -1110,7 +1132,9 @@ impl Session {
                 Need::Go
             }
             Some(d) => {
-                let cmd = self.queue.pop_front().expect("front exists");
+                let Some(cmd) = self.queue.pop_front() else {
+                    return Need::Go;
+                };
                 let rx = d.conn.submit(cmd.raw, false);
                 // EXEC of a transaction opened lazily: the connection goes back to the pool
                 // once EXEC's reply is in (the future owns it until then).
@@ -1224,7 +1248,11 @@ impl Session {
     ) -> Need {
         let name = spec.map(|s| s.name).unwrap_or("");
         match name {
-            "quit" | "reset" => return self.execute_local(rt, spec.expect("known")),
+            "quit" | "reset" => {
+                if let Some(spec) = spec {
+                    return self.execute_local(rt, spec);
+                }
+            }
             "auth" | "hello" => {
                 let r = Reply::error(&format!(
                     "ERR {} while subscribed is not supported by the datamesh proxy",
@@ -1246,7 +1274,9 @@ impl Session {
             }
             _ => {}
         }
-        let cmd = self.queue.pop_front().expect("front exists");
+        let Some(cmd) = self.queue.pop_front() else {
+            return Need::Go;
+        };
         if let Some(p) = &self.pubsub {
             if let Err(e) = p.conn.conn.send_untracked(cmd.raw) {
                 self.write_now(backend_error_reply(&e));
@@ -1264,7 +1294,9 @@ impl Session {
     // ---- commands the proxy answers itself ----
 
     fn execute_local(&mut self, rt: &Arc<EndpointRuntime>, spec: &'static CommandSpec) -> Need {
-        let cmd = self.queue.front().expect("front exists").clone();
+        let Some(cmd) = self.queue.front().cloned() else {
+            return Need::Go;
+        };
         let args = &cmd.args;
         let reply = match spec.name {
             "ping" => match args.len() {

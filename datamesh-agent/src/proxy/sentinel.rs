@@ -817,7 +817,14 @@ mod live_tests {
             t.elapsed()
         );
         assert_eq!(topo.current_sentinel(), Some(s1));
-        let st = topo.state();
+        // The master is known at once; the replica is listed once the sentinel reports its
+        // replication link up, which can lag the master by a poll.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut st = topo.state();
+        while st.replicas != vec![r] && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            st = topo.state();
+        }
         assert_eq!((st.master, st.replicas.clone()), (Some(m), vec![r]));
         assert_eq!(topo.pick(None, false), Ok(m));
         assert_eq!(topo.pick(Some(1), true), Ok(r));

@@ -253,7 +253,13 @@ const _: () = assert!(core::mem::size_of::<PodState>() == 88);
 
 impl Default for PodState {
     fn default() -> Self {
-        Self { name: [0; POD_NAME_LEN], name_hash: 0, open_conns: 0, errors: 0, last_active_ns: 0 }
+        Self {
+            name: [0; POD_NAME_LEN],
+            name_hash: 0,
+            open_conns: 0,
+            errors: 0,
+            last_active_ns: 0,
+        }
     }
 }
 

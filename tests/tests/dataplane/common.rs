@@ -211,7 +211,10 @@ pub fn counter(m: &BTreeMap<String, u64>, key: &str) -> u64 {
 pub fn captured_by_proxy(env: &Env, pod: &Pod, seen: SocketAddr) -> Result<bool> {
     let seen = seen.to_string();
     let conns = env.agent().connections()?;
-    match conns.iter().find(|c| c["peer"].as_str() == Some(seen.as_str())) {
+    match conns
+        .iter()
+        .find(|c| c["peer"].as_str() == Some(seen.as_str()))
+    {
         Some(c) => {
             assert_captured_entry(env, pod, c)?;
             Ok(true)

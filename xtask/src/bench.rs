@@ -15,8 +15,9 @@
 
 use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Result};
 use datamesh_tests::proc::run_ok;
+use datamesh_tests::proxy::parse_benchmark_csv;
 use datamesh_tests::Env;
 
 #[derive(clap::Subcommand, Debug, Clone)]
@@ -142,7 +143,7 @@ fn datapath(a: &DatapathArgs) -> Result<()> {
                         "--csv",
                     ]);
                 let out = run_ok(&mut cmd, Duration::from_secs(600))?;
-                let rows = parse_csv(&String::from_utf8_lossy(&out.stdout))?;
+                let rows = parse_benchmark_csv(&String::from_utf8_lossy(&out.stdout))?;
                 let captured =
                     agent.pod_counter(pod.netns_name(), "connects_captured")? - captured0;
                 match case {
@@ -194,31 +195,6 @@ fn datapath(a: &DatapathArgs) -> Result<()> {
         bail!("the fast-path runs redirected no messages (fastpath_msgs {b} -> {f}): the fast path was not used");
     }
     Ok(())
-}
-
-/// Parses `redis-benchmark --csv`: "test","rps","avg","min","p50","p95","p99","max".
-fn parse_csv(text: &str) -> Result<Vec<(String, f64, f64, f64)>> {
-    let mut rows = Vec::new();
-    for line in text.lines().filter(|l| !l.trim().is_empty()) {
-        let f: Vec<&str> = line
-            .split(',')
-            .map(|s| s.trim().trim_matches('"'))
-            .collect();
-        if f.first() == Some(&"test") {
-            continue;
-        }
-        ensure!(f.len() >= 7, "unexpected redis-benchmark CSV line {line:?}");
-        let num = |i: usize| -> Result<f64> {
-            f[i].parse()
-                .with_context(|| format!("bad number {:?} in {line:?}", f[i]))
-        };
-        rows.push((f[0].to_string(), num(1)?, num(4)?, num(6)?));
-    }
-    ensure!(
-        !rows.is_empty(),
-        "redis-benchmark printed no results: {text:?}"
-    );
-    Ok(rows)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

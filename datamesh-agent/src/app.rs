@@ -470,6 +470,10 @@ async fn reload(ctx: &ReloadCtx<'_>, running: &mut Running) {
         skip_host_network,
         heartbeat_interval_ms
     );
+    if new.proxy.worker_threads != old.proxy.worker_threads {
+        kept.push("proxy.worker_threads");
+        new.proxy.worker_threads = old.proxy.worker_threads;
+    }
     if !kept.is_empty() {
         warn!(fields = ?kept, "config reload: these fields need a restart; keeping the running values");
     }

@@ -172,6 +172,7 @@ pub struct RawProxy {
     pub throttle_max_delay_ms: Option<u64>,
     pub max_pipeline: Option<u32>,
     pub client_output_limit_bytes: Option<u64>,
+    pub worker_threads: Option<u32>,
     #[serde(flatten)]
     pub unknown: Unknown,
 }
@@ -254,8 +255,18 @@ pub struct ProxySettings {
     pub max_pipeline: u32,
     /// Reply bytes buffered for a client that does not read before the proxy stops reading it.
     pub client_output_limit_bytes: u64,
+    /// Worker threads of the agent's runtime (proxy, admin, heartbeat). The agent shares its
+    /// node with the workloads, so it does not take every core; read at start only.
+    pub worker_threads: u32,
 }
 
+/// One worker by default (a current-thread runtime): a command's hops (session, backend
+/// writer and reader) stay on one core without cross-thread wake-ups or work stealing, which
+/// measured fastest, with the lowest p99, at pipeline depth 1 and 16 (`cargo xtask bench
+/// proxy` on 2 cores shared with redis-server and the clients, against multi-thread runtimes
+/// of 1 and 2 workers) and leaves the node's other cores to the workloads. Raise it when the proxy
+/// saturates a core; more than 1 is a multi-thread runtime with that many workers.
+pub const DEFAULT_WORKER_THREADS: u32 = 1;
 pub const DEFAULT_THROTTLE_MAX_DELAY_MS: u64 = 100;
 pub const DEFAULT_MAX_PIPELINE: u32 = 4096;
 pub const DEFAULT_CLIENT_OUTPUT_LIMIT: u64 = 64 * 1024 * 1024;
@@ -274,6 +285,7 @@ impl Default for ProxySettings {
             throttle_max_delay_ms: DEFAULT_THROTTLE_MAX_DELAY_MS,
             max_pipeline: DEFAULT_MAX_PIPELINE,
             client_output_limit_bytes: DEFAULT_CLIENT_OUTPUT_LIMIT,
+            worker_threads: DEFAULT_WORKER_THREADS,
         }
     }
 }
@@ -898,7 +910,14 @@ fn validate_proxy(p: &RawProxy, err: &mut impl FnMut(&str, String)) -> ProxySett
         client_output_limit_bytes: p
             .client_output_limit_bytes
             .unwrap_or(d.client_output_limit_bytes),
+        worker_threads: p.worker_threads.unwrap_or(d.worker_threads),
     };
+    if out.worker_threads == 0 || out.worker_threads > 256 {
+        err(
+            "proxy.worker_threads",
+            format!("{} must be between 1 and 256", out.worker_threads),
+        );
+    }
     if out.max_bulk_len == 0 || out.max_bulk_len > 4 * 1024 * 1024 * 1024 {
         err(
             "proxy.max_bulk_len",
@@ -1354,6 +1373,7 @@ users:
 proxy:
   max_bulk_len: 1048576
   throttle_max_delay_ms: 50
+  worker_threads: 2
 endpoints:
   - name: plain
     address: 198.19.3.1:6379
@@ -1378,6 +1398,7 @@ endpoints:
         assert_eq!(cfg.proxy.max_bulk_len, 1_048_576);
         assert_eq!(cfg.proxy.max_array_len, 1_048_576);
         assert_eq!(cfg.proxy.throttle_max_delay_ms, 50);
+        assert_eq!(cfg.proxy.worker_threads, 2);
         let b = &cfg.endpoints[0].backend;
         assert_eq!(b.pool_size, DEFAULT_POOL_SIZE);
         assert_eq!(b.primary_address(), cfg.endpoints[0].address);
@@ -1414,6 +1435,7 @@ users:
 proxy:
   max_depth: 0
   max_inline_len: 1
+  worker_threads: 0
   bogus: 1
 endpoints:
   - name: s
@@ -1434,6 +1456,7 @@ endpoints:
             "users[2].name: duplicate user \"a\"",
             "proxy.max_depth: 0 must be between 1 and 1024",
             "proxy.max_inline_len: 1 must be between 64",
+            "proxy.worker_threads: 0 must be between 1 and 256",
             "proxy.bogus: unknown field",
             "endpoints[0].backend.address: not used by kind sentinel",
             "endpoints[0].backend.sentinels: needs at least one address",

@@ -115,7 +115,24 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             ready_file,
             ebpf_object,
         } => {
-            let rt = tokio::runtime::Builder::new_multi_thread()
+            // The runtime is sized before app::run loads (and reports) the config: an invalid
+            // config still gets its full error list from there.
+            let workers = config::load(&config)
+                .map(|c| c.proxy.worker_threads)
+                .unwrap_or(config::DEFAULT_WORKER_THREADS);
+            // One worker (the default) is a current-thread runtime: a command's hops (session,
+            // backend writer, backend reader) then never cross threads or pay for work
+            // stealing, which measured fastest at pipeline depth 1 (see
+            // config::DEFAULT_WORKER_THREADS). Nothing in the agent blocks its runtime (pod
+            // discovery has its own thread).
+            let mut builder = if workers <= 1 {
+                tokio::runtime::Builder::new_current_thread()
+            } else {
+                let mut b = tokio::runtime::Builder::new_multi_thread();
+                b.worker_threads(workers as usize);
+                b
+            };
+            let rt = builder
                 .enable_all()
                 .build()
                 .context("starting the tokio runtime")?;

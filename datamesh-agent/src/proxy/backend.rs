@@ -11,7 +11,12 @@
 //! fails with [`BackendError`] carrying `retry_safe` (never written, or read-only), which the
 //! failover replay of the next issue builds on.
 //!
-//! The writer drains everything queued into ONE buffer and ONE write per batch. Shared
+//! The writer drains everything queued into ONE buffer and ONE write per batch. When woken it
+//! first yields once, so that every session ready in the same runtime tick queues its
+//! commands too: they go out in one write and the backend reads them at once. That batching
+//! is what makes pipeline depth 1 fast (one send per tick per connection instead of one per
+//! command; writing straight from each session instead of the writer task measured ~25%
+//! slower for that reason). Shared
 //! connections reconnect with jittered exponential backoff; while a node is in backoff,
 //! commands for it fail fast instead of piling up.
 //!
@@ -199,6 +204,9 @@ pub struct Conn {
     push_sink: Mutex<Option<PushSink>>,
     /// Server version learned at the handshake (for HELLO answers).
     version: Arc<OnceLock<String>>,
+    /// Writes made (tests check the batching).
+    #[cfg(test)]
+    writes: AtomicU64,
 }
 
 /// The jittered backoff delay for the `n`-th consecutive failure: 100 ms doubling up to 5 s,
@@ -250,6 +258,8 @@ impl Conn {
             next_id: AtomicU64::new(1),
             push_sink: Mutex::new(None),
             version,
+            #[cfg(test)]
+            writes: AtomicU64::new(0),
         })
     }
 
@@ -372,26 +382,19 @@ impl Conn {
         Ok(())
     }
 
-    /// Queues a batch of a client's commands under one lock and one writer wake-up.
-    /// On error nothing is queued and the senders are handed back.
+    /// Queues a batch of a client's commands under one lock and one writer wake-up, draining
+    /// `batch` (the caller reuses the Vec: no allocation per round). On error nothing is
+    /// queued and `batch` is left as it was.
     #[allow(clippy::type_complexity)]
     pub fn submit_senders(
         self: &Arc<Self>,
-        batch: Vec<(Bytes, bool, oneshot::Sender<Result<Reply, BackendError>>)>,
-    ) -> Result<
-        (),
-        (
-            BackendError,
-            Vec<oneshot::Sender<Result<Reply, BackendError>>>,
-        ),
-    > {
+        batch: &mut Vec<(Bytes, bool, oneshot::Sender<Result<Reply, BackendError>>)>,
+    ) -> Result<(), BackendError> {
         let mut st = self.lock();
-        if let Err(e) = self.ready_to_queue(&mut st) {
-            return Err((e, batch.into_iter().map(|(_, _, tx)| tx).collect()));
-        }
+        self.ready_to_queue(&mut st)?;
         let now = Instant::now();
         let n = batch.len();
-        for (cmd, replay_safe, tx) in batch {
+        for (cmd, replay_safe, tx) in batch.drain(..) {
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             st.queue.push_back(InFlight {
                 id,
@@ -681,8 +684,13 @@ impl Conn {
             };
             if taken == 0 {
                 self.wake_writer.notified().await;
+                // Let the other ready tasks (sessions) of this tick queue their commands
+                // first, so they share this write (see the module docs).
+                tokio::task::yield_now().await;
                 continue;
             }
+            #[cfg(test)]
+            self.writes.fetch_add(1, Ordering::Relaxed);
             if let Err(e) = wr.write_all(&buf).await {
                 self.fail(gen, format!("write failed: {e}"), false);
                 return;
@@ -722,7 +730,7 @@ impl Conn {
                 return;
             }
             if rbuf.capacity() - rbuf.len() < 4096 {
-                rbuf.reserve(16 * 1024);
+                rbuf.reserve(64 * 1024);
             }
             match rd.read_buf(&mut rbuf).await {
                 Ok(0) => {
@@ -1252,6 +1260,8 @@ mod tests {
             let mut dec = crate::proxy::resp::CommandDecoder::default();
             let mut n = 0;
             loop {
+                // Room for a whole batch, so one read shows one write.
+                buf.reserve(64 * 1024);
                 match s.read_buf(&mut buf).await {
                     Ok(0) | Err(_) => break,
                     Ok(k) => reads.push(k),
@@ -1299,6 +1309,49 @@ mod tests {
         assert!(conn.snapshot().is_empty());
         assert_eq!(group.metrics.inflight.get(), 0);
         assert_eq!(group.metrics.shared_conns.get(), 1);
+    }
+
+    /// Commands that many sessions queue in the same runtime tick share one write: the
+    /// writer yields before taking its batch. Without that, the writer (woken into the
+    /// worker's LIFO slot) would run after each session and write commands one by one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn commands_of_one_tick_share_one_write() {
+        let (addr, h) = fake_backend().await;
+        let group = BackendGroup::new("t".into(), spec(), 1, 4, None, GroupMetrics::default());
+        let pool = group.pool(PoolKey {
+            addr,
+            db: 0,
+            proto: 2,
+        });
+        let conn = pool.shared(0);
+        conn.connect_now().await.expect("connected");
+        const N: usize = 50;
+        let (go_tx, go_rx) = tokio::sync::watch::channel(false);
+        let mut sessions = Vec::new();
+        for i in 0..N {
+            let conn = conn.clone();
+            let mut go = go_rx.clone();
+            sessions.push(tokio::spawn(async move {
+                let _ = go.wait_for(|g| *g).await;
+                let cmd =
+                    Command::from_args([Bytes::from_static(b"GET"), Bytes::from(i.to_string())]);
+                let rx = conn.submit(cmd.raw, true).expect("queued");
+                rx.await.expect("answered").expect("ok")
+            }));
+        }
+        // Released from a task on the worker, so all sessions become ready in one tick.
+        tokio::spawn(async move {
+            let _ = go_tx.send(true);
+            go_tx.closed().await;
+        });
+        for s in sessions {
+            let r = s.await.expect("session");
+            assert!(r.raw.starts_with(b"+R"), "{:?}", r.raw);
+        }
+        let writes = conn.writes.load(Ordering::Relaxed);
+        assert!(writes <= 2, "{N} commands took {writes} writes");
+        drop((pool, conn, group));
+        let _ = h.await;
     }
 
     #[tokio::test]

@@ -681,10 +681,16 @@ pub fn spawn_listener(
                 _ = stopped(&mut own_stop) => break,
                 res = b.listener.accept() => match res {
                     Ok((sock, peer)) => {
-                        let shared = shared.clone();
-                        let h = h.clone();
-                        let span = info_span!("conn", endpoint = %name, %peer);
-                        tokio::spawn(handle_conn(shared, h, sock, peer).instrument(span));
+                        let conn = handle_conn(shared.clone(), h.clone(), sock, peer);
+                        // The per-connection span only when debug logs are on: entering and
+                        // leaving it on every poll of the session measured ~2.5% of the
+                        // proxy's CPU at pipeline depth 1. The events name the peer anyway.
+                        if tracing::enabled!(tracing::Level::DEBUG) {
+                            let span = info_span!("conn", endpoint = %name, %peer);
+                            tokio::spawn(conn.instrument(span));
+                        } else {
+                            tokio::spawn(conn);
+                        }
                     }
                     Err(e) => {
                         // EMFILE and friends: back off instead of spinning.
@@ -715,7 +721,7 @@ async fn handle_conn(
     let local = match client.local_addr() {
         Ok(a) => a,
         Err(e) => {
-            warn!(error = %e, "accepted socket has no local address");
+            warn!(endpoint = %endpoint.name, %peer, error = %e, "accepted socket has no local address");
             return;
         }
     };

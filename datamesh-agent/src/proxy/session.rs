@@ -227,8 +227,7 @@ impl Session {
         advertised: SocketAddr,
     ) -> Self {
         let id = shared.next_client_id();
-        let users = shared.settings().users.clone();
-        let user = if auth_required(&users) {
+        let user = if auth_required(&shared.settings().users) {
             None
         } else {
             Some("default".to_string())
@@ -414,16 +413,20 @@ impl Session {
     }
 
     /// Reads what is there and decodes every complete command. False on a read error.
-    fn read(&mut self, client: &TcpStream) -> bool {
+    fn read(&mut self, client: &mut TcpStream) -> bool {
         self.rbuf.reserve(16 * 1024);
         self.arrival = tokio::time::Instant::now();
-        match client.try_read_buf(&mut self.rbuf) {
-            Ok(0) => {
+        // Through AsyncRead, polled once: unlike try_read, a short read clears the socket's
+        // readiness, so the next wait goes to epoll instead of costing a recv that answers
+        // EAGAIN (one syscall per command at pipeline depth 1). Pending = nothing there.
+        match tokio::io::AsyncReadExt::read_buf(client, &mut self.rbuf).now_or_never() {
+            Some(Ok(0)) => {
                 self.eof = true;
             }
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
-            Err(_) => return false,
+            Some(Ok(_)) => {}
+            None => return true,
+            Some(Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+            Some(Err(_)) => return false,
         }
         let limits = self.limits();
         loop {
@@ -475,12 +478,15 @@ impl Session {
         let Some(conn) = self.outbox_conn.take() else {
             return;
         };
-        let batch = std::mem::take(&mut self.outbox);
-        if let Err((e, senders)) = conn.submit_senders(batch) {
+        if let Err(e) = conn.submit_senders(&mut self.outbox) {
             rt.node_failed(conn.key.addr);
-            for tx in senders {
+            for (_, _, tx) in self.outbox.drain(..) {
                 let _ = tx.send(Err(e.clone()));
             }
+        }
+        if self.outbox.capacity() > 64 {
+            // A deep pipeline's batch: do not keep it for the life of the client.
+            self.outbox = Vec::new();
         }
     }
 

@@ -576,6 +576,19 @@ impl Agent {
             .find(|r| r.get("pod").and_then(Value::as_str) == Some(pod)))
     }
 
+    /// The integer fields of the pod's `pods --json` row, by name (empty when it has no row).
+    pub fn pod_counters(&self, pod: &str) -> Result<std::collections::BTreeMap<String, u64>> {
+        let mut m = std::collections::BTreeMap::new();
+        if let Some(Value::Object(o)) = self.pod_row(pod)? {
+            for (k, v) in o {
+                if let Some(n) = v.as_u64() {
+                    m.insert(k, n);
+                }
+            }
+        }
+        Ok(m)
+    }
+
     /// A counter of a pod from `pods --json` (0 when the pod has no row yet).
     pub fn pod_counter(&self, pod: &str, key: &str) -> Result<u64> {
         match self.pod_row(pod)? {

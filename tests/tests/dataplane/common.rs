@@ -187,16 +187,7 @@ pub fn assert_captured_entry(env: &Env, pod: &Pod, c: &Value) -> Result<()> {
 
 /// The pod's counters from `datamesh-agent pods --json`, as name → value.
 pub fn counters(env: &Env, pod: &Pod) -> Result<BTreeMap<String, u64>> {
-    let row = env.agent().pod_row(pod.netns_name())?;
-    let mut m = BTreeMap::new();
-    if let Some(Value::Object(o)) = row {
-        for (k, v) in o {
-            if let Some(n) = v.as_u64() {
-                m.insert(k, n);
-            }
-        }
-    }
-    Ok(m)
+    env.agent().pod_counters(pod.netns_name())
 }
 
 pub fn counter(m: &BTreeMap<String, u64>, key: &str) -> u64 {

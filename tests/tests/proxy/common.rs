@@ -60,16 +60,7 @@ pub fn py_pod(pod: &Pod, scenario: &str, addr: SocketAddr, extra: &[&str]) -> Re
 
 /// The pod's row of `datamesh-agent pods --json` as name → integer.
 pub fn pod_counters(env: &Env, pod: &str) -> Result<BTreeMap<String, u64>> {
-    let row = env.agent().pod_row(pod)?;
-    let mut m = BTreeMap::new();
-    if let Some(Value::Object(o)) = row {
-        for (k, v) in o {
-            if let Some(n) = v.as_u64() {
-                m.insert(k, n);
-            }
-        }
-    }
-    Ok(m)
+    env.agent().pod_counters(pod)
 }
 
 pub fn counter(m: &BTreeMap<String, u64>, key: &str) -> u64 {

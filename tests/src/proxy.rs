@@ -189,10 +189,15 @@ pub fn redis_cli(mut cmd: Command, addr: SocketAddr, args: &[&str]) -> Result<St
     cmd.args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
         .args(args);
     let out = run_with_timeout(&mut cmd, CLIENT_TIMEOUT)?;
+    cli_stdout(&cmd, out)
+}
+
+/// redis-cli's stdout, or an error with both streams when it exited non-zero.
+fn cli_stdout(cmd: &Command, out: std::process::Output) -> Result<String> {
     if !out.status.success() {
         bail!(
             "`{}` failed ({}): stdout {} stderr {}",
-            describe(&cmd),
+            describe(cmd),
             status_text(out.status),
             last_chars(&out.stdout, 2000),
             last_chars(&out.stderr, 2000)
@@ -211,16 +216,7 @@ pub fn redis_cli_stdin(
     cmd.args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
         .args(args);
     let out = run_with_input(&mut cmd, input, CLIENT_TIMEOUT)?;
-    if !out.status.success() {
-        bail!(
-            "`{}` failed ({}): stdout {} stderr {}",
-            describe(&cmd),
-            status_text(out.status),
-            last_chars(&out.stdout, 2000),
-            last_chars(&out.stderr, 2000)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    cli_stdout(&cmd, out)
 }
 
 /// `tests/py/`: the redis-py scenario scripts.

@@ -20,6 +20,8 @@ use datamesh_tests::proc::run_ok;
 use datamesh_tests::proxy::parse_benchmark_csv;
 use datamesh_tests::Env;
 
+use crate::util::median;
+
 #[derive(clap::Subcommand, Debug, Clone)]
 pub enum Bench {
     /// Pod-to-proxy round trips (PING, 1 KiB GET): direct vs fast path off vs on.
@@ -195,14 +197,6 @@ fn datapath(a: &DatapathArgs) -> Result<()> {
         bail!("the fast-path runs redirected no messages (fastpath_msgs {b} -> {f}): the fast path was not used");
     }
     Ok(())
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v[v.len() / 2]
 }
 
 fn print_tables(samples: &[Sample]) {

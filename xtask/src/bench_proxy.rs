@@ -33,6 +33,8 @@ use datamesh_tests::redis::RedisServer;
 use datamesh_tests::resp::{self, Reply};
 use datamesh_tests::{wait_until, Env};
 
+use crate::util::median;
+
 const PASSWORD: &str = "bench-secret";
 /// twemproxy's listeners and stats port, on the instance's own proxy IP (no collisions).
 const TWEM_PORT: u16 = 22121;
@@ -249,39 +251,14 @@ pub fn run(a: &ProxyArgs) -> Result<()> {
                 let n = match sizes.get(&(t.name(), p)) {
                     Some(n) => *n,
                     None => {
-                        let rows = benchmark(
-                            addr,
-                            &[
-                                "-t",
-                                "set,get",
-                                "-c",
-                                "50",
-                                "-P",
-                                &p.to_string(),
-                                "-n",
-                                "20000",
-                            ],
-                        )?;
+                        let rows = set_get(addr, p, 20_000)?;
                         let rps = rows.iter().map(|r| r.1).fold(f64::INFINITY, f64::min);
                         let n = ((rps * a.seconds) as u64).clamp(20_000, 50_000_000);
                         sizes.insert((t.name(), p), n);
                         n
                     }
                 };
-                let rows = benchmark(
-                    addr,
-                    &[
-                        "-t",
-                        "set,get",
-                        "-c",
-                        "50",
-                        "-P",
-                        &p.to_string(),
-                        "-n",
-                        &n.to_string(),
-                    ],
-                )
-                .with_context(|| format!("{} -P {p}", t.name()))?;
+                let rows = set_get(addr, p, n).with_context(|| format!("{} -P {p}", t.name()))?;
                 for (test, rps, p50, p99) in rows {
                     eprintln!(
                         "  round {} {:<9} P={p:<2} {test:<4} n={n:<9} {rps:>11.0} ops/s p50 {p50:.3} ms p99 {p99:.3} ms",
@@ -480,12 +457,10 @@ fn expect_bytes(s: &mut TcpStream, want: &[u8]) -> Result<()> {
     Ok(())
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v[v.len() / 2]
+/// redis-benchmark SET and GET, 50 clients, pipeline `p`, `n` requests.
+fn set_get(addr: SocketAddr, p: u32, n: u64) -> Result<Vec<(String, f64, f64, f64)>> {
+    let (p, n) = (p.to_string(), n.to_string());
+    benchmark(addr, &["-t", "set,get", "-c", "50", "-P", &p, "-n", &n])
 }
 
 fn print_table(

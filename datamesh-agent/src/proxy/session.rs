@@ -837,16 +837,8 @@ impl Session {
     fn execute_tx(&mut self, rt: &Arc<EndpointRuntime>, spec: &'static CommandSpec) -> Need {
         match spec.name {
             "multi" => match std::mem::replace(&mut self.tx, Tx::None) {
-                Tx::Multi {
-                    conn,
-                    deferred,
-                    failed,
-                } => {
-                    self.tx = Tx::Multi {
-                        conn,
-                        deferred,
-                        failed,
-                    };
+                tx @ Tx::Multi { .. } => {
+                    self.tx = tx;
                     self.pop_reply(Reply::error("ERR MULTI calls can not be nested"));
                     Need::Go
                 }
@@ -923,19 +915,11 @@ impl Session {
                         })));
                         Need::Go
                     }
-                    Tx::Multi {
-                        conn: None,
-                        deferred,
-                        failed,
-                    } => {
-                        if is_exec && !failed {
+                    tx @ Tx::Multi { conn: None, .. } => {
+                        if is_exec && !matches!(tx, Tx::Multi { failed: true, .. }) {
                             // Nothing queued needed a node yet: open the transaction on any
                             // node now (MULTI and the queued commands first, then EXEC).
-                            self.tx = Tx::Multi {
-                                conn: None,
-                                deferred,
-                                failed,
-                            };
+                            self.tx = tx;
                             return self.queue_in_multi(rt, None);
                         }
                         self.pop_reply(if is_exec {
@@ -948,10 +932,8 @@ impl Session {
                         Need::Go
                     }
                     other => {
+                        // EXEC/DISCARD without MULTI keeps the WATCHes (as Redis does).
                         self.tx = other;
-                        if let Tx::Watching(_) = self.tx {
-                            // EXEC/DISCARD without MULTI keeps the WATCHes (as Redis does).
-                        }
                         self.pop_reply(Reply::error(if is_exec {
                             "ERR EXEC without MULTI"
                         } else {
@@ -962,16 +944,8 @@ impl Session {
                 }
             }
             "watch" => match std::mem::replace(&mut self.tx, Tx::None) {
-                Tx::Multi {
-                    conn,
-                    deferred,
-                    failed,
-                } => {
-                    self.tx = Tx::Multi {
-                        conn,
-                        deferred,
-                        failed,
-                    };
+                tx @ Tx::Multi { .. } => {
+                    self.tx = tx;
                     self.pop_reply(Reply::error("ERR WATCH inside MULTI is not allowed"));
                     Need::Go
                 }
@@ -1047,16 +1021,8 @@ impl Session {
                     })));
                     Need::Go
                 }
-                Tx::Multi {
-                    conn,
-                    deferred,
-                    failed,
-                } => {
-                    self.tx = Tx::Multi {
-                        conn,
-                        deferred,
-                        failed,
-                    };
+                tx @ Tx::Multi { .. } => {
+                    self.tx = tx;
                     self.queue_in_multi(rt, Some(spec))
                 }
                 Tx::None => {

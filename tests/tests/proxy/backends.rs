@@ -36,7 +36,9 @@ const CLUSTER_SERVICE_PORT: u16 = 6390;
 /// How long after the sentinels agree on a new master the proxy may take to send writes there.
 const FOLLOW_BOUND: Duration = Duration::from_secs(5);
 
-fn start_sentinel_env(env: &mut Env) -> Result<SentinelGroup> {
+/// Starts a master, a replica and the sentinels, then the agent with a sentinel backend
+/// (reads going to replicas when `read_from_replicas`).
+fn start_sentinel_env(env: &mut Env, read_from_replicas: bool) -> Result<SentinelGroup> {
     let ip = IpAddr::V4(env.service_ip());
     let group = SentinelGroup::start(
         ip,
@@ -46,7 +48,8 @@ fn start_sentinel_env(env: &mut Env) -> Result<SentinelGroup> {
         env.run_dir(),
     )?;
     let mut cfg = env.base_agent_config()?;
-    cfg.endpoints[0].backend = BackendSpec::sentinel(&group.sentinel_addrs(), MASTER_NAME);
+    cfg.endpoints[0].backend = BackendSpec::sentinel(&group.sentinel_addrs(), MASTER_NAME)
+        .with("read_from_replicas", read_from_replicas);
     env.start_agent(cfg)?;
     Ok(group)
 }
@@ -88,7 +91,7 @@ fn wait_writes_succeed(
 #[test]
 fn sentinel_backend_follows_a_failover() {
     run_test(Env::builder().agent(false), |env| {
-        let group = start_sentinel_env(env)?;
+        let group = start_sentinel_env(env, false)?;
         let proxy = proxy_addr(env)?;
         let old = group.master_per_sentinel(0)?;
         let mut conn = RespConn::connect(proxy)?;
@@ -118,7 +121,7 @@ fn sentinel_backend_follows_a_failover() {
 #[test]
 fn sentinel_backend_survives_a_killed_master() {
     run_test(Env::builder().agent(false), |env| {
-        let mut group = start_sentinel_env(env)?;
+        let mut group = start_sentinel_env(env, false)?;
         let proxy = proxy_addr(env)?;
         let old = group.master_per_sentinel(0)?;
         let mut conn = RespConn::connect(proxy)?;
@@ -160,18 +163,7 @@ fn sentinel_backend_survives_a_killed_master() {
 #[test]
 fn sentinel_read_from_replicas_sends_reads_to_the_replica() {
     run_test(Env::builder().agent(false), |env| {
-        let ip = IpAddr::V4(env.service_ip());
-        let group = SentinelGroup::start(
-            ip,
-            SENTINEL_DATA_PORT,
-            SENTINEL_PORT,
-            env.outside_cgroup(),
-            env.run_dir(),
-        )?;
-        let mut cfg = env.base_agent_config()?;
-        cfg.endpoints[0].backend = BackendSpec::sentinel(&group.sentinel_addrs(), MASTER_NAME)
-            .with("read_from_replicas", true);
-        env.start_agent(cfg)?;
+        let group = start_sentinel_env(env, true)?;
         let proxy = proxy_addr(env)?;
         let master = group.master_per_sentinel(0)?;
         let replica = group
@@ -250,7 +242,7 @@ fn commands_right_after_ready(proxy: SocketAddr, what: &str) -> Result<()> {
 #[test]
 fn sentinel_backend_serves_commands_right_after_ready() {
     run_test(Env::builder().agent(false), |env| {
-        let _group = start_sentinel_env(env)?;
+        let _group = start_sentinel_env(env, false)?;
         commands_right_after_ready(proxy_addr(env)?, "sentinel")
     });
 }

@@ -252,6 +252,16 @@ impl PodRegistry {
         self.refresh();
     }
 
+    /// The pods' stats as they are now, so the lock is not held while they are updated.
+    fn snapshot(&self) -> Vec<Arc<PodStats>> {
+        self.stats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
     /// Re-resolves names (discovery may have named a pod since) and policies.
     fn refresh(&self) {
         let policy = self
@@ -259,13 +269,7 @@ impl PodRegistry {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let stats: Vec<Arc<PodStats>> = self
-            .stats
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let stats = self.snapshot();
         for s in stats {
             let name = self.name_of(s.cookie);
             let (rate, burst) = policy.for_name(if s.cookie == 0 { None } else { Some(&name) });
@@ -277,13 +281,7 @@ impl PodRegistry {
     /// Writes counter deltas to `dm_pod_counters` and the metrics; forgets pods without
     /// sessions whose counts are all flushed.
     pub fn flush(&self) {
-        let stats: Vec<Arc<PodStats>> = self
-            .stats
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let stats = self.snapshot();
         for s in &stats {
             let (c, t) = s.totals();
             let dc = c - s.flushed_commands.swap(c, Ordering::Relaxed);

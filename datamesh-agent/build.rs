@@ -21,7 +21,7 @@ fn main() {
     println!("cargo::rerun-if-changed={}", path.display());
     let out = PathBuf::from(std::env::var_os("OUT_DIR").unwrap_or_default()).join("datamesh.bpf.o");
     if !path.is_file() {
-        // One line, naming the command that fixes it (the brief's contract).
+        // One line, naming the command that fixes it.
         println!(
             "cargo::error=eBPF object not found at {}: run `cargo xtask build-ebpf` first",
             path.display()

@@ -16,9 +16,11 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
-use crate::app::stopped;
+use datamesh_proxy::endpoint::{backends_snapshot, EndpointHandle};
+use datamesh_proxy::stopped;
+
+use crate::conns::ConnLog;
 use crate::dataplane::Maps;
-use crate::proxy::{backends_snapshot, ConnLog, EndpointHandle};
 
 const MAX_REQUEST: usize = 8192;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);

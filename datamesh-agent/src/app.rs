@@ -23,16 +23,20 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
+use datamesh_proxy::accounting::{PodRate, PodRegistry, PolicySource};
+use datamesh_proxy::config::{EndpointSpec, SessionSettings};
+use datamesh_proxy::endpoint::{EndpointHandle, EndpointRuntime};
+use datamesh_proxy::listener::{self, Bound, ListenError, Listener, Shared};
+use datamesh_proxy::metrics::{ProxyMetrics, ResultLabels};
+use datamesh_proxy::resp::Limits;
+
 use crate::admin::{self, AdminError, AdminState};
 use crate::config::{self, Config, ConfigError};
+use crate::conns::{CaptureAttribution, ConnLog};
 use crate::dataplane::{self, DataplaneError, DataplaneMetrics, DesiredState, Maps};
+use crate::pod_counters::MapDirectory;
 use crate::pods::{self, Pods, PodsError};
 use crate::preflight::{self, PreflightError};
-use crate::proxy::pod_limits::{PodRegistry, PolicySource};
-use crate::proxy::{
-    self, ConnLog, EndpointHandle, EndpointRuntime, ListenerMap, ProxyError, ProxyMetrics,
-    RuntimeSettings, Shared,
-};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -43,7 +47,7 @@ pub enum AppError {
     #[error("data plane: {0}")]
     Dataplane(#[from] DataplaneError),
     #[error("proxy: {0}")]
-    Proxy(#[from] ProxyError),
+    Listen(#[from] ListenError),
     #[error("admin: {0}")]
     Admin(#[from] AdminError),
     #[error("pods: {0}")]
@@ -66,10 +70,46 @@ pub enum AppError {
 /// How long start-up and reload wait for a sentinel master or a cluster slot map.
 const TOPOLOGY_READY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Resolves once `rx` holds `true` (or its sender is gone). Does not hold the watch's read
-/// guard across an await, so tasks using it stay `Send`.
-pub async fn stopped(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|v| *v).await.map(|_| ());
+/// Listeners by endpoint name (for reload).
+type ListenerMap = std::collections::HashMap<String, Listener>;
+
+/// The proxy's session settings from the file's `proxy:` section and `users`.
+fn session_settings(cfg: &Config) -> SessionSettings {
+    let p = &cfg.proxy;
+    SessionSettings {
+        limits: Limits {
+            max_bulk_len: p.max_bulk_len,
+            max_array_len: p.max_array_len,
+            max_depth: p.max_depth as usize,
+            max_inline_len: p.max_inline_len as usize,
+        },
+        users: cfg.users.clone(),
+        throttle_max_delay: Duration::from_millis(p.throttle_max_delay_ms),
+        max_pipeline: p.max_pipeline,
+        client_output_limit: p.client_output_limit_bytes,
+    }
+}
+
+fn endpoint_spec(ep: &config::Endpoint) -> EndpointSpec {
+    EndpointSpec {
+        name: ep.name.clone(),
+        backend: ep.backend.clone(),
+    }
+}
+
+/// Binds every endpoint's listener (before the data plane points connects at them).
+fn bind_all(cfg: &Config) -> Result<Vec<(config::Endpoint, Bound)>, ListenError> {
+    cfg.endpoints
+        .iter()
+        .enumerate()
+        .map(|(i, ep)| bind_one(cfg, ep, i as u32).map(|b| (ep.clone(), b)))
+        .collect()
+}
+
+fn bind_one(cfg: &Config, ep: &config::Endpoint, id: u32) -> Result<Bound, ListenError> {
+    let b = listener::bind(&ep.name, cfg.proxy_bind(ep), id)?;
+    info!(endpoint = %ep.name, address = %ep.address, proxy = %b.local, backend = %ep.backend.primary_address(), kind = ep.backend.kind_name(), "endpoint bound");
+    Ok(b)
 }
 
 /// Options of `datamesh-agent run`.
@@ -164,7 +204,7 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
     };
 
     // Listeners before the data plane, so the endpoints map points at bound ports.
-    let bound = proxy::bind_all(&cfg)?;
+    let bound = bind_all(&cfg)?;
     let admin_listener = admin::bind(cfg.admin_listen).await?;
     let admin_addr: SocketAddr = admin_listener.local_addr().map_err(|source| AppError::Io {
         action: "admin listener",
@@ -176,9 +216,9 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
         settings: desired_settings(&cfg)?,
         endpoints: bound
             .iter()
-            .map(|b| {
+            .map(|(ep, b)| {
                 (
-                    dataplane::endpoint_key(b.endpoint.address),
+                    dataplane::endpoint_key(ep.address),
                     dataplane::endpoint_value(b.id, b.local),
                 )
             })
@@ -208,11 +248,11 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
         source,
     })?;
 
+    let directory = MapDirectory::open(&cfg.pin_dir, pods.clone())?;
     let pod_limits = Arc::new(PodRegistry::new(
-        Some(&cfg.pin_dir),
-        Some(pods.clone()),
+        Some(Arc::new(directory)),
         policy_source(&cfg),
-    )?);
+    ));
     let mut registry = Registry::with_prefix("datamesh");
     let proxy_metrics = Arc::new(ProxyMetrics::with_pods(pod_limits.metrics.clone()));
     proxy_metrics.register(&mut registry);
@@ -230,24 +270,26 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
     let flusher = pod_limits.clone().spawn_flusher(flush_stop_rx);
 
     let log = Arc::new(ConnLog::default());
+    let attribution = Arc::new(CaptureAttribution {
+        maps: maps.clone(),
+        pods: pods.clone(),
+        log: log.clone(),
+    });
     let shared = Arc::new(Shared::new(
-        maps.clone(),
-        pods.clone(),
-        log.clone(),
+        attribution,
         proxy_metrics.clone(),
         pod_limits.clone(),
-        RuntimeSettings::from_config(&cfg),
+        session_settings(&cfg),
     ));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut listeners: ListenerMap = ListenerMap::new();
-    for b in bound {
-        let rt = EndpointRuntime::build(&b.endpoint, cfg.bypass_mark, &proxy_metrics);
+    for (ep, b) in bound {
+        let rt = EndpointRuntime::build(&endpoint_spec(&ep), cfg.bypass_mark, &proxy_metrics);
         rt.wait_ready(TOPOLOGY_READY_TIMEOUT).await;
         let handle = Arc::new(EndpointHandle::new(rt));
-        let name = b.endpoint.name.clone();
         listeners.insert(
-            name,
-            proxy::spawn_listener(b, handle, shared.clone(), stop_rx.clone()),
+            ep.name.clone(),
+            listener::spawn(b, handle, shared.clone(), stop_rx.clone()),
         );
     }
 
@@ -355,7 +397,15 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
 
 fn policy_source(cfg: &Config) -> PolicySource {
     PolicySource {
-        pods: cfg.pods.clone(),
+        pods: cfg
+            .pods
+            .iter()
+            .map(|p| PodRate {
+                name: p.name.clone(),
+                cmd_rate: p.cmd_rate,
+                cmd_burst: p.cmd_burst,
+            })
+            .collect(),
         default_rate: cfg.default_cmd_rate,
         default_burst: cfg.default_cmd_burst,
     }
@@ -437,7 +487,7 @@ async fn reload(ctx: &ReloadCtx<'_>, running: &mut Running) {
     let result = |r: &str| {
         metrics
             .config_reloads
-            .get_or_create(&proxy::ResultLabels { result: r.into() })
+            .get_or_create(&ResultLabels { result: r.into() })
             .inc()
     };
     let mut new = match config::load(&ctx.path) {
@@ -483,7 +533,7 @@ async fn reload(ctx: &ReloadCtx<'_>, running: &mut Running) {
         return;
     }
 
-    ctx.shared.set_settings(RuntimeSettings::from_config(&new));
+    ctx.shared.set_settings(session_settings(&new));
     ctx.shared.pod_limits.set_policy(policy_source(&new));
     *ctx.policies.write().unwrap_or_else(|p| p.into_inner()) = new.pods.clone();
     let flags = dataplane::settings_flags(new.fastpath);
@@ -541,7 +591,7 @@ async fn reload(ctx: &ReloadCtx<'_>, running: &mut Running) {
                     .is_some_and(|o| o.backend != ep.backend)
                 {
                     info!(endpoint = %ep.name, "backend changed: new commands use the new backend");
-                    let rt = EndpointRuntime::build(ep, new.bypass_mark, metrics);
+                    let rt = EndpointRuntime::build(&endpoint_spec(ep), new.bypass_mark, metrics);
                     // The old backend keeps serving until the new one knows its topology.
                     rt.wait_ready(TOPOLOGY_READY_TIMEOUT).await;
                     l.handle.replace(rt);
@@ -549,7 +599,7 @@ async fn reload(ctx: &ReloadCtx<'_>, running: &mut Running) {
             }
             None => {
                 let id = (0..).find(|i| !used_ids.contains(i)).unwrap_or(0);
-                match proxy::bind_one(&new, ep, id) {
+                match bind_one(&new, ep, id) {
                     Ok(b) => {
                         used_ids.insert(id);
                         let written = ctx
@@ -565,17 +615,13 @@ async fn reload(ctx: &ReloadCtx<'_>, running: &mut Running) {
                         if let Err(e) = written {
                             error!(endpoint = %ep.name, error = %e, "config reload: cannot write the endpoints map");
                         }
-                        let rt = EndpointRuntime::build(ep, new.bypass_mark, metrics);
+                        let rt =
+                            EndpointRuntime::build(&endpoint_spec(ep), new.bypass_mark, metrics);
                         rt.wait_ready(TOPOLOGY_READY_TIMEOUT).await;
                         let handle = Arc::new(EndpointHandle::new(rt));
                         running.listeners.insert(
                             ep.name.clone(),
-                            proxy::spawn_listener(
-                                b,
-                                handle,
-                                ctx.shared.clone(),
-                                ctx.stop_rx.clone(),
-                            ),
+                            listener::spawn(b, handle, ctx.shared.clone(), ctx.stop_rx.clone()),
                         );
                         info!(endpoint = %ep.name, "endpoint added");
                     }

@@ -12,6 +12,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use datamesh_proxy::config::{
+    Backend, BackendKind, Secret, User, DEFAULT_CONNECT_TIMEOUT_MS, DEFAULT_DATABASES,
+    DEFAULT_MAX_DEDICATED, DEFAULT_POOL_SIZE, DEFAULT_WARM_DEDICATED,
+};
+
 /// Environment variable that overrides `proxy_address` (in Kubernetes: `status.hostIP`).
 pub const PROXY_ADDRESS_ENV: &str = "DATAMESH_PROXY_ADDRESS";
 
@@ -155,6 +160,7 @@ pub struct RawBackendMap {
     pub pool_size: Option<u32>,
     pub pool_prewarm: Option<bool>,
     pub max_dedicated: Option<u32>,
+    pub warm_dedicated: Option<u32>,
     pub connect_timeout_ms: Option<u64>,
     pub command_timeout_ms: Option<u64>,
     pub databases: Option<u32>,
@@ -213,35 +219,6 @@ pub struct Config {
     pub endpoints: Vec<Endpoint>,
 }
 
-/// A password that never shows up in `/config_dump`, logs or `Debug` output.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(pub String);
-
-impl Secret {
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("\"<redacted>\"")
-    }
-}
-
-impl Serialize for Secret {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str("<redacted>")
-    }
-}
-
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct User {
-    pub name: String,
-    /// `None`: the user needs no password (nopass).
-    pub password: Option<Secret>,
-}
-
 /// `proxy:` settings (RESP limits, throttling, per-client bounds).
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
 pub struct ProxySettings {
@@ -270,10 +247,6 @@ pub const DEFAULT_WORKER_THREADS: u32 = 1;
 pub const DEFAULT_THROTTLE_MAX_DELAY_MS: u64 = 100;
 pub const DEFAULT_MAX_PIPELINE: u32 = 4096;
 pub const DEFAULT_CLIENT_OUTPUT_LIMIT: u64 = 64 * 1024 * 1024;
-pub const DEFAULT_POOL_SIZE: u32 = 4;
-pub const DEFAULT_MAX_DEDICATED: u32 = 512;
-pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 1000;
-pub const DEFAULT_DATABASES: u32 = 16;
 
 impl Default for ProxySettings {
     fn default() -> Self {
@@ -286,82 +259,6 @@ impl Default for ProxySettings {
             max_pipeline: DEFAULT_MAX_PIPELINE,
             client_output_limit_bytes: DEFAULT_CLIENT_OUTPUT_LIMIT,
             worker_threads: DEFAULT_WORKER_THREADS,
-        }
-    }
-}
-
-/// Where an endpoint's commands go, and how.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct Backend {
-    #[serde(flatten)]
-    pub kind: BackendKind,
-    /// ACL user the proxy authenticates to backends as (`AUTH user pass`).
-    pub username: Option<String>,
-    pub password: Option<Secret>,
-    /// Shared, multiplexed connections per backend node, database and protocol.
-    pub pool_size: u32,
-    /// Connect the shared pool at start instead of on first use.
-    pub pool_prewarm: bool,
-    /// Exclusive connections (transactions, blocking commands, pub/sub) per node at most.
-    pub max_dedicated: u32,
-    pub connect_timeout_ms: u64,
-    /// 0 = no timeout; else a command without reply after this long fails (and its shared
-    /// connection is reset, since its later replies can no longer be matched).
-    pub command_timeout_ms: u64,
-    /// Databases clients may SELECT (0..databases); cluster backends only have 0.
-    pub databases: u32,
-}
-
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-pub enum BackendKind {
-    Standalone {
-        address: SocketAddr,
-    },
-    Sentinel {
-        sentinels: Vec<SocketAddr>,
-        master_name: String,
-        read_from_replicas: bool,
-        sentinel_username: Option<String>,
-        sentinel_password: Option<Secret>,
-    },
-    Cluster {
-        nodes: Vec<SocketAddr>,
-        read_from_replicas: bool,
-    },
-}
-
-impl Backend {
-    /// A standalone backend with every default (the `backend: ip:port` shorthand).
-    pub fn standalone(address: SocketAddr) -> Self {
-        Self {
-            kind: BackendKind::Standalone { address },
-            username: None,
-            password: None,
-            pool_size: DEFAULT_POOL_SIZE,
-            pool_prewarm: false,
-            max_dedicated: DEFAULT_MAX_DEDICATED,
-            connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
-            command_timeout_ms: 0,
-            databases: DEFAULT_DATABASES,
-        }
-    }
-
-    /// One address that stands for the backend (ready file, logs): the standalone address,
-    /// the first sentinel or the first cluster seed.
-    pub fn primary_address(&self) -> SocketAddr {
-        match &self.kind {
-            BackendKind::Standalone { address } => *address,
-            BackendKind::Sentinel { sentinels, .. } => sentinels[0],
-            BackendKind::Cluster { nodes, .. } => nodes[0],
-        }
-    }
-
-    pub fn kind_name(&self) -> &'static str {
-        match self.kind {
-            BackendKind::Standalone { .. } => "standalone",
-            BackendKind::Sentinel { .. } => "sentinel",
-            BackendKind::Cluster { .. } => "cluster",
         }
     }
 }
@@ -1083,6 +980,17 @@ fn validate_backend(
             format!("{max_dedicated} must be between 1 and 65536"),
         );
     }
+    let warm_dedicated = b
+        .warm_dedicated
+        .unwrap_or(DEFAULT_WARM_DEDICATED.min(max_dedicated));
+    if warm_dedicated > max_dedicated.min(64) {
+        err(
+            &f("warm_dedicated"),
+            format!(
+                "{warm_dedicated} must be at most max_dedicated ({max_dedicated}) and at most 64"
+            ),
+        );
+    }
     let connect_timeout_ms = b.connect_timeout_ms.unwrap_or(DEFAULT_CONNECT_TIMEOUT_MS);
     if connect_timeout_ms == 0 || connect_timeout_ms > 60_000 {
         err(
@@ -1113,6 +1021,7 @@ fn validate_backend(
         pool_size,
         pool_prewarm: b.pool_prewarm.unwrap_or(false),
         max_dedicated,
+        warm_dedicated,
         connect_timeout_ms,
         command_timeout_ms: b.command_timeout_ms.unwrap_or(0),
         databases,
@@ -1379,7 +1288,7 @@ endpoints:
     address: 198.19.3.1:6379
   - name: auth
     address: 198.19.3.2:6379
-    backend: {address: 10.0.0.1:6379, username: proxy, password: pw, pool_size: 2, command_timeout_ms: 500}
+    backend: {address: 10.0.0.1:6379, username: proxy, password: pw, pool_size: 2, command_timeout_ms: 500, warm_dedicated: 0}
   - name: sentinel
     address: 198.19.3.3:6379
     backend:
@@ -1401,9 +1310,11 @@ endpoints:
         assert_eq!(cfg.proxy.worker_threads, 2);
         let b = &cfg.endpoints[0].backend;
         assert_eq!(b.pool_size, DEFAULT_POOL_SIZE);
+        assert_eq!(b.warm_dedicated, DEFAULT_WARM_DEDICATED);
         assert_eq!(b.primary_address(), cfg.endpoints[0].address);
         let b = &cfg.endpoints[1].backend;
         assert_eq!((b.pool_size, b.command_timeout_ms), (2, 500));
+        assert_eq!(b.warm_dedicated, 0);
         assert_eq!(b.password.as_ref().map(|p| p.expose()), Some("pw"));
         assert!(
             matches!(&cfg.endpoints[2].backend.kind, BackendKind::Sentinel { read_from_replicas: true, sentinels, .. } if sentinels.len() == 2)
@@ -1443,7 +1354,7 @@ endpoints:
     backend: {kind: sentinel, sentinels: [], address: 1.2.3.4:1}
   - name: c
     address: 198.19.3.2:6379
-    backend: {kind: cluster, nodes: [x], databases: 4, pool_size: 0}
+    backend: {kind: cluster, nodes: [x], databases: 4, pool_size: 0, max_dedicated: 3, warm_dedicated: 4}
   - name: k
     address: 198.19.3.3:6379
     backend: {kind: memcached, typo: 1}
@@ -1464,6 +1375,7 @@ endpoints:
             "endpoints[1].backend.nodes[0]: invalid socket address \"x\"",
             "endpoints[1].backend.databases: a Redis Cluster has only database 0",
             "endpoints[1].backend.pool_size: 0 must be between 1 and 256",
+            "endpoints[1].backend.warm_dedicated: 4 must be at most max_dedicated (3)",
             "endpoints[2].backend.kind: \"memcached\" is not one of",
             "endpoints[2].backend.typo: unknown field",
         ];

@@ -41,7 +41,7 @@ use prometheus_client::registry::Registry;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::app::stopped;
+use datamesh_proxy::stopped;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 

@@ -4,10 +4,11 @@
 mod admin;
 mod app;
 mod config;
+mod conns;
 mod dataplane;
+mod pod_counters;
 mod pods;
 mod preflight;
-mod proxy;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -145,7 +145,7 @@ pub fn yaml_list(addrs: &[SocketAddr]) -> String {
     format!("[{}]", items.join(", "))
 }
 
-/// The agent config the harness writes (YAML), mirroring the contract's keys.
+/// The agent config the harness writes (YAML), with the keys of the config reference.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     pub proxy_address: Ipv4Addr,

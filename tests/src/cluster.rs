@@ -2,6 +2,9 @@
 //! `cluster-enabled yes` on one test-owned IP (ports `base..base+masters`, bus ports +10000),
 //! joined by `redis-cli --cluster create ... --cluster-yes` (no replicas). Ready means every node
 //! reports `cluster_state:ok`, knows every node and agrees on the owner of every slot.
+//! [`RedisCluster::start_with_replicas`] adds replicas (ports after the masters'); ready then
+//! also means every replica's link to its master is up and every node reports every replica
+//! `online` in `CLUSTER SHARDS`.
 //!
 //! Also the operations the tests need: the owner of a key's slot, and moving a slot from one
 //! master to another by hand (`CLUSTER SETSLOT IMPORTING/MIGRATING`, `MIGRATE`, `SETSLOT
@@ -42,39 +45,67 @@ impl RedisCluster {
         cgroup: &Path,
         dir: &Path,
     ) -> Result<Self> {
+        Self::start_with_replicas(ip, base_port, masters, 0, 5000, cgroup, dir)
+    }
+
+    /// Like [`RedisCluster::start`] with `replicas` replicas per master and this
+    /// `cluster-node-timeout` (how long before a dead master is failed over). Nodes
+    /// `0..masters` are the masters (`redis-cli --cluster create` takes the first ones), the
+    /// rest their replicas; which replica serves which master is redis-cli's choice, so tests
+    /// read it from the cluster. Ready also means every replica is in sync and reported online
+    /// by every node (see the module docs).
+    pub fn start_with_replicas(
+        ip: IpAddr,
+        base_port: u16,
+        masters: u16,
+        replicas: u16,
+        node_timeout_ms: u32,
+        cgroup: &Path,
+        dir: &Path,
+    ) -> Result<Self> {
         ensure!(
             masters >= 3,
             "redis-cli --cluster create needs at least 3 masters"
         );
         let dir = dir.join(format!("cluster-{base_port}"));
+        let total = masters * (1 + replicas);
+        let timeout = node_timeout_ms.to_string();
+        let ip_text = ip.to_string();
+        let mut args = vec![
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            &timeout,
+            "--cluster-announce-ip",
+            &ip_text,
+        ];
+        if replicas > 0 {
+            // Replicas sync at once (not after the default 5 s wait for more replicas), and
+            // count as online in CLUSTER SHARDS once their replication offset is non-zero,
+            // which without writes takes the master's first replication ping (10 s default).
+            args.extend([
+                "--repl-diskless-sync-delay",
+                "0",
+                "--repl-ping-replica-period",
+                "1",
+            ]);
+        }
         let mut nodes = Vec::new();
-        for i in 0..masters {
+        for i in 0..total {
             let addr = SocketAddr::new(ip, base_port + i);
             let ndir = dir.join(format!("node-{}", addr.port()));
             std::fs::create_dir_all(&ndir)
                 .with_context(|| format!("creating {}", ndir.display()))?;
-            nodes.push(RedisServer::start_with(
-                addr,
-                cgroup,
-                &ndir,
-                &[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    "--cluster-node-timeout",
-                    "5000",
-                    "--cluster-announce-ip",
-                    &ip.to_string(),
-                ],
-            )?);
+            nodes.push(RedisServer::start_with(addr, cgroup, &ndir, &args)?);
         }
         let mut create = Command::new("redis-cli");
         create.arg("--cluster").arg("create");
         for n in &nodes {
             create.arg(n.addr().to_string());
         }
-        create.args(["--cluster-replicas", "0", "--cluster-yes"]);
+        create.args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"]);
         run_ok(&mut create, Duration::from_secs(60)).context("redis-cli --cluster create")?;
         let mut cluster = Self {
             nodes,
@@ -89,7 +120,35 @@ impl RedisCluster {
             cluster.ids.push(id);
         }
         cluster.wait_consistent(Duration::from_secs(60))?;
+        if replicas > 0 {
+            cluster
+                .wait_replicas_online(usize::from(masters * replicas), Duration::from_secs(60))?;
+        }
         Ok(cluster)
+    }
+
+    /// Waits until every replica's link to its master is up and every node's `CLUSTER SHARDS`
+    /// lists `want` replicas, all `online`.
+    fn wait_replicas_online(&self, want: usize, timeout: Duration) -> Result<()> {
+        wait_until(
+            &format!("{want} cluster replicas to be in sync and reported online by every node"),
+            timeout,
+            || {
+                for n in &self.nodes {
+                    let info = n.info("replication")?;
+                    if info.get("role").map(String::as_str) == Some("slave")
+                        && info.get("master_link_status").map(String::as_str) != Some("up")
+                    {
+                        return Ok(None);
+                    }
+                    let health = replica_health(n.command(&[b"CLUSTER", b"SHARDS"])?)?;
+                    if health.len() != want || health.iter().any(|h| h != "online") {
+                        return Ok(None);
+                    }
+                }
+                Ok(Some(()))
+            },
+        )
     }
 
     /// The nodes' addresses (the proxy's `nodes:` seeds).
@@ -196,7 +255,8 @@ impl RedisCluster {
         self.owner_of_slot(self.key_slot(key)?)
     }
 
-    /// `n` distinct keys `<prefix><i>` that together land on every node at least once.
+    /// `n` distinct keys `<prefix><i>` that together land on every node at least once (a
+    /// cluster without replicas: replicas own no slots).
     pub fn keys_on_all_nodes(&self, prefix: &str, n: usize) -> Result<Vec<String>> {
         let keys: Vec<String> = (0..n).map(|i| format!("{prefix}{i}")).collect();
         let mut seen = vec![false; self.nodes.len()];
@@ -358,6 +418,42 @@ pub fn key_in_slot(prefix: &str, slot: u16) -> String {
         .map(|n| format!("{prefix}{n}"))
         .find(|k| key_slot_local(k.as_bytes()) == slot)
         .unwrap_or_default()
+}
+
+/// The `health` of every replica in a `CLUSTER SHARDS` reply (RESP2: flat key/value arrays).
+fn replica_health(reply: Reply) -> Result<Vec<String>> {
+    fn field<'a>(kv: &'a [Reply], name: &str) -> Option<&'a Reply> {
+        kv.chunks(2)
+            .find(|c| c.len() == 2 && c[0].as_bytes() == Some(name.as_bytes()))
+            .map(|c| &c[1])
+    }
+    let Reply::Array(Some(shards)) = reply else {
+        bail!("CLUSTER SHARDS answered {reply:?}");
+    };
+    let mut out = Vec::new();
+    for shard in &shards {
+        let Reply::Array(Some(kv)) = shard else {
+            bail!("bad CLUSTER SHARDS entry {shard:?}");
+        };
+        let Some(Reply::Array(Some(nodes))) = field(kv, "nodes") else {
+            bail!("CLUSTER SHARDS entry without nodes: {kv:?}");
+        };
+        for node in nodes {
+            let Reply::Array(Some(nkv)) = node else {
+                bail!("bad CLUSTER SHARDS node {node:?}");
+            };
+            let text = |k: &str| {
+                field(nkv, k)
+                    .and_then(Reply::as_bytes)
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+                    .unwrap_or_default()
+            };
+            if text("role") == "replica" {
+                out.push(text("health"));
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn expect_ok(r: Reply, what: &str) -> Result<()> {

@@ -1,8 +1,8 @@
 //! Test harness for DataMesh: real kernel programs, network namespaces as pods, a real
 //! redis-server as the endpoint and the real `datamesh-agent` attached to a cgroup the test made.
 //!
-//! The harness owns the per-instance test network layout of the contract (ARCHITECTURE.md and
-//! the team brief): instance `N`, cgroup `/sys/fs/cgroup/unified/datamesh-test-<pid>-<N>/`,
+//! The harness owns the per-instance test network layout (ARCHITECTURE.md, README): instance
+//! `N`, cgroup `/sys/fs/cgroup/unified/datamesh-test-<pid>-<N>/`,
 //! bridge `dmtbr<N>` with 198.18.N.1/24 (proxy) and 198.19.N.1/32 (service), pods as netns
 //! `dmt<N>-<name>` with veth `dmt<N>h<i>`, pin dir `/sys/fs/bpf/datamesh-test-<pid>-<N>`.
 //! Every resource is a Drop guard; [`env::Env`] drops them in reverse order (also while a test

@@ -13,7 +13,8 @@
 //! redis-py, AUTH, RESP3, refusals), `pooling` (connection storm, blocking commands),
 //! `backends` (sentinel failover, cluster split/merge, resharding, cluster client), `limits`
 //! (per-pod command rate), `badinput` (malformed input, half-closed clients), `reload`
-//! (SIGHUP without dropping clients).
+//! (SIGHUP without dropping clients), `behaviours` (UNSUBSCRIBE, CLIENT REPLY, warm dedicated
+//! connections, dead-backend errors).
 
 #[path = "proxy/common.rs"]
 mod common;
@@ -35,3 +36,6 @@ mod badinput;
 
 #[path = "proxy/reload.rs"]
 mod reload;
+
+#[path = "proxy/behaviours.rs"]
+mod behaviours;

@@ -9,11 +9,13 @@ use anyhow::ensure;
 use datamesh_tests::env::run_test;
 use datamesh_tests::proc::run_ok;
 use datamesh_tests::proxy::{bulk, simple, RespConn};
-use datamesh_tests::Env;
+use datamesh_tests::{wait_until, Env};
 
 use crate::common::{proxy_addr, py_node};
 
 const POOL_SIZE: u64 = 4;
+/// The backend's default `warm_dedicated`.
+const WARM_DEDICATED: u64 = 2;
 
 /// INFO readings each open one connection of their own: the "after" reading's connection is
 /// counted in the delta (the "before" one is counted before it). That one is the only slack.
@@ -27,6 +29,18 @@ fn short_connection_storm_stays_within_the_pool() {
             let proxy = proxy_addr(env)?;
             env.redis()
                 .command(&[b"SET", b"key:__rand_int__", b"storm"])?;
+            // The pool's warm dedicated connections are opened at start, not by clients:
+            // wait until they are, so the count below is only what the storm caused.
+            wait_until(
+                "the warm dedicated connections to be open",
+                Duration::from_secs(10),
+                || {
+                    let (_, body) = env.agent().http_get("/backends")?;
+                    let v: serde_json::Value = serde_json::from_str(&body)?;
+                    let idle = v[0]["pools"][0]["idle_dedicated"].as_u64().unwrap_or(0);
+                    Ok((idle >= WARM_DEDICATED).then_some(()))
+                },
+            )?;
             let before = env
                 .redis()
                 .info_u64("stats", "total_connections_received")?;

@@ -1,40 +1,48 @@
 //! Per-pod command accounting and the per-pod command-rate limit.
 //!
 //! Every client session holds the [`PodStats`] of its pod (resolved once per connection from
-//! the netns cookie the eBPF capture recorded; node-local clients share pod "node", cookie
-//! 0). Counting is two atomic adds per command. A task flushes the deltas to the pinned
-//! `dm_pod_counters` map every 200 ms, so `datamesh-agent pods` shows them, and refreshes each
-//! pod's policy (config `pods[].cmd_rate/cmd_burst`, else `default_cmd_rate/burst`).
+//! the pod id the agent's attribution gave it; node-local clients share pod "node", id 0).
+//! Counting is two atomic adds per command. A task flushes the deltas every 200 ms to the
+//! metrics and to a [`PodDirectory`] (the agent writes them to the pinned `dm_pod_counters`
+//! map, so `datamesh-agent pods` shows them), and refreshes each pod's name and policy
+//! (config `pods[].cmd_rate/cmd_burst`, else `default_cmd_rate/burst`).
 //!
 //! The limit is GCRA (the same [`datamesh_common::gcra_allow`] the eBPF connection limit uses).
 //! A command over the limit waits until its slot comes if that is within
 //! `proxy.throttle_max_delay_ms`, else it is answered with an error; both count as throttled.
 //!
-//! The flush is a read-modify-write of the whole map value (the bpf syscall has no
-//! per-field update): an eBPF atomic add landing between our read and our write is lost. The
-//! window is a few microseconds every 200 ms per active pod; we accept that small race on the
-//! eBPF-side counters rather than split the value (which would change the map ABI).
-
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use aya::maps::{HashMap as BpfHashMap, MapData};
-use datamesh_common::{gcra_allow, PodCounters, MAP_POD_COUNTERS};
+use datamesh_common::gcra_allow;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::debug;
 
-use crate::app::stopped;
-use crate::config::PodPolicyConfig;
-use crate::dataplane::{self, DataplaneError};
-use crate::pods::Pods;
+use crate::stopped;
+
+/// Where per-pod names come from and per-pod counts go (the agent: pod discovery and the
+/// pinned `dm_pod_counters` map).
+pub trait PodDirectory: Send + Sync + 'static {
+    /// The pod's name, when discovery knows it.
+    fn name_of(&self, pod: u64) -> Option<String>;
+    /// Adds command and throttled counts of one flush to the pod's counters.
+    fn add_counts(&self, pod: u64, commands: u64, throttled: u64);
+}
+
+/// A pod's command-rate policy by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodRate {
+    pub name: String,
+    pub cmd_rate: u32,
+    pub cmd_burst: u32,
+}
 
 /// Name of the pseudo-pod of clients whose connection was not captured (node-local).
 pub const NODE_POD: &str = "node";
@@ -159,7 +167,7 @@ pub struct PodMetrics {
 /// The policy inputs: per-pod config and the defaults.
 #[derive(Debug, Clone, Default)]
 pub struct PolicySource {
-    pub pods: Vec<PodPolicyConfig>,
+    pub pods: Vec<PodRate>,
     pub default_rate: u32,
     pub default_burst: u32,
 }
@@ -173,40 +181,26 @@ impl PolicySource {
     }
 }
 
-type CountersMap = BpfHashMap<MapData, u64, PodCounters>;
-
 /// All pods' stats, the policy source and the flusher.
 pub struct PodRegistry {
     stats: Mutex<HashMap<u64, Arc<PodStats>>>,
     policy: RwLock<PolicySource>,
-    pods: Option<Arc<Pods>>,
-    counters: Option<Mutex<CountersMap>>,
+    directory: Option<Arc<dyn PodDirectory>>,
     base: Instant,
     pub metrics: Arc<PodMetrics>,
 }
 
 impl PodRegistry {
-    /// `pin_dir`: where `dm_pod_counters` is pinned (None in unit tests).
-    pub fn new(
-        pin_dir: Option<&Path>,
-        pods: Option<Arc<Pods>>,
-        policy: PolicySource,
-    ) -> Result<Self, DataplaneError> {
-        let counters = match pin_dir {
-            Some(d) => Some(Mutex::new(dataplane::open_typed::<CountersMap>(
-                d,
-                MAP_POD_COUNTERS,
-            )?)),
-            None => None,
-        };
-        Ok(Self {
+    /// `directory`: pod names and the counters' destination (None: counts go to the
+    /// metrics only, pods are named `netns-<id>`).
+    pub fn new(directory: Option<Arc<dyn PodDirectory>>, policy: PolicySource) -> Self {
+        Self {
             stats: Mutex::new(HashMap::new()),
             policy: RwLock::new(policy),
-            pods,
-            counters,
+            directory,
             base: Instant::now(),
             metrics: Arc::new(PodMetrics::default()),
-        })
+        }
     }
 
     /// Nanoseconds on the (tokio) clock the buckets use; starts at 1 s so a fresh bucket's
@@ -241,9 +235,9 @@ impl PodRegistry {
         if cookie == 0 {
             return NODE_POD.to_string();
         }
-        self.pods
+        self.directory
             .as_ref()
-            .and_then(|p| p.name_of(cookie))
+            .and_then(|d| d.name_of(cookie))
             .unwrap_or_else(|| format!("netns-{cookie}"))
     }
 
@@ -278,7 +272,7 @@ impl PodRegistry {
         }
     }
 
-    /// Writes counter deltas to `dm_pod_counters` and the metrics; forgets pods without
+    /// Writes counter deltas to the directory and the metrics; forgets pods without
     /// sessions whose counts are all flushed.
     pub fn flush(&self) {
         let stats = self.snapshot();
@@ -296,14 +290,8 @@ impl PodRegistry {
             if s.cookie == 0 {
                 continue;
             }
-            if let Some(m) = &self.counters {
-                let mut m = m.lock().unwrap_or_else(|p| p.into_inner());
-                let mut v = m.get(&s.cookie, 0).unwrap_or_default();
-                v.commands = v.commands.saturating_add(dc);
-                v.commands_throttled = v.commands_throttled.saturating_add(dt);
-                if let Err(e) = m.insert(s.cookie, v, 0) {
-                    warn!(cookie = s.cookie, error = %e, "cannot write {MAP_POD_COUNTERS}");
-                }
+            if let Some(d) = &self.directory {
+                d.add_counts(s.cookie, dc, dt);
             }
         }
         drop(stats);
@@ -344,9 +332,8 @@ impl PodRegistry {
 mod tests {
     use super::*;
 
-    fn registry(pods: Vec<PodPolicyConfig>, rate: u32, burst: u32) -> PodRegistry {
+    fn registry(pods: Vec<PodRate>, rate: u32, burst: u32) -> PodRegistry {
         PodRegistry::new(
-            None,
             None,
             PolicySource {
                 pods,
@@ -354,7 +341,6 @@ mod tests {
                 default_burst: burst,
             },
         )
-        .expect("no maps")
     }
 
     #[tokio::test(start_paused = true)]
@@ -398,10 +384,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn unlimited_and_per_pod_policy() {
-        let pods = vec![PodPolicyConfig {
+        let pods = vec![PodRate {
             name: "netns-7".into(),
-            conn_rate: 0,
-            conn_burst: 0,
             cmd_rate: 1,
             cmd_burst: 1,
         }];

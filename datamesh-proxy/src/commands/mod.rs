@@ -1,17 +1,22 @@
-//! The command table: for every command the proxy knows, its arity, what kind of command it is
-//! (read-only, write, blocking, pub/sub, transaction, connection state answered by the proxy,
-//! refused) and where its keys are. The session routes by this table; cluster mode uses the key
-//! positions for slots and the multi-key kind for split-and-merge.
+//! The command table: for every command the proxy knows, its arity, its data flags
+//! (read-only, write, blocking), how it runs ([`Kind`]: forwarded, split or broadcast in
+//! cluster mode, answered by the proxy, transaction, pub/sub, refused with a reason), where its
+//! keys are, and what resending it after a lost connection could do ([`ReplayClass`]). The
+//! session dispatches on [`Kind`] and the enums inside it, never on command-name strings;
+//! cluster mode uses the key positions for slots.
 //!
 //! Commands not in the table are forwarded as they are (the backend answers its own
-//! unknown-command error); in cluster mode they are routed by their first argument.
+//! unknown-command error); in cluster mode they are routed by their first argument, and a lost
+//! connection treats them as writes.
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
 
-use super::resp::Command;
+use crate::request::ReplayClass;
+use crate::resp::Command;
 
-/// Only reads data: may go to a replica when the endpoint reads from replicas.
+/// Only reads data: may go to a replica when the endpoint reads from replicas, and may be
+/// resent after its connection died.
 pub const READONLY: u32 = 1 << 0;
 /// Changes data.
 pub const WRITE: u32 = 1 << 1;
@@ -19,18 +24,8 @@ pub const WRITE: u32 = 1 << 1;
 pub const BLOCKING: u32 = 1 << 2;
 /// Blocks when given the BLOCK option (XREAD, XREADGROUP).
 pub const MAYBE_BLOCKING: u32 = 1 << 3;
-/// Enters or changes pub/sub mode: runs on the session's dedicated pub/sub connection.
-pub const PUBSUB: u32 = 1 << 4;
-/// MULTI/EXEC/DISCARD/WATCH/UNWATCH.
-pub const TRANSACTION: u32 = 1 << 5;
-/// Connection state the proxy answers itself (PING, AUTH, SELECT, HELLO, CLIENT ...).
-pub const LOCAL: u32 = 1 << 6;
-/// Answered by the proxy with an error naming the reason.
-pub const REFUSED: u32 = 1 << 7;
-/// Keyless command that, in cluster mode, runs on every master and merges (see [`Broadcast`]).
-pub const BROADCAST: u32 = 1 << 8;
 /// Allowed before AUTH (like Redis: AUTH, HELLO, QUIT, RESET).
-pub const NO_AUTH: u32 = 1 << 9;
+pub const NO_AUTH: u32 = 1 << 4;
 
 /// Where the keys of a command are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,8 +52,6 @@ pub enum Keys {
 /// How a multi-key command is split across cluster slots and merged back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MultiKey {
-    /// Not splittable: keys must share a slot (else CROSSSLOT).
-    None,
     /// MGET: array of values in key order.
     Mget,
     /// MSET: key/value pairs, reply +OK.
@@ -80,17 +73,83 @@ pub enum Broadcast {
     First,
 }
 
+/// Connection-state commands the proxy answers itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Local {
+    Ping,
+    Echo,
+    Quit,
+    Reset,
+    Hello,
+    Auth,
+    Select,
+    Client,
+    ReadOnly,
+    ReadWrite,
+    Asking,
+    /// Answered as a one-node cluster for cluster backends; forwarded to standalone ones.
+    Cluster,
+}
+
+/// Transaction commands (run on the client's dedicated connection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tx {
+    Multi,
+    Exec,
+    Discard,
+    Watch,
+    Unwatch,
+}
+
+/// Pub/sub subscription commands (run on the client's subscription connection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PubSub {
+    Subscribe,
+    PSubscribe,
+    SSubscribe,
+    Unsubscribe,
+    PUnsubscribe,
+    SUnsubscribe,
+}
+
+impl PubSub {
+    /// True for the three unsubscribe commands.
+    pub fn is_unsubscribe(self) -> bool {
+        matches!(
+            self,
+            PubSub::Unsubscribe | PubSub::PUnsubscribe | PubSub::SUnsubscribe
+        )
+    }
+}
+
+/// How a command runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Sent to a backend as it is (a dedicated connection when [`is_blocking`]).
+    Forward,
+    /// Forwarded; in cluster mode split per slot and merged back.
+    Split(MultiKey),
+    /// Forwarded; in cluster mode run on every master and merged.
+    Broadcast(Broadcast),
+    /// SCAN: forwarded, but refused in cluster mode (a cursor cannot span nodes).
+    Scan,
+    Local(Local),
+    Tx(Tx),
+    PubSub(PubSub),
+    /// Answered with an error naming the reason.
+    Refused(&'static str),
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CommandSpec {
     pub name: &'static str,
     /// Redis convention: positive = exact argument count (name included), negative = minimum.
     pub arity: i32,
     pub flags: u32,
+    pub kind: Kind,
     pub keys: Keys,
-    pub multi: MultiKey,
-    pub broadcast: Option<Broadcast>,
-    /// Why the proxy refuses it (with [`REFUSED`]).
-    pub reason: &'static str,
+    /// What resending it after its connection died could do (when it was written).
+    pub replay: ReplayClass,
 }
 
 impl CommandSpec {
@@ -108,15 +167,27 @@ impl CommandSpec {
     }
 }
 
+/// The replay class of a forwarded command from its flags: reads may be resent, blocking
+/// commands hold connection state (a resent pop takes a second element), anything else is a
+/// write whose outcome is unknown once written.
+const fn replay_of(flags: u32) -> ReplayClass {
+    if flags & (BLOCKING | MAYBE_BLOCKING) != 0 && flags & READONLY == 0 {
+        ReplayClass::Stateful
+    } else if flags & READONLY != 0 {
+        ReplayClass::ReadOnly
+    } else {
+        ReplayClass::Write
+    }
+}
+
 const fn c(name: &'static str, arity: i32, flags: u32, keys: Keys) -> CommandSpec {
     CommandSpec {
         name,
         arity,
         flags,
+        kind: Kind::Forward,
         keys,
-        multi: MultiKey::None,
-        broadcast: None,
-        reason: "",
+        replay: replay_of(flags),
     }
 }
 
@@ -159,24 +230,54 @@ const N: Keys = Keys::None;
 const R: u32 = READONLY;
 const W: u32 = WRITE;
 
-const fn multi(mut s: CommandSpec, m: MultiKey) -> CommandSpec {
-    s.multi = m;
+const fn kind(mut s: CommandSpec, k: Kind) -> CommandSpec {
+    s.kind = k;
     s
 }
-const fn bcast(mut s: CommandSpec, b: Broadcast) -> CommandSpec {
-    s.flags |= BROADCAST;
-    s.broadcast = Some(b);
-    s
+const fn split(s: CommandSpec, m: MultiKey) -> CommandSpec {
+    kind(s, Kind::Split(m))
+}
+const fn bcast(s: CommandSpec, b: Broadcast) -> CommandSpec {
+    kind(s, Kind::Broadcast(b))
+}
+const fn local(name: &'static str, arity: i32, l: Local, flags: u32) -> CommandSpec {
+    CommandSpec {
+        name,
+        arity,
+        flags,
+        kind: Kind::Local(l),
+        keys: Keys::None,
+        replay: ReplayClass::Stateful,
+    }
+}
+const fn tx(name: &'static str, arity: i32, t: Tx, keys: Keys) -> CommandSpec {
+    CommandSpec {
+        name,
+        arity,
+        flags: 0,
+        kind: Kind::Tx(t),
+        keys,
+        replay: ReplayClass::Stateful,
+    }
+}
+const fn pubsub(name: &'static str, arity: i32, p: PubSub, keys: Keys) -> CommandSpec {
+    CommandSpec {
+        name,
+        arity,
+        flags: 0,
+        kind: Kind::PubSub(p),
+        keys,
+        replay: ReplayClass::PubSub,
+    }
 }
 const fn refused(name: &'static str, reason: &'static str) -> CommandSpec {
     CommandSpec {
         name,
         arity: -1,
-        flags: REFUSED,
+        flags: 0,
+        kind: Kind::Refused(reason),
         keys: Keys::None,
-        multi: MultiKey::None,
-        broadcast: None,
-        reason,
+        replay: ReplayClass::Write,
     }
 }
 
@@ -204,15 +305,15 @@ static TABLE: &[CommandSpec] = &[
     c("getrange", 4, R, k1()),
     c("substr", 4, R, k1()),
     c("setrange", 4, W, k1()),
-    multi(c("mget", -2, R, kall()), MultiKey::Mget),
-    multi(c("mset", -3, W, kpairs()), MultiKey::Mset),
+    split(c("mget", -2, R, kall()), MultiKey::Mget),
+    split(c("mset", -3, W, kpairs()), MultiKey::Mset),
     c("msetnx", -3, W, kpairs()),
     c("lcs", -3, R, k12()),
     // keyspace
-    multi(c("del", -2, W, kall()), MultiKey::Sum),
-    multi(c("unlink", -2, W, kall()), MultiKey::Sum),
-    multi(c("exists", -2, R, kall()), MultiKey::Sum),
-    multi(c("touch", -2, R, kall()), MultiKey::Sum),
+    split(c("del", -2, W, kall()), MultiKey::Sum),
+    split(c("unlink", -2, W, kall()), MultiKey::Sum),
+    split(c("exists", -2, R, kall()), MultiKey::Sum),
+    split(c("touch", -2, R, kall()), MultiKey::Sum),
     c("expire", -3, W, k1()),
     c("pexpire", -3, W, k1()),
     c("expireat", -3, W, k1()),
@@ -233,7 +334,7 @@ static TABLE: &[CommandSpec] = &[
     c("memory", -2, R, Keys::Sub),
     c("randomkey", 1, R, N),
     bcast(c("keys", 2, R, N), Broadcast::Concat),
-    c("scan", -2, R, N),
+    kind(c("scan", -2, R, N), Kind::Scan),
     bcast(c("dbsize", 1, R, N), Broadcast::Sum),
     bcast(c("flushall", -1, W, N), Broadcast::AllOk),
     bcast(c("flushdb", -1, W, N), Broadcast::AllOk),
@@ -401,34 +502,34 @@ static TABLE: &[CommandSpec] = &[
     bcast(c("script", -2, 0, N), Broadcast::First),
     c("function", -2, 0, N),
     // pub/sub
-    c("subscribe", -2, PUBSUB, N),
-    c("psubscribe", -2, PUBSUB, N),
-    c("ssubscribe", -2, PUBSUB, kall()),
-    c("unsubscribe", -1, PUBSUB, N),
-    c("punsubscribe", -1, PUBSUB, N),
-    c("sunsubscribe", -1, PUBSUB, N),
+    pubsub("subscribe", -2, PubSub::Subscribe, N),
+    pubsub("psubscribe", -2, PubSub::PSubscribe, N),
+    pubsub("ssubscribe", -2, PubSub::SSubscribe, kall()),
+    pubsub("unsubscribe", -1, PubSub::Unsubscribe, N),
+    pubsub("punsubscribe", -1, PubSub::PUnsubscribe, N),
+    pubsub("sunsubscribe", -1, PubSub::SUnsubscribe, N),
     c("publish", 3, W, N),
     c("spublish", 3, W, k1()),
     c("pubsub", -2, R, N),
     // transactions
-    c("multi", 1, TRANSACTION, N),
-    c("exec", 1, TRANSACTION, N),
-    c("discard", 1, TRANSACTION, N),
-    c("watch", -2, TRANSACTION, kall()),
-    c("unwatch", 1, TRANSACTION, N),
+    tx("multi", 1, Tx::Multi, N),
+    tx("exec", 1, Tx::Exec, N),
+    tx("discard", 1, Tx::Discard, N),
+    tx("watch", -2, Tx::Watch, kall()),
+    tx("unwatch", 1, Tx::Unwatch, N),
     // connection state, answered by the proxy
-    c("ping", -1, LOCAL, N),
-    c("echo", 2, LOCAL, N),
-    c("quit", -1, LOCAL | NO_AUTH, N),
-    c("reset", 1, LOCAL | NO_AUTH, N),
-    c("hello", -1, LOCAL | NO_AUTH, N),
-    c("auth", -2, LOCAL | NO_AUTH, N),
-    c("select", 2, LOCAL, N),
-    c("client", -2, LOCAL, N),
-    c("readonly", 1, LOCAL, N),
-    c("readwrite", 1, LOCAL, N),
-    c("asking", 1, LOCAL, N),
-    c("cluster", -2, LOCAL, N),
+    local("ping", -1, Local::Ping, 0),
+    local("echo", 2, Local::Echo, 0),
+    local("quit", -1, Local::Quit, NO_AUTH),
+    local("reset", 1, Local::Reset, NO_AUTH),
+    local("hello", -1, Local::Hello, NO_AUTH),
+    local("auth", -2, Local::Auth, NO_AUTH),
+    local("select", 2, Local::Select, 0),
+    local("client", -2, Local::Client, 0),
+    local("readonly", 1, Local::ReadOnly, 0),
+    local("readwrite", 1, Local::ReadWrite, 0),
+    local("asking", 1, Local::Asking, 0),
+    local("cluster", -2, Local::Cluster, 0),
     // server, forwarded
     c("command", -1, 0, N),
     c("info", -1, 0, N),
@@ -568,22 +669,22 @@ pub fn is_blocking(spec: &CommandSpec, cmd: &Command) -> bool {
     false
 }
 
-/// A reason to refuse this invocation of a command that is otherwise allowed (subcommands).
-pub fn refused_subcommand(cmd: &Command) -> Option<&'static str> {
-    let name = cmd.name();
-    let sub = cmd.arg_upper(1);
-    if eq_ic(name, "config") && matches!(sub.as_str(), "SET" | "REWRITE" | "RESETSTAT") {
-        return Some(ADMIN);
+/// A reason to refuse this invocation of a command that is otherwise forwarded
+/// (subcommands). Compares in place: nothing is allocated per command.
+pub fn refused_subcommand(spec: &CommandSpec, cmd: &Command) -> Option<&'static str> {
+    match spec.name {
+        "config"
+            if ["SET", "REWRITE", "RESETSTAT"]
+                .iter()
+                .any(|s| cmd.arg_is(1, s)) =>
+        {
+            Some(ADMIN)
+        }
+        "script" | "function" if cmd.arg_is(1, "KILL") => {
+            Some("the running script may belong to another client of the shared backend connection")
+        }
+        _ => None,
     }
-    if (eq_ic(name, "script") || eq_ic(name, "function")) && sub == "KILL" {
-        return Some(
-            "the running script may belong to another client of the shared backend connection",
-        );
-    }
-    if eq_ic(name, "command") && sub == "GETKEYSANDFLAGS" {
-        return None;
-    }
-    None
 }
 
 #[cfg(test)]
@@ -637,14 +738,44 @@ mod tests {
             &cmd("BRPOP a 1")
         ));
         assert!(lookup(b"get").expect("known").has(READONLY));
-        assert!(lookup(b"monitor").expect("known").has(REFUSED));
-        assert_eq!(lookup(b"mget").expect("known").multi, MultiKey::Mget);
+        assert!(matches!(
+            lookup(b"monitor").expect("known").kind,
+            Kind::Refused(_)
+        ));
+        assert_eq!(
+            lookup(b"mget").expect("known").kind,
+            Kind::Split(MultiKey::Mget)
+        );
+        assert_eq!(
+            lookup(b"client").expect("known").kind,
+            Kind::Local(Local::Client)
+        );
         assert!(lookup(b"nosuchcommand").is_none());
         assert!(lookup(&[b'a'; 100]).is_none());
         assert!(refusal(b"monitor", "x")
             .starts_with("ERR MONITOR is not supported by the datamesh proxy: "));
-        assert_eq!(refused_subcommand(&cmd("CONFIG SET x 1")), Some(ADMIN));
-        assert_eq!(refused_subcommand(&cmd("config get x")), None);
+        let config = lookup(b"config").expect("known");
+        assert_eq!(
+            refused_subcommand(config, &cmd("CONFIG SET x 1")),
+            Some(ADMIN)
+        );
+        assert_eq!(refused_subcommand(config, &cmd("config get x")), None);
+    }
+
+    #[test]
+    fn replay_classes_follow_the_flags() {
+        let class = |n: &[u8]| lookup(n).expect("known").replay;
+        assert_eq!(class(b"get"), ReplayClass::ReadOnly);
+        assert_eq!(class(b"incr"), ReplayClass::Write);
+        assert_eq!(class(b"set"), ReplayClass::Write);
+        assert_eq!(class(b"blpop"), ReplayClass::Stateful);
+        assert_eq!(class(b"xread"), ReplayClass::ReadOnly);
+        assert_eq!(class(b"xreadgroup"), ReplayClass::Stateful);
+        assert_eq!(class(b"exec"), ReplayClass::Stateful);
+        assert_eq!(class(b"subscribe"), ReplayClass::PubSub);
+        assert_eq!(class(b"eval"), ReplayClass::Write);
+        assert_eq!(class(b"sort"), ReplayClass::Write);
+        assert_eq!(class(b"sort_ro"), ReplayClass::ReadOnly);
     }
 
     #[test]

@@ -1,0 +1,54 @@
+//! Who is on the other end of an accepted connection. The proxy asks once per connection and
+//! tells the [`Attribution`] what happens to it; the agent implements it with the eBPF
+//! capture's records (`dm_conns`: pod and original destination) and pod discovery, and keeps
+//! its `/connections` log and per-pod connection state from these calls. Tests and tools use
+//! [`NodeLocal`]: every client is a node-local one.
+
+use std::net::SocketAddr;
+
+/// What the proxy knows of a client connection.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Identity {
+    /// The connection was steered here by the capture (else a node-local client dialled the
+    /// listener).
+    pub captured: bool,
+    /// The pod's id (the agent: its network-namespace cookie); 0 = not a pod ("node").
+    pub pod: u64,
+    /// The pod's name, when known.
+    pub pod_name: Option<String>,
+    /// The address the client dialled, when captured (cluster-aware clients are shown it as
+    /// the one cluster node, so they keep coming back through the capture).
+    pub orig_dst: Option<SocketAddr>,
+    /// The attribution's own handle for this connection (the agent: its log record id).
+    pub token: u64,
+}
+
+/// Events of a connection's life after [`Attribution::identify`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnEvent {
+    /// The client broke the protocol (it is closed after its error reply).
+    ProtocolError,
+    /// The connection ended.
+    Closed,
+}
+
+pub trait Attribution: Send + Sync + 'static {
+    /// Called once per accepted connection, before anything is read from it.
+    fn identify(&self, endpoint: &str, peer: SocketAddr, local: SocketAddr) -> Identity;
+
+    /// Called as the connection's life goes on (`Closed` exactly once, also when the session
+    /// task is cancelled).
+    fn event(&self, who: &Identity, event: ConnEvent);
+}
+
+/// Every client is node-local (no capture, no pods).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NodeLocal;
+
+impl Attribution for NodeLocal {
+    fn identify(&self, _endpoint: &str, _peer: SocketAddr, _local: SocketAddr) -> Identity {
+        Identity::default()
+    }
+
+    fn event(&self, _who: &Identity, _event: ConnEvent) {}
+}

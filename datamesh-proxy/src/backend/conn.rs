@@ -1,0 +1,948 @@
+//! One backend connection and its in-flight queue.
+//!
+//! Every command is an [`InFlight`] entry holding the whole [`Request`] (bytes, replay class,
+//! client order) and the way back to the router that sent it (a oneshot that receives an
+//! [`Outcome`]). An entry is `Queued` until the writer task takes it into a write and
+//! `Written` after that; it leaves the queue when the reader task matches its reply (Redis
+//! answers in order). When the connection dies, every entry goes back to its router as
+//! [`Unanswered`], with its request and whether it was written, so nothing about a command is
+//! lost with its connection ([`Conn::snapshot`] shows the queue at any moment).
+//!
+//! A shared connection's queue is written by its group's [`Flusher`]: once per runtime tick,
+//! after every session ready in that tick has queued its commands, in ONE write, and the
+//! connections in the order they got commands (see [`super::flusher`]). That batching is what
+//! makes pipeline depth 1 fast (one send per tick per connection instead of one per command;
+//! writing straight from each session measured ~25% slower for that reason). A dedicated
+//! connection writes a client's commands straight to its socket when nothing else is being
+//! written: it carries one client's commands, and writing them at once keeps them ahead of
+//! other clients' commands read after them (an UNSUBSCRIBE before another client's PUBLISH, a
+//! BLPOP before another client's LPUSH). Each connection's writer task writes what the socket
+//! did not take whole, what was queued while connecting, and queues beyond one batch.
+
+//! Life of a connection ([`Phase`]): `Idle` → `Connecting` → `Up`; a shared connection that
+//! fails goes `Down` and connects again at the first command after its jittered backoff (at
+//! once after a live connection died, later after failed connects); while it is in backoff,
+//! commands for it fail fast instead of piling up. A dedicated connection that fails is
+//! `Failed` for good. `Closed` is the proxy's own decision (pool dropped, not reusable).
+//!
+//! With `command_timeout_ms`, the reader checks the oldest written entry's deadline on a
+//! coarse tick (a quarter of the timeout): one timer per connection, none per command. A
+//! connection whose oldest command is overdue is failed, since its later replies can no longer
+//! be trusted to come.
+//!
+//! Architecture Invariant: a connection's reply is matched to the oldest `Written` entry and
+//! nothing else; any reply without one (a desync, or unsolicited bytes on an idle connection)
+//! kills the connection rather than guess.
+
+use std::collections::VecDeque;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::AsyncReadExt;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use super::flusher::{Flush, Flusher};
+use super::{
+    connect, handshake, BackendError, Backoff, Cause, ConnectSpec, Outcome, PoolKey, Unanswered,
+};
+use crate::metrics::GroupMetrics;
+use crate::request::Request;
+use crate::resp::{Limits, Reply, ReplyDecoder, ReplyKind};
+
+/// Where an in-flight command stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FlightState {
+    /// In the queue, not handed to the socket yet: always safe to send elsewhere.
+    Queued,
+    /// Taken into a write (possibly partially sent): the backend may have run it.
+    Written,
+}
+
+/// The way back to the router that sent a command.
+pub type ReplyTx = oneshot::Sender<Outcome>;
+
+/// One command on a connection.
+struct InFlight {
+    id: u64,
+    request: Request,
+    state: FlightState,
+    since: Instant,
+    /// None for commands that may block (blocking pops): only the client's own timeout ends
+    /// them.
+    deadline: Option<Instant>,
+    reply: Option<ReplyTx>,
+}
+
+/// What a session hands a connection: a request, where its outcome goes, whether the
+/// command timeout applies.
+pub struct Submission {
+    pub request: Request,
+    pub reply: ReplyTx,
+    pub timed: bool,
+}
+
+/// What [`Conn::snapshot`] shows of an in-flight command.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct InFlightInfo {
+    pub id: u64,
+    pub state: FlightState,
+    pub class: crate::request::ReplayClass,
+    pub client: u64,
+    pub seq: u64,
+    pub bytes: usize,
+    pub age_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "phase", rename_all = "lowercase")]
+pub enum Phase {
+    /// Never connected (lazy pool slot).
+    Idle,
+    Connecting,
+    Up,
+    /// Failed; connects again at the first command after `retry_in_ms`.
+    Down {
+        error: String,
+        retry_in_ms: u64,
+    },
+    /// A dedicated connection that failed: never used again.
+    Failed {
+        error: String,
+    },
+    /// Closed by the proxy (pool dropped, dedicated connection not reusable).
+    Closed,
+}
+
+/// The phase with its error as a value (what [`Phase`] shows as text).
+#[derive(Debug, Clone)]
+enum State0 {
+    Idle,
+    Connecting,
+    Up,
+    Down {
+        error: BackendError,
+        retry_at: Instant,
+    },
+    Failed {
+        error: BackendError,
+    },
+    Closed,
+}
+
+struct State {
+    phase: State0,
+    backoff: Backoff,
+    queue: VecDeque<InFlight>,
+    /// `queue[..written]` are `Written`.
+    written: usize,
+    /// Bumped per connection attempt: tasks of an older attempt never touch the queue.
+    generation: u64,
+    tasks: Vec<AbortHandle>,
+    /// Close once the queue is empty (the pool was replaced by a config reload).
+    draining: bool,
+    /// The socket's write side while up (a dedicated connection's commands are written
+    /// through it at once when nothing is being written).
+    wr: Option<Arc<OwnedWriteHalf>>,
+    /// Bytes a write left unwritten, written next by the writer.
+    carry: BytesMut,
+    /// The writer has bytes in a write: nobody else may write now.
+    busy: bool,
+    /// On the flusher's list for its next flush.
+    listed: bool,
+}
+
+static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Largest write: a huge pipeline is cut so it does not need one huge buffer.
+const BATCH: usize = 256 * 1024;
+
+/// Where replies go when a dedicated connection is in pub/sub mode: every frame, in order.
+pub type PushSink = mpsc::UnboundedSender<Result<Reply, BackendError>>;
+
+/// One backend connection with its in-flight queue (see the module docs).
+pub struct Conn {
+    /// Unique per process (a session's dedicated lane is identified by it).
+    pub id: u64,
+    pub key: PoolKey,
+    spec: Arc<ConnectSpec>,
+    metrics: GroupMetrics,
+    dedicated: bool,
+    command_timeout: Option<Duration>,
+    state: Mutex<State>,
+    wake_writer: Notify,
+    /// Woken (notify_waiters) on every phase change, for [`Conn::connect_now`].
+    phase_changed: Notify,
+    next_id: AtomicU64,
+    /// In pub/sub mode every frame goes here instead of being matched to the queue.
+    push_sink: Mutex<Option<PushSink>>,
+    /// Server version learned at the handshake (for HELLO answers).
+    version: Arc<OnceLock<String>>,
+    /// Writes a shared connection's commands once per tick, in order (dedicated: none).
+    flusher: Option<Arc<Flusher>>,
+    /// Writes made (tests check the batching).
+    #[cfg(test)]
+    pub(crate) writes: AtomicU64,
+}
+
+impl Conn {
+    pub(crate) fn new(
+        key: PoolKey,
+        spec: Arc<ConnectSpec>,
+        metrics: GroupMetrics,
+        dedicated: bool,
+        command_timeout: Option<Duration>,
+        version: Arc<OnceLock<String>>,
+        flusher: Option<Arc<Flusher>>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            id: NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed),
+            key,
+            spec,
+            metrics,
+            dedicated,
+            command_timeout,
+            state: Mutex::new(State {
+                phase: State0::Idle,
+                backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
+                queue: VecDeque::new(),
+                written: 0,
+                generation: 0,
+                tasks: Vec::new(),
+                draining: false,
+                wr: None,
+                carry: BytesMut::new(),
+                busy: false,
+                listed: false,
+            }),
+            wake_writer: Notify::new(),
+            phase_changed: Notify::new(),
+            next_id: AtomicU64::new(1),
+            push_sink: Mutex::new(None),
+            version,
+            flusher,
+            #[cfg(test)]
+            writes: AtomicU64::new(0),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn is_dedicated(&self) -> bool {
+        self.dedicated
+    }
+
+    pub fn phase(&self) -> Phase {
+        let st = self.lock();
+        match &st.phase {
+            State0::Idle => Phase::Idle,
+            State0::Connecting => Phase::Connecting,
+            State0::Up => Phase::Up,
+            State0::Down { error, retry_at } => Phase::Down {
+                error: error.to_string(),
+                retry_in_ms: retry_at
+                    .saturating_duration_since(Instant::now())
+                    .as_millis() as u64,
+            },
+            State0::Failed { error } => Phase::Failed {
+                error: error.to_string(),
+            },
+            State0::Closed => Phase::Closed,
+        }
+    }
+
+    /// True when a command submitted now would fail at once (down and in backoff, failed or
+    /// closed).
+    pub fn failing_fast(&self) -> bool {
+        let st = self.lock();
+        match &st.phase {
+            State0::Down { retry_at, .. } => Instant::now() < *retry_at,
+            State0::Failed { .. } | State0::Closed => true,
+            _ => false,
+        }
+    }
+
+    pub fn is_up(&self) -> bool {
+        matches!(self.lock().phase, State0::Up)
+    }
+
+    pub fn queue_len(&self) -> usize {
+        self.lock().queue.len()
+    }
+
+    /// The commands in flight, oldest first.
+    pub fn snapshot(&self) -> Vec<InFlightInfo> {
+        let now = Instant::now();
+        self.lock()
+            .queue
+            .iter()
+            .map(|e| InFlightInfo {
+                id: e.id,
+                state: e.state,
+                class: e.request.class,
+                client: e.request.order.client,
+                seq: e.request.order.seq,
+                bytes: e.request.raw.len(),
+                age_ms: now.saturating_duration_since(e.since).as_millis() as u64,
+            })
+            .collect()
+    }
+
+    /// Queues one request; its outcome (reply or [`Unanswered`]) arrives on the receiver.
+    /// Starts a connect when needed.
+    pub fn submit(self: &Arc<Self>, request: Request, timed: bool) -> oneshot::Receiver<Outcome> {
+        let (tx, rx) = oneshot::channel();
+        let mut one = vec![Submission {
+            request,
+            reply: tx,
+            timed,
+        }];
+        self.submit_batch(&mut one);
+        rx
+    }
+
+    /// Queues a batch of requests back to back (nothing of another client comes between
+    /// them) under one lock and one writer wake-up, draining `batch` (the caller reuses the
+    /// Vec: no allocation per round). When the connection cannot take commands now, each
+    /// request goes back to its router as [`Unanswered`] (never written).
+    pub fn submit_batch(self: &Arc<Self>, batch: &mut Vec<Submission>) {
+        if batch.is_empty() {
+            return;
+        }
+        let mut st = self.lock();
+        if let Err(error) = self.ready_to_queue(&mut st) {
+            drop(st);
+            for s in batch.drain(..) {
+                let _ = s.reply.send(Outcome::Unanswered(Unanswered {
+                    request: s.request,
+                    addr: self.key.addr,
+                    written: false,
+                    error: error.clone(),
+                }));
+            }
+            return;
+        }
+        let now = Instant::now();
+        let n = batch.len();
+        let from = st.queue.len();
+        for s in batch.drain(..) {
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            st.queue.push_back(InFlight {
+                id,
+                request: s.request,
+                state: FlightState::Queued,
+                since: now,
+                deadline: self.command_timeout.filter(|_| s.timed).map(|t| now + t),
+                reply: Some(s.reply),
+            });
+        }
+        self.metrics.inflight.inc_by(n as i64);
+        let done = self.write_through(&mut st, from);
+        let flusher = self
+            .flusher
+            .as_ref()
+            .filter(|_| matches!(st.phase, State0::Up) && !st.listed);
+        if flusher.is_some() {
+            st.listed = true;
+        }
+        let listed = st.listed;
+        drop(st);
+        if let Some(f) = flusher {
+            f.mark(self.clone());
+        } else if !done && !listed {
+            // Connecting (the writer drains the queue once up), or a dedicated connection
+            // whose direct write could not go out whole.
+            self.wake_writer.notify_one();
+        }
+    }
+
+    /// Queues `raw` without a matched reply (pub/sub mode: replies go to the push sink).
+    pub fn send_untracked(self: &Arc<Self>, request: Request) -> Result<(), BackendError> {
+        let mut st = self.lock();
+        self.ready_to_queue(&mut st)?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let from = st.queue.len();
+        st.queue.push_back(InFlight {
+            id,
+            request,
+            state: FlightState::Queued,
+            since: Instant::now(),
+            deadline: None,
+            reply: None,
+        });
+        self.metrics.inflight.inc();
+        let done = self.write_through(&mut st, from);
+        drop(st);
+        if !done {
+            self.wake_writer.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Takes queued entries (`written..`) into `buf`, at most about `limit` bytes but at least
+    /// one entry, and marks them written. In pub/sub mode they leave the queue at once (their
+    /// frames are not matched to commands). Returns how many were taken.
+    fn take_batch(&self, st: &mut State, buf: &mut BytesMut, limit: usize) -> usize {
+        let start = st.written;
+        let mut end = start;
+        while end < st.queue.len() && (end == start || buf.len() < limit) {
+            let e = &mut st.queue[end];
+            // Written from now on: once handed to the socket it may have run.
+            e.state = FlightState::Written;
+            buf.extend_from_slice(&e.request.raw);
+            end += 1;
+        }
+        st.written = end;
+        if self
+            .push_sink
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+        {
+            let n = st.queue.drain(start..end).count();
+            st.written = start;
+            self.metrics.inflight.dec_by(n as i64);
+        }
+        end - start
+    }
+
+    /// A dedicated connection writes what was just queued (`from..`) straight to its socket
+    /// when nothing else is being written, so one client's command leaves before commands of
+    /// other clients read after it (see the module docs). True when all of it was written;
+    /// otherwise the writer finishes (its remainder is in `carry`).
+    fn write_through(&self, st: &mut State, from: usize) -> bool {
+        if !self.dedicated
+            || !matches!(st.phase, State0::Up)
+            || st.busy
+            || !st.carry.is_empty()
+            || st.written != from
+        {
+            return false;
+        }
+        let Some(wr) = st.wr.clone() else {
+            return false;
+        };
+        let mut buf = BytesMut::new();
+        if self.take_batch(st, &mut buf, usize::MAX) == 0 {
+            return true;
+        }
+        #[cfg(test)]
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        match wr.try_write(&buf) {
+            Ok(n) if n == buf.len() => true,
+            Ok(n) => {
+                st.carry = buf.split_off(n);
+                false
+            }
+            // Full socket or an error: the writer retries, and reports an error it meets.
+            Err(_) => {
+                st.carry = buf;
+                false
+            }
+        }
+    }
+
+    /// The flusher's write of this connection's queue (one batch, one `write`); what the socket
+    /// does not take, and any queue beyond one batch, is left to the writer task. `buf` is the
+    /// flusher's scratch buffer.
+    fn flush_queue(&self, buf: &mut BytesMut) {
+        let mut st = self.lock();
+        st.listed = false;
+        if !matches!(st.phase, State0::Up) {
+            return;
+        }
+        if st.busy || !st.carry.is_empty() {
+            // The writer is mid-write: it takes the rest after it.
+            drop(st);
+            self.wake_writer.notify_one();
+            return;
+        }
+        let Some(wr) = st.wr.clone() else {
+            return;
+        };
+        buf.clear();
+        if self.take_batch(&mut st, buf, BATCH) == 0 {
+            return;
+        }
+        #[cfg(test)]
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        let more = st.written < st.queue.len();
+        let writer_needed = match wr.try_write(buf) {
+            Ok(n) if n == buf.len() => more,
+            Ok(n) => {
+                st.carry = buf.split_off(n);
+                true
+            }
+            // A full socket or an error: the writer retries, and reports an error it meets.
+            Err(_) => {
+                st.carry = buf.split();
+                true
+            }
+        };
+        drop(st);
+        if writer_needed {
+            self.wake_writer.notify_one();
+        }
+    }
+
+    /// Whether commands may be queued now; starts a connect when the slot is idle or its
+    /// backoff is over.
+    fn ready_to_queue(self: &Arc<Self>, st: &mut State) -> Result<(), BackendError> {
+        match &st.phase {
+            State0::Closed => Err(BackendError::Lost {
+                addr: self.key.addr,
+                cause: Cause::ClosedByProxy,
+            }),
+            State0::Failed { error } => Err(error.clone()),
+            State0::Down { error, retry_at } => {
+                if Instant::now() < *retry_at {
+                    return Err(error.clone());
+                }
+                self.start_connect(st);
+                Ok(())
+            }
+            State0::Idle => {
+                self.start_connect(st);
+                Ok(())
+            }
+            State0::Connecting | State0::Up => Ok(()),
+        }
+    }
+
+    fn start_connect(self: &Arc<Self>, st: &mut State) {
+        st.phase = State0::Connecting;
+        st.generation += 1;
+        let gen = st.generation;
+        let me = self.clone();
+        let h = tokio::spawn(async move { me.run(gen).await });
+        st.tasks = vec![h.abort_handle()];
+    }
+
+    /// Connects now (pool prewarm, dedicated connections); returns once up or failed.
+    pub async fn connect_now(self: &Arc<Self>) -> Result<(), BackendError> {
+        {
+            let mut st = self.lock();
+            let retry = match &st.phase {
+                State0::Idle => true,
+                State0::Down { retry_at, .. } => Instant::now() >= *retry_at,
+                _ => false,
+            };
+            if retry {
+                self.start_connect(&mut st);
+            }
+        }
+        loop {
+            let notified = self.phase_changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let st = self.lock();
+                match &st.phase {
+                    State0::Up => return Ok(()),
+                    State0::Down { error, .. } | State0::Failed { error } => {
+                        return Err(error.clone())
+                    }
+                    State0::Closed => {
+                        return Err(BackendError::Lost {
+                            addr: self.key.addr,
+                            cause: Cause::ClosedByProxy,
+                        })
+                    }
+                    State0::Idle | State0::Connecting => {}
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// The connection's life: connect and handshake, then a writer and a reader task.
+    async fn run(self: Arc<Self>, gen: u64) {
+        let addr = self.key.addr;
+        let opened = async {
+            let mut stream =
+                connect::connect_marked(addr, self.spec.mark, self.spec.connect_timeout).await?;
+            let learn = self.version.get().is_none();
+            let steps = handshake::data_steps(&self.spec, self.key.db, self.key.proto, learn);
+            let learned = handshake::run(&mut stream, &steps, self.spec.connect_timeout).await?;
+            Ok::<_, Cause>((stream, learned))
+        };
+        match opened.await {
+            Err(cause) => {
+                self.metrics.connects_failed.inc();
+                warn!(backend = %addr, db = self.key.db, proto = self.key.proto, dedicated = self.dedicated, error = %cause, "backend connect failed");
+                self.fail(gen, cause, true);
+            }
+            Ok((stream, learned)) => {
+                self.metrics.connects_ok.inc();
+                if let Some(v) = learned.version {
+                    let _ = self.version.set(v);
+                }
+                debug!(backend = %addr, db = self.key.db, proto = self.key.proto, dedicated = self.dedicated, "backend connected");
+                let (rd, wr) = stream.into_split();
+                let wr = Arc::new(wr);
+                let mut st = self.lock();
+                if st.generation != gen || matches!(st.phase, State0::Closed) {
+                    return;
+                }
+                st.phase = State0::Up;
+                st.backoff.reset();
+                st.wr = Some(wr.clone());
+                st.busy = false;
+                st.carry.clear();
+                if self.dedicated {
+                    self.metrics.dedicated_conns.inc();
+                } else {
+                    self.metrics.shared_conns.inc();
+                }
+                let w = tokio::spawn(self.clone().writer(gen, wr));
+                let r = tokio::spawn(self.clone().reader(gen, rd, learned.leftover));
+                st.tasks = vec![w.abort_handle(), r.abort_handle()];
+                drop(st);
+                self.wake_writer.notify_one();
+                self.phase_changed.notify_waiters();
+            }
+        }
+    }
+
+    async fn writer(self: Arc<Self>, gen: u64, wr: Arc<OwnedWriteHalf>) {
+        let mut buf = BytesMut::new();
+        loop {
+            let taken = {
+                let mut st = self.lock();
+                if st.generation != gen || !matches!(st.phase, State0::Up) {
+                    return;
+                }
+                let taken = if st.carry.is_empty() {
+                    self.take_batch(&mut st, &mut buf, BATCH)
+                } else {
+                    // What a direct write left comes first.
+                    buf = std::mem::take(&mut st.carry);
+                    1
+                };
+                st.busy = taken > 0;
+                taken
+            };
+            if taken == 0 {
+                self.wake_writer.notified().await;
+                continue;
+            }
+            #[cfg(test)]
+            self.writes.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = write_all(&wr, &buf).await {
+                self.fail(gen, Cause::Write(e.to_string()), false);
+                return;
+            }
+            self.lock().busy = false;
+            buf.clear();
+            if buf.capacity() > 4 * BATCH {
+                buf = BytesMut::new();
+            }
+        }
+    }
+
+    async fn reader(
+        self: Arc<Self>,
+        gen: u64,
+        mut rd: tokio::net::tcp::OwnedReadHalf,
+        mut rbuf: BytesMut,
+    ) {
+        let limits = Limits::backend();
+        let mut dec = ReplyDecoder::default();
+        let mut replies: Vec<Reply> = Vec::new();
+        // The deadline watchdog: one coarse tick per connection, only with a command timeout.
+        let mut tick = self.command_timeout.map(|t| {
+            let period = (t / 4).clamp(Duration::from_millis(5), Duration::from_millis(250));
+            let mut i = tokio::time::interval(period);
+            i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            i
+        });
+        loop {
+            loop {
+                match dec.decode(&mut rbuf, &limits) {
+                    Ok(Some(r)) => replies.push(r),
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.fail(gen, Cause::Protocol(e), false);
+                        return;
+                    }
+                }
+            }
+            if !replies.is_empty() && !self.deliver(gen, &mut replies) {
+                return;
+            }
+            if rbuf.capacity() - rbuf.len() < 4096 {
+                rbuf.reserve(64 * 1024);
+            }
+            let read = tokio::select! {
+                r = rd.read_buf(&mut rbuf) => r,
+                _ = next_tick(&mut tick) => {
+                    if let Some(ms) = self.overdue() {
+                        self.fail(gen, Cause::Timeout(ms), false);
+                        return;
+                    }
+                    continue;
+                }
+            };
+            match read {
+                Ok(0) => {
+                    self.fail(gen, Cause::Eof, false);
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.fail(gen, Cause::Read(e.to_string()), false);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The command timeout in ms when the oldest written command is past its deadline.
+    fn overdue(&self) -> Option<u64> {
+        let st = self.lock();
+        let front = st.queue.front()?;
+        let deadline = front.deadline?;
+        (front.state == FlightState::Written && Instant::now() >= deadline)
+            .then(|| self.command_timeout.map(|t| t.as_millis() as u64))
+            .flatten()
+    }
+
+    /// Matches `replies` to the oldest written entries (or hands them to the push sink).
+    /// False when the connection is finished.
+    fn deliver(&self, gen: u64, replies: &mut Vec<Reply>) -> bool {
+        let sink = self
+            .push_sink
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut done = Vec::with_capacity(replies.len());
+        let mut desync = false;
+        let mut drained = false;
+        {
+            let mut st = self.lock();
+            if st.generation != gen {
+                return false;
+            }
+            for r in replies.drain(..) {
+                if let Some(sink) = &sink {
+                    // Pub/sub mode: the session gets every frame, in order.
+                    let _ = sink.send(Ok(r));
+                    continue;
+                }
+                if r.kind == ReplyKind::Push {
+                    // Out-of-band data on a RESP3 connection (we never enable tracking):
+                    // not the answer to any command.
+                    debug!(backend = %self.key.addr, "dropping a RESP3 push frame");
+                    continue;
+                }
+                if st.written == 0 {
+                    desync = true;
+                    break;
+                }
+                if let Some(e) = st.queue.pop_front() {
+                    st.written -= 1;
+                    done.push((e.reply, e.request, r));
+                }
+            }
+            if st.draining && st.queue.is_empty() {
+                drained = true;
+            }
+        }
+        self.metrics.inflight.dec_by(done.len() as i64);
+        for (tx, request, reply) in done {
+            if let Some(tx) = tx {
+                let _ = tx.send(Outcome::Replied { reply, request });
+            }
+        }
+        if desync {
+            warn!(backend = %self.key.addr, "reply without a written command: closing the connection");
+            self.fail(gen, Cause::Desync, false);
+            return false;
+        }
+        if drained {
+            self.fail(gen, Cause::ClosedByProxy, false);
+            return false;
+        }
+        true
+    }
+
+    /// Ends the connection of generation `gen`: every in-flight command goes back to its
+    /// router as [`Unanswered`], and the connection goes `Down` (shared: reconnect after the
+    /// backoff), `Failed` (dedicated) or `Closed` (draining).
+    fn fail(&self, gen: u64, cause: Cause, connecting: bool) {
+        let addr = self.key.addr;
+        let error = if connecting {
+            BackendError::Unavailable {
+                addr,
+                cause: cause.clone(),
+            }
+        } else {
+            BackendError::Lost {
+                addr,
+                cause: cause.clone(),
+            }
+        };
+        let (entries, tasks, was_up) = {
+            let mut st = self.lock();
+            if st.generation != gen || matches!(st.phase, State0::Closed) {
+                return;
+            }
+            let was_up = matches!(st.phase, State0::Up);
+            st.phase = if st.draining {
+                State0::Closed
+            } else if self.dedicated {
+                State0::Failed {
+                    error: error.clone(),
+                }
+            } else {
+                // A live connection that died may reconnect at once; failed connects back off.
+                let delay = if connecting {
+                    st.backoff.next_delay()
+                } else {
+                    st.backoff.reset();
+                    Duration::ZERO
+                };
+                State0::Down {
+                    error: error.clone(),
+                    retry_at: Instant::now() + delay,
+                }
+            };
+            st.generation += 1;
+            st.wr = None;
+            st.busy = false;
+            st.listed = false;
+            st.carry.clear();
+            let written = st.written;
+            st.written = 0;
+            let entries: Vec<(bool, InFlight)> = st
+                .queue
+                .drain(..)
+                .enumerate()
+                .map(|(i, e)| (i < written, e))
+                .collect();
+            (entries, std::mem::take(&mut st.tasks), was_up)
+        };
+        if was_up {
+            if self.dedicated {
+                self.metrics.dedicated_conns.dec();
+            } else {
+                self.metrics.shared_conns.dec();
+            }
+        }
+        self.metrics.inflight.dec_by(entries.len() as i64);
+        for (written, e) in entries {
+            if let Some(tx) = e.reply {
+                let _ = tx.send(Outcome::Unanswered(Unanswered {
+                    request: e.request,
+                    addr,
+                    written,
+                    error: error.clone(),
+                }));
+            }
+        }
+        if let Some(sink) = self
+            .push_sink
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            let _ = sink.send(Err(error));
+        }
+        self.phase_changed.notify_waiters();
+        for t in tasks {
+            t.abort();
+        }
+    }
+
+    /// Closes the connection now; in-flight commands go back unanswered.
+    pub fn close(&self) {
+        let gen = {
+            let mut st = self.lock();
+            st.draining = true;
+            if let Some(wr) = &st.wr {
+                // Shut the socket down now rather than when the aborted tasks drop their
+                // halves: the server ends what the connection held (a subscription, a
+                // blocking command, a transaction) before the client hears back from us.
+                let stream: &tokio::net::TcpStream = (**wr).as_ref();
+                let _ = nix::sys::socket::shutdown(
+                    stream.as_raw_fd(),
+                    nix::sys::socket::Shutdown::Both,
+                );
+            }
+            st.generation
+        };
+        self.fail(gen, Cause::ClosedByProxy, false);
+        let mut st = self.lock();
+        if !matches!(st.phase, State0::Closed) {
+            // Idle or already failed: nothing was running.
+            st.phase = State0::Closed;
+            drop(st);
+            self.phase_changed.notify_waiters();
+        }
+    }
+
+    /// Closes once every in-flight command has its reply (config reload replaced the pool).
+    pub fn close_when_idle(&self) {
+        let empty = {
+            let mut st = self.lock();
+            st.draining = true;
+            st.queue.is_empty()
+        };
+        if empty {
+            self.close();
+        }
+    }
+
+    /// Switches the connection to pub/sub mode: every later frame goes to `sink`.
+    pub fn set_push_sink(&self, sink: PushSink) {
+        *self.push_sink.lock().unwrap_or_else(|p| p.into_inner()) = Some(sink);
+    }
+}
+
+impl Flush for Conn {
+    fn flush_now(&self, buf: &mut BytesMut) {
+        self.flush_queue(buf)
+    }
+}
+
+/// Writes all of `buf` through a shared write half (`try_write` when the socket is writable).
+async fn write_all(wr: &OwnedWriteHalf, mut buf: &[u8]) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        wr.writable().await?;
+        match wr.try_write(buf) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+async fn next_tick(tick: &mut Option<tokio::time::Interval>) {
+    match tick {
+        Some(t) => {
+            t.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Bytes of a request for tests.
+#[cfg(test)]
+pub(crate) fn request(raw: &'static [u8], seq: u64) -> Request {
+    Request {
+        raw: bytes::Bytes::from_static(raw),
+        class: crate::request::ReplayClass::ReadOnly,
+        order: crate::request::Order { client: 1, seq },
+    }
+}

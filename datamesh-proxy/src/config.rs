@@ -1,0 +1,164 @@
+//! The proxy's own settings. The agent validates its config file and converts it into these
+//! (endpoint backends are taken as they are; the session settings are built from the file's
+//! `proxy:` section and `users`). Every type here serializes for `/config_dump`, with
+//! passwords shown as `<redacted>`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::resp::Limits;
+
+pub const DEFAULT_POOL_SIZE: u32 = 4;
+pub const DEFAULT_MAX_DEDICATED: u32 = 512;
+/// Idle dedicated connections kept open per pool: enough for a blocking command or a
+/// transaction to start without a connect, few enough to cost nothing.
+pub const DEFAULT_WARM_DEDICATED: u32 = 2;
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 1000;
+pub const DEFAULT_DATABASES: u32 = 16;
+
+/// A password that never shows up in `/config_dump`, logs or `Debug` output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("<redacted>")
+    }
+}
+
+/// A user clients authenticate as at the proxy (`AUTH [name] password`).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct User {
+    pub name: String,
+    /// `None`: the user needs no password (nopass).
+    pub password: Option<Secret>,
+}
+
+/// Settings every session reads (swapped whole on reload).
+#[derive(Debug, Clone)]
+pub struct SessionSettings {
+    pub limits: Limits,
+    /// Users clients authenticate as; empty = no AUTH needed.
+    pub users: Vec<User>,
+    /// How long an over-limit command may wait before it is refused.
+    pub throttle_max_delay: Duration,
+    /// Commands of one client in flight at once; further reads wait.
+    pub max_pipeline: u32,
+    /// Reply bytes buffered for a client that does not read before it is not read further.
+    pub client_output_limit: u64,
+}
+
+impl Default for SessionSettings {
+    fn default() -> Self {
+        Self {
+            limits: Limits::default(),
+            users: Vec::new(),
+            throttle_max_delay: Duration::from_millis(100),
+            max_pipeline: 4096,
+            client_output_limit: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// Where an endpoint's commands go, and how.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Backend {
+    #[serde(flatten)]
+    pub kind: BackendKind,
+    /// ACL user the proxy authenticates to backends as (`AUTH user pass`).
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    /// Shared, multiplexed connections per backend node, database and protocol.
+    pub pool_size: u32,
+    /// Connect the shared pool at start instead of on first use.
+    pub pool_prewarm: bool,
+    /// Exclusive connections (transactions, blocking commands, pub/sub) per node at most.
+    pub max_dedicated: u32,
+    /// Idle exclusive connections kept open per pool, ready for a client's first blocking
+    /// command or transaction.
+    pub warm_dedicated: u32,
+    pub connect_timeout_ms: u64,
+    /// 0 = no timeout; else a command without reply after this long fails (and its
+    /// connection is reset, since its later replies can no longer be matched).
+    pub command_timeout_ms: u64,
+    /// Databases clients may SELECT (0..databases); cluster backends only have 0.
+    pub databases: u32,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum BackendKind {
+    Standalone {
+        address: SocketAddr,
+    },
+    Sentinel {
+        sentinels: Vec<SocketAddr>,
+        master_name: String,
+        read_from_replicas: bool,
+        sentinel_username: Option<String>,
+        sentinel_password: Option<Secret>,
+    },
+    Cluster {
+        nodes: Vec<SocketAddr>,
+        read_from_replicas: bool,
+    },
+}
+
+impl Backend {
+    /// A standalone backend with every default (the `backend: ip:port` shorthand).
+    pub fn standalone(address: SocketAddr) -> Self {
+        Self {
+            kind: BackendKind::Standalone { address },
+            username: None,
+            password: None,
+            pool_size: DEFAULT_POOL_SIZE,
+            pool_prewarm: false,
+            max_dedicated: DEFAULT_MAX_DEDICATED,
+            warm_dedicated: DEFAULT_WARM_DEDICATED,
+            connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
+            command_timeout_ms: 0,
+            databases: DEFAULT_DATABASES,
+        }
+    }
+
+    /// One address that stands for the backend (ready file, logs): the standalone address,
+    /// the first sentinel or the first cluster seed.
+    pub fn primary_address(&self) -> SocketAddr {
+        match &self.kind {
+            BackendKind::Standalone { address } => *address,
+            BackendKind::Sentinel { sentinels, .. } => sentinels[0],
+            BackendKind::Cluster { nodes, .. } => nodes[0],
+        }
+    }
+
+    pub fn kind_name(&self) -> &'static str {
+        match self.kind {
+            BackendKind::Standalone { .. } => "standalone",
+            BackendKind::Sentinel { .. } => "sentinel",
+            BackendKind::Cluster { .. } => "cluster",
+        }
+    }
+}
+
+/// One endpoint as the proxy sees it: a name and a backend. (Where its listener binds and
+/// which service address pods dial are the agent's business.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointSpec {
+    pub name: String,
+    pub backend: Backend,
+}

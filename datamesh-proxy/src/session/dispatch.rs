@@ -1,0 +1,1012 @@
+//! Command → action. For the front command of the inbox: the authentication gate, the pod's
+//! rate limit, the table's [`Kind`] (refused, transaction, local answer, pub/sub, blocking,
+//! forwarded), and then either an answer now, a call on the one request path (shared lane or
+//! a dedicated connection), or a wait ([`Need::Barrier`]: earlier replies must come in first,
+//! or a dedicated connection or a throttle delay is awaited). The command stays at the front
+//! of the inbox until it goes.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use super::state::{unsubscribed_reply, wrong_args, PubSub, ServerFacts, Tx};
+use super::{Input, Lane, Pending, Session, StallDone};
+use crate::accounting::Throttle;
+use crate::backend::Dedicated;
+use crate::commands::{
+    self, is_blocking, key_indices, Broadcast, CommandSpec, Kind, Local, MultiKey, PubSub as Sub,
+    Tx as TxCmd, NO_AUTH, READONLY,
+};
+use crate::endpoint::EndpointRuntime;
+use crate::resp::{Command, Reply, ReplyKind, Value};
+use crate::topology::cluster::{common_slot, crossslot_error, split, view};
+use crate::upstream::replay::error_reply;
+use crate::upstream::{proxy_error, Call, Order, ReplayClass, Request, Router, Target};
+
+/// The rate limit's verdict on the front command.
+enum Admit {
+    /// Run it now.
+    Go,
+    /// It waits its delay (a stall).
+    Wait,
+    /// It was answered with a throttle error; the next command is up.
+    Refused,
+}
+
+/// What the front command needs before it can run.
+pub(super) enum Need {
+    /// It ran (or was answered); the next command may follow.
+    Go,
+    /// It must wait (earlier replies, a dedicated connection, a throttle delay).
+    Barrier,
+}
+
+impl Session {
+    /// Dispatches inbox commands until one must wait, then submits the round's shared-lane
+    /// commands (one lock and one writer wake-up per connection per round).
+    pub(super) fn dispatch_ready(&mut self) {
+        if self.inbox.is_empty() {
+            return;
+        }
+        let rt = self.ep.current();
+        self.dispatch_round(&rt);
+        self.upstream.flush();
+    }
+
+    pub(super) fn stall_done(&mut self, done: StallDone) {
+        match done {
+            StallDone::Throttled => self.front_admitted = true,
+            StallDone::Dedicated(Ok(d)) => self.acquired = Some(d),
+            StallDone::Dedicated(Err(e)) => {
+                // The front command is answered with the error.
+                self.inbox.pop_front();
+                self.front_admitted = false;
+                self.push_reply(error_reply(&e, e.never_sent()));
+                self.state.tx.fail();
+            }
+        }
+    }
+
+    fn dispatch_round(&mut self, rt: &Arc<EndpointRuntime>) {
+        while self.stall.is_none() {
+            let Some(front) = self.inbox.front() else {
+                return;
+            };
+            if let Input::ProtocolError(e) = front {
+                let r = Reply::error(&format!("ERR Protocol error: {e}"));
+                self.inbox.clear();
+                // Written whatever CLIENT REPLY says: the connection closes after it.
+                self.pending.push_back(Pending {
+                    call: Call::ready(r),
+                    silent: false,
+                });
+                return;
+            }
+            if !self.front_admitted && self.pod.limited() {
+                match self.admit() {
+                    Admit::Go => {}
+                    Admit::Wait => return,
+                    Admit::Refused => continue,
+                }
+            }
+            match self.execute_front(rt) {
+                Need::Go => {
+                    self.front_admitted = false;
+                    self.pod.commands(1);
+                    self.commands_total.inc();
+                }
+                Need::Barrier => return,
+            }
+        }
+    }
+
+    /// The pod's rate limit for the front command.
+    fn admit(&mut self) -> Admit {
+        let max_delay = self.shared.settings().throttle_max_delay;
+        // Counted from arrival, but a command that already waited (behind a blocking command)
+        // is not charged for that wait.
+        let limits = &self.shared.pod_limits;
+        let at = limits
+            .ns_at(self.arrival)
+            .max(limits.now_ns().saturating_sub(max_delay.as_nanos() as u64));
+        match self.pod.check(at, max_delay) {
+            Throttle::Allow => {
+                self.front_admitted = true;
+                Admit::Go
+            }
+            Throttle::Delay(d) => {
+                self.pod.throttled(1);
+                self.shared.metrics.throttled.inc();
+                let until = self.arrival + d;
+                self.stall = Some(Box::pin(async move {
+                    tokio::time::sleep_until(until).await;
+                    StallDone::Throttled
+                }));
+                Admit::Wait
+            }
+            Throttle::Refuse => {
+                self.inbox.pop_front();
+                self.pod.throttled(1);
+                self.pod.commands(1);
+                self.commands_total.inc();
+                self.shared.metrics.throttled.inc();
+                let r = Reply::error(&format!(
+                    "ERR throttled: pod {} is over its command rate limit",
+                    self.pod.name()
+                ));
+                self.push_reply(r);
+                Admit::Refused
+            }
+        }
+    }
+
+    fn front(&self) -> Option<&Command> {
+        match self.inbox.front() {
+            Some(Input::Command(c)) => Some(c),
+            _ => None,
+        }
+    }
+
+    fn pop_command(&mut self) -> Option<Command> {
+        match self.inbox.pop_front() {
+            Some(Input::Command(c)) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// Pops the front command and submits it on the dedicated connection `d` now (the
+    /// connection's queue keeps the client's commands in order).
+    fn front_on(
+        &mut self,
+        rt: &Arc<EndpointRuntime>,
+        d: &Dedicated,
+        class: ReplayClass,
+        timed: bool,
+    ) -> Option<Call> {
+        let cmd = self.pop_command()?;
+        let req = self.request(cmd.raw, class);
+        Some(rt.router.call_on(d, req, timed))
+    }
+
+    /// The front command's request, next in the client's order.
+    fn request(&mut self, raw: Bytes, class: ReplayClass) -> Request {
+        self.seq += 1;
+        Request {
+            raw,
+            class,
+            order: Order {
+                client: self.state.id,
+                seq: self.seq,
+            },
+        }
+    }
+
+    fn facts(&self, rt: &EndpointRuntime) -> ServerFacts {
+        ServerFacts {
+            version: rt.group().server_version(),
+            cluster: rt.router.is_cluster(),
+            databases: rt.spec.backend.databases,
+        }
+    }
+
+    /// Runs the front command, or says why it must wait (the command stays queued).
+    fn execute_front(&mut self, rt: &Arc<EndpointRuntime>) -> Need {
+        let Some(cmd) = self.front() else {
+            return Need::Go;
+        };
+        let spec = commands::lookup(cmd.name());
+        let argc = cmd.args.len();
+
+        if !self.state.authenticated() && !spec.is_some_and(|s| s.has(NO_AUTH)) {
+            return self.answer(Reply::error("NOAUTH Authentication required."));
+        }
+        // Subscribed: everything goes to the subscription connection, in order.
+        if self.state.pubsub.is_some() {
+            return self.execute_in_pubsub(rt, spec);
+        }
+        let Some(spec) = spec else {
+            if self.state.tx.in_multi() {
+                return self.queue_in_multi(rt, None);
+            }
+            return self.forward_front(rt, None);
+        };
+        if let Kind::Refused(reason) = spec.kind {
+            let r = Reply::error(&commands::refusal(cmd.name(), reason));
+            return self.refuse(r);
+        }
+        if !spec.arity_ok(argc) {
+            let r = wrong_args(cmd.name());
+            return self.refuse(r);
+        }
+        if let Some(reason) = commands::refused_subcommand(spec, cmd) {
+            let r = Reply::error(&commands::refusal(cmd.name(), reason));
+            return self.refuse(r);
+        }
+        match spec.kind {
+            Kind::Tx(t) => self.execute_tx(rt, spec, t),
+            // Inside MULTI: queued on the transaction's connection (PING and ECHO too, so
+            // EXEC's array has their answers).
+            _ if self.state.tx.in_multi() => match spec.kind {
+                Kind::Local(Local::Quit | Local::Reset) => self.execute_local(rt, spec),
+                Kind::Local(Local::Ping | Local::Echo) => self.queue_in_multi(rt, Some(spec)),
+                Kind::Local(_) => self.refuse(Reply::error(&format!(
+                    "ERR {} inside MULTI is not supported by the datamesh proxy",
+                    spec.name.to_ascii_uppercase()
+                ))),
+                Kind::PubSub(_) => self.refuse(Reply::error(
+                    "ERR SUBSCRIBE inside MULTI is not supported by the datamesh proxy",
+                )),
+                _ => self.queue_in_multi(rt, Some(spec)),
+            },
+            Kind::Local(_) => self.execute_local(rt, spec),
+            Kind::PubSub(p) => self.enter_pubsub(rt, spec, p),
+            _ if is_blocking(spec, cmd) => self.execute_blocking(rt, spec),
+            _ => self.forward_front(rt, Some(spec)),
+        }
+    }
+
+    /// Answers the front command with `r` (it never reaches a backend).
+    fn answer(&mut self, r: Reply) -> Need {
+        self.inbox.pop_front();
+        self.push_reply(r);
+        Need::Go
+    }
+
+    /// Answers the front command with an error; inside MULTI that aborts the transaction.
+    fn refuse(&mut self, r: Reply) -> Need {
+        self.state.tx.fail();
+        self.answer(r)
+    }
+
+    /// Whether a command for `lane` may run now: every earlier reply is in, or they were on
+    /// the same lane.
+    fn lane_ok(&mut self, lane: Lane) -> bool {
+        if self.lane == Some(lane) || self.pending.is_empty() {
+            self.lane = Some(lane);
+            true
+        } else {
+            false
+        }
+    }
+
+    fn shared_lane(&self) -> Lane {
+        Lane::Shared {
+            db: self.state.db,
+            proto: self.state.proto,
+        }
+    }
+
+    /// Where `cmd` goes: its cluster slot (CROSSSLOT refused), read-only-ness, and the
+    /// client's database and protocol.
+    fn target_for(
+        &self,
+        rt: &EndpointRuntime,
+        spec: Option<&CommandSpec>,
+        cmd: &Command,
+    ) -> Result<Target, Reply> {
+        let readonly = spec.is_some_and(|s| s.has(READONLY));
+        let slot = if rt.router.is_cluster() {
+            let keys: Vec<&[u8]> = match spec {
+                Some(s) => key_indices(s, cmd)
+                    .into_iter()
+                    .map(|i| &cmd.args[i][..])
+                    .collect(),
+                // Unknown command: its first argument is taken as the key, if any.
+                None => cmd.args.get(1).map(|a| &a[..]).into_iter().collect(),
+            };
+            common_slot(keys).map_err(|_| Reply {
+                raw: crossslot_error(),
+                kind: ReplyKind::Error,
+            })?
+        } else {
+            None
+        };
+        Ok(Target {
+            slot,
+            readonly,
+            db: self.state.db,
+            proto: self.state.proto,
+        })
+    }
+
+    /// The node for the front command's target now (for dedicated connections).
+    fn node_for(
+        &self,
+        rt: &EndpointRuntime,
+        spec: Option<&CommandSpec>,
+    ) -> Result<(SocketAddr, Target), Reply> {
+        let cmd = self.front().ok_or_else(|| proxy_error("no command"))?;
+        let target = self.target_for(rt, spec, cmd)?;
+        let node = rt.router.pick(target).map_err(proxy_error)?;
+        Ok((node, target))
+    }
+
+    /// Starts acquiring a dedicated connection to `node` for the front command, once every
+    /// earlier reply is in (a new connection is a new lane).
+    fn acquire(&mut self, rt: &Arc<EndpointRuntime>, node: SocketAddr, target: Target) -> Need {
+        if !self.pending.is_empty() {
+            return Need::Barrier;
+        }
+        let f = rt.router.dedicated(node, target);
+        self.stall = Some(Box::pin(async move { StallDone::Dedicated(f.await) }));
+        Need::Barrier
+    }
+
+    /// Sends the front command on the shared lane (split across slots, or to every master,
+    /// where the cluster needs it).
+    fn forward_front(
+        &mut self,
+        rt: &Arc<EndpointRuntime>,
+        spec: Option<&'static CommandSpec>,
+    ) -> Need {
+        let lane = self.shared_lane();
+        if !self.lane_ok(lane) {
+            return Need::Barrier;
+        }
+        let Some(cmd) = self.pop_command() else {
+            return Need::Go;
+        };
+        let class = spec.map(|s| s.replay).unwrap_or(ReplayClass::Write);
+        if rt.router.is_cluster() {
+            if let Some(s) = spec {
+                match s.kind {
+                    Kind::Scan => {
+                        self.push_reply(Reply::error(&commands::refusal(
+                            b"scan",
+                            "a cursor cannot span the nodes of a cluster backend; use SCAN on each node directly or a cluster-aware client",
+                        )));
+                        return Need::Go;
+                    }
+                    Kind::Broadcast(b) => {
+                        let target = Target {
+                            slot: None,
+                            readonly: s.has(READONLY),
+                            db: self.state.db,
+                            proto: self.state.proto,
+                        };
+                        let req = self.request(cmd.raw.clone(), class);
+                        let f = broadcast(rt.router.clone(), b, req, target, self.state.id);
+                        self.push(Call::boxed(f));
+                        return Need::Go;
+                    }
+                    Kind::Split(m) if cmd.args.len() > 2 => {
+                        let parts = match split::split_multikey(s.name, m, &cmd.args[1..]) {
+                            Ok(p) => p,
+                            Err(e) => {
+                                self.push_reply(Reply::error(&format!("ERR {e}")));
+                                return Need::Go;
+                            }
+                        };
+                        if parts.len() > 1 {
+                            let target = Target {
+                                slot: None,
+                                readonly: s.has(READONLY),
+                                db: self.state.db,
+                                proto: self.state.proto,
+                            };
+                            let req = self.request(cmd.raw.clone(), class);
+                            let f = split_and_merge(
+                                rt.router.clone(),
+                                m,
+                                parts,
+                                req,
+                                target,
+                                self.state.id,
+                            );
+                            self.push(Call::boxed(f));
+                            return Need::Go;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let target = match self.target_for(rt, spec, &cmd) {
+            Ok(t) => t,
+            Err(r) => {
+                self.push_reply(r);
+                return Need::Go;
+            }
+        };
+        let req = self.request(cmd.raw, class);
+        let call = self.upstream.send(&rt.router, target, req, self.state.id);
+        self.push(call);
+        Need::Go
+    }
+
+    fn execute_blocking(&mut self, rt: &Arc<EndpointRuntime>, spec: &'static CommandSpec) -> Need {
+        let Some(conn) = self.acquired.take() else {
+            return match self.node_for(rt, Some(spec)) {
+                Ok((node, target)) => self.acquire(rt, node, target),
+                Err(r) => self.answer(r),
+            };
+        };
+        self.lane = Some(Lane::Dedicated(conn.conn.id));
+        // No command timeout: a blocking command ends on its own timeout.
+        let Some(call) = self.front_on(rt, &conn, spec.replay, false) else {
+            return Need::Go;
+        };
+        let blocking = self.blocking.clone();
+        blocking.fetch_add(1, Ordering::Relaxed);
+        self.push(Call::boxed(async move {
+            let r = call.await;
+            blocking.fetch_sub(1, Ordering::Relaxed);
+            // Handed back to the pool once the reply is in (clean), closed otherwise.
+            drop(conn);
+            r
+        }));
+        Need::Go
+    }
+
+    // ---- transactions ----
+
+    fn execute_tx(
+        &mut self,
+        rt: &Arc<EndpointRuntime>,
+        spec: &'static CommandSpec,
+        t: TxCmd,
+    ) -> Need {
+        match t {
+            TxCmd::Multi => match std::mem::replace(&mut self.state.tx, Tx::None) {
+                tx @ Tx::Multi { .. } => {
+                    self.state.tx = tx;
+                    self.answer(Reply::error("ERR MULTI calls can not be nested"))
+                }
+                Tx::Watching(d) => {
+                    // The connection holds the WATCHes: MULTI goes there now.
+                    if !self.lane_ok(Lane::Dedicated(d.conn.id)) {
+                        self.state.tx = Tx::Watching(d);
+                        return Need::Barrier;
+                    }
+                    let Some(call) = self.front_on(rt, &d, spec.replay, true) else {
+                        return Need::Go;
+                    };
+                    self.push(call);
+                    self.state.tx = Tx::Multi {
+                        conn: Some(d),
+                        deferred: Vec::new(),
+                        failed: false,
+                    };
+                    Need::Go
+                }
+                Tx::None => {
+                    let Some(cmd) = self.pop_command() else {
+                        return Need::Go;
+                    };
+                    self.state.tx = Tx::Multi {
+                        conn: None,
+                        deferred: vec![cmd.raw],
+                        failed: false,
+                    };
+                    self.push_reply(Reply::ok());
+                    Need::Go
+                }
+            },
+            TxCmd::Exec | TxCmd::Discard => {
+                let is_exec = t == TxCmd::Exec;
+                match std::mem::replace(&mut self.state.tx, Tx::None) {
+                    Tx::Multi {
+                        conn: Some(mut d),
+                        deferred,
+                        failed,
+                    } => {
+                        if !self.lane_ok(Lane::Dedicated(d.conn.id)) {
+                            self.state.tx = Tx::Multi {
+                                conn: Some(d),
+                                deferred,
+                                failed,
+                            };
+                            return Need::Barrier;
+                        }
+                        let Some(cmd) = self.pop_command() else {
+                            return Need::Go;
+                        };
+                        let abort = is_exec && failed;
+                        let raw = if abort {
+                            Bytes::from_static(b"*1\r\n$7\r\nDISCARD\r\n")
+                        } else {
+                            cmd.raw
+                        };
+                        let req = self.request(raw, spec.replay);
+                        let call = rt.router.call_on(&d, req, true);
+                        self.push(Call::boxed(async move {
+                            let r = call.await;
+                            // EXEC/DISCARD end MULTI and every WATCH: the connection is clean
+                            // (a lost one is not up, so it is closed anyway).
+                            d.clean = true;
+                            drop(d);
+                            if abort {
+                                return Reply::error(
+                                    "EXECABORT Transaction discarded because of previous errors.",
+                                );
+                            }
+                            r
+                        }));
+                        Need::Go
+                    }
+                    tx @ Tx::Multi { conn: None, .. } => {
+                        if is_exec && !matches!(tx, Tx::Multi { failed: true, .. }) {
+                            // Nothing queued needed a node yet: open the transaction on any
+                            // node now (MULTI and the queued commands first, then EXEC).
+                            self.state.tx = tx;
+                            return self.queue_in_multi(rt, None);
+                        }
+                        self.answer(if is_exec {
+                            Reply::error(
+                                "EXECABORT Transaction discarded because of previous errors.",
+                            )
+                        } else {
+                            Reply::ok()
+                        })
+                    }
+                    other => {
+                        // EXEC/DISCARD without MULTI keeps the WATCHes (as Redis does).
+                        self.state.tx = other;
+                        self.answer(Reply::error(if is_exec {
+                            "ERR EXEC without MULTI"
+                        } else {
+                            "ERR DISCARD without MULTI"
+                        }))
+                    }
+                }
+            }
+            TxCmd::Watch => match std::mem::replace(&mut self.state.tx, Tx::None) {
+                tx @ Tx::Multi { .. } => {
+                    self.state.tx = tx;
+                    self.answer(Reply::error("ERR WATCH inside MULTI is not allowed"))
+                }
+                Tx::Watching(d) => {
+                    if !self.lane_ok(Lane::Dedicated(d.conn.id)) {
+                        self.state.tx = Tx::Watching(d);
+                        return Need::Barrier;
+                    }
+                    // In cluster mode further WATCHed keys must live on the same node.
+                    if rt.router.is_cluster() {
+                        match self.node_for(rt, Some(spec)) {
+                            Ok((node, _)) if node == d.node() => {}
+                            Ok(_) => {
+                                self.state.tx = Tx::Watching(d);
+                                return self.answer(proxy_error(
+                                    "WATCH of keys on different cluster nodes is not supported",
+                                ));
+                            }
+                            Err(r) => {
+                                self.state.tx = Tx::Watching(d);
+                                return self.answer(r);
+                            }
+                        }
+                    }
+                    let Some(call) = self.front_on(rt, &d, spec.replay, true) else {
+                        return Need::Go;
+                    };
+                    self.push(call);
+                    self.state.tx = Tx::Watching(d);
+                    Need::Go
+                }
+                Tx::None => {
+                    let Some(mut d) = self.acquired.take() else {
+                        return match self.node_for(rt, Some(spec)) {
+                            Ok((node, target)) => self.acquire(rt, node, target),
+                            Err(r) => self.answer(r),
+                        };
+                    };
+                    self.lane = Some(Lane::Dedicated(d.conn.id));
+                    d.clean = false;
+                    let Some(call) = self.front_on(rt, &d, spec.replay, true) else {
+                        return Need::Go;
+                    };
+                    self.push(call);
+                    self.state.tx = Tx::Watching(d);
+                    Need::Go
+                }
+            },
+            TxCmd::Unwatch => match std::mem::replace(&mut self.state.tx, Tx::None) {
+                Tx::Watching(mut d) => {
+                    if !self.lane_ok(Lane::Dedicated(d.conn.id)) {
+                        self.state.tx = Tx::Watching(d);
+                        return Need::Barrier;
+                    }
+                    let Some(call) = self.front_on(rt, &d, spec.replay, true) else {
+                        return Need::Go;
+                    };
+                    self.push(Call::boxed(async move {
+                        let r = call.await;
+                        d.clean = r.is_ok();
+                        drop(d);
+                        r
+                    }));
+                    Need::Go
+                }
+                tx @ Tx::Multi { .. } => {
+                    self.state.tx = tx;
+                    self.queue_in_multi(rt, Some(spec))
+                }
+                Tx::None => self.answer(Reply::ok()),
+            },
+        }
+    }
+
+    /// Queues the front command inside MULTI: on the transaction's connection, opening it
+    /// (and sending what was deferred) at the first command that needs a node.
+    fn queue_in_multi(
+        &mut self,
+        rt: &Arc<EndpointRuntime>,
+        spec: Option<&'static CommandSpec>,
+    ) -> Need {
+        let held = match &self.state.tx {
+            Tx::Multi { conn: Some(d), .. } => Some(Lane::Dedicated(d.conn.id)),
+            _ => None,
+        };
+        if let Some(lane) = held {
+            if !self.lane_ok(lane) {
+                return Need::Barrier;
+            }
+        }
+        let Some(cmd) = self.front() else {
+            return Need::Go;
+        };
+        let is_exec = spec.is_none() && cmd.name().eq_ignore_ascii_case(b"exec");
+        // Keyless commands before the first key (cluster mode) are queued locally.
+        let keyed = match spec {
+            Some(s) => !key_indices(s, cmd).is_empty(),
+            None => !is_exec && cmd.args.len() > 1,
+        };
+        let has_conn = matches!(&self.state.tx, Tx::Multi { conn: Some(_), .. });
+        if !has_conn && rt.router.is_cluster() && !keyed && !is_exec {
+            let Some(cmd) = self.pop_command() else {
+                return Need::Go;
+            };
+            if let Tx::Multi { deferred, .. } = &mut self.state.tx {
+                deferred.push(cmd.raw);
+            }
+            self.push_reply(Reply::simple("QUEUED"));
+            return Need::Go;
+        }
+        let route = if is_exec {
+            let target = Target {
+                slot: None,
+                readonly: false,
+                db: self.state.db,
+                proto: self.state.proto,
+            };
+            rt.router
+                .pick(target)
+                .map(|n| (n, target))
+                .map_err(proxy_error)
+        } else {
+            self.node_for(rt, spec)
+        };
+        let (node, target) = match route {
+            Ok(x) => x,
+            Err(r) => return self.refuse(r),
+        };
+        let class = spec.map(|s| s.replay).unwrap_or(ReplayClass::Stateful);
+        match &self.state.tx {
+            Tx::Multi { conn: Some(d), .. } => {
+                // Keyless commands and EXEC run wherever the transaction is.
+                if keyed && !is_exec && d.node() != node && rt.router.is_cluster() {
+                    return self.refuse(proxy_error(
+                        "a transaction must stay on one cluster node (keys of other nodes)",
+                    ));
+                }
+                let Some(cmd) = self.pop_command() else {
+                    return Need::Go;
+                };
+                let req = self.request(cmd.raw, class);
+                if is_exec {
+                    // EXEC of a transaction opened lazily: the connection goes back to the
+                    // pool once EXEC's reply is in (the call owns it until then).
+                    let Tx::Multi {
+                        conn: Some(mut d), ..
+                    } = std::mem::replace(&mut self.state.tx, Tx::None)
+                    else {
+                        return Need::Go;
+                    };
+                    let call = rt.router.call_on(&d, req, true);
+                    self.push(Call::boxed(async move {
+                        let r = call.await;
+                        d.clean = true;
+                        drop(d);
+                        r
+                    }));
+                } else if let Tx::Multi { conn: Some(d), .. } = &self.state.tx {
+                    let call = rt.router.call_on(d, req, true);
+                    self.push(call);
+                }
+                Need::Go
+            }
+            _ => {
+                let Some(mut d) = self.acquired.take() else {
+                    return self.acquire(rt, node, target);
+                };
+                d.clean = false;
+                self.lane = Some(Lane::Dedicated(d.conn.id));
+                // MULTI and the locally answered commands: their replies were given already,
+                // so theirs are dropped (a failure shows at EXEC).
+                let deferred = match &mut self.state.tx {
+                    Tx::Multi { deferred, .. } => std::mem::take(deferred),
+                    _ => Vec::new(),
+                };
+                for raw in deferred {
+                    let req = self.request(raw, ReplayClass::Stateful);
+                    let call = rt.router.call_on(&d, req, true);
+                    self.push_silent(call);
+                }
+                if let Tx::Multi { conn, .. } = &mut self.state.tx {
+                    *conn = Some(d);
+                }
+                self.queue_in_multi(rt, spec)
+            }
+        }
+    }
+
+    // ---- pub/sub ----
+
+    fn enter_pubsub(
+        &mut self,
+        rt: &Arc<EndpointRuntime>,
+        spec: &'static CommandSpec,
+        p: Sub,
+    ) -> Need {
+        if p.is_unsubscribe() {
+            // Not subscribed: Redis answers one frame per channel (or one with a null).
+            let Some(cmd) = self.pop_command() else {
+                return Need::Go;
+            };
+            let r = unsubscribed_reply(spec.name, &cmd.args[1..], self.state.proto);
+            self.push_reply(r);
+            return Need::Go;
+        }
+        let Some(mut d) = self.acquired.take() else {
+            let route = if p == Sub::SSubscribe {
+                self.node_for(rt, Some(spec))
+            } else {
+                let target = Target {
+                    slot: None,
+                    readonly: false,
+                    db: self.state.db,
+                    proto: self.state.proto,
+                };
+                rt.router
+                    .pick(target)
+                    .map(|n| (n, target))
+                    .map_err(proxy_error)
+            };
+            return match route {
+                Ok((node, target)) => self.acquire(rt, node, target),
+                Err(r) => self.answer(r),
+            };
+        };
+        self.lane = Some(Lane::Dedicated(d.conn.id));
+        let (tx, rx) = mpsc::unbounded_channel();
+        d.conn.set_push_sink(tx);
+        d.clean = false;
+        let node = d.node();
+        self.state.pubsub = Some(PubSub { conn: d, rx, node });
+        self.execute_in_pubsub(rt, Some(spec))
+    }
+
+    fn execute_in_pubsub(
+        &mut self,
+        rt: &Arc<EndpointRuntime>,
+        spec: Option<&'static CommandSpec>,
+    ) -> Need {
+        match spec.map(|s| s.kind) {
+            Some(Kind::Local(Local::Quit | Local::Reset)) => {
+                if let Some(spec) = spec {
+                    return self.execute_local(rt, spec);
+                }
+            }
+            Some(Kind::Local(l @ (Local::Auth | Local::Hello))) => {
+                let name = if l == Local::Auth { "AUTH" } else { "HELLO" };
+                self.inbox.pop_front();
+                self.write_now(Reply::error(&format!(
+                    "ERR {name} while subscribed is not supported by the datamesh proxy"
+                )));
+                return Need::Go;
+            }
+            Some(Kind::PubSub(Sub::SSubscribe)) if rt.router.is_cluster() => {
+                let node = self.state.pubsub.as_ref().map(|p| p.node);
+                if let Ok((n, _)) = self.node_for(rt, spec) {
+                    if Some(n) != node {
+                        self.inbox.pop_front();
+                        self.write_now(proxy_error("SSUBSCRIBE to channels of different cluster nodes on one connection is not supported"));
+                        return Need::Go;
+                    }
+                }
+            }
+            _ => {}
+        }
+        let Some(cmd) = self.pop_command() else {
+            return Need::Go;
+        };
+        let class = spec.map(|s| s.replay).unwrap_or(ReplayClass::PubSub);
+        let req = self.request(cmd.raw, class);
+        if let Some(p) = &self.state.pubsub {
+            if let Err(e) = rt.router.send_untracked(&p.conn, req) {
+                self.write_now(error_reply(&e, false));
+                self.closing = true;
+            }
+        }
+        Need::Go
+    }
+
+    // ---- commands the proxy answers itself ----
+
+    fn execute_local(&mut self, rt: &Arc<EndpointRuntime>, spec: &'static CommandSpec) -> Need {
+        let Kind::Local(l) = spec.kind else {
+            return self.forward_front(rt, Some(spec));
+        };
+        let Some(cmd) = self.front().cloned() else {
+            return Need::Go;
+        };
+        let args = &cmd.args;
+        let reply = match l {
+            Local::Ping => match args.len() {
+                1 => Reply::simple("PONG"),
+                2 => Reply::bulk(&args[1]),
+                _ => wrong_args(b"ping"),
+            },
+            Local::Echo => Reply::bulk(&args[1]),
+            Local::Quit => {
+                self.closing = true;
+                // Nothing after QUIT runs.
+                self.inbox.clear();
+                self.push_reply(Reply::ok());
+                return Need::Go;
+            }
+            // RESET drops the dedicated connections: earlier replies from them come first.
+            Local::Reset if !self.pending.is_empty() => return Need::Barrier,
+            Local::Reset => {
+                let settings = self.shared.settings();
+                self.state.reset(&settings.users);
+                Reply::simple("RESET")
+            }
+            Local::Auth => {
+                let settings = self.shared.settings();
+                let a = self.state.auth(&settings.users, &args[1..]);
+                if a.auth_failed {
+                    self.shared.metrics.count_error(&self.ep.name, "auth");
+                }
+                a.reply
+            }
+            Local::Hello => {
+                let settings = self.shared.settings();
+                let facts = self.facts(rt);
+                let a = self.state.hello(&settings.users, &facts, &args[1..]);
+                if a.auth_failed {
+                    self.shared.metrics.count_error(&self.ep.name, "auth");
+                }
+                a.reply
+            }
+            Local::Select => {
+                let facts = self.facts(rt);
+                self.state.select(&facts, &args[1])
+            }
+            Local::Client if cmd.arg_is(1, "REPLY") => return self.client_reply(&cmd),
+            Local::Client => self
+                .state
+                .client(&cmd, (self.rbuf.len(), self.rbuf.capacity())),
+            Local::ReadOnly | Local::ReadWrite | Local::Asking => Reply {
+                raw: view::readonly_reply(),
+                kind: ReplyKind::Simple,
+            },
+            Local::Cluster if rt.router.is_cluster() => {
+                let raw =
+                    view::cluster_reply(&args[1..], self.state.advertised, self.state.proto >= 3);
+                let kind = if raw.first() == Some(&b'-') {
+                    ReplyKind::Error
+                } else {
+                    ReplyKind::Other
+                };
+                Reply { raw, kind }
+            }
+            // A standalone backend answers CLUSTER itself ("cluster support disabled").
+            Local::Cluster => return self.forward_front(rt, Some(spec)),
+        };
+        self.answer(reply)
+    }
+
+    /// `CLIENT REPLY ON|OFF|SKIP`: whether the proxy writes replies. OFF and SKIP are not
+    /// answered; SKIP drops the reply of the next command only.
+    fn client_reply(&mut self, cmd: &Command) -> Need {
+        if cmd.args.len() != 3 {
+            return self.answer(Reply::error("ERR syntax error"));
+        }
+        self.inbox.pop_front();
+        if cmd.arg_is(2, "ON") {
+            self.state.reply_off = false;
+            self.state.skip_next = false;
+            self.push_reply(Reply::ok());
+        } else if cmd.arg_is(2, "OFF") {
+            self.push_silent(Call::ready(Reply::ok()));
+            self.state.reply_off = true;
+        } else if cmd.arg_is(2, "SKIP") {
+            self.push_silent(Call::ready(Reply::ok()));
+            self.state.skip_next = true;
+        } else {
+            self.push_reply(Reply::error("ERR syntax error"));
+        }
+        Need::Go
+    }
+}
+
+/// A multi-key command whose keys span slots: one part per slot through the router, merged
+/// back in key order.
+async fn split_and_merge(
+    router: Arc<Router>,
+    kind: MultiKey,
+    parts: Vec<split::SubCommand>,
+    req: Request,
+    target: Target,
+    affinity: u64,
+) -> Reply {
+    let calls: Vec<Call> = parts
+        .iter()
+        .map(|p| {
+            let part = Request {
+                raw: p.encode(),
+                ..req.clone()
+            };
+            let t = Target {
+                slot: Some(p.slot),
+                ..target
+            };
+            router.call(None, t, part, affinity)
+        })
+        .collect();
+    let replies = futures::future::join_all(calls).await;
+    let mut raws = Vec::with_capacity(replies.len());
+    for r in replies {
+        raws.push(r.raw);
+    }
+    match split::merge(kind, &parts, &raws) {
+        Ok(raw) => Reply {
+            kind: ReplyKind::of(raw.first().copied().unwrap_or(b'+')),
+            raw,
+        },
+        Err(e) => proxy_error(e),
+    }
+}
+
+/// A keyless command run on every master of a cluster backend, replies merged.
+async fn broadcast(
+    router: Arc<Router>,
+    how: Broadcast,
+    req: Request,
+    target: Target,
+    affinity: u64,
+) -> Reply {
+    let masters = router.topology.masters();
+    if masters.is_empty() {
+        return proxy_error("no cluster master known yet");
+    }
+    let calls: Vec<Call> = masters
+        .iter()
+        .map(|a| router.call(Some(*a), target, req.clone(), affinity))
+        .collect();
+    let replies = futures::future::join_all(calls).await;
+    if let Some(e) = replies.iter().find(|r| r.is_error()) {
+        return e.clone();
+    }
+    match how {
+        Broadcast::AllOk | Broadcast::First => replies.into_iter().next().unwrap_or_else(Reply::ok),
+        Broadcast::Sum => Reply::integer_reply(replies.iter().filter_map(|r| r.integer()).sum()),
+        Broadcast::Concat => {
+            let mut items: Vec<Value> = Vec::new();
+            for r in &replies {
+                if let Some(v) = Value::parse(&r.raw) {
+                    for it in v.as_array().unwrap_or_default() {
+                        if let Some(b) = it.as_bytes() {
+                            items.push(Value::Bulk(Bytes::copy_from_slice(b)));
+                        }
+                    }
+                }
+            }
+            Value::Array(items).into_reply(target.proto)
+        }
+    }
+}

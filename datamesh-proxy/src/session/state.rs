@@ -1,0 +1,564 @@
+//! A client's state as the proxy keeps it: who it is (id, addresses, user, name, library),
+//! what it selected (database, protocol, reply mode), and what it holds (a transaction or
+//! WATCH on a dedicated connection, a subscription connection). The answers that depend only
+//! on this state (AUTH, HELLO, SELECT, CLIENT ...) are computed here, without I/O.
+
+use std::net::SocketAddr;
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::backend::{BackendError, Dedicated};
+use crate::config::User;
+use crate::resp::{Command, Reply, Value};
+
+/// MULTI/WATCH state.
+pub enum Tx {
+    None,
+    /// WATCH sent on this connection; MULTI may follow.
+    Watching(Dedicated),
+    /// Inside MULTI. `conn` is opened at the first command that needs it (in cluster mode the
+    /// first key decides the node); `deferred` holds what was answered locally and must be
+    /// sent first (MULTI and keyless commands); `failed` = a command was refused while
+    /// queueing, so EXEC answers EXECABORT like Redis.
+    Multi {
+        conn: Option<Dedicated>,
+        deferred: Vec<Bytes>,
+        failed: bool,
+    },
+}
+
+impl Tx {
+    pub fn in_multi(&self) -> bool {
+        matches!(self, Tx::Multi { .. })
+    }
+
+    /// Marks a MULTI as failed (a command was refused while queueing).
+    pub fn fail(&mut self) {
+        if let Tx::Multi { failed, .. } = self {
+            *failed = true;
+        }
+    }
+}
+
+/// The client's subscription connection: every frame from it goes to the client.
+pub struct PubSub {
+    pub conn: Dedicated,
+    pub rx: mpsc::UnboundedReceiver<Result<Reply, BackendError>>,
+    pub node: SocketAddr,
+}
+
+/// What `AUTH` or `HELLO` computed.
+pub struct Answer {
+    pub reply: Reply,
+    /// A wrong user or password (counted as an auth error).
+    pub auth_failed: bool,
+}
+
+impl Answer {
+    fn ok(reply: Reply) -> Self {
+        Self {
+            reply,
+            auth_failed: false,
+        }
+    }
+}
+
+/// What the backend side tells HELLO and CLIENT INFO.
+pub struct ServerFacts {
+    pub version: String,
+    pub cluster: bool,
+    pub databases: u32,
+}
+
+pub struct ClientState {
+    pub id: u64,
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    /// Address shown to cluster-aware clients as the (only) cluster node: what they dialled.
+    pub advertised: SocketAddr,
+    /// None until authenticated (when users are configured).
+    pub user: Option<String>,
+    pub db: u32,
+    pub proto: u8,
+    pub name: Option<Bytes>,
+    pub lib_name: Option<Bytes>,
+    pub lib_ver: Option<Bytes>,
+    /// `CLIENT REPLY OFF`: no reply is written.
+    pub reply_off: bool,
+    /// `CLIENT REPLY SKIP`: the next command's reply is not written.
+    pub skip_next: bool,
+    pub tx: Tx,
+    pub pubsub: Option<PubSub>,
+    pub created: Instant,
+}
+
+/// Whether a client must AUTH first: users are configured and there is no password-less
+/// "default" user.
+pub fn auth_required(users: &[User]) -> bool {
+    !users.is_empty()
+        && !users
+            .iter()
+            .any(|u| u.name == "default" && u.password.is_none())
+}
+
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    // Constant time in the length of `b` (the configured password).
+    let mut diff = (a.len() != b.len()) as u8;
+    for (i, y) in b.iter().enumerate() {
+        diff |= a.get(i).copied().unwrap_or(0) ^ y;
+    }
+    diff == 0
+}
+
+pub fn wrong_args(name: &[u8]) -> Reply {
+    Reply::error(&format!(
+        "ERR wrong number of arguments for '{}' command",
+        String::from_utf8_lossy(name).to_ascii_lowercase()
+    ))
+}
+
+fn check_client_name(name: &[u8]) -> Result<(), Reply> {
+    if name.iter().any(|b| *b <= b' ' || *b > b'~') {
+        return Err(Reply::error(
+            "ERR Client names cannot contain spaces, newlines or special characters.",
+        ));
+    }
+    Ok(())
+}
+
+fn check_user(users: &[User], user: &[u8], pass: &[u8]) -> Result<(), Reply> {
+    let wrong = || Reply::error("WRONGPASS invalid username-password pair or user is disabled.");
+    match users.iter().find(|u| u.name.as_bytes() == user) {
+        Some(u) => match &u.password {
+            None => Ok(()),
+            Some(p) if ct_eq(pass, p.expose().as_bytes()) => Ok(()),
+            Some(_) => Err(wrong()),
+        },
+        // No users configured: the default user has no password and accepts any.
+        None if users.is_empty() && user == b"default" => Ok(()),
+        None => Err(wrong()),
+    }
+}
+
+impl ClientState {
+    pub fn new(
+        id: u64,
+        peer: SocketAddr,
+        local: SocketAddr,
+        advertised: SocketAddr,
+        users: &[User],
+    ) -> Self {
+        Self {
+            id,
+            peer,
+            local,
+            advertised,
+            user: (!auth_required(users)).then(|| "default".to_string()),
+            db: 0,
+            proto: 2,
+            name: None,
+            lib_name: None,
+            lib_ver: None,
+            reply_off: false,
+            skip_next: false,
+            tx: Tx::None,
+            pubsub: None,
+            created: Instant::now(),
+        }
+    }
+
+    pub fn authenticated(&self) -> bool {
+        self.user.is_some()
+    }
+
+    /// Whether the reply of the command being answered is written (CLIENT REPLY); consumes a
+    /// pending SKIP.
+    pub fn reply_silenced(&mut self) -> bool {
+        self.reply_off || std::mem::take(&mut self.skip_next)
+    }
+
+    /// RESET: back to a fresh connection's state (dropping a transaction or subscription
+    /// closes their connections, which ends them on the backend).
+    pub fn reset(&mut self, users: &[User]) {
+        self.tx = Tx::None;
+        self.pubsub = None;
+        self.db = 0;
+        self.proto = 2;
+        self.name = None;
+        self.reply_off = false;
+        self.skip_next = false;
+        self.user = (!auth_required(users)).then(|| "default".to_string());
+    }
+
+    pub fn auth(&mut self, users: &[User], args: &[Bytes]) -> Answer {
+        let (user, pass) = match args {
+            [p] => {
+                if users.is_empty() {
+                    return Answer::ok(Reply::error("ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?"));
+                }
+                (&b"default"[..], &p[..])
+            }
+            [u, p] => (&u[..], &p[..]),
+            _ => return Answer::ok(Reply::error("ERR syntax error")),
+        };
+        match check_user(users, user, pass) {
+            Ok(()) => {
+                self.user = Some(String::from_utf8_lossy(user).into_owned());
+                Answer::ok(Reply::ok())
+            }
+            Err(reply) => Answer {
+                reply,
+                auth_failed: true,
+            },
+        }
+    }
+
+    pub fn hello(&mut self, users: &[User], facts: &ServerFacts, args: &[Bytes]) -> Answer {
+        let mut proto = self.proto;
+        let mut i = 0;
+        if let Some(v) = args.first() {
+            match std::str::from_utf8(v)
+                .ok()
+                .and_then(|s| s.parse::<i64>().ok())
+            {
+                Some(2) => proto = 2,
+                Some(3) => proto = 3,
+                Some(_) => return Answer::ok(Reply::error("NOPROTO unsupported protocol version")),
+                None => {
+                    return Answer::ok(Reply::error(
+                        "ERR Protocol version is not an integer or out of range",
+                    ))
+                }
+            }
+            i = 1;
+        }
+        let mut new_user = None;
+        let mut new_name = None;
+        while i < args.len() {
+            let opt = &args[i];
+            if opt.eq_ignore_ascii_case(b"AUTH") && i + 2 < args.len() {
+                if let Err(reply) = check_user(users, &args[i + 1], &args[i + 2]) {
+                    return Answer {
+                        reply,
+                        auth_failed: true,
+                    };
+                }
+                new_user = Some(String::from_utf8_lossy(&args[i + 1]).into_owned());
+                i += 3;
+            } else if opt.eq_ignore_ascii_case(b"SETNAME") && i + 1 < args.len() {
+                if let Err(r) = check_client_name(&args[i + 1]) {
+                    return Answer::ok(r);
+                }
+                new_name = Some(args[i + 1].clone());
+                i += 2;
+            } else {
+                return Answer::ok(Reply::error(&format!(
+                    "ERR Syntax error in HELLO option '{}'",
+                    String::from_utf8_lossy(opt)
+                )));
+            }
+        }
+        if self.user.is_none() && new_user.is_none() {
+            return Answer::ok(Reply::error("NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time"));
+        }
+        if let Some(u) = new_user {
+            self.user = Some(u);
+        }
+        if let Some(n) = new_name {
+            self.name = if n.is_empty() { None } else { Some(n) };
+        }
+        self.proto = proto;
+        let mode = if facts.cluster {
+            "cluster"
+        } else {
+            "standalone"
+        };
+        Answer::ok(
+            Value::Map(vec![
+                (Value::bulk("server"), Value::bulk("redis")),
+                (Value::bulk("version"), Value::bulk(&facts.version)),
+                (Value::bulk("proto"), Value::Int(proto as i64)),
+                (Value::bulk("id"), Value::Int(self.id as i64)),
+                (Value::bulk("mode"), Value::bulk(mode)),
+                (Value::bulk("role"), Value::bulk("master")),
+                (Value::bulk("modules"), Value::Array(vec![])),
+            ])
+            .into_reply(proto),
+        )
+    }
+
+    pub fn select(&mut self, facts: &ServerFacts, arg: &[u8]) -> Reply {
+        let Some(db) = std::str::from_utf8(arg)
+            .ok()
+            .and_then(|s| s.parse::<i64>().ok())
+        else {
+            return Reply::error("ERR value is not an integer or out of range");
+        };
+        if facts.cluster && db != 0 {
+            return Reply::error("ERR SELECT is not allowed in cluster mode");
+        }
+        if db < 0 || db >= facts.databases as i64 {
+            return Reply::error("ERR DB index is out of range");
+        }
+        self.db = db as u32;
+        Reply::ok()
+    }
+
+    /// `CLIENT <sub> ...` (except `REPLY`, which the dispatcher applies, since it decides
+    /// whether its own reply is written).
+    pub fn client(&mut self, cmd: &Command, rbuf: (usize, usize)) -> Reply {
+        let args = &cmd.args;
+        let is = |w: &str| cmd.arg_is(1, w);
+        if is("ID") {
+            Reply::integer_reply(self.id as i64)
+        } else if is("SETNAME") && args.len() == 3 {
+            match check_client_name(&args[2]) {
+                Ok(()) => {
+                    self.name = if args[2].is_empty() {
+                        None
+                    } else {
+                        Some(args[2].clone())
+                    };
+                    Reply::ok()
+                }
+                Err(r) => r,
+            }
+        } else if is("GETNAME") {
+            match &self.name {
+                Some(n) => Reply::bulk(n),
+                None => Reply::null(self.proto),
+            }
+        } else if is("INFO") || is("LIST") {
+            Reply::bulk(self.info_line(rbuf).as_bytes())
+        } else if is("SETINFO") && args.len() == 4 {
+            if cmd.arg_is(2, "LIB-NAME") {
+                self.lib_name = Some(args[3].clone());
+            } else if cmd.arg_is(2, "LIB-VER") {
+                self.lib_ver = Some(args[3].clone());
+            } else {
+                return Reply::error(&format!(
+                    "ERR Unrecognized option '{}'",
+                    String::from_utf8_lossy(&args[2])
+                ));
+            }
+            Reply::ok()
+        } else if is("GETREDIR") {
+            Reply::integer_reply(-1)
+        } else if is("TRACKING") || is("CACHING") || is("TRACKINGINFO") {
+            Reply::error(&crate::commands::refusal(
+                &client_sub(cmd),
+                "client-side caching needs invalidations for this client, but backend connections are shared",
+            ))
+        } else if [
+            "KILL", "PAUSE", "UNPAUSE", "UNBLOCK", "NO-EVICT", "NO-TOUCH",
+        ]
+        .iter()
+        .any(|w| is(w))
+        {
+            Reply::error(&crate::commands::refusal(
+                &client_sub(cmd),
+                "it acts on backend connections that are shared by many clients",
+            ))
+        } else if args.len() < 2 {
+            wrong_args(b"client")
+        } else {
+            Reply::error(&format!(
+                "ERR unknown subcommand or wrong number of arguments for 'CLIENT|{}' command",
+                String::from_utf8_lossy(&args[1]).to_ascii_lowercase()
+            ))
+        }
+    }
+
+    /// A `CLIENT INFO` line for this client as the proxy sees it; `rbuf` = (query buffer
+    /// length, capacity).
+    pub fn info_line(&self, rbuf: (usize, usize)) -> String {
+        let s = |b: &Option<Bytes>| {
+            b.as_ref()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default()
+        };
+        let multi = if self.tx.in_multi() { 0 } else { -1 };
+        let mut flags = String::new();
+        if self.pubsub.is_some() {
+            flags.push('P');
+        }
+        if self.tx.in_multi() {
+            flags.push('x');
+        }
+        if flags.is_empty() {
+            flags.push('N');
+        }
+        format!(
+            "id={} addr={} laddr={} fd=-1 name={} age={} idle=0 flags={} db={} sub=0 psub=0 ssub=0 multi={} watch=0 qbuf={} qbuf-free=0 argv-mem=0 multi-mem=0 rbs={} rbp=0 obl=0 oll=0 omem=0 tot-mem=0 events=r cmd=client|info user={} redir=-1 resp={} lib-name={} lib-ver={}\n",
+            self.id,
+            self.peer,
+            self.local,
+            s(&self.name),
+            self.created.elapsed().as_secs(),
+            flags,
+            self.db,
+            multi,
+            rbuf.0,
+            rbuf.1,
+            self.user.as_deref().unwrap_or("default"),
+            self.proto,
+            s(&self.lib_name),
+            s(&self.lib_ver),
+        )
+    }
+}
+
+/// "CLIENT <SUB>" for refusal messages.
+fn client_sub(cmd: &Command) -> Vec<u8> {
+    let mut out = b"CLIENT ".to_vec();
+    out.extend(cmd.arg(1).to_ascii_uppercase());
+    out
+}
+
+/// The frames Redis answers an UNSUBSCRIBE-family command with when the client is not
+/// subscribed: one per named channel, or one with a null channel.
+pub fn unsubscribed_reply(kind: &str, channels: &[Bytes], proto: u8) -> Reply {
+    let mut out = BytesMut::new();
+    let names: Vec<Value> = if channels.is_empty() {
+        vec![Value::Null]
+    } else {
+        channels.iter().map(|c| Value::Bulk(c.clone())).collect()
+    };
+    for ch in names {
+        Value::Push(vec![Value::bulk(kind), ch, Value::Int(0)]).encode(proto, &mut out);
+    }
+    Reply {
+        raw: out.freeze(),
+        kind: crate::resp::ReplyKind::Push,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+
+    fn addr() -> SocketAddr {
+        "127.0.0.1:1".parse().expect("addr")
+    }
+
+    fn user(n: &str, p: Option<&str>) -> User {
+        User {
+            name: n.into(),
+            password: p.map(|p| Secret(p.into())),
+        }
+    }
+
+    fn cmd(s: &str) -> Command {
+        Command::from_args(s.split(' ').map(|a| Bytes::copy_from_slice(a.as_bytes())))
+    }
+
+    fn facts() -> ServerFacts {
+        ServerFacts {
+            version: "7.0.15".into(),
+            cluster: false,
+            databases: 16,
+        }
+    }
+
+    #[test]
+    fn constant_time_compare() {
+        assert!(ct_eq(b"secret", b"secret"));
+        assert!(!ct_eq(b"secreT", b"secret"));
+        assert!(!ct_eq(b"secret1", b"secret"));
+        assert!(!ct_eq(b"", b"secret"));
+    }
+
+    #[test]
+    fn auth_requirement() {
+        assert!(!auth_required(&[]));
+        assert!(auth_required(&[user("default", Some("x"))]));
+        assert!(!auth_required(&[
+            user("default", None),
+            user("app", Some("y"))
+        ]));
+        assert!(auth_required(&[user("app", Some("y"))]));
+    }
+
+    #[test]
+    fn auth_hello_and_reset() {
+        let users = [user("app", Some("pw"))];
+        let mut s = ClientState::new(7, addr(), addr(), addr(), &users);
+        assert!(!s.authenticated());
+        let a = s.auth(&users, &[Bytes::from("app"), Bytes::from("bad")]);
+        assert!(a.auth_failed && a.reply.is_error());
+        let h = s.hello(&users, &facts(), &[Bytes::from("3")]);
+        assert!(h.reply.error_text().starts_with(b"NOAUTH"));
+        let h = s.hello(
+            &users,
+            &facts(),
+            &[
+                Bytes::from("3"),
+                Bytes::from("auth"),
+                Bytes::from("app"),
+                Bytes::from("pw"),
+                Bytes::from("setname"),
+                Bytes::from("w1"),
+            ],
+        );
+        assert!(!h.auth_failed, "{:?}", h.reply);
+        assert_eq!((s.proto, s.user.as_deref()), (3, Some("app")));
+        assert_eq!(s.name.as_deref(), Some(&b"w1"[..]));
+        assert!(h.reply.raw.starts_with(b"%7\r\n"));
+        s.reply_off = true;
+        s.reset(&users);
+        assert!(!s.authenticated() && s.proto == 2 && s.name.is_none() && !s.reply_off);
+    }
+
+    #[test]
+    fn select_and_client_subcommands() {
+        let mut s = ClientState::new(9, addr(), addr(), addr(), &[]);
+        assert!(s.select(&facts(), b"16").is_error());
+        assert!(s.select(&facts(), b"x").is_error());
+        assert!(s.select(&facts(), b"3").is_ok());
+        assert_eq!(s.db, 3);
+        let cluster = ServerFacts {
+            cluster: true,
+            ..facts()
+        };
+        assert!(s.select(&cluster, b"1").is_error());
+        assert_eq!(s.client(&cmd("CLIENT ID"), (0, 0)).integer(), Some(9));
+        assert!(s.client(&cmd("client setname a b"), (0, 0)).is_error());
+        assert!(s.client(&cmd("client setname w"), (0, 0)).is_ok());
+        assert_eq!(
+            &s.client(&cmd("CLIENT GETNAME"), (0, 0)).raw[..],
+            b"$1\r\nw\r\n"
+        );
+        let info = s.client(&cmd("client info"), (0, 0));
+        assert!(String::from_utf8_lossy(&info.raw).contains(" db=3 "));
+        let kill = s.client(&cmd("CLIENT KILL x"), (0, 0));
+        assert!(kill
+            .error_text()
+            .starts_with(b"ERR CLIENT KILL is not supported"));
+        assert!(s.client(&cmd("CLIENT NOPE"), (0, 0)).is_error());
+    }
+
+    #[test]
+    fn reply_skip_is_consumed_once() {
+        let mut s = ClientState::new(1, addr(), addr(), addr(), &[]);
+        assert!(!s.reply_silenced());
+        s.skip_next = true;
+        assert!(s.reply_silenced());
+        assert!(!s.reply_silenced());
+        s.reply_off = true;
+        assert!(s.reply_silenced() && s.reply_silenced());
+    }
+
+    #[test]
+    fn unsubscribe_when_not_subscribed() {
+        let r = unsubscribed_reply("unsubscribe", &[], 2);
+        assert_eq!(&r.raw[..], b"*3\r\n$11\r\nunsubscribe\r\n$-1\r\n:0\r\n");
+        let r = unsubscribed_reply("punsubscribe", &[Bytes::from("a"), Bytes::from("b")], 3);
+        assert_eq!(
+            &r.raw[..],
+            b">3\r\n$12\r\npunsubscribe\r\n$1\r\na\r\n:0\r\n>3\r\n$12\r\npunsubscribe\r\n$1\r\nb\r\n:0\r\n"
+        );
+    }
+}

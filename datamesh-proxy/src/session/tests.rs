@@ -1,0 +1,342 @@
+//! The unit tier of whole sessions: the proxy in process (an [`EndpointRuntime`] on a
+//! standalone scripted peer, a listener, its accept loop) and a client speaking RESP over a
+//! real socket, so every test goes through decode, dispatch, the router, the backend queue
+//! and the ordered reply write.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::accounting::{PodRegistry, PolicySource};
+use crate::attribution::NodeLocal;
+use crate::backend::PoolKey;
+use crate::config::{Backend, EndpointSpec, SessionSettings};
+use crate::endpoint::{EndpointHandle, EndpointRuntime};
+use crate::listener::{self, Listener, Shared};
+use crate::metrics::ProxyMetrics;
+use crate::resp::{encode_command, Limits, ReplyDecoder};
+use crate::testing::{until, Peer, Script};
+
+/// The proxy for one endpoint, in process.
+struct Proxy {
+    addr: SocketAddr,
+    rt: Arc<EndpointRuntime>,
+    _listener: Listener,
+    /// The accept loop stops when this is dropped.
+    _stop: watch::Sender<bool>,
+}
+
+fn start_proxy(backend: Backend) -> Proxy {
+    let metrics = ProxyMetrics::default();
+    let spec = EndpointSpec {
+        name: "t".into(),
+        backend,
+    };
+    let rt = EndpointRuntime::build(&spec, 0, &metrics);
+    let shared = Arc::new(Shared::new(
+        Arc::new(NodeLocal),
+        Arc::new(metrics),
+        Arc::new(PodRegistry::new(None, PolicySource::default())),
+        SessionSettings::default(),
+    ));
+    let bound = listener::bind("t", "127.0.0.1:0".parse().expect("addr"), 0).expect("bind");
+    let (stop, stop_rx) = watch::channel(false);
+    let l = listener::spawn(
+        bound,
+        Arc::new(EndpointHandle::new(rt.clone())),
+        shared,
+        stop_rx,
+    );
+    Proxy {
+        addr: l.local,
+        rt,
+        _listener: l,
+        _stop: stop,
+    }
+}
+
+/// A RESP client: writes commands, reads whole reply frames.
+struct Client {
+    sock: TcpStream,
+    buf: BytesMut,
+    dec: ReplyDecoder,
+}
+
+impl Client {
+    async fn connect(p: &Proxy) -> Client {
+        Client {
+            sock: TcpStream::connect(p.addr)
+                .await
+                .expect("connect to the proxy"),
+            buf: BytesMut::new(),
+            dec: ReplyDecoder::default(),
+        }
+    }
+
+    /// Sends `cmds` in one write (a pipeline).
+    async fn send(&mut self, cmds: &[&[&str]]) {
+        let mut out = Vec::new();
+        for c in cmds {
+            let args: Vec<Bytes> = c
+                .iter()
+                .map(|a| Bytes::copy_from_slice(a.as_bytes()))
+                .collect();
+            out.extend_from_slice(&encode_command(&args));
+        }
+        self.send_raw(&out).await;
+    }
+
+    async fn send_raw(&mut self, raw: &[u8]) {
+        self.sock.write_all(raw).await.expect("write to the proxy");
+    }
+
+    /// The next reply frame, as text.
+    async fn reply(&mut self) -> String {
+        loop {
+            if let Some(r) = self
+                .dec
+                .decode(&mut self.buf, &Limits::backend())
+                .expect("the proxy speaks RESP")
+            {
+                return String::from_utf8_lossy(&r.raw).into_owned();
+            }
+            let n = self
+                .sock
+                .read_buf(&mut self.buf)
+                .await
+                .expect("read from the proxy");
+            assert!(
+                n > 0,
+                "the proxy closed the connection while a reply was due"
+            );
+        }
+    }
+
+    /// Asserts the proxy closes the connection with nothing more to say.
+    async fn closed(&mut self) {
+        let n = self
+            .sock
+            .read_buf(&mut self.buf)
+            .await
+            .expect("read from the proxy");
+        assert_eq!(
+            (n, &self.buf[..]),
+            (0, &b""[..]),
+            "expected the proxy to close the connection"
+        );
+    }
+}
+
+// Pipelined GETs are answered in order.
+#[tokio::test]
+async fn pipelined_gets_are_answered_in_order() {
+    let mut script = Script::new();
+    for i in 1..=5 {
+        script = script.expect("GET", format!("$2\r\nv{i}\r\n").as_bytes());
+    }
+    let peer = Peer::start(script).await;
+    let proxy = start_proxy(Backend::standalone(peer.addr()));
+    let mut c = Client::connect(&proxy).await;
+    c.send(&[
+        &["GET", "k1"],
+        &["GET", "k2"],
+        &["GET", "k3"],
+        &["GET", "k4"],
+        &["GET", "k5"],
+    ])
+    .await;
+    for i in 1..=5 {
+        assert_eq!(c.reply().await, format!("$2\r\nv{i}\r\n"));
+    }
+    assert_eq!(
+        peer.commands(),
+        ["GET k1", "GET k2", "GET k3", "GET k4", "GET k5"]
+    );
+}
+
+// CLIENT REPLY as on Redis: OFF silences every reply (forwarded commands still run) until ON,
+// which answers +OK; SKIP drops only the next command's reply.
+#[tokio::test]
+async fn client_reply_off_skip_and_on_behave_like_redis() {
+    let peer = Peer::start(
+        Script::new()
+            .expect("SET", b"+OK\r\n")
+            .expect("GET", b"$1\r\n1\r\n")
+            .expect("GET", b"$1\r\n2\r\n"),
+    )
+    .await;
+    let proxy = start_proxy(Backend::standalone(peer.addr()));
+    let mut c = Client::connect(&proxy).await;
+    c.send(&[
+        &["CLIENT", "REPLY", "OFF"],
+        &["SET", "a", "1"],
+        &["PING"],
+        &["CLIENT", "REPLY", "ON"],
+        &["CLIENT", "REPLY", "SKIP"],
+        &["GET", "a"],
+        &["PING"],
+        &["GET", "b"],
+    ])
+    .await;
+    assert_eq!(c.reply().await, "+OK\r\n", "ON is the first reply");
+    assert_eq!(c.reply().await, "+PONG\r\n", "GET a was skipped");
+    assert_eq!(c.reply().await, "$1\r\n2\r\n");
+    // Nothing else was queued behind them.
+    c.send(&[&["PING", "end"]]).await;
+    assert_eq!(c.reply().await, "$3\r\nend\r\n");
+    assert_eq!(peer.commands(), ["SET a 1", "GET a", "GET b"]);
+}
+
+// A refused backend: the client is told the backend is unavailable, with the connect error
+// once, and that a retry is safe.
+#[tokio::test]
+async fn a_refused_backend_is_unavailable_and_the_error_says_it_once() {
+    let addr = Peer::refused_addr().await;
+    let proxy = start_proxy(Backend::standalone(addr));
+    let mut c = Client::connect(&proxy).await;
+    c.send(&[&["GET", "k"]]).await;
+    let r = c.reply().await;
+    let prefix = format!("-ERR datamesh proxy: backend {addr} is unavailable: connect failed: ");
+    assert!(r.starts_with(&prefix), "{r}");
+    assert!(r.ends_with(" (safe to retry)\r\n"), "{r}");
+    assert_eq!(r.matches("unavailable").count(), 1, "{r}");
+    assert_eq!(r.matches("connect failed").count(), 1, "{r}");
+    assert_eq!(r.matches("datamesh proxy").count(), 1, "{r}");
+}
+
+// SUBSCRIBE with a refused backend says the backend is unavailable, not that the proxy closed
+// the connection.
+#[tokio::test]
+async fn subscribe_to_a_refused_backend_says_unavailable() {
+    let addr = Peer::refused_addr().await;
+    let proxy = start_proxy(Backend::standalone(addr));
+    let mut c = Client::connect(&proxy).await;
+    c.send(&[&["SUBSCRIBE", "x"]]).await;
+    let r = c.reply().await;
+    assert!(
+        r.starts_with(&format!(
+            "-ERR datamesh proxy: backend {addr} is unavailable: connect failed: "
+        )),
+        "{r}"
+    );
+    assert!(!r.contains("closed by the proxy"), "{r}");
+}
+
+// A protocol error after valid commands: they are answered first, then the error, then the
+// connection closes.
+#[tokio::test]
+async fn a_protocol_error_answers_the_commands_before_it_then_closes() {
+    let peer = Peer::start(Script::new().expect("GET", b"$1\r\nv\r\n")).await;
+    let proxy = start_proxy(Backend::standalone(peer.addr()));
+    let mut c = Client::connect(&proxy).await;
+    c.send_raw(b"*1\r\n$4\r\nPING\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n*1\r\n$x\r\n")
+        .await;
+    assert_eq!(c.reply().await, "+PONG\r\n");
+    assert_eq!(c.reply().await, "$1\r\nv\r\n");
+    assert_eq!(
+        c.reply().await,
+        "-ERR Protocol error: invalid bulk length\r\n"
+    );
+    c.closed().await;
+}
+
+// MULTI / SET / EXEC go out on one dedicated connection, in order.
+#[tokio::test]
+async fn a_transaction_goes_out_on_one_dedicated_connection_in_order() {
+    let peer = Peer::start(
+        Script::new()
+            .expect("MULTI", b"+OK\r\n")
+            .expect("SET", b"+QUEUED\r\n")
+            .expect("EXEC", b"*1\r\n+OK\r\n"),
+    )
+    .await;
+    let proxy = start_proxy(Backend::standalone(peer.addr()));
+    let mut c = Client::connect(&proxy).await;
+    c.send(&[&["MULTI"], &["SET", "k", "v"], &["EXEC"]]).await;
+    assert_eq!(c.reply().await, "+OK\r\n");
+    assert_eq!(c.reply().await, "+QUEUED\r\n");
+    assert_eq!(c.reply().await, "*1\r\n+OK\r\n");
+    let i = peer.conn_of("MULTI").expect("MULTI reached the backend");
+    assert_eq!(peer.conn_commands(i), ["MULTI", "SET k v", "EXEC"]);
+    assert_eq!(peer.commands(), ["MULTI", "SET k v", "EXEC"]);
+}
+
+// A BLPOP goes out on a warm dedicated connection (opened before the client connected), so an
+// LPUSH another client sends right after it reaches the backend after it, as on Redis.
+#[tokio::test(start_paused = true)]
+async fn a_blpop_on_a_warm_connection_reaches_the_backend_before_a_later_lpush() {
+    let peer = Peer::start(
+        Script::new()
+            .expect("GET", b"$-1\r\n")
+            .expect("BLPOP", b"*2\r\n$1\r\nq\r\n$1\r\nx\r\n")
+            .expect("LPUSH", b":1\r\n"),
+    )
+    .await;
+    let proxy = start_proxy(Backend::standalone(peer.addr()));
+    let pool = proxy.rt.group().pool(PoolKey {
+        addr: peer.addr(),
+        db: 0,
+        proto: 2,
+    });
+    until("the warm dedicated connections", || {
+        pool.idle_dedicated() == 2
+    })
+    .await;
+    let warm = peer.connections();
+    assert_eq!(warm, 2);
+
+    let mut pusher = Client::connect(&proxy).await;
+    // The pusher's shared connection is up before the race: neither command waits for a
+    // connect.
+    pusher.send(&[&["GET", "warmup"]]).await;
+    assert_eq!(pusher.reply().await, "$-1\r\n");
+    let mut popper = Client::connect(&proxy).await;
+    popper.send(&[&["BLPOP", "q", "0"]]).await;
+    pusher.send(&[&["LPUSH", "q", "x"]]).await;
+    assert_eq!(popper.reply().await, "*2\r\n$1\r\nq\r\n$1\r\nx\r\n");
+    assert_eq!(pusher.reply().await, ":1\r\n");
+
+    assert_eq!(peer.commands(), ["GET warmup", "BLPOP q 0", "LPUSH q x"]);
+    let blpop_conn = peer
+        .conn_of("BLPOP q 0")
+        .expect("BLPOP reached the backend");
+    assert!(
+        blpop_conn < warm,
+        "BLPOP went out on connection #{blpop_conn}, not one of the {warm} warm ones"
+    );
+}
+
+// UNSUBSCRIBE without channels while subscribed goes to the subscription connection, whose
+// answer the client gets.
+#[tokio::test]
+async fn unsubscribe_without_arguments_goes_to_the_subscription_connection() {
+    let peer = Peer::start(
+        Script::new()
+            .expect("SUBSCRIBE", b"*3\r\n$9\r\nsubscribe\r\n$1\r\nx\r\n:1\r\n")
+            .expect(
+                "UNSUBSCRIBE",
+                b"*3\r\n$11\r\nunsubscribe\r\n$1\r\nx\r\n:0\r\n",
+            ),
+    )
+    .await;
+    let proxy = start_proxy(Backend::standalone(peer.addr()));
+    let mut c = Client::connect(&proxy).await;
+    c.send(&[&["SUBSCRIBE", "x"]]).await;
+    assert_eq!(
+        c.reply().await,
+        "*3\r\n$9\r\nsubscribe\r\n$1\r\nx\r\n:1\r\n"
+    );
+    c.send(&[&["UNSUBSCRIBE"]]).await;
+    assert_eq!(
+        c.reply().await,
+        "*3\r\n$11\r\nunsubscribe\r\n$1\r\nx\r\n:0\r\n"
+    );
+    let sub = peer
+        .conn_of("SUBSCRIBE x")
+        .expect("SUBSCRIBE reached the backend");
+    assert_eq!(peer.conn_commands(sub), ["SUBSCRIBE x", "UNSUBSCRIBE"]);
+}

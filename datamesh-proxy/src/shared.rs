@@ -1,0 +1,90 @@
+//! What the listeners and every session share: the attribution, the metrics, per-pod
+//! accounting, the session settings (swapped whole on reload), client ids, and the count of
+//! open connections that a drain waits on.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use crate::accounting::PodRegistry;
+use crate::attribution::Attribution;
+use crate::config::SessionSettings;
+use crate::metrics::ProxyMetrics;
+
+/// State shared by the listeners and the connection tasks.
+pub struct Shared {
+    pub attribution: Arc<dyn Attribution>,
+    pub metrics: Arc<ProxyMetrics>,
+    pub pod_limits: Arc<PodRegistry>,
+    settings: RwLock<Arc<SessionSettings>>,
+    client_ids: AtomicU64,
+    open: AtomicUsize,
+    idle: Notify,
+}
+
+impl Shared {
+    pub fn new(
+        attribution: Arc<dyn Attribution>,
+        metrics: Arc<ProxyMetrics>,
+        pod_limits: Arc<PodRegistry>,
+        settings: SessionSettings,
+    ) -> Self {
+        Self {
+            attribution,
+            metrics,
+            pod_limits,
+            settings: RwLock::new(Arc::new(settings)),
+            client_ids: AtomicU64::new(0),
+            open: AtomicUsize::new(0),
+            idle: Notify::new(),
+        }
+    }
+
+    pub fn settings(&self) -> Arc<SessionSettings> {
+        self.settings
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn set_settings(&self, s: SessionSettings) {
+        *self.settings.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(s);
+    }
+
+    pub fn next_client_id(&self) -> u64 {
+        self.client_ids.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// A client connection opened.
+    pub(crate) fn opened(&self) {
+        self.open.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// A client connection closed (wakes a drain when it was the last).
+    pub(crate) fn closed(&self) {
+        if self.open.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.idle.notify_waiters();
+        }
+    }
+
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+
+    /// Waits until no connection is open, or `timeout` passes. Returns the number still open.
+    pub async fn drain(&self, timeout: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.idle.notified();
+            let n = self.open_connections();
+            if n == 0 {
+                return 0;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.open_connections();
+            }
+        }
+    }
+}

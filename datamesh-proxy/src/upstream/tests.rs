@@ -1,0 +1,349 @@
+//! The unit tier of the request path: [`Router`] (redirects, retryable errors, failures and
+//! their replay class), [`SharedLane`] batching and [`Call`]s on dedicated connections,
+//! against scripted peers ([`crate::testing`]), with paused time where the router waits.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use super::router::MAX_ATTEMPTS;
+use super::{request, Call, ReplayClass, Request, Router, SharedLane, Target};
+use crate::backend::pool::GroupSettings;
+use crate::backend::{BackendGroup, ConnectSpec, PoolKey};
+use crate::metrics::GroupMetrics;
+use crate::resp::{encode_command, Reply};
+use crate::testing::{Fallback, Peer, Script};
+use crate::topology::cluster::{key_slot, Cluster, ClusterConfig, SlotMap};
+use crate::topology::sentinel::{Sentinel, SentinelConfig};
+use crate::topology::{Standalone, Topology};
+
+const LOADING: &[u8] = b"-LOADING Redis is loading the dataset in memory\r\n";
+const READONLY_ERR: &[u8] = b"-READONLY You can't write against a read only replica.\r\n";
+
+/// A group with one shared connection per pool and no warm dedicated ones, so the peers see
+/// only the connections the router opens.
+fn group() -> Arc<BackendGroup> {
+    Arc::new(BackendGroup::new(
+        "t".into(),
+        ConnectSpec::plain(Duration::from_secs(1)),
+        GroupSettings {
+            pool_size: 1,
+            max_dedicated: 8,
+            warm_dedicated: 0,
+            command_timeout: None,
+        },
+        GroupMetrics::default(),
+    ))
+}
+
+fn standalone(addr: SocketAddr) -> Arc<Router> {
+    Arc::new(Router::new(Arc::new(Standalone::new(addr)), group()))
+}
+
+/// A cluster whose whole slot range is served by `node`; no refresher (MOVED still updates it).
+fn cluster_on(node: SocketAddr) -> Arc<Cluster> {
+    Arc::new(Cluster::with_map(
+        ClusterConfig::new(vec![]),
+        SlotMap::single(node),
+    ))
+}
+
+fn target(slot: Option<u16>, readonly: bool) -> Target {
+    Target {
+        slot,
+        readonly,
+        db: 0,
+        proto: 2,
+    }
+}
+
+fn cmd(args: &[&str], class: ReplayClass, seq: u64) -> Request {
+    let args: Vec<Bytes> = args
+        .iter()
+        .map(|a| Bytes::copy_from_slice(a.as_bytes()))
+        .collect();
+    request(encode_command(&args), class, 1, seq)
+}
+
+fn get(key: &str, seq: u64) -> Request {
+    cmd(&["GET", key], ReplayClass::ReadOnly, seq)
+}
+
+fn text(r: &Reply) -> String {
+    String::from_utf8_lossy(&r.raw).into_owned()
+}
+
+// MOVED: the command is resent to the node named, the slot map now says so, and the resend
+// is counted.
+#[tokio::test]
+async fn moved_resends_to_the_new_owner_and_updates_the_slot_map() {
+    let b = Peer::start(Script::new().expect("GET", b"$1\r\nb\r\n")).await;
+    let slot = key_slot(b"k");
+    let moved = format!("-MOVED {slot} {}\r\n", b.addr());
+    let a = Peer::start(Script::new().expect("GET", moved.as_bytes())).await;
+    let cluster = cluster_on(a.addr());
+    let router = Arc::new(Router::new(cluster.clone(), group()));
+
+    let reply = router
+        .call(None, target(Some(slot), true), get("k", 1), 1)
+        .await;
+    assert_eq!(text(&reply), "$1\r\nb\r\n");
+    assert_eq!(a.commands(), ["GET k"]);
+    assert_eq!(b.commands(), ["GET k"]);
+    assert_eq!(cluster.pick(Some(slot), false), Ok(b.addr()));
+    assert_eq!(router.group.metrics.resent.get(), 1);
+}
+
+// ASK: the target node gets ASKING and the command back to back (one read), and the slot map
+// does not change (ASK is a one-shot detour).
+#[tokio::test]
+async fn ask_sends_asking_and_the_command_back_to_back_and_keeps_the_map() {
+    let b = Peer::start(
+        Script::new()
+            .expect("ASKING", b"+OK\r\n")
+            .expect("GET", b"$1\r\nb\r\n"),
+    )
+    .await;
+    let slot = key_slot(b"k");
+    let ask = format!("-ASK {slot} {}\r\n", b.addr());
+    let a = Peer::start(Script::new().expect("GET", ask.as_bytes())).await;
+    let cluster = cluster_on(a.addr());
+    let router = Arc::new(Router::new(cluster.clone(), group()));
+
+    let reply = router
+        .call(None, target(Some(slot), true), get("k", 1), 1)
+        .await;
+    assert_eq!(text(&reply), "$1\r\nb\r\n");
+    assert_eq!(b.commands(), ["ASKING", "GET k"]);
+    // The handshake, then ASKING and GET together.
+    assert_eq!(b.reads(0).len(), 2, "{:?}", b.reads(0));
+    assert_eq!(cluster.pick(Some(slot), false), Ok(a.addr()));
+    assert_eq!(cluster.generation(), 0);
+    assert_eq!(router.group.metrics.resent.get(), 1);
+}
+
+// LOADING twice, then a value: the client gets the value, after the router's backoff waits
+// (20 ms, then 40 ms).
+#[tokio::test(start_paused = true)]
+async fn loading_is_resent_after_the_backoff_until_a_value_comes() {
+    let peer = Peer::start(
+        Script::new()
+            .expect("GET", LOADING)
+            .expect("GET", LOADING)
+            .expect("GET", b"$1\r\nv\r\n"),
+    )
+    .await;
+    let router = standalone(peer.addr());
+    let t0 = Instant::now();
+    let reply = router.call(None, target(None, true), get("k", 1), 1).await;
+    let waited = t0.elapsed();
+    assert_eq!(text(&reply), "$1\r\nv\r\n");
+    assert!(
+        waited >= Duration::from_millis(60) && waited < Duration::from_millis(70),
+        "{waited:?}"
+    );
+    assert_eq!(peer.commands(), ["GET k", "GET k", "GET k"]);
+    assert_eq!(router.group.metrics.resent.get(), 2);
+}
+
+// LOADING forever: after MAX_ATTEMPTS resends the client gets the LOADING error as it is.
+#[tokio::test(start_paused = true)]
+async fn loading_forever_passes_through_after_max_attempts() {
+    let mut script = Script::new();
+    for _ in 0..=MAX_ATTEMPTS {
+        script = script.expect("GET", LOADING);
+    }
+    let peer = Peer::start(script.expect("GET", b"$1\r\nnever\r\n")).await;
+    let router = standalone(peer.addr());
+    let t0 = Instant::now();
+    let reply = router.call(None, target(None, true), get("k", 1), 1).await;
+    let waited = t0.elapsed();
+    assert_eq!(&reply.raw[..], LOADING);
+    assert_eq!(peer.commands().len(), 1 + MAX_ATTEMPTS as usize);
+    assert_eq!(router.group.metrics.resent.get(), MAX_ATTEMPTS as u64);
+    // 20 + 40 + 80 + 160 + 320 ms of backoff.
+    assert!(
+        waited >= Duration::from_millis(620) && waited < Duration::from_millis(650),
+        "{waited:?}"
+    );
+}
+
+// READONLY from a standalone backend: nobody can name another master, so it passes through
+// at once.
+#[tokio::test(start_paused = true)]
+async fn readonly_on_a_standalone_backend_passes_through_at_once() {
+    let peer = Peer::start(Script::new().expect("SET", READONLY_ERR)).await;
+    let router = standalone(peer.addr());
+    let t0 = Instant::now();
+    let reply = router
+        .call(
+            None,
+            target(None, false),
+            cmd(&["SET", "k", "v"], ReplayClass::Write, 1),
+            1,
+        )
+        .await;
+    assert_eq!(&reply.raw[..], READONLY_ERR);
+    assert_eq!(t0.elapsed(), Duration::ZERO);
+    assert_eq!(peer.commands(), ["SET k v"]);
+    assert_eq!(router.group.metrics.resent.get(), 0);
+}
+
+// READONLY from a Sentinel master that was demoted: the command waits for the new master
+// (switched by a test task shortly after) and is resent there.
+#[tokio::test(start_paused = true)]
+async fn readonly_under_sentinel_is_resent_to_the_new_master() {
+    let old = Peer::start(Script::new().expect("SET", READONLY_ERR)).await;
+    let new = Peer::start(Script::new().expect("SET", b"+OK\r\n")).await;
+    let sentinel = Arc::new(Sentinel::fixed(SentinelConfig::new(vec![], "mymaster")));
+    sentinel.set_view(old.addr(), vec![]);
+    let router = Arc::new(Router::new(sentinel.clone(), group()));
+
+    let s = sentinel.clone();
+    let new_addr = new.addr();
+    let failover = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        s.set_view(new_addr, vec![]);
+    });
+    let t0 = Instant::now();
+    let reply = router
+        .call(
+            None,
+            target(None, false),
+            cmd(&["SET", "k", "v"], ReplayClass::Write, 1),
+            1,
+        )
+        .await;
+    assert_eq!(text(&reply), "+OK\r\n");
+    assert_eq!(
+        t0.elapsed(),
+        Duration::from_millis(50),
+        "resent once the view changed"
+    );
+    assert_eq!(old.commands(), ["SET k v"]);
+    assert_eq!(new.commands(), ["SET k v"]);
+    assert_eq!(router.group.metrics.resent.get(), 1);
+    failover.await.expect("failover task");
+}
+
+// A lost connection: a written GET (read-only) is safe to retry, a written INCR is not.
+#[tokio::test]
+async fn a_lost_read_is_safe_to_retry_and_a_lost_write_is_not() {
+    let peer = Peer::start(
+        Script::new()
+            .close_mid("GET", b"$5\r\nhel")
+            .close_on("INCR"),
+    )
+    .await;
+    let router = standalone(peer.addr());
+    let a = peer.addr();
+
+    let reply = router.call(None, target(None, true), get("k", 1), 1).await;
+    assert_eq!(
+        text(&reply),
+        format!(
+            "-ERR datamesh proxy: connection to backend {a} was lost (closed by the backend) (safe to retry)\r\n"
+        )
+    );
+    let reply = router
+        .call(
+            None,
+            target(None, false),
+            cmd(&["INCR", "n"], ReplayClass::Write, 2),
+            1,
+        )
+        .await;
+    assert_eq!(
+        text(&reply),
+        format!(
+            "-ERR datamesh proxy: connection to backend {a} was lost (closed by the backend)\r\n"
+        )
+    );
+    assert_eq!(peer.commands(), ["GET k", "INCR n"]);
+}
+
+// A command that never reached a socket (refused connect) is safe to retry, even a write.
+#[tokio::test]
+async fn a_refused_write_was_never_sent_and_is_safe_to_retry() {
+    let addr = Peer::refused_addr().await;
+    let router = standalone(addr);
+    let reply = router
+        .call(
+            None,
+            target(None, false),
+            cmd(&["INCR", "n"], ReplayClass::Write, 1),
+            1,
+        )
+        .await;
+    let t = text(&reply);
+    assert!(
+        t.starts_with(&format!(
+            "-ERR datamesh proxy: backend {addr} is unavailable: connect failed: "
+        )),
+        "{t}"
+    );
+    assert!(t.ends_with(" (safe to retry)\r\n"), "{t}");
+}
+
+// A shared lane queues a round of sends and submits them in one batch at flush: the peer
+// reads them in one read, after one write.
+#[tokio::test]
+async fn a_shared_lane_round_is_one_submission() {
+    let peer = Peer::start(Script::new().otherwise(Fallback::Counter)).await;
+    let router = standalone(peer.addr());
+    let mut lane = SharedLane::default();
+    let calls: Vec<Call> = (1..=10)
+        .map(|i| lane.send(&router, target(None, true), get(&format!("k{i}"), i), 7))
+        .collect();
+    let conn = router
+        .group
+        .pool(PoolKey {
+            addr: peer.addr(),
+            db: 0,
+            proto: 2,
+        })
+        .shared(7);
+    assert_eq!(conn.queue_len(), 0, "nothing is submitted before the flush");
+    lane.flush();
+    assert_eq!(conn.queue_len(), 10);
+    let replies: Vec<String> = futures::future::join_all(calls)
+        .await
+        .iter()
+        .map(text)
+        .collect();
+    let want: Vec<String> = (1..=10).map(|n| format!("+R{n}\r\n")).collect();
+    assert_eq!(replies, want);
+    assert_eq!(conn.writes.load(Ordering::Relaxed), 1);
+    // The handshake, then the whole round.
+    assert_eq!(peer.reads(0).len(), 2, "{:?}", peer.reads(0));
+}
+
+// On a dedicated connection a MOVED is not resent (a transaction or a blocking command cannot
+// move), but the topology still learns the slot's new owner.
+#[tokio::test]
+async fn moved_on_a_dedicated_connection_is_not_resent_but_updates_the_map() {
+    let b = Peer::start(Script::new()).await;
+    let slot = key_slot(b"k");
+    let moved = format!("-MOVED {slot} {}\r\n", b.addr());
+    let a = Peer::start(Script::new().expect("GET", moved.as_bytes())).await;
+    let cluster = cluster_on(a.addr());
+    let router = Arc::new(Router::new(cluster.clone(), group()));
+
+    let d = router
+        .dedicated(a.addr(), target(Some(slot), true))
+        .await
+        .expect("a dedicated connection");
+    let reply = router.call_on(&d, get("k", 1), true).await;
+    assert_eq!(text(&reply), moved, "the client sees the MOVED as it is");
+    assert_eq!(b.connections(), 0, "nothing is resent");
+    assert_eq!(router.group.metrics.resent.get(), 0);
+    assert_eq!(
+        cluster.pick(Some(slot), false),
+        Ok(b.addr()),
+        "the MOVED on a dedicated connection was not reported to the topology"
+    );
+}

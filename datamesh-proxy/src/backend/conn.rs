@@ -36,7 +36,7 @@
 
 use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -187,6 +187,8 @@ pub struct Conn {
     version: Arc<OnceLock<String>>,
     /// Writes a shared connection's commands once per tick, in order (dedicated: none).
     flusher: Option<Arc<Flusher>>,
+    /// Down, failed or closed (a hint read per command without the lock; the phase decides).
+    troubled: AtomicBool,
     /// Writes made (tests check the batching).
     #[cfg(test)]
     pub(crate) writes: AtomicU64,
@@ -228,6 +230,7 @@ impl Conn {
             push_sink: Mutex::new(None),
             version,
             flusher,
+            troubled: AtomicBool::new(false),
             #[cfg(test)]
             writes: AtomicU64::new(0),
         })
@@ -263,6 +266,10 @@ impl Conn {
     /// True when a command submitted now would fail at once (down and in backoff, failed or
     /// closed).
     pub fn failing_fast(&self) -> bool {
+        // Asked once per command by the shared lane: the common answer needs no lock.
+        if !self.troubled.load(Ordering::Relaxed) {
+            return false;
+        }
         let st = self.lock();
         match &st.phase {
             State0::Down { retry_at, .. } => Instant::now() < *retry_at,
@@ -322,12 +329,12 @@ impl Conn {
         if let Err(error) = self.ready_to_queue(&mut st) {
             drop(st);
             for s in batch.drain(..) {
-                let _ = s.reply.send(Outcome::Unanswered(Unanswered {
+                let _ = s.reply.send(Outcome::Unanswered(Box::new(Unanswered {
                     request: s.request,
                     addr: self.key.addr,
                     written: false,
                     error: error.clone(),
-                }));
+                })));
             }
             return;
         }
@@ -520,6 +527,7 @@ impl Conn {
 
     fn start_connect(self: &Arc<Self>, st: &mut State) {
         st.phase = State0::Connecting;
+        self.troubled.store(false, Ordering::Relaxed);
         st.generation += 1;
         let gen = st.generation;
         let me = self.clone();
@@ -797,6 +805,7 @@ impl Conn {
                 return;
             }
             let was_up = matches!(st.phase, State0::Up);
+            self.troubled.store(true, Ordering::Relaxed);
             st.phase = if st.draining {
                 State0::Closed
             } else if self.dedicated {
@@ -841,12 +850,12 @@ impl Conn {
         self.metrics.inflight.dec_by(entries.len() as i64);
         for (written, e) in entries {
             if let Some(tx) = e.reply {
-                let _ = tx.send(Outcome::Unanswered(Unanswered {
+                let _ = tx.send(Outcome::Unanswered(Box::new(Unanswered {
                     request: e.request,
                     addr,
                     written,
                     error: error.clone(),
-                }));
+                })));
             }
         }
         if let Some(sink) = self
@@ -885,6 +894,7 @@ impl Conn {
         if !matches!(st.phase, State0::Closed) {
             // Idle or already failed: nothing was running.
             st.phase = State0::Closed;
+            self.troubled.store(true, Ordering::Relaxed);
             drop(st);
             self.phase_changed.notify_waiters();
         }

@@ -55,9 +55,19 @@ impl Flusher {
             let mut batch: Vec<Arc<dyn Flush>> = Vec::new();
             let mut buf = BytesMut::new();
             loop {
-                l.wake.notified().await;
-                // Runs after every other ready task (see the module docs).
-                tokio::task::yield_now().await;
+                {
+                    // Registered before the list is checked, so a mark in between wakes it;
+                    // marks while it flushes store no permit, so no empty round follows.
+                    let notified = l.wake.notified();
+                    tokio::pin!(notified);
+                    notified.as_mut().enable();
+                    if l.conns.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
+                        notified.await;
+                        // Woken from idle: run after every other ready task (see the module
+                        // docs). Connections listed while it flushed go out at once instead.
+                        tokio::task::yield_now().await;
+                    }
+                }
                 batch.extend(l.conns.lock().unwrap_or_else(|p| p.into_inner()).drain(..));
                 for conn in batch.drain(..) {
                     conn.flush_now(&mut buf);
@@ -77,6 +87,6 @@ impl Flusher {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push_back(conn);
-        self.list.wake.notify_one();
+        self.list.wake.notify_waiters();
     }
 }

@@ -36,6 +36,6 @@ pub enum Outcome {
     /// The backend answered (possibly with an error reply); the request comes back too, so a
     /// redirect can resend it.
     Replied { reply: Reply, request: Request },
-    /// No reply will come.
-    Unanswered(Unanswered),
+    /// No reply will come (boxed: the common outcome stays small).
+    Unanswered(Box<Unanswered>),
 }

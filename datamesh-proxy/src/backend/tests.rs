@@ -75,7 +75,7 @@ async fn replied(rx: oneshot::Receiver<Outcome>) -> Reply {
 
 async fn unanswered(rx: oneshot::Receiver<Outcome>) -> Unanswered {
     match rx.await.expect("every submitted request gets an outcome") {
-        Outcome::Unanswered(u) => u,
+        Outcome::Unanswered(u) => *u,
         Outcome::Replied { reply, .. } => panic!("expected no reply, got {reply:?}"),
     }
 }

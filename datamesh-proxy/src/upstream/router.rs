@@ -97,6 +97,11 @@ pub struct Target {
 /// What a call needs to be resent.
 struct CallCtx {
     router: Arc<Router>,
+    step: Step,
+}
+
+/// Where a call stands: its connection's pool, its target, its attempts.
+struct Step {
     key: PoolKey,
     target: Target,
     affinity: u64,
@@ -187,8 +192,7 @@ impl Future for Call {
                         Poll::Ready(Ok(o)) => o,
                         Poll::Ready(Err(_)) => return Poll::Ready(closed_reply()),
                     };
-                    let router = ctx.router.clone();
-                    match router.resolve(ctx, outcome) {
+                    match ctx.router.resolve(&mut ctx.step, outcome) {
                         Resolved::Done(r) => return Poll::Ready(r),
                         Resolved::Retry(retry) => {
                             let CallState::Shared { ctx, .. } =
@@ -196,6 +200,7 @@ impl Future for Call {
                             else {
                                 return Poll::Ready(proxy_error("call state lost"));
                             };
+                            let router = ctx.router.clone();
                             self.0 = CallState::Boxed(Box::pin(router.resend(ctx, retry)));
                         }
                     }
@@ -254,10 +259,12 @@ impl Router {
             rx,
             ctx: CallCtx {
                 router: self.clone(),
-                key,
-                target,
-                affinity,
-                attempt: 0,
+                step: Step {
+                    key,
+                    target,
+                    affinity,
+                    attempt: 0,
+                },
             },
         })
     }
@@ -332,7 +339,7 @@ impl Router {
     }
 
     /// The one decision: what becomes of a command given its outcome (see the module docs).
-    fn resolve(&self, ctx: &mut CallCtx, outcome: Outcome) -> Resolved {
+    fn resolve(&self, ctx: &mut Step, outcome: Outcome) -> Resolved {
         let (reply, request) = match outcome {
             Outcome::Replied { reply, request } => (reply, request),
             Outcome::Unanswered(u) => {
@@ -391,25 +398,25 @@ impl Router {
                 Wait::Now => {}
                 Wait::After(d) => tokio::time::sleep(d).await,
                 Wait::Reroute => {
-                    let old = ctx.key.addr;
+                    let old = ctx.step.key.addr;
                     let mut changes = self.topology.changes();
-                    let mut node = self.pick(ctx.target);
+                    let mut node = self.pick(ctx.step.target);
                     let deadline = tokio::time::Instant::now() + REROUTE_WAIT;
                     while node.as_ref().is_ok_and(|n| *n == old) {
                         match tokio::time::timeout_at(deadline, changes.changed()).await {
-                            Ok(Ok(())) => node = self.pick(ctx.target),
+                            Ok(Ok(())) => node = self.pick(ctx.step.target),
                             _ => break,
                         }
                     }
                     match node {
-                        Ok(n) if n != old => ctx.key.addr = n,
+                        Ok(n) if n != old => ctx.step.key.addr = n,
                         // No other node named in time: the client gets the reply it got.
                         Ok(_) => return retry.reply,
                         Err(e) => return topology_error(&e),
                     }
                 }
             }
-            let conn = self.group.pool(ctx.key).shared(ctx.affinity);
+            let conn = self.group.pool(ctx.step.key).shared(ctx.step.affinity);
             let outcome = if retry.asking {
                 submit_asking(&conn, retry.request).await
             } else {
@@ -418,7 +425,7 @@ impl Router {
             let Ok(outcome) = outcome else {
                 return closed_reply();
             };
-            match self.resolve(&mut ctx, outcome) {
+            match self.resolve(&mut ctx.step, outcome) {
                 Resolved::Done(r) => return r,
                 Resolved::Retry(next) => retry = next,
             }
@@ -512,10 +519,12 @@ impl SharedLane {
             rx,
             ctx: CallCtx {
                 router: router.clone(),
-                key,
-                target,
-                affinity,
-                attempt: 0,
+                step: Step {
+                    key,
+                    target,
+                    affinity,
+                    attempt: 0,
+                },
             },
         })
     }

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use tokio::task::JoinHandle;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, warn};
 
 use crate::backend::pool::GroupSettings;
@@ -29,14 +29,12 @@ use crate::upstream::Router;
 pub struct EndpointRuntime {
     pub spec: EndpointSpec,
     pub router: Arc<Router>,
-    maintenance: Option<JoinHandle<()>>,
+    /// Stops with the runtime.
+    _maintenance: AbortOnDropHandle<()>,
 }
 
 impl Drop for EndpointRuntime {
     fn drop(&mut self) {
-        if let Some(t) = self.maintenance.take() {
-            t.abort();
-        }
         self.router.group.shutdown();
     }
 }
@@ -104,15 +102,15 @@ impl EndpointRuntime {
             metrics.group(&spec.name),
         ));
         let router = Arc::new(Router::new(topology, group));
-        let maintenance = Some(tokio::spawn(maintain(
+        let maintenance = tokio::spawn(maintain(
             Arc::downgrade(&router),
             spec.name.clone(),
             b.pool_prewarm,
-        )));
+        ));
         Arc::new(Self {
             spec: spec.clone(),
             router,
-            maintenance,
+            _maintenance: AbortOnDropHandle::new(maintenance),
         })
     }
 

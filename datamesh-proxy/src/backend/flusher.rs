@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
 use tokio::sync::Notify;
-use tokio::task::JoinHandle;
+use tokio_util::task::AbortOnDropHandle;
 
 /// What the flusher writes: a shared connection ([`super::Conn`]).
 pub trait Flush: Send + Sync {
@@ -29,18 +29,12 @@ pub trait Flush: Send + Sync {
 /// A group's flusher (see the module docs). Dropping it stops its task.
 pub struct Flusher {
     list: Arc<List>,
-    task: JoinHandle<()>,
+    _task: AbortOnDropHandle<()>,
 }
 
 struct List {
     conns: Mutex<VecDeque<Arc<dyn Flush>>>,
     wake: Notify,
-}
-
-impl Drop for Flusher {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 impl Flusher {
@@ -51,7 +45,7 @@ impl Flusher {
             wake: Notify::new(),
         });
         let l = list.clone();
-        let task = tokio::spawn(async move {
+        let task = AbortOnDropHandle::new(tokio::spawn(async move {
             let mut batch: Vec<Arc<dyn Flush>> = Vec::new();
             let mut buf = BytesMut::new();
             loop {
@@ -76,8 +70,8 @@ impl Flusher {
                     buf = BytesMut::new();
                 }
             }
-        });
-        Self { list, task }
+        }));
+        Self { list, _task: task }
     }
 
     /// Lists `conn` for the next flush (the caller lists each connection once per flush).

@@ -278,10 +278,6 @@ impl BackendGroup {
         }
     }
 
-    pub fn command_timeout(&self) -> Option<Duration> {
-        self.settings.command_timeout
-    }
-
     /// The pool for `key`, created on first use (its warm dedicated connections start
     /// connecting then).
     pub fn pool(&self, key: PoolKey) -> Arc<NodePool> {

@@ -7,7 +7,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
@@ -17,9 +16,9 @@ use super::{
     BackendError, BackendGroup, Cause, Conn, ConnectSpec, FlightState, Origin, Phase, PoolKey,
 };
 use crate::metrics::GroupMetrics;
-use crate::resp::{encode_command, Reply};
-use crate::testing::{until, Fallback, Peer, Script};
-use crate::upstream::{Order, Outcome, ReplayClass, Request, Unanswered};
+use crate::resp::Reply;
+use crate::testing::{request, until, Fallback, Peer, Script};
+use crate::upstream::{Outcome, ReplayClass, Unanswered};
 
 fn key(addr: SocketAddr) -> PoolKey {
     PoolKey {
@@ -54,18 +53,6 @@ fn shared_conn(g: &BackendGroup, addr: SocketAddr) -> Arc<Conn> {
     g.pool(key(addr)).shared(0)
 }
 
-fn req(args: &[&str], class: ReplayClass, seq: u64) -> Request {
-    let args: Vec<Bytes> = args
-        .iter()
-        .map(|a| Bytes::copy_from_slice(a.as_bytes()))
-        .collect();
-    Request {
-        raw: encode_command(&args),
-        class,
-        order: Order { client: 1, seq },
-    }
-}
-
 async fn replied(rx: oneshot::Receiver<Outcome>) -> Reply {
     match rx.await.expect("every submitted request gets an outcome") {
         Outcome::Replied { reply, .. } => reply,
@@ -94,7 +81,7 @@ async fn replies_are_matched_in_order_and_the_queue_empties() {
     let conn = shared_conn(&g, peer.addr());
     let rxs: Vec<_> = (1..=3)
         .zip(["a", "b", "c"])
-        .map(|(seq, k)| conn.submit(req(&["GET", k], ReplayClass::ReadOnly, seq), true))
+        .map(|(seq, k)| conn.submit(request(&["GET", k], ReplayClass::ReadOnly, seq), true))
         .collect();
     let queued: Vec<_> = conn.snapshot().iter().map(|e| (e.seq, e.state)).collect();
     assert_eq!(
@@ -131,7 +118,8 @@ async fn commands_of_one_tick_share_one_write() {
     let g = group(settings(None, 0));
     let conn = shared_conn(&g, peer.addr());
     // Connected first, so the batch below is not just "what queued up while connecting".
-    let warm = replied(conn.submit(req(&["GET", "warm"], ReplayClass::ReadOnly, 0), true)).await;
+    let warm =
+        replied(conn.submit(request(&["GET", "warm"], ReplayClass::ReadOnly, 0), true)).await;
     assert_eq!(&warm.raw[..], b"+R1\r\n");
     let writes_before = conn.writes.load(Ordering::Relaxed);
     // On the worker (not the test's own thread), so the eight tasks are all queued before any
@@ -142,7 +130,7 @@ async fn commands_of_one_tick_share_one_write() {
             .map(|i| {
                 let c = c.clone();
                 tokio::spawn(async move {
-                    let r = req(&["GET", &format!("k{i}")], ReplayClass::ReadOnly, i);
+                    let r = request(&["GET", &format!("k{i}")], ReplayClass::ReadOnly, i);
                     replied(c.submit(r, true)).await
                 })
             })
@@ -177,13 +165,13 @@ async fn a_connection_lost_mid_reply_hands_back_every_request() {
     let conn = shared_conn(&g, peer.addr());
     let big = "x".repeat(16 << 20);
     let sent = vec![
-        req(&["GET", "a"], ReplayClass::ReadOnly, 1),
-        req(&["INCR", "n"], ReplayClass::Write, 2),
+        request(&["GET", "a"], ReplayClass::ReadOnly, 1),
+        request(&["INCR", "n"], ReplayClass::Write, 2),
         // Over the writer's batch size (256 KiB): the batch is cut after it, and 16 MiB
         // cannot be in the socket buffers before the peer closes...
-        req(&["SET", "big", &big], ReplayClass::Write, 3),
+        request(&["SET", "big", &big], ReplayClass::Write, 3),
         // ...so this one is still queued (never written) when the connection dies.
-        req(&["GET", "c"], ReplayClass::ReadOnly, 4),
+        request(&["GET", "c"], ReplayClass::ReadOnly, 4),
     ];
     let mut batch = Vec::new();
     let mut rxs = Vec::new();
@@ -226,7 +214,7 @@ async fn a_connection_lost_mid_reply_hands_back_every_request() {
     assert!(conn.snapshot().is_empty());
     assert_eq!(g.metrics.inflight.get(), 0);
     // A live connection that died reconnects at the next command, without a backoff.
-    let r = replied(conn.submit(req(&["GET", "b"], ReplayClass::ReadOnly, 5), true)).await;
+    let r = replied(conn.submit(request(&["GET", "b"], ReplayClass::ReadOnly, 5), true)).await;
     assert_eq!(&r.raw[..], b"$1\r\nb\r\n");
     assert_eq!(peer.connections(), 2);
     assert_eq!(peer.commands(), ["GET a", "GET b"]);
@@ -239,7 +227,7 @@ async fn a_refused_connect_fails_fast_during_the_backoff_then_connects_again() {
     let addr = Peer::refused_addr().await;
     let g = group(settings(None, 0));
     let conn = shared_conn(&g, addr);
-    let u = unanswered(conn.submit(req(&["GET", "k"], ReplayClass::ReadOnly, 1), true)).await;
+    let u = unanswered(conn.submit(request(&["GET", "k"], ReplayClass::ReadOnly, 1), true)).await;
     assert!(!u.written);
     let BackendError::Unavailable {
         cause: Cause::Connect(os),
@@ -260,7 +248,7 @@ async fn a_refused_connect_fails_fast_during_the_backoff_then_connects_again() {
 
     // In backoff: answered before the submit returns, no connect attempted.
     assert!(conn.failing_fast());
-    let mut rx = conn.submit(req(&["GET", "k"], ReplayClass::ReadOnly, 2), true);
+    let mut rx = conn.submit(request(&["GET", "k"], ReplayClass::ReadOnly, 2), true);
     match rx.try_recv() {
         Ok(Outcome::Unanswered(u2)) => {
             assert_eq!(u2.error, u.error);
@@ -278,7 +266,7 @@ async fn a_refused_connect_fails_fast_during_the_backoff_then_connects_again() {
     let peer = Peer::start_on(addr, Script::new().expect("GET", b"$1\r\nv\r\n")).await;
     tokio::time::advance(Duration::from_millis(retry_in_ms + 1)).await;
     assert!(!conn.failing_fast());
-    let r = replied(conn.submit(req(&["GET", "k"], ReplayClass::ReadOnly, 3), true)).await;
+    let r = replied(conn.submit(request(&["GET", "k"], ReplayClass::ReadOnly, 3), true)).await;
     assert_eq!(&r.raw[..], b"$1\r\nv\r\n");
     assert_eq!(peer.connections(), 1);
     assert_eq!(conn.phase(), Phase::Up);
@@ -292,7 +280,7 @@ async fn a_reply_slower_than_the_command_timeout_fails_with_timeout() {
     let g = group(settings(Some(Duration::from_millis(100)), 0));
     let conn = shared_conn(&g, peer.addr());
     let t0 = Instant::now();
-    let u = unanswered(conn.submit(req(&["GET", "k"], ReplayClass::ReadOnly, 1), true)).await;
+    let u = unanswered(conn.submit(request(&["GET", "k"], ReplayClass::ReadOnly, 1), true)).await;
     let waited = t0.elapsed();
     assert_eq!(
         u.error,
@@ -316,16 +304,10 @@ async fn a_hung_node_times_out_the_overdue_command_and_everything_behind_it() {
     let peer = Peer::start(Script::new().hang_on("GET").otherwise(Fallback::Ok)).await;
     let g = group(settings(Some(Duration::from_millis(100)), 0));
     let conn = shared_conn(&g, peer.addr());
-    let first = conn.submit(
-        super::conn::request(b"*2\r\n$3\r\nGET\r\n$1\r\na\r\n", 1),
-        true,
-    );
+    let first = conn.submit(request(&["GET", "a"], ReplayClass::ReadOnly, 1), true);
     tokio::time::sleep(Duration::from_millis(60)).await;
     // Its own deadline is 40 ms after the first one's.
-    let second = conn.submit(
-        super::conn::request(b"*2\r\n$3\r\nGET\r\n$1\r\nb\r\n", 2),
-        true,
-    );
+    let second = conn.submit(request(&["GET", "b"], ReplayClass::ReadOnly, 2), true);
     let t0 = Instant::now();
     let (u1, u2) = (unanswered(first).await, unanswered(second).await);
     assert!(
@@ -339,7 +321,7 @@ async fn a_hung_node_times_out_the_overdue_command_and_everything_behind_it() {
     };
     assert_eq!((u1.error, u1.written), (timeout.clone(), true));
     assert_eq!((u2.error, u2.written), (timeout, true));
-    let r = replied(conn.submit(req(&["PING"], ReplayClass::ReadOnly, 3), true)).await;
+    let r = replied(conn.submit(request(&["PING"], ReplayClass::ReadOnly, 3), true)).await;
     assert_eq!(&r.raw[..], b"+OK\r\n");
     assert_eq!(peer.connections(), 2);
 }
@@ -357,10 +339,10 @@ async fn a_blocking_command_submitted_untimed_is_not_timed_out() {
     let pool = g.pool(key(peer.addr()));
     let d = pool.dedicated().await.expect("a dedicated connection");
     let t0 = Instant::now();
-    let r = replied(
-        d.conn
-            .submit(req(&["BLPOP", "q", "0"], ReplayClass::Stateful, 1), false),
-    )
+    let r = replied(d.conn.submit(
+        request(&["BLPOP", "q", "0"], ReplayClass::Stateful, 1),
+        false,
+    ))
     .await;
     assert_eq!(&r.raw[..], b"*2\r\n$1\r\nq\r\n$1\r\nx\r\n");
     assert!(t0.elapsed() >= Duration::from_secs(2), "{:?}", t0.elapsed());
@@ -384,7 +366,7 @@ async fn unsolicited_bytes_on_an_idle_connection_kill_it() {
     .await;
     let g = group(settings(None, 0));
     let conn = shared_conn(&g, peer.addr());
-    let r = replied(conn.submit(req(&["GET", "k"], ReplayClass::ReadOnly, 1), true)).await;
+    let r = replied(conn.submit(request(&["GET", "k"], ReplayClass::ReadOnly, 1), true)).await;
     assert_eq!(&r.raw[..], b"$1\r\nv\r\n");
     assert_eq!(conn.phase(), Phase::Up);
     // Paused time moves past the peer's delay: the unsolicited frame arrives.
@@ -399,7 +381,7 @@ async fn unsolicited_bytes_on_an_idle_connection_kill_it() {
         ),
         other => panic!("expected the connection down, got {other:?}"),
     }
-    let r = replied(conn.submit(req(&["GET", "k"], ReplayClass::ReadOnly, 2), true)).await;
+    let r = replied(conn.submit(request(&["GET", "k"], ReplayClass::ReadOnly, 2), true)).await;
     assert_eq!(&r.raw[..], b"$1\r\nw\r\n");
     assert_eq!(peer.connections(), 2);
 }
@@ -456,7 +438,7 @@ async fn warm_dedicated_connections_are_taken_without_a_connect_and_refilled() {
     );
     let r = replied(
         d.conn
-            .submit(req(&["GET", "k"], ReplayClass::ReadOnly, 1), true),
+            .submit(request(&["GET", "k"], ReplayClass::ReadOnly, 1), true),
     )
     .await;
     assert_eq!(&r.raw[..], b"+R1\r\n");

@@ -272,6 +272,14 @@ impl Session {
         }
     }
 
+    /// [`Self::lane_ok`] for the connection holding the transaction or the WATCHes, if any.
+    fn tx_lane_ok(&mut self) -> bool {
+        match self.state.tx.conn().map(|d| d.conn.id) {
+            Some(id) => self.lane_ok(Lane::Dedicated(id)),
+            None => true,
+        }
+    }
+
     fn shared_lane(&self) -> Lane {
         Lane::Shared {
             db: self.state.db,
@@ -306,9 +314,7 @@ impl Session {
         };
         Ok(Target {
             slot,
-            readonly,
-            db: self.state.db,
-            proto: self.state.proto,
+            ..self.keyless(readonly)
         })
     }
 
@@ -320,6 +326,23 @@ impl Session {
     ) -> Result<(SocketAddr, Target), Reply> {
         let cmd = self.front().ok_or_else(|| proxy_error("no command"))?;
         let target = self.target_for(rt, spec, cmd)?;
+        let node = rt.router.pick(target).map_err(proxy_error)?;
+        Ok((node, target))
+    }
+
+    /// A target without a key: the client's database and protocol.
+    fn keyless(&self, readonly: bool) -> Target {
+        Target {
+            slot: None,
+            readonly,
+            db: self.state.db,
+            proto: self.state.proto,
+        }
+    }
+
+    /// The node a keyless command goes to now (for dedicated connections).
+    fn any_node(&self, rt: &EndpointRuntime) -> Result<(SocketAddr, Target), Reply> {
+        let target = self.keyless(false);
         let node = rt.router.pick(target).map_err(proxy_error)?;
         Ok((node, target))
     }
@@ -361,12 +384,7 @@ impl Session {
                         return Need::Go;
                     }
                     Kind::Broadcast(b) => {
-                        let target = Target {
-                            slot: None,
-                            readonly: s.has(READONLY),
-                            db: self.state.db,
-                            proto: self.state.proto,
-                        };
+                        let target = self.keyless(s.has(READONLY));
                         let req = self.request(cmd.raw.clone(), class);
                         let f = broadcast(rt.router.clone(), b, req, target, self.state.id);
                         self.push(Call::boxed(f));
@@ -381,12 +399,7 @@ impl Session {
                             }
                         };
                         if parts.len() > 1 {
-                            let target = Target {
-                                slot: None,
-                                readonly: s.has(READONLY),
-                                db: self.state.db,
-                                proto: self.state.proto,
-                            };
+                            let target = self.keyless(s.has(READONLY));
                             let req = self.request(cmd.raw.clone(), class);
                             let f = split_and_merge(
                                 rt.router.clone(),
@@ -449,6 +462,11 @@ impl Session {
         spec: &'static CommandSpec,
         t: TxCmd,
     ) -> Need {
+        // Whatever the command, it waits for earlier replies unless they were on the
+        // connection holding the transaction or the WATCHes.
+        if !self.tx_lane_ok() {
+            return Need::Barrier;
+        }
         match t {
             TxCmd::Multi => match std::mem::replace(&mut self.state.tx, Tx::None) {
                 tx @ Tx::Multi { .. } => {
@@ -457,10 +475,6 @@ impl Session {
                 }
                 Tx::Watching(d) => {
                     // The connection holds the WATCHes: MULTI goes there now.
-                    if !self.lane_ok(Lane::Dedicated(d.conn.id)) {
-                        self.state.tx = Tx::Watching(d);
-                        return Need::Barrier;
-                    }
                     let Some(call) = self.front_on(rt, &d, spec.replay, true) else {
                         return Need::Go;
                     };
@@ -489,18 +503,10 @@ impl Session {
                 let is_exec = t == TxCmd::Exec;
                 match std::mem::replace(&mut self.state.tx, Tx::None) {
                     Tx::Multi {
-                        conn: Some(mut d),
-                        deferred,
+                        conn: Some(d),
                         failed,
+                        ..
                     } => {
-                        if !self.lane_ok(Lane::Dedicated(d.conn.id)) {
-                            self.state.tx = Tx::Multi {
-                                conn: Some(d),
-                                deferred,
-                                failed,
-                            };
-                            return Need::Barrier;
-                        }
                         let Some(cmd) = self.pop_command() else {
                             return Need::Go;
                         };
@@ -511,20 +517,17 @@ impl Session {
                             cmd.raw
                         };
                         let req = self.request(raw, spec.replay);
-                        let call = rt.router.call_on(&d, req, true);
-                        self.push(Call::boxed(async move {
-                            let r = call.await;
-                            // EXEC/DISCARD end MULTI and every WATCH: the connection is clean
-                            // (a lost one is not up, so it is closed anyway).
-                            d.clean = true;
-                            drop(d);
-                            if abort {
-                                return Reply::error(
-                                    "EXECABORT Transaction discarded because of previous errors.",
-                                );
-                            }
-                            r
-                        }));
+                        // EXEC/DISCARD end MULTI and every WATCH: the connection is clean (a
+                        // lost one is not up, so it is closed anyway).
+                        let call = release_after(rt.router.call_on(&d, req, true), d, |_| true);
+                        self.push(if abort {
+                            Call::boxed(async move {
+                                call.await;
+                                Reply::error(EXECABORT)
+                            })
+                        } else {
+                            call
+                        });
                         Need::Go
                     }
                     tx @ Tx::Multi { conn: None, .. } => {
@@ -535,9 +538,7 @@ impl Session {
                             return self.queue_in_multi(rt, None);
                         }
                         self.answer(if is_exec {
-                            Reply::error(
-                                "EXECABORT Transaction discarded because of previous errors.",
-                            )
+                            Reply::error(EXECABORT)
                         } else {
                             Reply::ok()
                         })
@@ -559,10 +560,6 @@ impl Session {
                     self.answer(Reply::error("ERR WATCH inside MULTI is not allowed"))
                 }
                 Tx::Watching(d) => {
-                    if !self.lane_ok(Lane::Dedicated(d.conn.id)) {
-                        self.state.tx = Tx::Watching(d);
-                        return Need::Barrier;
-                    }
                     // In cluster mode further WATCHed keys must live on the same node.
                     if rt.router.is_cluster() {
                         match self.node_for(rt, Some(spec)) {
@@ -604,20 +601,12 @@ impl Session {
                 }
             },
             TxCmd::Unwatch => match std::mem::replace(&mut self.state.tx, Tx::None) {
-                Tx::Watching(mut d) => {
-                    if !self.lane_ok(Lane::Dedicated(d.conn.id)) {
-                        self.state.tx = Tx::Watching(d);
-                        return Need::Barrier;
-                    }
+                Tx::Watching(d) => {
                     let Some(call) = self.front_on(rt, &d, spec.replay, true) else {
                         return Need::Go;
                     };
-                    self.push(Call::boxed(async move {
-                        let r = call.await;
-                        d.clean = r.is_ok();
-                        drop(d);
-                        r
-                    }));
+                    // UNWATCH answered: the connection is clean again.
+                    self.push(release_after(call, d, Reply::is_ok));
                     Need::Go
                 }
                 tx @ Tx::Multi { .. } => {
@@ -636,14 +625,8 @@ impl Session {
         rt: &Arc<EndpointRuntime>,
         spec: Option<&'static CommandSpec>,
     ) -> Need {
-        let held = match &self.state.tx {
-            Tx::Multi { conn: Some(d), .. } => Some(Lane::Dedicated(d.conn.id)),
-            _ => None,
-        };
-        if let Some(lane) = held {
-            if !self.lane_ok(lane) {
-                return Need::Barrier;
-            }
+        if !self.tx_lane_ok() {
+            return Need::Barrier;
         }
         let Some(cmd) = self.front() else {
             return Need::Go;
@@ -666,16 +649,7 @@ impl Session {
             return Need::Go;
         }
         let route = if is_exec {
-            let target = Target {
-                slot: None,
-                readonly: false,
-                db: self.state.db,
-                proto: self.state.proto,
-            };
-            rt.router
-                .pick(target)
-                .map(|n| (n, target))
-                .map_err(proxy_error)
+            self.any_node(rt)
         } else {
             self.node_for(rt, spec)
         };
@@ -699,19 +673,13 @@ impl Session {
                 if is_exec {
                     // EXEC of a transaction opened lazily: the connection goes back to the
                     // pool once EXEC's reply is in (the call owns it until then).
-                    let Tx::Multi {
-                        conn: Some(mut d), ..
-                    } = std::mem::replace(&mut self.state.tx, Tx::None)
+                    let Tx::Multi { conn: Some(d), .. } =
+                        std::mem::replace(&mut self.state.tx, Tx::None)
                     else {
                         return Need::Go;
                     };
                     let call = rt.router.call_on(&d, req, true);
-                    self.push(Call::boxed(async move {
-                        let r = call.await;
-                        d.clean = true;
-                        drop(d);
-                        r
-                    }));
+                    self.push(release_after(call, d, |_| true));
                 } else if let Tx::Multi { conn: Some(d), .. } = &self.state.tx {
                     let call = rt.router.call_on(d, req, true);
                     self.push(call);
@@ -764,16 +732,7 @@ impl Session {
             let route = if p == Sub::SSubscribe {
                 self.node_for(rt, Some(spec))
             } else {
-                let target = Target {
-                    slot: None,
-                    readonly: false,
-                    db: self.state.db,
-                    proto: self.state.proto,
-                };
-                rt.router
-                    .pick(target)
-                    .map(|n| (n, target))
-                    .map_err(proxy_error)
+                self.any_node(rt)
             };
             return match route {
                 Ok((node, target)) => self.acquire(rt, node, target),
@@ -932,6 +891,19 @@ impl Session {
         }
         Need::Go
     }
+}
+
+const EXECABORT: &str = "EXECABORT Transaction discarded because of previous errors.";
+
+/// `call` on the dedicated connection `d`, which goes back to the pool once the reply is in
+/// if `clean` says so for that reply (and is closed otherwise).
+fn release_after(call: Call, mut d: Dedicated, clean: fn(&Reply) -> bool) -> Call {
+    Call::boxed(async move {
+        let r = call.await;
+        d.clean = clean(&r);
+        drop(d);
+        r
+    })
 }
 
 /// A multi-key command whose keys span slots: one part per slot through the router, merged

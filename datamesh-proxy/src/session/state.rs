@@ -34,6 +34,14 @@ impl Tx {
         matches!(self, Tx::Multi { .. })
     }
 
+    /// The connection holding the WATCHes or the open transaction, if any.
+    pub fn conn(&self) -> Option<&Dedicated> {
+        match self {
+            Tx::Watching(d) | Tx::Multi { conn: Some(d), .. } => Some(d),
+            _ => None,
+        }
+    }
+
     /// Marks a MULTI as failed (a command was refused while queueing).
     pub fn fail(&mut self) {
         if let Tx::Multi { failed, .. } = self {

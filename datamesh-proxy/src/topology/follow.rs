@@ -8,7 +8,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::task::JoinHandle;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::warn;
 
 use crate::backend::Backoff;
@@ -29,9 +29,9 @@ pub trait Follower: Send + Sync + 'static {
     ) -> impl Future<Output = Self::Error> + Send + 'a;
 }
 
-/// Runs `f` for as long as the returned task is not aborted (topologies abort it on drop).
-pub fn spawn<F: Follower>(f: Arc<F>, base: Duration, max: Duration) -> JoinHandle<()> {
-    tokio::spawn(async move {
+/// Runs `f` until the returned handle is dropped (with the topology that holds it).
+pub fn spawn<F: Follower>(f: Arc<F>, base: Duration, max: Duration) -> AbortOnDropHandle<()> {
+    AbortOnDropHandle::new(tokio::spawn(async move {
         let mut backoff = Backoff::new(base, max);
         let mut round = 0u64;
         loop {
@@ -41,5 +41,5 @@ pub fn spawn<F: Follower>(f: Arc<F>, base: Duration, max: Duration) -> JoinHandl
             round = round.wrapping_add(1);
             tokio::time::sleep(wait).await;
         }
-    })
+    }))
 }

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
-use tokio::task::JoinHandle;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info, warn};
 
 use super::control::{ControlConn, ControlError, ControlSpec};
@@ -410,15 +410,7 @@ impl Follower for SentinelInner {
 /// the view current; dropping the `Sentinel` stops it.
 pub struct Sentinel {
     inner: Arc<SentinelInner>,
-    task: Option<JoinHandle<()>>,
-}
-
-impl Drop for Sentinel {
-    fn drop(&mut self) {
-        if let Some(t) = self.task.take() {
-            t.abort();
-        }
-    }
+    follower: Option<AbortOnDropHandle<()>>,
 }
 
 impl Sentinel {
@@ -427,7 +419,7 @@ impl Sentinel {
     /// be called inside a tokio runtime.
     pub fn spawn(cfg: SentinelConfig) -> Self {
         let mut s = Self::fixed(cfg);
-        s.task = Some(follow::spawn(
+        s.follower = Some(follow::spawn(
             s.inner.clone(),
             Duration::from_millis(50),
             Duration::from_secs(5),
@@ -446,7 +438,10 @@ impl Sentinel {
             current: Mutex::new(None),
             generation: watch::channel(0).0,
         });
-        Self { inner, task: None }
+        Self {
+            inner,
+            follower: None,
+        }
     }
 
     /// Publishes a view as if a sentinel had told it (a new generation when it changed).
@@ -523,11 +518,8 @@ impl Topology for Sentinel {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::addr;
     use bytes::Bytes;
-
-    fn addr(s: &str) -> SocketAddr {
-        s.parse().expect("addr")
-    }
 
     fn bulk(s: &str) -> Value {
         Value::Bulk(Bytes::copy_from_slice(s.as_bytes()))

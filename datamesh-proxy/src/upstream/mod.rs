@@ -7,4 +7,4 @@ pub mod router;
 mod tests;
 
 pub use replay::{Order, Outcome, ReplayClass, Request, Unanswered};
-pub use router::{proxy_error, request, Call, Router, SharedLane, Target};
+pub use router::{proxy_error, Call, Router, SharedLane, Target};

@@ -4,14 +4,14 @@
 //!
 //! 1. choose the node ([`Topology::pick`] with the slot and read-only-ness);
 //! 2. submit it to that connection's in-flight queue ([`SharedLane`] batches one dispatch
-//!    round of a session into one submission: one lock, one writer wake-up);
+//!    round of a session into one submission: one lock, one listing for the flusher);
 //! 3. the per-command deadline is the connection's (`command_timeout_ms`, checked by its
 //!    reader on a coarse tick, see [`crate::backend::conn`]);
 //! 4. finish it from its [`Outcome`] ([`Router::resolve`], the one decision function):
 //!    - a reply that proves the command did not run is resent, at most [`MAX_ATTEMPTS`]
 //!      times: `MOVED` (slot map updated, resent to the new owner), `ASK` (`ASKING` and the
 //!      command back to back on one connection), `TRYAGAIN`/`CLUSTERDOWN`/`LOADING`/
-//!      `MASTERDOWN` (resent after a short jittered wait), `READONLY` from a node believed to
+//!      `MASTERDOWN` (resent after a wait doubling from 20 ms), `READONLY` from a node believed to
 //!      be master (the topology re-polls; resent to the new master once it changes);
 //!    - any other reply goes to the client as it is;
 //!    - an unanswered command (connection lost, refused, timed out) reports its node to the
@@ -33,7 +33,7 @@ use bytes::Bytes;
 use futures::FutureExt;
 use tokio::sync::oneshot;
 
-use super::replay::{self, Order, Outcome, ReplayClass, Request};
+use super::replay::{self, Outcome, ReplayClass, Request, Unanswered};
 use crate::backend::conn::Submission;
 use crate::backend::{BackendError, BackendGroup, Conn, Dedicated, PoolKey};
 use crate::resp::Reply;
@@ -51,10 +51,6 @@ const REROUTE_WAIT: Duration = Duration::from_secs(1);
 /// An error reply in the proxy's voice.
 pub fn proxy_error(text: impl std::fmt::Display) -> Reply {
     Reply::error(&format!("ERR datamesh proxy: {text}"))
-}
-
-fn topology_error(e: &TopologyError) -> Reply {
-    proxy_error(e)
 }
 
 /// What a backend error reply says about the command.
@@ -100,9 +96,9 @@ struct CallCtx {
     step: Step,
 }
 
-/// Where a call stands: its connection's pool, its target, its attempts.
+/// Where a call stands: the node it went to, its target, its attempts.
 struct Step {
-    key: PoolKey,
+    node: SocketAddr,
     target: Target,
     affinity: u64,
     attempt: u8,
@@ -250,17 +246,27 @@ impl Router {
     ) -> Call {
         let node = match node.map(Ok).unwrap_or_else(|| self.pick(target)) {
             Ok(n) => n,
-            Err(e) => return Call::ready(topology_error(&e)),
+            Err(e) => return Call::ready(proxy_error(e)),
         };
-        let key = self.key(node, target);
-        let conn = self.group.pool(key).shared(affinity);
+        let conn = self.group.pool(self.key(node, target)).shared(affinity);
         let rx = conn.submit(request, true);
+        self.shared_call(rx, node, target, affinity)
+    }
+
+    /// The call that finishes a command submitted to a shared connection of `node`.
+    fn shared_call(
+        self: &Arc<Self>,
+        rx: oneshot::Receiver<Outcome>,
+        node: SocketAddr,
+        target: Target,
+        affinity: u64,
+    ) -> Call {
         Call(CallState::Shared {
             rx,
             ctx: CallCtx {
                 router: self.clone(),
                 step: Step {
-                    key,
+                    node,
                     target,
                     affinity,
                     attempt: 0,
@@ -316,71 +322,70 @@ impl Router {
     fn finish_pinned(&self, node: SocketAddr, outcome: Outcome) -> Reply {
         match outcome {
             Outcome::Replied { reply, .. } => {
-                if reply.is_error() {
-                    match Signal::of(reply.error_text(), node, self.is_cluster()) {
-                        Some(Signal::Redirect(r)) => {
-                            self.topology.redirected(r.slot(), r.addr(), r.is_ask())
-                        }
-                        Some(Signal::Demoted | Signal::Later { report: true }) => {
-                            self.topology.node_failed(node)
-                        }
-                        Some(Signal::Later { report: false }) | None => {}
-                    }
+                if let Some(signal) = self.signal(&reply, node) {
+                    self.report(node, signal);
                 }
                 reply
             }
-            Outcome::Unanswered(u) => {
-                if u.error.node_failure() {
-                    self.topology.node_failed(u.addr);
-                }
-                replay::failure_reply(&u)
-            }
+            Outcome::Unanswered(u) => self.unanswered(&u),
         }
+    }
+
+    /// What an error reply from `node` says, if anything (ordinary replies cost one check).
+    fn signal(&self, reply: &Reply, node: SocketAddr) -> Option<Signal> {
+        if !reply.is_error() {
+            return None;
+        }
+        Signal::of(reply.error_text(), node, self.is_cluster())
+    }
+
+    /// Tells the topology what a reply from `node` showed: a new slot owner, or a node to
+    /// look at again (demoted, or its cluster or link down).
+    fn report(&self, node: SocketAddr, signal: Signal) {
+        match signal {
+            Signal::Redirect(r) => self.topology.redirected(r.slot(), r.addr(), r.is_ask()),
+            Signal::Demoted | Signal::Later { report: true } => self.topology.node_failed(node),
+            Signal::Later { report: false } => {}
+        }
+    }
+
+    /// A command no reply will come for: its node is reported when it looks broken, and the
+    /// client gets the answer its replay class allows.
+    fn unanswered(&self, u: &Unanswered) -> Reply {
+        if u.error.node_failure() {
+            self.topology.node_failed(u.addr);
+        }
+        replay::failure_reply(u)
     }
 
     /// The one decision: what becomes of a command given its outcome (see the module docs).
     fn resolve(&self, ctx: &mut Step, outcome: Outcome) -> Resolved {
         let (reply, request) = match outcome {
             Outcome::Replied { reply, request } => (reply, request),
-            Outcome::Unanswered(u) => {
-                if u.error.node_failure() {
-                    self.topology.node_failed(u.addr);
-                }
-                return Resolved::Done(replay::failure_reply(&u));
-            }
+            Outcome::Unanswered(u) => return Resolved::Done(self.unanswered(&u)),
         };
-        if !reply.is_error() {
-            return Resolved::Done(reply);
-        }
-        let node = ctx.key.addr;
-        let Some(signal) = Signal::of(reply.error_text(), node, self.is_cluster()) else {
+        let node = ctx.node;
+        let Some(signal) = self.signal(&reply, node) else {
             return Resolved::Done(reply);
         };
-        if ctx.attempt >= MAX_ATTEMPTS {
+        if ctx.attempt >= MAX_ATTEMPTS
+            || (signal == Signal::Demoted && self.topology.kind() == TopologyKind::Standalone)
+        {
+            // Out of attempts, or nobody will name another node: the reply as it is.
             return Resolved::Done(reply);
         }
+        self.report(node, signal);
         ctx.attempt += 1;
-        let backoff = RETRY_BASE * (1u32 << (ctx.attempt - 1).min(5));
         let (wait, asking) = match signal {
             Signal::Redirect(r) => {
-                self.topology.redirected(r.slot(), r.addr(), r.is_ask());
-                ctx.key.addr = r.addr();
+                ctx.node = r.addr();
                 (Wait::Now, r.is_ask())
             }
-            Signal::Later { report } => {
-                if report {
-                    self.topology.node_failed(node);
-                }
-                (Wait::After(backoff), false)
-            }
-            Signal::Demoted => {
-                if self.topology.kind() == TopologyKind::Standalone {
-                    // Nobody will name another node: the client gets the reply as it is.
-                    return Resolved::Done(reply);
-                }
-                self.topology.node_failed(node);
-                (Wait::Reroute, false)
-            }
+            Signal::Later { .. } => (
+                Wait::After(RETRY_BASE * (1u32 << (ctx.attempt - 1).min(5))),
+                false,
+            ),
+            Signal::Demoted => (Wait::Reroute, false),
         };
         self.group.metrics.resent.inc();
         Resolved::Retry(Retry {
@@ -398,7 +403,7 @@ impl Router {
                 Wait::Now => {}
                 Wait::After(d) => tokio::time::sleep(d).await,
                 Wait::Reroute => {
-                    let old = ctx.step.key.addr;
+                    let old = ctx.step.node;
                     let mut changes = self.topology.changes();
                     let mut node = self.pick(ctx.step.target);
                     let deadline = tokio::time::Instant::now() + REROUTE_WAIT;
@@ -409,14 +414,15 @@ impl Router {
                         }
                     }
                     match node {
-                        Ok(n) if n != old => ctx.step.key.addr = n,
+                        Ok(n) if n != old => ctx.step.node = n,
                         // No other node named in time: the client gets the reply it got.
                         Ok(_) => return retry.reply,
-                        Err(e) => return topology_error(&e),
+                        Err(e) => return proxy_error(e),
                     }
                 }
             }
-            let conn = self.group.pool(ctx.step.key).shared(ctx.step.affinity);
+            let key = self.key(ctx.step.node, ctx.step.target);
+            let conn = self.group.pool(key).shared(ctx.step.affinity);
             let outcome = if retry.asking {
                 submit_asking(&conn, retry.request).await
             } else {
@@ -497,7 +503,7 @@ impl SharedLane {
     ) -> Call {
         let node = match router.pick(target) {
             Ok(n) => n,
-            Err(e) => return Call::ready(topology_error(&e)),
+            Err(e) => return Call::ready(proxy_error(e)),
         };
         let key = router.key(node, target);
         let conn = self.conn(router, key, affinity);
@@ -515,21 +521,10 @@ impl SharedLane {
             timed: true,
         });
         self.outbox_conn = Some(conn);
-        Call(CallState::Shared {
-            rx,
-            ctx: CallCtx {
-                router: router.clone(),
-                step: Step {
-                    key,
-                    target,
-                    affinity,
-                    attempt: 0,
-                },
-            },
-        })
+        router.shared_call(rx, node, target, affinity)
     }
 
-    /// Submits what this round queued (one lock and one writer wake-up).
+    /// Submits what this round queued (one lock, one listing for the flusher).
     pub fn flush(&mut self) {
         if let Some(conn) = self.outbox_conn.take() {
             conn.submit_batch(&mut self.outbox);
@@ -538,14 +533,5 @@ impl SharedLane {
             // A deep pipeline's batch: do not keep it for the life of the client.
             self.outbox = Vec::new();
         }
-    }
-}
-
-/// A request for `raw` in the client's order.
-pub fn request(raw: Bytes, class: ReplayClass, client: u64, seq: u64) -> Request {
-    Request {
-        raw,
-        class,
-        order: Order { client, seq },
     }
 }

@@ -7,16 +7,15 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::time::Instant;
 
 use super::router::MAX_ATTEMPTS;
-use super::{request, Call, ReplayClass, Request, Router, SharedLane, Target};
+use super::{Call, ReplayClass, Request, Router, SharedLane, Target};
 use crate::backend::pool::GroupSettings;
 use crate::backend::{BackendGroup, ConnectSpec, PoolKey};
 use crate::metrics::GroupMetrics;
-use crate::resp::{encode_command, Reply};
-use crate::testing::{Fallback, Peer, Script};
+use crate::resp::Reply;
+use crate::testing::{request, Fallback, Peer, Script};
 use crate::topology::cluster::{key_slot, Cluster, ClusterConfig, SlotMap};
 use crate::topology::sentinel::{Sentinel, SentinelConfig};
 use crate::topology::{Standalone, Topology};
@@ -61,16 +60,8 @@ fn target(slot: Option<u16>, readonly: bool) -> Target {
     }
 }
 
-fn cmd(args: &[&str], class: ReplayClass, seq: u64) -> Request {
-    let args: Vec<Bytes> = args
-        .iter()
-        .map(|a| Bytes::copy_from_slice(a.as_bytes()))
-        .collect();
-    request(encode_command(&args), class, 1, seq)
-}
-
 fn get(key: &str, seq: u64) -> Request {
-    cmd(&["GET", key], ReplayClass::ReadOnly, seq)
+    request(&["GET", key], ReplayClass::ReadOnly, seq)
 }
 
 fn text(r: &Reply) -> String {
@@ -183,7 +174,7 @@ async fn readonly_on_a_standalone_backend_passes_through_at_once() {
         .call(
             None,
             target(None, false),
-            cmd(&["SET", "k", "v"], ReplayClass::Write, 1),
+            request(&["SET", "k", "v"], ReplayClass::Write, 1),
             1,
         )
         .await;
@@ -214,7 +205,7 @@ async fn readonly_under_sentinel_is_resent_to_the_new_master() {
         .call(
             None,
             target(None, false),
-            cmd(&["SET", "k", "v"], ReplayClass::Write, 1),
+            request(&["SET", "k", "v"], ReplayClass::Write, 1),
             1,
         )
         .await;
@@ -253,7 +244,7 @@ async fn a_lost_read_is_safe_to_retry_and_a_lost_write_is_not() {
         .call(
             None,
             target(None, false),
-            cmd(&["INCR", "n"], ReplayClass::Write, 2),
+            request(&["INCR", "n"], ReplayClass::Write, 2),
             1,
         )
         .await;
@@ -275,7 +266,7 @@ async fn a_refused_write_was_never_sent_and_is_safe_to_retry() {
         .call(
             None,
             target(None, false),
-            cmd(&["INCR", "n"], ReplayClass::Write, 1),
+            request(&["INCR", "n"], ReplayClass::Write, 1),
             1,
         )
         .await;

@@ -18,8 +18,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info};
 
 pub use slots::{common_slot, crossslot_error, key_slot, parse_redirect, Redirect, SlotMap, SLOTS};
@@ -218,15 +218,7 @@ impl Follower for ClusterInner {
 /// A Redis Cluster backend as a [`Topology`]. Dropping it stops its refresher.
 pub struct Cluster {
     inner: Arc<ClusterInner>,
-    task: Option<JoinHandle<()>>,
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        if let Some(t) = self.task.take() {
-            t.abort();
-        }
-    }
+    follower: Option<AbortOnDropHandle<()>>,
 }
 
 impl Cluster {
@@ -237,7 +229,7 @@ impl Cluster {
         let mut c = Self::with_map(cfg, SlotMap::empty());
         let base = Duration::from_millis(100);
         let max = c.inner.cfg.refresh_interval.max(base);
-        c.task = Some(follow::spawn(c.inner.clone(), base, max));
+        c.follower = Some(follow::spawn(c.inner.clone(), base, max));
         c
     }
 
@@ -253,7 +245,7 @@ impl Cluster {
                 rr: AtomicUsize::new(0),
                 suspects: Mutex::new(Vec::new()),
             }),
-            task: None,
+            follower: None,
         }
     }
 
@@ -362,11 +354,7 @@ impl Topology for Cluster {
 mod tests {
     use super::slots::RangeEntry;
     use super::*;
-    use crate::testing::{Peer, Script};
-
-    fn addr(s: &str) -> SocketAddr {
-        s.parse().expect("addr")
-    }
+    use crate::testing::{addr, Peer, Script};
 
     fn test_cluster(map: SlotMap, read_from_replicas: bool) -> Cluster {
         let mut cfg = ClusterConfig::new(vec![]);

@@ -477,14 +477,7 @@ fn node_addr(ip: &str, port: u16, queried: SocketAddr) -> Option<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn addr(s: &str) -> SocketAddr {
-        s.parse().expect("addr")
-    }
-
-    fn b(s: &str) -> Bytes {
-        Bytes::copy_from_slice(s.as_bytes())
-    }
+    use crate::testing::{addr, bytes};
 
     #[test]
     fn crc16_matches_the_redis_spec_vector() {
@@ -610,7 +603,7 @@ mod tests {
     }
 
     fn node2(id: &str, ip: &str, port: i64, role: &str, health: &str) -> Value {
-        let s = |x: &str| Value::Bulk(b(x));
+        let s = |x: &str| Value::Bulk(bytes(x));
         Value::Array(vec![
             s("id"),
             s(id),
@@ -631,7 +624,7 @@ mod tests {
 
     #[test]
     fn slot_map_from_shards_resp2() {
-        let s = |x: &str| Value::Bulk(b(x));
+        let s = |x: &str| Value::Bulk(bytes(x));
         let reply = Value::Array(vec![
             Value::Array(vec![
                 s("slots"),
@@ -688,7 +681,7 @@ mod tests {
 
     #[test]
     fn slot_map_from_shards_resp3_map() {
-        let s = |x: &str| Value::Bulk(b(x));
+        let s = |x: &str| Value::Bulk(bytes(x));
         let node = Value::Map(vec![
             (s("port"), Value::Int(7000)),
             (s("ip"), s("10.1.1.1")),
@@ -708,7 +701,7 @@ mod tests {
 
     #[test]
     fn slot_map_prefers_the_online_master_of_a_shard() {
-        let s = |x: &str| Value::Bulk(b(x));
+        let s = |x: &str| Value::Bulk(bytes(x));
         for order in [[0, 1], [1, 0]] {
             let nodes = [
                 node2("old", "127.0.0.1", 7000, "master", "failed"),
@@ -727,7 +720,7 @@ mod tests {
 
     #[test]
     fn slot_map_rejects_bad_shards() {
-        let s = |x: &str| Value::Bulk(b(x));
+        let s = |x: &str| Value::Bulk(bytes(x));
         let bad = Value::Array(vec![Value::Array(vec![
             s("slots"),
             Value::Array(vec![Value::Int(10), Value::Int(5)]),
@@ -740,7 +733,7 @@ mod tests {
 
     #[test]
     fn slot_map_from_slots() {
-        let s = |x: &str| Value::Bulk(b(x));
+        let s = |x: &str| Value::Bulk(bytes(x));
         let reply = Value::Array(vec![
             Value::Array(vec![
                 Value::Int(0),

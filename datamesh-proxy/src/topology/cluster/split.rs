@@ -179,27 +179,24 @@ pub fn merge(kind: MultiKey, subs: &[SubCommand], replies: &[Bytes]) -> Result<B
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn b(s: &str) -> Bytes {
-        Bytes::copy_from_slice(s.as_bytes())
-    }
+    use crate::testing::bytes;
 
     #[test]
     fn split_groups_keys_by_slot_in_order() {
         let args: Vec<Bytes> = ["{a}1", "foo", "{a}2", "bar", "{a}3"]
             .into_iter()
-            .map(b)
+            .map(bytes)
             .collect();
         let parts = split_multikey("mget", MultiKey::Mget, &args).expect("split");
         assert_eq!(parts.len(), 3);
         assert_eq!(parts[0].slot, key_slot(b"a"));
         assert_eq!(
             parts[0].args,
-            vec![b("MGET"), b("{a}1"), b("{a}2"), b("{a}3")]
+            vec![bytes("MGET"), bytes("{a}1"), bytes("{a}2"), bytes("{a}3")]
         );
         assert_eq!(parts[0].positions, vec![0, 2, 4]);
         assert_eq!(parts[1].positions, vec![1]);
-        assert_eq!(parts[2].args, vec![b("MGET"), b("bar")]);
+        assert_eq!(parts[2].args, vec![bytes("MGET"), bytes("bar")]);
         assert_eq!(
             parts[2].encode().as_ref(),
             b"*2\r\n$4\r\nMGET\r\n$3\r\nbar\r\n"
@@ -207,13 +204,19 @@ mod tests {
 
         let mset: Vec<Bytes> = ["foo", "1", "bar", "2", "{foo}x", "3"]
             .into_iter()
-            .map(b)
+            .map(bytes)
             .collect();
         let parts = split_multikey("mset", MultiKey::Mset, &mset).expect("split");
         assert_eq!(parts.len(), 2);
         assert_eq!(
             parts[0].args,
-            vec![b("MSET"), b("foo"), b("1"), b("{foo}x"), b("3")]
+            vec![
+                bytes("MSET"),
+                bytes("foo"),
+                bytes("1"),
+                bytes("{foo}x"),
+                bytes("3")
+            ]
         );
         assert_eq!(parts[0].positions, vec![0, 2]);
 
@@ -228,18 +231,21 @@ mod tests {
         for n in ["del", "unlink", "exists", "touch"] {
             let parts = split_multikey(n, MultiKey::Sum, &args).expect("split");
             assert_eq!(parts.len(), 3);
-            assert_eq!(parts[0].args[0], b(&n.to_ascii_uppercase()));
+            assert_eq!(parts[0].args[0], bytes(&n.to_ascii_uppercase()));
         }
     }
 
     #[test]
     fn merge_reassembles_and_sums() {
-        let args: Vec<Bytes> = ["{a}1", "foo", "{a}2", "bar"].into_iter().map(b).collect();
+        let args: Vec<Bytes> = ["{a}1", "foo", "{a}2", "bar"]
+            .into_iter()
+            .map(bytes)
+            .collect();
         let parts = split_multikey("mget", MultiKey::Mget, &args).expect("split");
         let replies = vec![
-            b("*2\r\n$2\r\nA1\r\n$-1\r\n"),
-            b("*1\r\n$3\r\nFOO\r\n"),
-            b("*1\r\n_\r\n"),
+            bytes("*2\r\n$2\r\nA1\r\n$-1\r\n"),
+            bytes("*1\r\n$3\r\nFOO\r\n"),
+            bytes("*1\r\n_\r\n"),
         ];
         let merged = merge(MultiKey::Mget, &parts, &replies).expect("merge");
         assert_eq!(
@@ -249,7 +255,7 @@ mod tests {
         // Errors win, wrong shapes are MergeErrors.
         let with_err = vec![
             replies[0].clone(),
-            b("-MOVED 1 1.2.3.4:5\r\n"),
+            bytes("-MOVED 1 1.2.3.4:5\r\n"),
             replies[2].clone(),
         ];
         assert_eq!(
@@ -260,18 +266,22 @@ mod tests {
         );
         assert!(merge(MultiKey::Mget, &parts, &replies[..2]).is_err());
         let short = vec![
-            b("*1\r\n$2\r\nA1\r\n"),
+            bytes("*1\r\n$2\r\nA1\r\n"),
             replies[1].clone(),
             replies[2].clone(),
         ];
         assert!(merge(MultiKey::Mget, &parts, &short).is_err());
 
-        let ok = vec![b("+OK\r\n"); 3];
+        let ok = vec![bytes("+OK\r\n"); 3];
         assert_eq!(
             merge(MultiKey::Mset, &parts, &ok).expect("merge").as_ref(),
             b"+OK\r\n"
         );
-        let mixed = vec![b("+OK\r\n"), b("-OOM no\r\n"), b("-ERR later\r\n")];
+        let mixed = vec![
+            bytes("+OK\r\n"),
+            bytes("-OOM no\r\n"),
+            bytes("-ERR later\r\n"),
+        ];
         assert_eq!(
             merge(MultiKey::Mset, &parts, &mixed)
                 .expect("merge")
@@ -279,7 +289,7 @@ mod tests {
             b"-OOM no\r\n"
         );
 
-        let ints = vec![b(":2\r\n"), b(":0\r\n"), b(":1\r\n")];
+        let ints = vec![bytes(":2\r\n"), bytes(":0\r\n"), bytes(":1\r\n")];
         assert_eq!(
             merge(MultiKey::Sum, &parts, &ints).expect("merge").as_ref(),
             b":3\r\n"
@@ -287,7 +297,7 @@ mod tests {
         assert!(merge(
             MultiKey::Sum,
             &parts,
-            &[b(":1\r\n"), b("+OK\r\n"), b(":1\r\n")]
+            &[bytes(":1\r\n"), bytes("+OK\r\n"), bytes(":1\r\n")]
         )
         .is_err());
     }

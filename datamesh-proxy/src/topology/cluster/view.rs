@@ -166,15 +166,8 @@ pub fn cluster_reply(args: &[Bytes], addr: SocketAddr, resp3: bool) -> Bytes {
 mod tests {
     use super::*;
     use crate::resp::Value;
+    use crate::testing::{addr, bytes};
     use crate::topology::cluster::slots::{SlotMap, SLOTS};
-
-    fn addr(s: &str) -> SocketAddr {
-        s.parse().expect("addr")
-    }
-
-    fn b(s: &str) -> Bytes {
-        Bytes::copy_from_slice(s.as_bytes())
-    }
 
     fn parse_all(raw: &Bytes) -> Value {
         Value::parse(raw).expect("one complete frame")
@@ -189,22 +182,22 @@ mod tests {
         assert_eq!(id, proxy_node_id(a));
         assert_ne!(id, proxy_node_id(addr("198.19.3.1:6380")));
 
-        let info = parse_all(&cluster_reply(&[b("info")], a, false));
+        let info = parse_all(&cluster_reply(&[bytes("info")], a, false));
         let text = info.as_str().expect("bulk").to_string();
         assert!(
             text.contains("cluster_state:ok\r\n") && text.contains("cluster_slots_assigned:16384")
         );
 
         // Our own parser reads our SLOTS/SHARDS answers back as "the proxy owns everything".
-        let slots = parse_all(&cluster_reply(&[b("SLOTS")], a, false));
+        let slots = parse_all(&cluster_reply(&[bytes("SLOTS")], a, false));
         let m = SlotMap::from_slots_reply(&slots, a).expect("slots");
         assert_eq!((m.assigned(), m.masters().to_vec()), (SLOTS, vec![a]));
         for resp3 in [false, true] {
-            let shards = parse_all(&cluster_reply(&[b("shards")], a, resp3));
+            let shards = parse_all(&cluster_reply(&[bytes("shards")], a, resp3));
             let m = SlotMap::from_shards_reply(&shards, a).expect("shards");
             assert_eq!((m.assigned(), m.masters().to_vec()), (SLOTS, vec![a]));
         }
-        let nodes = parse_all(&cluster_reply(&[b("NODES")], a, false));
+        let nodes = parse_all(&cluster_reply(&[bytes("NODES")], a, false));
         assert_eq!(
             nodes.as_str(),
             Some(
@@ -213,14 +206,14 @@ mod tests {
             )
         );
         assert_eq!(
-            parse_all(&cluster_reply(&[b("myid")], a, false)).as_str(),
+            parse_all(&cluster_reply(&[bytes("myid")], a, false)).as_str(),
             Some(id.as_str())
         );
         assert_eq!(
-            cluster_reply(&[b("KEYSLOT"), b("foo")], a, false).as_ref(),
+            cluster_reply(&[bytes("KEYSLOT"), bytes("foo")], a, false).as_ref(),
             b":12182\r\n"
         );
-        assert!(cluster_reply(&[b("FAILOVER")], a, false)
+        assert!(cluster_reply(&[bytes("FAILOVER")], a, false)
             .starts_with(b"-ERR CLUSTER FAILOVER is not supported"));
         assert!(cluster_reply(&[], a, false).starts_with(b"-ERR wrong number"));
         assert_eq!(readonly_reply().as_ref(), b"+OK\r\n");

@@ -162,6 +162,9 @@ fn show(env: &Env) -> Result<()> {
         println!("  {c}");
     }
 
+    // The proxy flushes its per-pod command counts to the map every 200 ms: wait for the
+    // last flush, or the table would show the connects but not the commands.
+    std::thread::sleep(Duration::from_millis(500));
     println!(
         "\n$ datamesh-agent pods --pin-dir {}",
         env.pin_dir().display()

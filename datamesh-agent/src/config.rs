@@ -14,7 +14,9 @@ use serde::{Deserialize, Serialize};
 
 pub use datamesh_proxy::config::{
     Backend, BackendKind, Secret, User, DEFAULT_CONNECT_TIMEOUT_MS, DEFAULT_DATABASES,
-    DEFAULT_MAX_DEDICATED, DEFAULT_POOL_SIZE, DEFAULT_WARM_DEDICATED,
+    DEFAULT_FAILOVER_HOLD_MS, DEFAULT_HEALTH_INTERVAL_MS, DEFAULT_HEALTH_TIMEOUT_MS,
+    DEFAULT_HOLD_MAX_BYTES, DEFAULT_HOLD_MAX_CLIENT_BYTES, DEFAULT_MAX_DEDICATED,
+    DEFAULT_POOL_SIZE, DEFAULT_STANDBY_AFTER_MS, DEFAULT_WARM_DEDICATED,
 };
 
 /// Environment variable that overrides `proxy_address` (in Kubernetes: `status.hostIP`).
@@ -164,6 +166,13 @@ pub struct RawBackendMap {
     pub connect_timeout_ms: Option<u64>,
     pub command_timeout_ms: Option<u64>,
     pub databases: Option<u32>,
+    pub failover_hold_ms: Option<u64>,
+    pub hold_max_bytes: Option<u64>,
+    pub hold_max_client_bytes: Option<u64>,
+    pub health_interval_ms: Option<u64>,
+    pub health_timeout_ms: Option<u64>,
+    pub standby: Option<Vec<String>>,
+    pub standby_after_ms: Option<u64>,
     #[serde(flatten)]
     pub unknown: Unknown,
 }
@@ -921,11 +930,31 @@ fn validate_backend(
                     }
                 },
             };
-            a.map(|address| BackendKind::Standalone { address })
+            let standby = match &b.standby {
+                Some(list) => parse_addr_list(list, &f("standby"), err),
+                None => Vec::new(),
+            };
+            if a.is_some_and(|a| standby.contains(&a)) {
+                err(&f("standby"), "lists the primary address itself".into());
+            }
+            let standby_after_ms = b.standby_after_ms.unwrap_or(DEFAULT_STANDBY_AFTER_MS);
+            if standby_after_ms > 600_000 {
+                err(
+                    &f("standby_after_ms"),
+                    format!("{standby_after_ms} must be at most 600000"),
+                );
+            }
+            a.map(|address| BackendKind::Standalone {
+                address,
+                standby,
+                standby_after_ms,
+            })
         }
         "sentinel" => {
             wrong_for("address", b.address.is_some(), err);
             wrong_for("nodes", b.nodes.is_some(), err);
+            wrong_for("standby", b.standby.is_some(), err);
+            wrong_for("standby_after_ms", b.standby_after_ms.is_some(), err);
             let sentinels =
                 parse_addr_list(b.sentinels.as_deref().unwrap_or(&[]), &f("sentinels"), err);
             let master_name = b.master_name.clone().unwrap_or_default();
@@ -942,6 +971,8 @@ fn validate_backend(
         }
         "cluster" => {
             wrong_for("address", b.address.is_some(), err);
+            wrong_for("standby", b.standby.is_some(), err);
+            wrong_for("standby_after_ms", b.standby_after_ms.is_some(), err);
             wrong_for("sentinels", b.sentinels.is_some(), err);
             wrong_for("master_name", b.master_name.is_some(), err);
             wrong_for("sentinel_password", b.sentinel_password.is_some(), err);
@@ -1014,8 +1045,44 @@ fn validate_backend(
             "empty: leave it out for a backend without AUTH".into(),
         );
     }
+    let failover_hold_ms = b.failover_hold_ms.unwrap_or(DEFAULT_FAILOVER_HOLD_MS);
+    if failover_hold_ms > 600_000 {
+        err(
+            &f("failover_hold_ms"),
+            format!("{failover_hold_ms} must be at most 600000 (10 minutes)"),
+        );
+    }
+    let hold_max_bytes = b.hold_max_bytes.unwrap_or(DEFAULT_HOLD_MAX_BYTES);
+    let hold_max_client_bytes = b
+        .hold_max_client_bytes
+        .unwrap_or(DEFAULT_HOLD_MAX_CLIENT_BYTES.min(hold_max_bytes));
+    if hold_max_client_bytes > hold_max_bytes {
+        err(
+            &f("hold_max_client_bytes"),
+            format!("{hold_max_client_bytes} must be at most hold_max_bytes ({hold_max_bytes})"),
+        );
+    }
+    let health_interval_ms = b.health_interval_ms.unwrap_or(DEFAULT_HEALTH_INTERVAL_MS);
+    let health_timeout_ms = b.health_timeout_ms.unwrap_or(DEFAULT_HEALTH_TIMEOUT_MS);
+    if health_interval_ms > 0 && (health_interval_ms < 10 || health_interval_ms > 60_000) {
+        err(
+            &f("health_interval_ms"),
+            format!("{health_interval_ms} must be 0 (no health checks) or between 10 and 60000"),
+        );
+    }
+    if health_timeout_ms < 10 || health_timeout_ms > 60_000 {
+        err(
+            &f("health_timeout_ms"),
+            format!("{health_timeout_ms} must be between 10 and 60000"),
+        );
+    }
     Some(Backend {
         kind: kind?,
+        failover_hold_ms,
+        hold_max_bytes,
+        hold_max_client_bytes,
+        health_interval_ms,
+        health_timeout_ms,
         username: b.username.clone(),
         password: b.password.clone().map(Secret),
         pool_size,
@@ -1288,7 +1355,7 @@ endpoints:
     address: 198.19.3.1:6379
   - name: auth
     address: 198.19.3.2:6379
-    backend: {address: 10.0.0.1:6379, username: proxy, password: pw, pool_size: 2, command_timeout_ms: 500, warm_dedicated: 0}
+    backend: {address: 10.0.0.1:6379, username: proxy, password: pw, pool_size: 2, command_timeout_ms: 500, warm_dedicated: 0, standby: [10.0.0.9:6379], standby_after_ms: 700, failover_hold_ms: 2500, health_interval_ms: 0}
   - name: sentinel
     address: 198.19.3.3:6379
     backend:
@@ -1316,6 +1383,21 @@ endpoints:
         assert_eq!((b.pool_size, b.command_timeout_ms), (2, 500));
         assert_eq!(b.warm_dedicated, 0);
         assert_eq!(b.password.as_ref().map(|p| p.expose()), Some("pw"));
+        assert!(
+            matches!(&b.kind, BackendKind::Standalone { standby, standby_after_ms: 700, .. } if standby.len() == 1)
+        );
+        assert_eq!((b.failover_hold_ms, b.health_interval_ms), (2500, 0));
+        // Defaults: a 5 s hold, health checks every 500 ms failing after 1 s.
+        let d = &cfg.endpoints[0].backend;
+        assert_eq!(
+            (
+                d.failover_hold_ms,
+                d.health_interval_ms,
+                d.health_timeout_ms
+            ),
+            (5000, 500, 1000)
+        );
+        assert!(d.hold_max_client_bytes <= d.hold_max_bytes);
         assert!(
             matches!(&cfg.endpoints[2].backend.kind, BackendKind::Sentinel { read_from_replicas: true, sentinels, .. } if sentinels.len() == 2)
         );
@@ -1351,10 +1433,10 @@ proxy:
 endpoints:
   - name: s
     address: 198.19.3.1:6379
-    backend: {kind: sentinel, sentinels: [], address: 1.2.3.4:1}
+    backend: {kind: sentinel, sentinels: [], address: 1.2.3.4:1, standby: [1.2.3.4:2], failover_hold_ms: 700000}
   - name: c
     address: 198.19.3.2:6379
-    backend: {kind: cluster, nodes: [x], databases: 4, pool_size: 0, max_dedicated: 3, warm_dedicated: 4}
+    backend: {kind: cluster, nodes: [x], databases: 4, pool_size: 0, max_dedicated: 3, warm_dedicated: 4, health_interval_ms: 5, hold_max_bytes: 10, hold_max_client_bytes: 20}
   - name: k
     address: 198.19.3.3:6379
     backend: {kind: memcached, typo: 1}
@@ -1372,10 +1454,14 @@ endpoints:
             "endpoints[0].backend.address: not used by kind sentinel",
             "endpoints[0].backend.sentinels: needs at least one address",
             "endpoints[0].backend.master_name: required for kind sentinel",
+            "endpoints[0].backend.standby: not used by kind sentinel",
+            "endpoints[0].backend.failover_hold_ms: 700000 must be at most 600000",
             "endpoints[1].backend.nodes[0]: invalid socket address \"x\"",
             "endpoints[1].backend.databases: a Redis Cluster has only database 0",
             "endpoints[1].backend.pool_size: 0 must be between 1 and 256",
             "endpoints[1].backend.warm_dedicated: 4 must be at most max_dedicated (3)",
+            "endpoints[1].backend.health_interval_ms: 5 must be 0 (no health checks) or between 10 and 60000",
+            "endpoints[1].backend.hold_max_client_bytes: 20 must be at most hold_max_bytes (10)",
             "endpoints[2].backend.kind: \"memcached\" is not one of",
             "endpoints[2].backend.typo: unknown field",
         ];

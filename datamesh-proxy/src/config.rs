@@ -18,6 +18,15 @@ pub const DEFAULT_MAX_DEDICATED: u32 = 512;
 pub const DEFAULT_WARM_DEDICATED: u32 = 2;
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 1000;
 pub const DEFAULT_DATABASES: u32 = 16;
+/// How long a command waits for a usable node: a Sentinel failover with `down-after-milliseconds`
+/// up to about 3.5 s (failover ~1.5 s after that) or a restart of a few seconds is ridden out,
+/// while a client with a typical 5 s socket timeout still gets the proxy's own error first.
+pub const DEFAULT_FAILOVER_HOLD_MS: u64 = 5000;
+pub const DEFAULT_HOLD_MAX_BYTES: u64 = 32 * 1024 * 1024;
+pub const DEFAULT_HOLD_MAX_CLIENT_BYTES: u64 = 1024 * 1024;
+pub const DEFAULT_HEALTH_INTERVAL_MS: u64 = 500;
+pub const DEFAULT_HEALTH_TIMEOUT_MS: u64 = 1000;
+pub const DEFAULT_STANDBY_AFTER_MS: u64 = 1000;
 
 /// A password that never shows up in `/config_dump`, logs or `Debug` output.
 #[derive(Clone, PartialEq, Eq)]
@@ -98,6 +107,15 @@ pub struct Backend {
     pub command_timeout_ms: u64,
     /// Databases clients may SELECT (0..databases); cluster backends only have 0.
     pub databases: u32,
+    /// How long a command waits for a usable node (0: never held, fails at once).
+    pub failover_hold_ms: u64,
+    /// Bytes of held commands per endpoint and per client at most.
+    pub hold_max_bytes: u64,
+    pub hold_max_client_bytes: u64,
+    /// PING every node in use this often (0: no active health checks).
+    pub health_interval_ms: u64,
+    /// A node without an answer to PING this long is down.
+    pub health_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -105,6 +123,11 @@ pub struct Backend {
 pub enum BackendKind {
     Standalone {
         address: SocketAddr,
+        /// Nodes to switch to when `address` is down past `standby_after_ms` and one of them
+        /// answers `ROLE` master.
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        standby: Vec<SocketAddr>,
+        standby_after_ms: u64,
     },
     Sentinel {
         sentinels: Vec<SocketAddr>,
@@ -123,7 +146,11 @@ impl Backend {
     /// A standalone backend with every default (the `backend: ip:port` shorthand).
     pub fn standalone(address: SocketAddr) -> Self {
         Self {
-            kind: BackendKind::Standalone { address },
+            kind: BackendKind::Standalone {
+                address,
+                standby: Vec::new(),
+                standby_after_ms: DEFAULT_STANDBY_AFTER_MS,
+            },
             username: None,
             password: None,
             pool_size: DEFAULT_POOL_SIZE,
@@ -133,6 +160,11 @@ impl Backend {
             connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
             command_timeout_ms: 0,
             databases: DEFAULT_DATABASES,
+            failover_hold_ms: DEFAULT_FAILOVER_HOLD_MS,
+            hold_max_bytes: DEFAULT_HOLD_MAX_BYTES,
+            hold_max_client_bytes: DEFAULT_HOLD_MAX_CLIENT_BYTES,
+            health_interval_ms: DEFAULT_HEALTH_INTERVAL_MS,
+            health_timeout_ms: DEFAULT_HEALTH_TIMEOUT_MS,
         }
     }
 
@@ -140,7 +172,7 @@ impl Backend {
     /// the first sentinel or the first cluster seed.
     pub fn primary_address(&self) -> SocketAddr {
         match &self.kind {
-            BackendKind::Standalone { address } => *address,
+            BackendKind::Standalone { address, .. } => *address,
             BackendKind::Sentinel { sentinels, .. } => sentinels[0],
             BackendKind::Cluster { nodes, .. } => nodes[0],
         }

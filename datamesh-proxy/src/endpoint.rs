@@ -16,14 +16,15 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, warn};
 
 use crate::backend::pool::GroupSettings;
+use crate::backend::HealthSettings;
 use crate::backend::{BackendGroup, ConnectSpec, PoolKey};
 use crate::config::{BackendKind, EndpointSpec};
 use crate::metrics::ProxyMetrics;
 use crate::topology::cluster::{Cluster, ClusterConfig};
 use crate::topology::control::ControlSpec;
 use crate::topology::sentinel::{Sentinel, SentinelConfig};
-use crate::topology::{self, Standalone, Topology};
-use crate::upstream::Router;
+use crate::topology::{self, Standalone, StandbyConfig, Topology};
+use crate::upstream::{HoldSettings, Router};
 
 /// One endpoint's backend side (see the module docs).
 pub struct EndpointRuntime {
@@ -61,7 +62,25 @@ impl EndpointRuntime {
         let backend_pass = b.password.as_ref().map(|p| p.expose().to_string());
         let data = conn(b.username.clone(), backend_pass);
         let (topology, readonly): (Arc<dyn Topology>, bool) = match &b.kind {
-            BackendKind::Standalone { address } => (Arc::new(Standalone::new(*address)), false),
+            BackendKind::Standalone {
+                address,
+                standby,
+                standby_after_ms,
+            } => {
+                let t = if standby.is_empty() {
+                    Standalone::new(*address)
+                } else {
+                    Standalone::with_standby(
+                        *address,
+                        StandbyConfig {
+                            standbys: standby.clone(),
+                            after: Duration::from_millis(*standby_after_ms),
+                            control: control(data.clone()),
+                        },
+                    )
+                };
+                (Arc::new(t), false)
+            }
             BackendKind::Sentinel {
                 sentinels,
                 master_name,
@@ -98,10 +117,22 @@ impl EndpointRuntime {
                 warm_dedicated: b.warm_dedicated,
                 command_timeout: (b.command_timeout_ms > 0)
                     .then(|| Duration::from_millis(b.command_timeout_ms)),
+                health: (b.health_interval_ms > 0).then(|| HealthSettings {
+                    interval: Duration::from_millis(b.health_interval_ms),
+                    timeout: Duration::from_millis(b.health_timeout_ms.max(1)),
+                }),
             },
             metrics.group(&spec.name),
         ));
-        let router = Arc::new(Router::new(topology, group));
+        let router = Router::new(
+            topology,
+            group,
+            HoldSettings {
+                hold: Duration::from_millis(b.failover_hold_ms),
+                max_bytes: b.hold_max_bytes as usize,
+                max_client_bytes: b.hold_max_client_bytes as usize,
+            },
+        );
         let maintenance = tokio::spawn(maintain(
             Arc::downgrade(&router),
             spec.name.clone(),
@@ -145,9 +176,19 @@ async fn maintain(router: std::sync::Weak<Router>, endpoint: String, prewarm: bo
         None => return,
     };
     let mut prewarmed: Vec<SocketAddr> = Vec::new();
+    let mut masters: Vec<SocketAddr> = Vec::new();
     loop {
         {
             let Some(r) = router.upgrade() else { return };
+            let now = r.topology.masters();
+            if !masters.is_empty() && !now.is_empty() && now != masters && !r.is_cluster() {
+                // A new master (Sentinel failover, standalone standby): counted once.
+                r.group.metrics.switches.inc();
+                warn!(endpoint = %endpoint, from = ?masters, to = ?now, "switched to another node");
+            }
+            if !now.is_empty() {
+                masters = now;
+            }
             let nodes = r.topology.nodes();
             if !nodes.is_empty() {
                 r.group.retain_nodes(&nodes);
@@ -218,12 +259,34 @@ pub fn backends_snapshot(handles: &[Arc<EndpointHandle>]) -> serde_json::Value {
             }));
         }
         let topo = rt.topology();
+        let hold = rt.router.holder.snapshot();
+        // A node that is down while commands wait for the topology to name another is being
+        // switched away from.
+        let replaceable =
+            topo.kind() != crate::topology::TopologyKind::Standalone || topo.has_standby();
+        let health: Vec<serde_json::Value> = rt
+            .group()
+            .health
+            .snapshot()
+            .into_iter()
+            .map(|(addr, info)| {
+                let switching = replaceable && !info.status.usable() && hold.depth > 0;
+                serde_json::json!({
+                    "node": addr.to_string(),
+                    "state": if switching { serde_json::json!("switching") } else { serde_json::json!(info.status) },
+                    "for_ms": info.for_ms,
+                    "cause": info.cause,
+                })
+            })
+            .collect();
         out.push(serde_json::json!({
             "endpoint": h.name,
             "kind": topo.kind(),
             "generation": topo.generation(),
             "ready": topo.is_ready(),
             "nodes": topo.nodes().iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            "health": health,
+            "hold": hold,
             "pools": pools,
         }));
     }

@@ -8,6 +8,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::accounting::PodMetrics;
@@ -34,8 +35,22 @@ pub struct ResultLabels {
     pub result: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PodEndpointLabels {
+    pub endpoint: String,
+    pub pod: String,
+}
+
+/// Buckets of outage and recovery times (10 ms to about 40 s).
+fn outage_histogram() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.01, 2.0, 13,
+    ))
+}
+
+type HistogramFamily = Family<EndpointLabels, Histogram, fn() -> Histogram>;
+
 /// The proxy's metrics (registered under the `datamesh_` prefix by the admin registry).
-#[derive(Default)]
 pub struct ProxyMetrics {
     pub connections: Family<ConnLabels, Counter>,
     pub open: Family<EndpointLabels, Gauge>,
@@ -50,6 +65,50 @@ pub struct ProxyMetrics {
     pub throttled: Counter,
     pub config_reloads: Family<ResultLabels, Counter>,
     pub pods: Arc<PodMetrics>,
+    /// Commands through the hold queue by result (held, sent, expired, full, client_gone).
+    pub hold: Family<KindLabels, Counter>,
+    pub hold_depth: Family<EndpointLabels, Gauge>,
+    pub hold_bytes: Family<EndpointLabels, Gauge>,
+    /// Commands resent after their connection failed or a reply proved they did not run, by
+    /// class (never_written, read_only, not_run).
+    pub replays: Family<KindLabels, Counter>,
+    /// Writes whose connection died after they were written: answered "may have been
+    /// executed".
+    pub unknown_outcomes: Family<PodEndpointLabels, Counter>,
+    /// Switches to another node (Sentinel master, standalone standby).
+    pub switches: Family<EndpointLabels, Counter>,
+    /// How long nodes were unusable (down or loading) before they were back.
+    pub outages: HistogramFamily,
+    /// Subscriptions restored on another connection after theirs failed.
+    pub resubscribes: Family<EndpointLabels, Counter>,
+}
+
+impl Default for ProxyMetrics {
+    fn default() -> Self {
+        Self {
+            connections: Default::default(),
+            open: Default::default(),
+            backend_errors: Default::default(),
+            commands: Default::default(),
+            errors: Default::default(),
+            backend_connections: Default::default(),
+            backend_connects: Default::default(),
+            inflight: Default::default(),
+            pool_waits: Default::default(),
+            resent: Default::default(),
+            throttled: Default::default(),
+            config_reloads: Default::default(),
+            pods: Default::default(),
+            hold: Default::default(),
+            hold_depth: Default::default(),
+            hold_bytes: Default::default(),
+            replays: Default::default(),
+            unknown_outcomes: Default::default(),
+            switches: Default::default(),
+            outages: Family::new_with_constructor(outage_histogram),
+            resubscribes: Default::default(),
+        }
+    }
 }
 
 impl ProxyMetrics {
@@ -58,6 +117,16 @@ impl ProxyMetrics {
             pods,
             ..Default::default()
         }
+    }
+
+    /// The unknown-outcome counter of one client's endpoint and pod (resolved once per
+    /// connection).
+    pub fn unknown_outcomes(&self, endpoint: &str, pod: &str) -> Counter {
+        let c = self.unknown_outcomes.get_or_create(&PodEndpointLabels {
+            endpoint: endpoint.to_string(),
+            pod: pod.to_string(),
+        });
+        (*c).clone()
     }
 
     pub fn register(&self, registry: &mut Registry) {
@@ -131,6 +200,46 @@ impl ProxyMetrics {
             "Throttled commands per pod",
             self.pods.throttled.clone(),
         );
+        registry.register(
+            "proxy_hold",
+            "Commands through the failover hold queue by kind (held, sent, expired, full, client_gone)",
+            self.hold.clone(),
+        );
+        registry.register(
+            "proxy_hold_depth",
+            "Commands waiting in the hold queue now",
+            self.hold_depth.clone(),
+        );
+        registry.register(
+            "proxy_hold_bytes",
+            "Bytes of the commands waiting in the hold queue now",
+            self.hold_bytes.clone(),
+        );
+        registry.register(
+            "proxy_replays",
+            "Commands resent after a failure by class (never_written, read_only, not_run)",
+            self.replays.clone(),
+        );
+        registry.register(
+            "proxy_unknown_outcomes",
+            "Written commands whose connection died before the reply, answered 'may have been executed'",
+            self.unknown_outcomes.clone(),
+        );
+        registry.register(
+            "proxy_switches",
+            "Switches to another node (Sentinel master, standalone standby)",
+            self.switches.clone(),
+        );
+        registry.register(
+            "proxy_node_outage_seconds",
+            "How long backend nodes were unusable (down or loading) before they were back",
+            self.outages.clone(),
+        );
+        registry.register(
+            "proxy_resubscribes",
+            "Client subscriptions restored on a new backend connection after theirs failed",
+            self.resubscribes.clone(),
+        );
     }
 
     pub fn count_error(&self, endpoint: &str, kind: &str) {
@@ -168,7 +277,35 @@ impl ProxyMetrics {
         let inflight = (*self.inflight.get_or_create(&el)).clone();
         let pool_waits = (*self.pool_waits.get_or_create(&el)).clone();
         let resent = (*self.resent.get_or_create(&el)).clone();
+        let hold = |result: &str| counter(&self.hold, result);
+        let replays = |class: &str| counter(&self.replays, class);
+        let held = hold("held");
+        let hold_sent = hold("sent");
+        let hold_expired = hold("expired");
+        let hold_full = hold("full");
+        let hold_gone = hold("client_gone");
+        let replay_never_written = replays("never_written");
+        let replay_read_only = replays("read_only");
+        let replay_not_run = replays("not_run");
+        let hold_depth = (*self.hold_depth.get_or_create(&el)).clone();
+        let hold_bytes = (*self.hold_bytes.get_or_create(&el)).clone();
+        let switches = (*self.switches.get_or_create(&el)).clone();
+        let outages = (*self.outages.get_or_create(&el)).clone();
+        let resubscribes = (*self.resubscribes.get_or_create(&el)).clone();
         GroupMetrics {
+            held,
+            hold_sent,
+            hold_expired,
+            hold_full,
+            hold_gone,
+            replay_never_written,
+            replay_read_only,
+            replay_not_run,
+            hold_depth,
+            hold_bytes,
+            switches,
+            outages,
+            resubscribes,
             shared_conns,
             dedicated_conns,
             connects_ok,
@@ -181,8 +318,21 @@ impl ProxyMetrics {
 }
 
 /// Metrics handles of one backend group (resolved once, not per command).
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct GroupMetrics {
+    pub held: Counter,
+    pub hold_sent: Counter,
+    pub hold_expired: Counter,
+    pub hold_full: Counter,
+    pub hold_gone: Counter,
+    pub replay_never_written: Counter,
+    pub replay_read_only: Counter,
+    pub replay_not_run: Counter,
+    pub hold_depth: Gauge,
+    pub hold_bytes: Gauge,
+    pub switches: Counter,
+    pub outages: Histogram,
+    pub resubscribes: Counter,
     pub shared_conns: Gauge,
     pub dedicated_conns: Gauge,
     pub connects_ok: Counter,
@@ -192,4 +342,31 @@ pub struct GroupMetrics {
     /// Commands the router resent after a reply that proved they did not run (MOVED, ASK,
     /// TRYAGAIN, READONLY, LOADING, MASTERDOWN, CLUSTERDOWN).
     pub resent: Counter,
+}
+
+impl Default for GroupMetrics {
+    fn default() -> Self {
+        Self {
+            held: Default::default(),
+            hold_sent: Default::default(),
+            hold_expired: Default::default(),
+            hold_full: Default::default(),
+            hold_gone: Default::default(),
+            replay_never_written: Default::default(),
+            replay_read_only: Default::default(),
+            replay_not_run: Default::default(),
+            hold_depth: Default::default(),
+            hold_bytes: Default::default(),
+            switches: Default::default(),
+            outages: outage_histogram(),
+            resubscribes: Default::default(),
+            shared_conns: Default::default(),
+            dedicated_conns: Default::default(),
+            connects_ok: Default::default(),
+            connects_failed: Default::default(),
+            inflight: Default::default(),
+            pool_waits: Default::default(),
+            resent: Default::default(),
+        }
+    }
 }

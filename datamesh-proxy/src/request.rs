@@ -1,9 +1,13 @@
-//! A command on its way to a backend, as the in-flight queues and the router see it: its
-//! bytes, its client's order, and what resending it after its connection died could do
-//! ([`ReplayClass`], from the command table). The replay decision itself is
-//! [`crate::upstream::replay`]'s.
+//! A command on its way to a backend, as the in-flight queues, the hold queue and the router
+//! see it: its bytes, its client's order, where it goes ([`Route`]), its client's
+//! [`ClientGate`] and what resending it after its connection died could do ([`ReplayClass`],
+//! from the command table). The replay decision itself is [`crate::upstream::replay`]'s.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use bytes::Bytes;
+use prometheus_client::metrics::counter::Counter;
 
 /// What resending a command after its connection died could do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -27,6 +31,16 @@ impl ReplayClass {
     pub fn replay_safe(self) -> bool {
         matches!(self, ReplayClass::NeverWritten | ReplayClass::ReadOnly)
     }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplayClass::NeverWritten => "never_written",
+            ReplayClass::ReadOnly => "read_only",
+            ReplayClass::Write => "write",
+            ReplayClass::Stateful => "stateful",
+            ReplayClass::PubSub => "pubsub",
+        }
+    }
 }
 
 /// A client's position in its own command stream: replay must never let a later command of a
@@ -39,6 +53,93 @@ pub struct Order {
     pub seq: u64,
 }
 
+/// Where a command goes, beyond its pool's database and protocol: what a held or replayed
+/// command needs to be routed again.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Route {
+    /// The cluster slot of its keys (None: keyless, or not a cluster).
+    pub slot: Option<u16>,
+    /// May go to a replica where the endpoint reads from replicas.
+    pub readonly: bool,
+    /// Must go to this node (a part of a command broadcast to every master).
+    pub node: Option<std::net::SocketAddr>,
+}
+
+/// One client's share of the hold queue, shared by its session and its requests: how many of
+/// its commands are held (while any is, its later commands queue behind them, so none
+/// overtakes an earlier one), their bytes (bounded per client), whether the client has gone
+/// (its held commands are then dropped, never sent), and its unknown-outcome counter (per
+/// endpoint and pod).
+#[derive(Clone)]
+pub struct ClientGate(Arc<GateInner>);
+
+struct GateInner {
+    held: AtomicUsize,
+    held_bytes: AtomicUsize,
+    gone: AtomicBool,
+    unknown_outcomes: Counter,
+}
+
+impl ClientGate {
+    pub fn new(unknown_outcomes: Counter) -> Self {
+        Self(Arc::new(GateInner {
+            held: AtomicUsize::new(0),
+            held_bytes: AtomicUsize::new(0),
+            gone: AtomicBool::new(false),
+            unknown_outcomes,
+        }))
+    }
+
+    /// Commands of this client in the hold queue now.
+    pub fn held(&self) -> usize {
+        self.0.held.load(Ordering::Acquire)
+    }
+
+    pub fn held_bytes(&self) -> usize {
+        self.0.held_bytes.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn add_held(&self, bytes: usize) {
+        self.0.held_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.0.held.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub(crate) fn release_held(&self, bytes: usize) {
+        self.0.held_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        self.0.held.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// The client closed its connection: held commands are dropped, never sent.
+    pub fn set_gone(&self) {
+        self.0.gone.store(true, Ordering::Release);
+    }
+
+    pub fn is_gone(&self) -> bool {
+        self.0.gone.load(Ordering::Acquire)
+    }
+
+    pub fn count_unknown_outcome(&self) {
+        self.0.unknown_outcomes.inc();
+    }
+}
+
+impl PartialEq for ClientGate {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for ClientGate {}
+
+impl std::fmt::Debug for ClientGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientGate")
+            .field("held", &self.held())
+            .field("gone", &self.is_gone())
+            .finish()
+    }
+}
+
 /// One command on its way to a backend: everything a replay needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
@@ -47,4 +148,7 @@ pub struct Request {
     /// What resending it could do once written.
     pub class: ReplayClass,
     pub order: Order,
+    pub route: Route,
+    /// Its client's gate (None for the proxy's own commands and tools).
+    pub gate: Option<ClientGate>,
 }

@@ -172,6 +172,9 @@ struct Shared {
     reads: Mutex<Vec<Vec<usize>>>,
     arrived: Notify,
     conns: AtomicUsize,
+    /// A stopped node (SIGSTOP): nothing is answered until resumed.
+    paused: std::sync::atomic::AtomicBool,
+    resumed: Notify,
 }
 
 /// A running scripted peer; stops when dropped.
@@ -212,6 +215,8 @@ impl Peer {
             reads: Mutex::new(Vec::new()),
             arrived: Notify::new(),
             conns: AtomicUsize::new(0),
+            paused: std::sync::atomic::AtomicBool::new(false),
+            resumed: Notify::new(),
         });
         let s = shared.clone();
         let task = AbortOnDropHandle::new(tokio::spawn(async move {
@@ -301,7 +306,16 @@ impl Peer {
         }
     }
 
-    /// Connections accepted so far.
+    /// Stops answering on every connection, health checks included (a SIGSTOPped node);
+    /// `false` resumes, and what arrived meanwhile is answered.
+    pub fn pause(&self, on: bool) {
+        self.shared.paused.store(on, Ordering::SeqCst);
+        if !on {
+            self.shared.resumed.notify_waiters();
+        }
+    }
+
+    /// Connections accepted so far (health-check connections included).
     pub fn connections(&self) -> usize {
         self.shared.conns.load(Ordering::SeqCst)
     }
@@ -326,6 +340,9 @@ async fn serve(mut sock: TcpStream, s: Arc<Shared>, idx: usize) {
     let mut buf = BytesMut::new();
     let mut dec = CommandDecoder::default();
     let limits = Limits::default();
+    // The proxy's health checker (CLIENT SETNAME ...-health): PONG to its PINGs, and none of
+    // it recorded or scripted.
+    let mut probe = false;
     loop {
         buf.reserve(64 * 1024);
         match sock.read_buf(&mut buf).await {
@@ -341,8 +358,29 @@ async fn serve(mut sock: TcpStream, s: Arc<Shared>, idx: usize) {
                 }
             }
         }
+        while s.paused.load(Ordering::SeqCst) {
+            let resumed = s.resumed.notified();
+            if !s.paused.load(Ordering::SeqCst) {
+                break;
+            }
+            resumed.await;
+        }
         let mut out = Vec::new();
         while let Ok(Some(cmd)) = dec.decode(&mut buf, &limits) {
+            if cmd.arg_is(0, "CLIENT")
+                && cmd.arg_is(1, "SETNAME")
+                && cmd.args.get(2).is_some_and(|n| n.ends_with(b"-health"))
+            {
+                probe = true;
+            }
+            if probe {
+                out.extend_from_slice(if cmd.arg_is(0, "PING") {
+                    b"+PONG\r\n"
+                } else {
+                    b"+OK\r\n"
+                });
+                continue;
+            }
             let text = cmd
                 .args
                 .iter()
@@ -441,6 +479,8 @@ pub fn request(args: &[&str], class: ReplayClass, seq: u64) -> Request {
         raw: encode_command(&args),
         class,
         order: Order { client: 1, seq },
+        route: Default::default(),
+        gate: None,
     }
 }
 

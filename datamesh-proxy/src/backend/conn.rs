@@ -49,6 +49,8 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::flusher::{Flush, Flusher};
+use super::health::NodeHealth;
+use super::outcome::{Returned, Returns};
 use super::{
     connect, handshake, BackendError, Backoff, Cause, ConnectSpec, Outcome, PoolKey, Unanswered,
 };
@@ -131,6 +133,8 @@ enum Stage {
     Down {
         error: BackendError,
         retry_at: Instant,
+        /// When it failed (a node back up since then ends the backoff).
+        at: Instant,
     },
     Failed {
         error: BackendError,
@@ -190,6 +194,11 @@ pub struct Conn {
     flusher: Option<Arc<Flusher>>,
     /// Down, failed or closed (a hint read per command without the lock; the phase decides).
     troubled: AtomicBool,
+    /// The node's health: failures mark it down; its recovery ends this connection's backoff.
+    node: Arc<NodeHealth>,
+    /// Where a shared connection hands back what it could not answer (the hold queue); None:
+    /// every such command goes back to its caller as [`Unanswered`] (dedicated connections).
+    returns: Option<Arc<dyn Returns>>,
     /// Writes made (tests check the batching).
     #[cfg(test)]
     pub(crate) writes: AtomicU64,
@@ -204,6 +213,8 @@ impl Conn {
         command_timeout: Option<Duration>,
         version: Arc<OnceLock<String>>,
         flusher: Option<Arc<Flusher>>,
+        node: Arc<NodeHealth>,
+        returns: Option<Arc<dyn Returns>>,
     ) -> Arc<Self> {
         Arc::new(Self {
             id: NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed),
@@ -232,6 +243,8 @@ impl Conn {
             version,
             flusher,
             troubled: AtomicBool::new(false),
+            node,
+            returns,
             #[cfg(test)]
             writes: AtomicU64::new(0),
         })
@@ -251,7 +264,9 @@ impl Conn {
             Stage::Idle => Phase::Idle,
             Stage::Connecting => Phase::Connecting,
             Stage::Up => Phase::Up,
-            Stage::Down { error, retry_at } => Phase::Down {
+            Stage::Down {
+                error, retry_at, ..
+            } => Phase::Down {
                 error: error.to_string(),
                 retry_in_ms: retry_at
                     .saturating_duration_since(Instant::now())
@@ -273,10 +288,17 @@ impl Conn {
         }
         let st = self.lock();
         match &st.phase {
-            Stage::Down { retry_at, .. } => Instant::now() < *retry_at,
+            Stage::Down { retry_at, at, .. } => {
+                Instant::now() < *retry_at && !self.node.recovered_since(*at)
+            }
             Stage::Failed { .. } | Stage::Closed => true,
             _ => false,
         }
+    }
+
+    /// The node's health.
+    pub fn node(&self) -> &Arc<NodeHealth> {
+        &self.node
     }
 
     pub fn is_up(&self) -> bool {
@@ -328,7 +350,24 @@ impl Conn {
         }
         let mut st = self.lock();
         if let Err(error) = self.ready_to_queue(&mut st) {
+            let retry_at = match &st.phase {
+                Stage::Down { retry_at, .. } => Some(*retry_at),
+                _ => None,
+            };
             drop(st);
+            if let Some(r) = &self.returns {
+                let entries = batch
+                    .drain(..)
+                    .map(|s| Returned {
+                        request: s.request,
+                        reply: s.reply,
+                        written: false,
+                        overdue: false,
+                    })
+                    .collect();
+                r.returned(self.key, entries, &error, retry_at);
+                return;
+            }
             for s in batch.drain(..) {
                 let _ = s.reply.send(Outcome::Unanswered(Box::new(Unanswered {
                     request: s.request,
@@ -472,14 +511,30 @@ impl Conn {
     /// Whether commands may be queued now; starts a connect when the slot is idle or its
     /// backoff is over.
     fn ready_to_queue(self: &Arc<Self>, st: &mut State) -> Result<(), BackendError> {
+        if self.returns.as_ref().is_some_and(|r| r.holds()) && !self.node.usable() {
+            // The node is down or loading: its commands go to the hold queue, behind those
+            // held already (so none overtakes an earlier one of its client).
+            return Err(BackendError::Unavailable {
+                addr: self.key.addr,
+                cause: Cause::NodeDown(
+                    self.node
+                        .cause()
+                        .unwrap_or_else(|| format!("{:?}", self.node.status()).to_lowercase()),
+                ),
+            });
+        }
         match &st.phase {
             Stage::Closed => Err(BackendError::Lost {
                 addr: self.key.addr,
                 cause: Cause::ClosedByProxy,
             }),
             Stage::Failed { error } => Err(error.clone()),
-            Stage::Down { error, retry_at } => {
-                if Instant::now() < *retry_at {
+            Stage::Down {
+                error,
+                retry_at,
+                at,
+            } => {
+                if Instant::now() < *retry_at && !self.node.recovered_since(*at) {
                     return Err(error.clone());
                 }
                 self.start_connect(st);
@@ -509,7 +564,9 @@ impl Conn {
             let mut st = self.lock();
             let retry = match &st.phase {
                 Stage::Idle => true,
-                Stage::Down { retry_at, .. } => Instant::now() >= *retry_at,
+                Stage::Down { retry_at, at, .. } => {
+                    Instant::now() >= *retry_at || self.node.recovered_since(*at)
+                }
                 _ => false,
             };
             if retry {
@@ -734,7 +791,11 @@ impl Conn {
         self.metrics.inflight.dec_by(done.len() as i64);
         for (tx, request, reply) in done {
             if let Some(tx) = tx {
-                let _ = tx.send(Outcome::Replied { reply, request });
+                let _ = tx.send(Outcome::Replied {
+                    reply,
+                    request,
+                    node: self.key.addr,
+                });
             }
         }
         if desync {
@@ -789,6 +850,7 @@ impl Conn {
                 Stage::Down {
                     error: error.clone(),
                     retry_at: Instant::now() + delay,
+                    at: Instant::now(),
                 }
             };
             st.generation += 1;
@@ -814,14 +876,39 @@ impl Conn {
             }
         }
         self.metrics.inflight.dec_by(entries.len() as i64);
-        for (written, e) in entries {
-            if let Some(tx) = e.reply {
-                let _ = tx.send(Outcome::Unanswered(Box::new(Unanswered {
-                    request: e.request,
-                    addr,
-                    written,
-                    error: error.clone(),
-                })));
+        self.node.failed(&cause);
+        match &self.returns {
+            Some(r) => {
+                let now = Instant::now();
+                let timed_out = matches!(cause, Cause::Timeout(_));
+                let back: Vec<Returned> = entries
+                    .into_iter()
+                    .filter_map(|(written, e)| {
+                        let overdue =
+                            written && (timed_out || e.deadline.is_some_and(|d| now >= d));
+                        e.reply.map(|reply| Returned {
+                            request: e.request,
+                            reply,
+                            written,
+                            overdue,
+                        })
+                    })
+                    .collect();
+                if !back.is_empty() {
+                    r.returned(self.key, back, &error, None);
+                }
+            }
+            None => {
+                for (written, e) in entries {
+                    if let Some(tx) = e.reply {
+                        let _ = tx.send(Outcome::Unanswered(Box::new(Unanswered {
+                            request: e.request,
+                            addr,
+                            written,
+                            error: error.clone(),
+                        })));
+                    }
+                }
             }
         }
         if let Some(sink) = self

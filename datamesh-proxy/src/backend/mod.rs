@@ -8,7 +8,10 @@
 //! - [`pool`]: pools, dedicated connections, the group;
 //! - [`connect`]: the one place sockets to backends are opened (with the bypass mark);
 //! - [`handshake`]: the one AUTH/HELLO/SELECT exchange, for data and control connections;
-//! - [`backoff`]: the one jittered exponential backoff.
+//! - [`backoff`]: the one jittered exponential backoff;
+//! - [`health`]: each node's status and its active health check;
+//! - [`outcome`]: what becomes of a command, and the way back for those a connection could not
+//!   answer.
 //!
 //! Errors carry their cause as a value ([`Cause`]), so a message never repeats itself and the
 //! router decides from data, not strings.
@@ -18,6 +21,7 @@ pub mod conn;
 pub mod connect;
 pub mod flusher;
 pub mod handshake;
+pub mod health;
 pub mod outcome;
 pub mod pool;
 #[cfg(test)]
@@ -28,7 +32,8 @@ use std::time::Duration;
 
 pub use backoff::Backoff;
 pub use conn::{Conn, FlightState, InFlightInfo, Phase, PushSink};
-pub use outcome::{Outcome, Unanswered};
+pub use health::{Health, HealthSettings, NodeHealth, NodeStatus};
+pub use outcome::{Outcome, Returned, Returns, Unanswered};
 pub use pool::{BackendGroup, Dedicated, NodePool};
 
 use crate::resp::ProtocolError;
@@ -63,6 +68,8 @@ pub enum Cause {
     Timeout(u64),
     #[error("closed by the proxy")]
     ClosedByProxy,
+    #[error("not usable now ({0})")]
+    NodeDown(String),
 }
 
 /// Why a command got no reply from a backend.
@@ -76,6 +83,25 @@ pub enum BackendError {
     Lost { addr: SocketAddr, cause: Cause },
     #[error("all {max} dedicated connections to {addr} are in use (max_dedicated): too many transactions, blocking commands or subscribers at once")]
     DedicatedExhausted { addr: SocketAddr, max: u32 },
+    /// Held for a usable node past `failover_hold_ms` (never sent).
+    #[error("endpoint {endpoint}: no usable backend node after holding {held_ms} ms (failover_hold_ms): {cause}")]
+    HoldExpired {
+        addr: SocketAddr,
+        endpoint: String,
+        held_ms: u64,
+        cause: String,
+    },
+    /// The hold queue could not take the command (never sent).
+    #[error("endpoint {endpoint}: {cause}, and the failover hold queue {why}")]
+    NotHeld {
+        addr: SocketAddr,
+        endpoint: String,
+        cause: String,
+        why: String,
+    },
+    /// The client went away while the command was held (never sent).
+    #[error("the client closed its connection while the command was held; it was not sent")]
+    ClientGone { addr: SocketAddr },
 }
 
 /// Who is at fault for an error: the backend side, or the proxy's own limits and decisions.
@@ -90,7 +116,10 @@ impl BackendError {
         match self {
             BackendError::Unavailable { addr, .. }
             | BackendError::Lost { addr, .. }
-            | BackendError::DedicatedExhausted { addr, .. } => *addr,
+            | BackendError::DedicatedExhausted { addr, .. }
+            | BackendError::HoldExpired { addr, .. }
+            | BackendError::NotHeld { addr, .. }
+            | BackendError::ClientGone { addr } => *addr,
         }
     }
 
@@ -98,7 +127,11 @@ impl BackendError {
     pub fn never_sent(&self) -> bool {
         matches!(
             self,
-            BackendError::Unavailable { .. } | BackendError::DedicatedExhausted { .. }
+            BackendError::Unavailable { .. }
+                | BackendError::DedicatedExhausted { .. }
+                | BackendError::HoldExpired { .. }
+                | BackendError::NotHeld { .. }
+                | BackendError::ClientGone { .. }
         )
     }
 
@@ -108,7 +141,10 @@ impl BackendError {
                 cause: Cause::ClosedByProxy,
                 ..
             }
-            | BackendError::DedicatedExhausted { .. } => Origin::Proxy,
+            | BackendError::DedicatedExhausted { .. }
+            | BackendError::HoldExpired { .. }
+            | BackendError::NotHeld { .. }
+            | BackendError::ClientGone { .. } => Origin::Proxy,
             _ => Origin::Upstream,
         }
     }

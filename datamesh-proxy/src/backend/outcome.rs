@@ -35,7 +35,40 @@ impl Unanswered {
 pub enum Outcome {
     /// The backend answered (possibly with an error reply); the request comes back too, so a
     /// redirect can resend it.
-    Replied { reply: Reply, request: Request },
+    Replied {
+        reply: Reply,
+        request: Request,
+        /// The node that answered.
+        node: SocketAddr,
+    },
     /// No reply will come (boxed: the common outcome stays small).
     Unanswered(Box<Unanswered>),
+}
+
+/// A command a shared connection hands back when it failed or refused it: the way back to its
+/// router and whether it was written.
+pub struct Returned {
+    pub request: Request,
+    pub reply: super::conn::ReplyTx,
+    pub written: bool,
+    /// Its command deadline had passed (the connection timed out on it or after it).
+    pub overdue: bool,
+}
+
+/// Where a shared connection hands back the commands it could not answer (the endpoint's hold
+/// queue, which decides by replay class: hold and resend, or answer with an error).
+pub trait Returns: Send + Sync {
+    /// Whether commands are held at all (when not, a connection takes commands for a node
+    /// that is down and answers them with its own error).
+    fn holds(&self) -> bool;
+
+    /// `entries` of a connection of pool `key` that failed with `error` (in queue order);
+    /// `retry_at`: the connection refuses commands until then (it is backing off).
+    fn returned(
+        &self,
+        key: super::PoolKey,
+        entries: Vec<Returned>,
+        error: &BackendError,
+        retry_at: Option<tokio::time::Instant>,
+    );
 }

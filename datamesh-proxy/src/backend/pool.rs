@@ -18,6 +18,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
 use super::flusher::Flusher;
+use super::health::{Health, HealthSettings, NodeHealth};
+use super::outcome::Returns;
 use super::{BackendError, Conn, ConnectSpec, PoolKey};
 use crate::metrics::GroupMetrics;
 
@@ -38,6 +40,10 @@ pub struct NodePool {
     metrics: GroupMetrics,
     command_timeout: Option<Duration>,
     version: Arc<OnceLock<String>>,
+    node: Arc<NodeHealth>,
+    /// Dedicated connections handed out (closed with the pool when its node is not usable:
+    /// a subscription or a transaction on a dead or hung node that left the topology).
+    handed: Mutex<Vec<std::sync::Weak<Conn>>>,
 }
 
 impl NodePool {
@@ -72,6 +78,8 @@ impl NodePool {
             true,
             self.command_timeout,
             self.version.clone(),
+            None,
+            self.node.clone(),
             None,
         )
     }
@@ -124,6 +132,11 @@ impl NodePool {
     }
 
     fn wrap(self: &Arc<Self>, conn: Arc<Conn>, permit: OwnedSemaphorePermit) -> Dedicated {
+        {
+            let mut handed = self.handed.lock().unwrap_or_else(|p| p.into_inner());
+            handed.retain(|c| c.strong_count() > 0);
+            handed.push(Arc::downgrade(&conn));
+        }
         Dedicated {
             conn,
             permit: Some(permit),
@@ -182,8 +195,29 @@ impl NodePool {
 
 impl Drop for NodePool {
     fn drop(&mut self) {
+        // A node that left the topology: what is in flight to it is answered first, unless
+        // the node is down or hung, where nothing will come (its commands go back to the hold
+        // queue now: reads are resent to the new node, writes answered "may have been
+        // executed").
+        let usable = self.node.usable();
         for s in &self.slots {
-            s.close_when_idle();
+            if usable {
+                s.close_when_idle();
+            } else {
+                s.close();
+            }
+        }
+        if !usable {
+            for c in self
+                .handed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .drain(..)
+            {
+                if let Some(c) = c.upgrade() {
+                    c.close();
+                }
+            }
         }
         for (c, _) in self
             .idle
@@ -235,6 +269,8 @@ pub struct GroupSettings {
     pub max_dedicated: u32,
     pub warm_dedicated: u32,
     pub command_timeout: Option<Duration>,
+    /// Active health checks (None: none; nodes are then never held back for health).
+    pub health: Option<HealthSettings>,
 }
 
 /// All pools of one endpoint's backend group.
@@ -250,6 +286,10 @@ pub struct BackendGroup {
     /// Writes the shared connections' queues (one write per connection per tick).
     flusher: Arc<Flusher>,
     closed: AtomicBool,
+    /// Every node's health.
+    pub health: Health,
+    /// Where shared connections hand back what they could not answer (set by the router).
+    returns: OnceLock<Arc<dyn Returns>>,
 }
 
 impl BackendGroup {
@@ -265,9 +305,12 @@ impl BackendGroup {
             warm_dedicated: settings.warm_dedicated.min(settings.max_dedicated.max(1)),
             ..settings
         };
+        let spec = Arc::new(spec);
         Self {
             endpoint,
-            spec: Arc::new(spec),
+            health: Health::new(settings.health, spec.clone(), metrics.outages.clone()),
+            returns: OnceLock::new(),
+            spec,
             settings,
             pools: Mutex::new(HashMap::new()),
             node_budgets: Mutex::new(HashMap::new()),
@@ -292,6 +335,8 @@ impl BackendGroup {
             .entry(key.addr)
             .or_insert_with(|| Arc::new(Semaphore::new(self.settings.max_dedicated as usize)))
             .clone();
+        let node = self.health.track(key.addr);
+        let returns = self.returns.get().cloned();
         let slots = (0..self.settings.pool_size)
             .map(|_| {
                 Conn::new(
@@ -302,6 +347,8 @@ impl BackendGroup {
                     self.settings.command_timeout,
                     self.version.clone(),
                     Some(self.flusher.clone()),
+                    node.clone(),
+                    returns.clone(),
                 )
             })
             .collect();
@@ -317,6 +364,8 @@ impl BackendGroup {
             metrics: self.metrics.clone(),
             command_timeout: self.settings.command_timeout,
             version: self.version.clone(),
+            node,
+            handed: Mutex::new(Vec::new()),
         });
         info!(endpoint = %self.endpoint, backend = %key.addr, db = key.db, proto = key.proto, size = self.settings.pool_size, warm_dedicated = self.settings.warm_dedicated, "backend pool created");
         pools.insert(key, pool.clone());
@@ -329,10 +378,26 @@ impl BackendGroup {
 
     /// Drops pools of nodes no longer in the topology (their connections close when idle).
     pub fn retain_nodes(&self, nodes: &[SocketAddr]) {
-        self.pools
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|k, _| nodes.contains(&k.addr));
+        let gone: Vec<Arc<NodePool>> = {
+            let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+            let gone = pools
+                .iter()
+                .filter(|(k, _)| !nodes.contains(&k.addr))
+                .map(|(_, p)| p.clone())
+                .collect();
+            pools.retain(|k, _| nodes.contains(&k.addr));
+            gone
+        };
+        // Dropped outside the lock: closing hands commands back to the hold queue, which may
+        // open pools.
+        drop(gone);
+        self.health.retain(nodes);
+    }
+
+    /// Sets where shared connections hand back what they could not answer (once, before the
+    /// first pool).
+    pub fn set_returns(&self, r: Arc<dyn Returns>) {
+        let _ = self.returns.set(r);
     }
 
     /// Every pool (for `/backends` and metrics).

@@ -36,6 +36,7 @@ fn settings(command_timeout: Option<Duration>, warm: u32) -> GroupSettings {
         max_dedicated: 8,
         warm_dedicated: warm,
         command_timeout,
+        health: None,
     }
 }
 

@@ -181,6 +181,8 @@ impl Session {
                 client: self.state.id,
                 seq: self.seq,
             },
+            route: Default::default(),
+            gate: Some(self.gate.clone()),
         }
     }
 
@@ -340,20 +342,24 @@ impl Session {
         }
     }
 
-    /// The node a keyless command goes to now (for dedicated connections).
-    fn any_node(&self, rt: &EndpointRuntime) -> Result<(SocketAddr, Target), Reply> {
-        let target = self.keyless(false);
-        let node = rt.router.pick(target).map_err(proxy_error)?;
-        Ok((node, target))
+    /// The front command's target (CROSSSLOT refused).
+    fn front_target(
+        &self,
+        rt: &EndpointRuntime,
+        spec: Option<&CommandSpec>,
+    ) -> Result<Target, Reply> {
+        let cmd = self.front().ok_or_else(|| proxy_error("no command"))?;
+        self.target_for(rt, spec, cmd)
     }
 
-    /// Starts acquiring a dedicated connection to `node` for the front command, once every
-    /// earlier reply is in (a new connection is a new lane).
-    fn acquire(&mut self, rt: &Arc<EndpointRuntime>, node: SocketAddr, target: Target) -> Need {
+    /// Starts acquiring a dedicated connection to the node for `target` for the front
+    /// command, once every earlier reply is in (a new connection is a new lane). The router
+    /// waits, within the hold bound, for a usable node.
+    fn acquire(&mut self, rt: &Arc<EndpointRuntime>, target: Target) -> Need {
         if !self.pending.is_empty() {
             return Need::Barrier;
         }
-        let f = rt.router.dedicated(node, target);
+        let f = rt.router.dedicated(target);
         self.stall = Some(Box::pin(async move { StallDone::Dedicated(f.await) }));
         Need::Barrier
     }
@@ -432,8 +438,8 @@ impl Session {
 
     fn execute_blocking(&mut self, rt: &Arc<EndpointRuntime>, spec: &'static CommandSpec) -> Need {
         let Some(conn) = self.acquired.take() else {
-            return match self.node_for(rt, Some(spec)) {
-                Ok((node, target)) => self.acquire(rt, node, target),
+            return match self.front_target(rt, Some(spec)) {
+                Ok(target) => self.acquire(rt, target),
                 Err(r) => self.answer(r),
             };
         };
@@ -507,6 +513,11 @@ impl Session {
                         failed,
                         ..
                     } => {
+                        if is_exec && !failed && !d.conn.is_up() {
+                            // Its connection died: EXEC is never sent (WATCH state is gone
+                            // with it), and the transaction is discarded.
+                            return self.answer(exec_abort_lost());
+                        }
                         let Some(cmd) = self.pop_command() else {
                             return Need::Go;
                         };
@@ -585,8 +596,8 @@ impl Session {
                 }
                 Tx::None => {
                     let Some(mut d) = self.acquired.take() else {
-                        return match self.node_for(rt, Some(spec)) {
-                            Ok((node, target)) => self.acquire(rt, node, target),
+                        return match self.front_target(rt, Some(spec)) {
+                            Ok(target) => self.acquire(rt, target),
                             Err(r) => self.answer(r),
                         };
                     };
@@ -648,23 +659,32 @@ impl Session {
             self.push_reply(Reply::simple("QUEUED"));
             return Need::Go;
         }
-        let route = if is_exec {
-            self.any_node(rt)
+        let target = if is_exec {
+            Ok(self.keyless(false))
         } else {
-            self.node_for(rt, spec)
+            self.front_target(rt, spec)
         };
-        let (node, target) = match route {
-            Ok(x) => x,
+        let target = match target {
+            Ok(t) => t,
             Err(r) => return self.refuse(r),
         };
         let class = spec.map(|s| s.replay).unwrap_or(ReplayClass::Stateful);
         match &self.state.tx {
             Tx::Multi { conn: Some(d), .. } => {
                 // Keyless commands and EXEC run wherever the transaction is.
-                if keyed && !is_exec && d.node() != node && rt.router.is_cluster() {
+                if keyed
+                    && !is_exec
+                    && rt.router.is_cluster()
+                    && rt.router.pick(target).is_ok_and(|n| n != d.node())
+                {
                     return self.refuse(proxy_error(
                         "a transaction must stay on one cluster node (keys of other nodes)",
                     ));
+                }
+                if is_exec && !d.conn.is_up() {
+                    // Its connection died: EXEC is never sent (WATCH state is gone with it).
+                    self.state.tx = Tx::None;
+                    return self.answer(exec_abort_lost());
                 }
                 let Some(cmd) = self.pop_command() else {
                     return Need::Go;
@@ -688,7 +708,7 @@ impl Session {
             }
             _ => {
                 let Some(mut d) = self.acquired.take() else {
-                    return self.acquire(rt, node, target);
+                    return self.acquire(rt, target);
                 };
                 d.clean = false;
                 self.lane = Some(Lane::Dedicated(d.conn.id));
@@ -728,23 +748,31 @@ impl Session {
             self.push_reply(r);
             return Need::Go;
         }
+        let target = if p == Sub::SSubscribe {
+            self.front_target(rt, Some(spec))
+        } else {
+            Ok(self.keyless(false))
+        };
+        let target = match target {
+            Ok(t) => t,
+            Err(r) => return self.answer(r),
+        };
         let Some(mut d) = self.acquired.take() else {
-            let route = if p == Sub::SSubscribe {
-                self.node_for(rt, Some(spec))
-            } else {
-                self.any_node(rt)
-            };
-            return match route {
-                Ok((node, target)) => self.acquire(rt, node, target),
-                Err(r) => self.answer(r),
-            };
+            return self.acquire(rt, target);
         };
         self.lane = Some(Lane::Dedicated(d.conn.id));
         let (tx, rx) = mpsc::unbounded_channel();
         d.conn.set_push_sink(tx);
         d.clean = false;
         let node = d.node();
-        self.state.pubsub = Some(PubSub { conn: d, rx, node });
+        self.state.pubsub = Some(PubSub {
+            conn: d,
+            rx,
+            node,
+            target,
+            subs: Default::default(),
+            lost_at: None,
+        });
         self.execute_in_pubsub(rt, Some(spec))
     }
 
@@ -779,16 +807,32 @@ impl Session {
             }
             _ => {}
         }
+        if self
+            .state
+            .pubsub
+            .as_ref()
+            .is_some_and(|p| p.lost_at.is_some() || p.subs.resyncing())
+        {
+            // The subscription is being restored on a new connection: wait for it.
+            return Need::Barrier;
+        }
         let Some(cmd) = self.pop_command() else {
             return Need::Go;
         };
         let class = spec.map(|s| s.replay).unwrap_or(ReplayClass::PubSub);
+        let sub = match spec.map(|s| s.kind) {
+            Some(Kind::PubSub(p)) => Some(p),
+            _ => None,
+        };
+        let readonly = spec.is_some_and(|s| s.has(READONLY));
+        if let Some(p) = &mut self.state.pubsub {
+            p.subs.sent(sub, &cmd, readonly);
+        }
         let req = self.request(cmd.raw, class);
         if let Some(p) = &self.state.pubsub {
-            if let Err(e) = rt.router.send_untracked(&p.conn, req) {
-                self.write_now(error_reply(&e, false));
-                self.closing = true;
-            }
+            // A connection that just died: its end arrives on the push channel, and the
+            // resync restores this command's effect or answers it.
+            let _ = rt.router.send_untracked(&p.conn, req);
         }
         Need::Go
     }
@@ -894,6 +938,13 @@ impl Session {
 }
 
 const EXECABORT: &str = "EXECABORT Transaction discarded because of previous errors.";
+
+/// EXEC of a transaction whose backend connection died before EXEC: never sent.
+fn exec_abort_lost() -> Reply {
+    Reply::error(
+        "EXECABORT Transaction discarded: its backend connection was lost before EXEC (datamesh proxy); WATCHed keys are no longer watched, so the transaction was not sent",
+    )
+}
 
 /// `call` on the dedicated connection `d`, which goes back to the pool once the reply is in
 /// if `clean` says so for that reply (and is closed otherwise).

@@ -16,6 +16,7 @@
 //! behaves as on Redis. While it waits, replies already in are still written.
 
 mod dispatch;
+pub mod pubsub;
 pub mod state;
 #[cfg(test)]
 mod tests;
@@ -40,6 +41,7 @@ use crate::attribution::{ConnEvent, Identity};
 use crate::backend::{BackendError, Dedicated};
 use crate::endpoint::EndpointHandle;
 use crate::metrics::EndpointLabels;
+use crate::request::ClientGate;
 use crate::resp::{Command, CommandDecoder, Limits, ProtocolError, Reply};
 use crate::shared::Shared;
 use crate::upstream::{Call, SharedLane};
@@ -76,6 +78,9 @@ enum StallDone {
 }
 
 type Stall = Pin<Box<dyn Future<Output = StallDone> + Send>>;
+
+/// A new subscription connection on its way (the old one died).
+type Resubscribe = Pin<Box<dyn Future<Output = Result<Dedicated, BackendError>> + Send>>;
 
 /// Which connection the previous backend commands went to (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,6 +124,16 @@ pub struct Session {
     arrival: tokio::time::Instant,
     /// Blocking commands whose reply is not in yet.
     blocking: Arc<AtomicUsize>,
+    /// The client's share of the hold queue (see [`ClientGate`]).
+    gate: ClientGate,
+    resubscribe: Option<Resubscribe>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // Whatever of this client is still held is never sent.
+        self.gate.set_gone();
+    }
 }
 
 impl Session {
@@ -140,7 +155,10 @@ impl Session {
         // destination), so they keep coming back through the capture.
         let advertised = who.orig_dst.unwrap_or(local);
         let state = ClientState::new(id, peer, local, advertised, &settings.users);
+        let gate = ClientGate::new(shared.metrics.unknown_outcomes(&ep.name, &pod.name()));
         Self {
+            gate,
+            resubscribe: None,
             shared,
             ep,
             pod,
@@ -217,7 +235,8 @@ impl Session {
                 self.rbuf = BytesMut::new();
             }
             let has_stall = self.stall.is_some();
-            let has_pubsub = self.state.pubsub.is_some();
+            let has_pubsub = self.state.pubsub.is_some() && self.resubscribe.is_none();
+            let has_resubscribe = self.resubscribe.is_some();
             tokio::select! {
                 biased;
                 Some((reply, silent)) = self.pending.next(), if !self.pending.is_empty() => {
@@ -231,6 +250,10 @@ impl Session {
                     self.stall_done(done);
                 }
                 msg = next_push(&mut self.state.pubsub), if has_pubsub => self.on_push(msg),
+                d = next_resubscribe(&mut self.resubscribe), if has_resubscribe => {
+                    self.resubscribe = None;
+                    self.resubscribed(d);
+                }
                 r = client.writable(), if !self.wbuf.is_empty() => {
                     if r.is_err() {
                         return;
@@ -262,29 +285,115 @@ impl Session {
 
     /// A frame from the subscription connection (or its end).
     fn on_push(&mut self, msg: Option<Result<Reply, BackendError>>) {
-        match msg {
-            Some(Ok(r)) => {
-                self.wbuf.extend_from_slice(&r.raw);
-                while let Some(Ok(r)) = self
-                    .state
-                    .pubsub
-                    .as_mut()
-                    .and_then(|p| p.rx.try_recv().ok())
-                {
-                    self.wbuf.extend_from_slice(&r.raw);
+        let mut next = msg;
+        loop {
+            match next {
+                Some(Ok(r)) => {
+                    let proto = self.state.proto;
+                    let Some(p) = self.state.pubsub.as_mut() else {
+                        return;
+                    };
+                    if p.subs.received(&r.raw) {
+                        self.wbuf.extend_from_slice(&r.raw);
+                    }
+                    if let Some(owed) = p.subs.finish_resync(proto) {
+                        for r in owed {
+                            self.wbuf.extend_from_slice(&r.raw);
+                        }
+                    }
+                }
+                Some(Err(e)) => return self.subscription_lost(e),
+                None => {
+                    self.state.pubsub = None;
+                    self.closing = true;
+                    return;
                 }
             }
-            Some(Err(e)) => {
-                // Subscriptions cannot be restored behind the client's back.
-                let r = crate::upstream::replay::error_reply(&e, false);
+            // Everything else already there, in one write.
+            next = match self.state.pubsub.as_mut().map(|p| p.rx.try_recv()) {
+                Some(Ok(m)) => Some(m),
+                _ => return,
+            };
+        }
+    }
+
+    /// The subscription connection died: take another one (waiting, within the hold bound,
+    /// for a usable node) and restore the subscriptions there; the client keeps its
+    /// connection. With holding off, or when the client is gone, the client gets the error
+    /// and is closed.
+    fn subscription_lost(&mut self, e: BackendError) {
+        let rt = self.ep.current();
+        let hold = !rt.router.holder.settings().hold.is_zero();
+        let Some(p) = self.state.pubsub.as_mut() else {
+            return;
+        };
+        if !hold || self.eof {
+            let r = crate::upstream::replay::error_reply(&e, false);
+            self.wbuf.extend_from_slice(&r.raw);
+            self.state.pubsub = None;
+            self.closing = true;
+            return;
+        }
+        debug!(id = self.state.id, error = %e, subscriptions = p.subs.len(), "subscription connection lost: restoring it");
+        p.lost_at.get_or_insert_with(tokio::time::Instant::now);
+        let f = rt.router.dedicated(p.target);
+        self.resubscribe = Some(Box::pin(f));
+    }
+
+    /// A new subscription connection (or why there is none): the subscriptions are sent
+    /// again, and the resync begins (see [`pubsub`]).
+    fn resubscribed(&mut self, d: Result<Dedicated, BackendError>) {
+        let rt = self.ep.current();
+        let mut d = match d {
+            Ok(d) => d,
+            Err(e) => {
+                // No node within the hold bound: the subscriptions cannot be restored.
+                let r = crate::upstream::replay::error_reply(&e, true);
                 self.wbuf.extend_from_slice(&r.raw);
                 self.state.pubsub = None;
                 self.closing = true;
+                return;
             }
-            None => {
-                self.state.pubsub = None;
-                self.closing = true;
+        };
+        let Some(p) = self.state.pubsub.as_mut() else {
+            return;
+        };
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        d.conn.set_push_sink(tx);
+        d.clean = false;
+        self.lane = Some(Lane::Dedicated(d.conn.id));
+        p.node = d.node();
+        p.rx = rx;
+        let gap = p.lost_at.take().map(|t| t.elapsed()).unwrap_or_default();
+        let cmds = p.subs.resubscribe();
+        let mut failed = None;
+        for raw in cmds {
+            let req = crate::request::Request {
+                raw,
+                class: crate::request::ReplayClass::PubSub,
+                order: crate::request::Order {
+                    client: self.state.id,
+                    seq: self.seq,
+                },
+                route: Default::default(),
+                gate: None,
+            };
+            if let Err(e) = rt.router.send_untracked(&d, req) {
+                failed = Some(e);
+                break;
             }
+        }
+        p.conn = d;
+        rt.group().metrics.resubscribes.inc();
+        tracing::info!(id = self.state.id, endpoint = %self.ep.name, node = %p.node, subscriptions = p.subs.len(), gap_ms = gap.as_millis() as u64, "subscriptions restored on a new connection (messages published in the gap are lost)");
+        if let Some(owed) = p.subs.finish_resync(self.state.proto) {
+            for r in owed {
+                self.wbuf.extend_from_slice(&r.raw);
+            }
+        }
+        if let Some(e) = failed {
+            // The new connection died at once: its end is on the push channel already.
+            debug!(id = self.state.id, error = %e, "the new subscription connection failed");
         }
     }
 
@@ -316,6 +425,9 @@ impl Session {
         match tokio::io::AsyncReadExt::read_buf(client, &mut self.rbuf).now_or_never() {
             Some(Ok(0)) => {
                 self.eof = true;
+                // A client that closed its connection: its held commands are never sent (it
+                // may retry them elsewhere; sending them later could run them twice).
+                self.gate.set_gone();
             }
             Some(Ok(_)) => {}
             None => return true,
@@ -377,6 +489,13 @@ impl Session {
 
 async fn next_stall(stall: &mut Option<Stall>) -> StallDone {
     match stall {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_resubscribe(r: &mut Option<Resubscribe>) -> Result<Dedicated, BackendError> {
+    match r {
         Some(f) => f.await,
         None => std::future::pending().await,
     }

@@ -50,11 +50,17 @@ impl Tx {
     }
 }
 
-/// The client's subscription connection: every frame from it goes to the client.
+/// The client's subscription connection: every frame from it goes to the client (but those
+/// of a resync, see [`super::pubsub`]).
 pub struct PubSub {
     pub conn: Dedicated,
     pub rx: mpsc::UnboundedReceiver<Result<Reply, BackendError>>,
     pub node: SocketAddr,
+    /// Where a new subscription connection goes when this one dies.
+    pub target: crate::upstream::Target,
+    pub subs: super::pubsub::Subscriptions,
+    /// When the connection died (None: it is up).
+    pub lost_at: Option<tokio::time::Instant>,
 }
 
 /// What `AUTH` or `HELLO` computed.

@@ -191,12 +191,20 @@ async fn client_reply_off_skip_and_on_behave_like_redis() {
     assert_eq!(peer.commands(), ["SET a 1", "GET a", "GET b"]);
 }
 
-// A refused backend: the client is told the backend is unavailable, with the connect error
-// once, and that a retry is safe.
+/// A standalone backend on `addr` with holding off (errors at once).
+fn no_hold(addr: SocketAddr) -> Backend {
+    Backend {
+        failover_hold_ms: 0,
+        ..Backend::standalone(addr)
+    }
+}
+
+// Holding off, a refused backend: the client is told the backend is unavailable, with the
+// connect error once, and that a retry is safe.
 #[tokio::test]
 async fn a_refused_backend_is_unavailable_and_the_error_says_it_once() {
     let addr = Peer::refused_addr().await;
-    let proxy = start_proxy(Backend::standalone(addr));
+    let proxy = start_proxy(no_hold(addr));
     let mut c = Client::connect(&proxy).await;
     c.send(&[&["GET", "k"]]).await;
     let r = c.reply().await;
@@ -213,7 +221,7 @@ async fn a_refused_backend_is_unavailable_and_the_error_says_it_once() {
 #[tokio::test]
 async fn subscribe_to_a_refused_backend_says_unavailable() {
     let addr = Peer::refused_addr().await;
-    let proxy = start_proxy(Backend::standalone(addr));
+    let proxy = start_proxy(no_hold(addr));
     let mut c = Client::connect(&proxy).await;
     c.send(&[&["SUBSCRIBE", "x"]]).await;
     let r = c.reply().await;
@@ -339,4 +347,101 @@ async fn unsubscribe_without_arguments_goes_to_the_subscription_connection() {
         .conn_of("SUBSCRIBE x")
         .expect("SUBSCRIBE reached the backend");
     assert_eq!(peer.conn_commands(sub), ["SUBSCRIBE x", "UNSUBSCRIBE"]);
+}
+
+// A backend that is down when commands arrive and comes back (a restart): the commands are
+// held, in order, and answered by the node once it is back; the client sees no error.
+#[tokio::test]
+async fn commands_for_a_down_backend_are_held_until_it_is_back() {
+    let addr = Peer::refused_addr().await;
+    let proxy = start_proxy(Backend::standalone(addr));
+    let mut c = Client::connect(&proxy).await;
+    c.send(&[&["SET", "a", "1"], &["GET", "a"], &["INCR", "n"]])
+        .await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let peer = Peer::start_on(
+        addr,
+        Script::new()
+            .expect("SET", b"+OK\r\n")
+            .expect("GET", b"$1\r\n1\r\n")
+            .expect("INCR", b":1\r\n"),
+    )
+    .await;
+    assert_eq!(c.reply().await, "+OK\r\n");
+    assert_eq!(c.reply().await, "$1\r\n1\r\n");
+    assert_eq!(c.reply().await, ":1\r\n");
+    assert_eq!(peer.commands(), ["SET a 1", "GET a", "INCR n"]);
+    let m = &proxy.rt.group().metrics;
+    assert!(m.held.get() >= 3, "held {}", m.held.get());
+    assert_eq!(m.hold_expired.get(), 0);
+}
+
+// A client that closes its connection while its commands are held: they are never sent.
+#[tokio::test]
+async fn held_commands_of_a_client_that_left_are_never_sent() {
+    let addr = Peer::refused_addr().await;
+    let proxy = start_proxy(Backend::standalone(addr));
+    let mut c = Client::connect(&proxy).await;
+    c.send(&[&["INCR", "n"]]).await;
+    until_real(|| proxy.rt.router.holder.snapshot().depth == 1).await;
+    drop(c);
+    let peer = Peer::start_on(addr, Script::new()).await;
+    until_real(|| proxy.rt.router.holder.snapshot().depth == 0).await;
+    // Give a wrongly sent command time to arrive.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(peer.commands().is_empty(), "{:?}", peer.commands());
+    assert_eq!(proxy.rt.group().metrics.hold_gone.get(), 1);
+}
+
+/// Polls `cond` every 10 ms of real time for up to 10 s.
+async fn until_real(mut cond: impl FnMut() -> bool) {
+    for _ in 0..1000 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("condition not met within 10 s");
+}
+
+fn push3(kind: &str, ch: &str, n: &str) -> String {
+    format!(
+        "*3\r\n${}\r\n{kind}\r\n${}\r\n{ch}\r\n{n}\r\n",
+        kind.len(),
+        ch.len()
+    )
+}
+
+// The subscription connection dies (the node closes it): the proxy takes a new one,
+// subscribes again, swallows the confirmations the client had already, answers the PING whose
+// reply was lost, and the client keeps getting messages on its connection.
+#[tokio::test]
+async fn subscriptions_survive_their_connection() {
+    let confirms = format!(
+        "{}{}",
+        push3("subscribe", "a", ":1"),
+        push3("subscribe", "b", ":2")
+    );
+    let peer = Peer::start(
+        Script::new()
+            .expect("SUBSCRIBE", confirms.as_bytes())
+            .close_on("PING")
+            .reply_then(
+                "SUBSCRIBE",
+                confirms.as_bytes(),
+                std::time::Duration::from_millis(50),
+                push3("message", "a", "$2\r\nhi").as_bytes(),
+            ),
+    )
+    .await;
+    let proxy = start_proxy(Backend::standalone(peer.addr()));
+    let mut c = Client::connect(&proxy).await;
+    c.send(&[&["SUBSCRIBE", "a", "b"]]).await;
+    assert_eq!(c.reply().await, push3("subscribe", "a", ":1"));
+    assert_eq!(c.reply().await, push3("subscribe", "b", ":2"));
+    c.send(&[&["PING"]]).await;
+    assert_eq!(c.reply().await, "*2\r\n$4\r\npong\r\n$0\r\n\r\n");
+    assert_eq!(c.reply().await, push3("message", "a", "$2\r\nhi"));
+    assert_eq!(peer.commands(), ["SUBSCRIBE a b", "PING", "SUBSCRIBE a b"]);
+    assert_eq!(proxy.rt.group().metrics.resubscribes.get(), 1);
 }

@@ -19,9 +19,13 @@ pub mod follow;
 pub mod sentinel;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+use tokio_util::task::AbortOnDropHandle;
 
 /// Why no backend node can be picked.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -84,6 +88,11 @@ pub trait Topology: Send + Sync + 'static {
 
     /// The masters: every slot owner of a cluster (broadcast commands), else the one master.
     fn masters(&self) -> Vec<SocketAddr>;
+
+    /// True when another node may be named for a standalone endpoint (standby addresses).
+    fn has_standby(&self) -> bool {
+        false
+    }
 }
 
 /// Waits up to `timeout` until `t` has its first view. True when it has.
@@ -103,20 +112,118 @@ pub async fn wait_ready(t: &dyn Topology, timeout: Duration) -> bool {
     tokio::time::timeout(timeout, wait).await.is_ok()
 }
 
-/// One backend node; every command goes to it.
-#[derive(Debug)]
+/// A standalone backend: one node, and optionally standby nodes the proxy switches to when the
+/// primary has been down past `standby_after` and a standby answers `ROLE` master (an operator
+/// or an external failover tool promoted it; the proxy never sends `REPLICAOF`). The switch is
+/// logged with its duration and published as a new generation.
 pub struct Standalone {
-    addr: SocketAddr,
-    /// Never changes; kept so [`Topology::changes`] has something to hand out.
+    inner: Arc<StandaloneInner>,
+    _watch: Option<AbortOnDropHandle<()>>,
+}
+
+struct StandaloneInner {
+    /// The primary first, then the standbys.
+    nodes: Vec<SocketAddr>,
+    current: AtomicUsize,
     generation: watch::Sender<u64>,
+    /// When the node in use was first reported failed (None: not failing).
+    failed_since: Mutex<Option<Instant>>,
+    wake: Notify,
+}
+
+/// Settings of the standby watch.
+#[derive(Debug, Clone)]
+pub struct StandbyConfig {
+    pub standbys: Vec<SocketAddr>,
+    /// How long the node in use must be down before a standby is looked for.
+    pub after: Duration,
+    /// How the `ROLE`/`PING` checks connect (backend credentials, bypass mark).
+    pub control: control::ControlSpec,
 }
 
 impl Standalone {
     pub fn new(addr: SocketAddr) -> Self {
         Self {
-            addr,
-            generation: watch::channel(0).0,
+            inner: Arc::new(StandaloneInner {
+                nodes: vec![addr],
+                current: AtomicUsize::new(0),
+                generation: watch::channel(0).0,
+                failed_since: Mutex::new(None),
+                wake: Notify::new(),
+            }),
+            _watch: None,
         }
+    }
+
+    /// A primary with standbys (must run inside tokio: the standby watch starts here).
+    pub fn with_standby(addr: SocketAddr, cfg: StandbyConfig) -> Self {
+        let mut nodes = vec![addr];
+        nodes.extend(cfg.standbys.iter().copied().filter(|a| *a != addr));
+        let inner = Arc::new(StandaloneInner {
+            nodes,
+            current: AtomicUsize::new(0),
+            generation: watch::channel(0).0,
+            failed_since: Mutex::new(None),
+            wake: Notify::new(),
+        });
+        let task = tokio::spawn(watch_standby(inner.clone(), cfg));
+        Self {
+            inner,
+            _watch: Some(AbortOnDropHandle::new(task)),
+        }
+    }
+
+    fn current(&self) -> SocketAddr {
+        self.inner.nodes[self.inner.current.load(Ordering::Acquire)]
+    }
+}
+
+impl StandaloneInner {
+    fn failed_since(&self) -> Option<Instant> {
+        *self.failed_since.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_failed_since(&self, t: Option<Instant>) {
+        *self.failed_since.lock().unwrap_or_else(|p| p.into_inner()) = t;
+    }
+}
+
+/// The answer of `ROLE` on `addr` ("master", "slave"), if it answers.
+async fn role_of(addr: SocketAddr, spec: &control::ControlSpec) -> Option<String> {
+    let mut c = control::ControlConn::connect(addr, spec).await.ok()?;
+    let v = c.command(&[b"ROLE"]).await.ok()?;
+    v.as_array()?.first()?.as_str().map(str::to_string)
+}
+
+/// Watches the node in use once it is reported failed: when it stays down past `after`, the
+/// first standby answering `ROLE` master becomes the node in use.
+async fn watch_standby(inner: Arc<StandaloneInner>, cfg: StandbyConfig) {
+    loop {
+        let Some(since) = inner.failed_since() else {
+            inner.wake.notified().await;
+            continue;
+        };
+        let cur = inner.current.load(Ordering::Acquire);
+        // Still down? Any answer to ROLE means it is up (a restarted primary is used again).
+        if role_of(inner.nodes[cur], &cfg.control).await.is_some() {
+            inner.set_failed_since(None);
+            continue;
+        }
+        if since.elapsed() >= cfg.after {
+            for (i, addr) in inner.nodes.iter().enumerate() {
+                if i == cur {
+                    continue;
+                }
+                if role_of(*addr, &cfg.control).await.as_deref() == Some("master") {
+                    inner.current.store(i, Ordering::Release);
+                    inner.set_failed_since(None);
+                    inner.generation.send_modify(|g| *g += 1);
+                    tracing::warn!(from = %inner.nodes[cur], to = %addr, after_ms = since.elapsed().as_millis() as u64, "standalone: the node in use is down and a standby is master: switched to it");
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -126,15 +233,22 @@ impl Topology for Standalone {
     }
 
     fn pick(&self, _slot: Option<u16>, _readonly: bool) -> Result<SocketAddr, TopologyError> {
-        Ok(self.addr)
+        Ok(self.current())
+    }
+
+    fn node_failed(&self, addr: SocketAddr) {
+        if self._watch.is_some() && addr == self.current() && self.inner.failed_since().is_none() {
+            self.inner.set_failed_since(Some(Instant::now()));
+            self.inner.wake.notify_one();
+        }
     }
 
     fn generation(&self) -> u64 {
-        0
+        *self.inner.generation.borrow()
     }
 
     fn changes(&self) -> watch::Receiver<u64> {
-        self.generation.subscribe()
+        self.inner.generation.subscribe()
     }
 
     fn is_ready(&self) -> bool {
@@ -142,11 +256,15 @@ impl Topology for Standalone {
     }
 
     fn nodes(&self) -> Vec<SocketAddr> {
-        vec![self.addr]
+        vec![self.current()]
     }
 
     fn masters(&self) -> Vec<SocketAddr> {
-        vec![self.addr]
+        vec![self.current()]
+    }
+
+    fn has_standby(&self) -> bool {
+        self.inner.nodes.len() > 1
     }
 }
 

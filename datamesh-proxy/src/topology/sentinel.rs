@@ -29,9 +29,10 @@ use crate::resp::Value;
 /// Sentinel event channels the topology subscribes to. `+switch-master` is applied at
 /// once; the others (a replica going down or up, an old master turned replica, a new
 /// replica) only trigger a re-poll.
-const CHANNELS: [&[u8]; 6] = [
+const CHANNELS: [&[u8]; 7] = [
     b"+switch-master",
     b"+sdown",
+    b"+odown",
     b"-sdown",
     b"+slave",
     b"+convert-to-slave",
@@ -128,6 +129,13 @@ fn parse_event(msg: &Value, name: &str) -> Option<Event> {
             new: SocketAddr::new(ip, port),
         });
     }
+    // "master <name> <ip> <port> ...": our master is down (subjectively or objectively).
+    if (channel == "+sdown" || channel == "+odown")
+        && words.first() == Some(&"master")
+        && words.get(1) == Some(&name)
+    {
+        return Some(Event::Repoll);
+    }
     // "<type> <name> <ip> <port> @ <master-name> <master-ip> <master-port>"
     let at = words.iter().position(|w| *w == "@")?;
     if words.get(at + 1) != Some(&name) {
@@ -198,6 +206,8 @@ struct SentinelInner {
     current: Mutex<Option<SocketAddr>>,
     /// `state.generation`, published for [`Topology::changes`].
     generation: watch::Sender<u64>,
+    /// When the master in use was first reported failed (for the switch's log line).
+    failed_at: Mutex<Option<tokio::time::Instant>>,
 }
 
 impl SentinelInner {
@@ -224,7 +234,13 @@ impl SentinelInner {
         if changed {
             self.publish();
             if old_master != Some(master) {
-                info!(master_name = %self.cfg.master_name, ?old_master, new_master = %master, ?replicas, "sentinel: master changed");
+                let down_ms = self
+                    .failed_at
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take()
+                    .map(|t| t.elapsed().as_millis() as u64);
+                info!(master_name = %self.cfg.master_name, ?old_master, new_master = %master, ?replicas, ?down_ms, "sentinel: master changed (down_ms: since the old master was first seen failing)");
             } else {
                 debug!(master_name = %self.cfg.master_name, ?replicas, "sentinel: replica set changed");
             }
@@ -437,6 +453,7 @@ impl Sentinel {
             rr: AtomicUsize::new(0),
             current: Mutex::new(None),
             generation: watch::channel(0).0,
+            failed_at: Mutex::new(None),
         });
         Self {
             inner,
@@ -486,6 +503,13 @@ impl Topology for Sentinel {
     /// to be master).
     fn node_failed(&self, addr: SocketAddr) {
         debug!(node = %addr, "sentinel-managed node failed, re-polling");
+        if self.inner.state.borrow().master == Some(addr) {
+            self.inner
+                .failed_at
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_or_insert_with(tokio::time::Instant::now);
+        }
         self.inner.repoll.notify_one();
     }
 
@@ -559,7 +583,15 @@ mod tests {
             ),
             Some(Event::Repoll)
         );
-        assert_eq!(e("+sdown", "master mymaster 127.0.0.1 6379"), None);
+        assert_eq!(
+            e("+sdown", "master mymaster 127.0.0.1 6379"),
+            Some(Event::Repoll)
+        );
+        assert_eq!(
+            e("+odown", "master mymaster 127.0.0.1 6379 #quorum 2/2"),
+            Some(Event::Repoll)
+        );
+        assert_eq!(e("+odown", "master other 127.0.0.1 6379 #quorum 2/2"), None);
         assert_eq!(
             e(
                 "+sdown",

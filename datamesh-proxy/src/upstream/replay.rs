@@ -5,8 +5,9 @@
 //! dead socket may go anywhere; a written read-only command may be resent; a written write,
 //! anything holding connection state (transactions, blocking pops) and pub/sub may not, because
 //! its outcome is unknown (a resent `INCR` counts twice, a resent `SET` can overwrite a newer
-//! write). Today every unanswered command gets an error reply that says whether it is safe to
-//! retry; holding and replaying them is the failover's job, and it decides from these values.
+//! write). The hold queue ([`super::hold`]) resends what is safe; what reaches a client as an
+//! error says which it is: "(safe to retry)" when the command cannot have run, "the command
+//! may have been executed" when its outcome is unknown.
 
 pub use crate::backend::{Outcome, Unanswered};
 pub use crate::request::{Order, ReplayClass, Request};
@@ -14,33 +15,24 @@ pub use crate::request::{Order, ReplayClass, Request};
 use crate::backend::BackendError;
 use crate::resp::Reply;
 
-/// What the router does with an unanswered command.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Decision {
-    /// Answer the client with an error that says whether a retry is safe.
-    Fail { retry_safe: bool },
-}
-
-/// The decision for `u`. Nothing is resent yet: the client gets an error saying whether it may
-/// retry (never written or read-only).
-pub fn decide(u: &Unanswered) -> Decision {
-    Decision::Fail {
-        retry_safe: u.class().replay_safe(),
-    }
-}
-
-/// The error reply a client gets for an unanswered command.
+/// The error reply a client gets for a command no reply will come for: "(safe to retry)"
+/// when it cannot have run (never sent, or a read), "may have been executed" otherwise.
 pub fn failure_reply(u: &Unanswered) -> Reply {
-    match decide(u) {
-        Decision::Fail { retry_safe } => error_reply(&u.error, retry_safe),
-    }
+    let safe = u.class().replay_safe() || u.error.never_sent();
+    error_reply(&u.error, safe)
 }
 
-/// `-ERR datamesh proxy: <error>`, with " (safe to retry)" when resending cannot apply the
-/// command twice: clients and operators decide retries from that.
+/// `-ERR datamesh proxy: <error>`, ending " (safe to retry)" when resending cannot apply the
+/// command twice, or "; the command may have been executed" when it may have run: clients
+/// and operators decide retries from that.
 pub fn error_reply(e: &BackendError, retry_safe: bool) -> Reply {
-    let safe = if retry_safe { " (safe to retry)" } else { "" };
-    Reply::error(&format!("ERR datamesh proxy: {e}{safe}"))
+    if retry_safe {
+        Reply::error(&format!("ERR datamesh proxy: {e} (safe to retry)"))
+    } else {
+        Reply::error(&format!(
+            "ERR datamesh proxy: {e}; the command may have been executed"
+        ))
+    }
 }
 
 #[cfg(test)]
@@ -59,6 +51,8 @@ mod tests {
                 raw: Bytes::from_static(b"*1\r\n$4\r\nINCR\r\n"),
                 class,
                 order: Order { client: 1, seq: 7 },
+                route: Default::default(),
+                gate: None,
             },
             addr,
             written,
@@ -95,7 +89,7 @@ mod tests {
         let r = failure_reply(&unanswered(ReplayClass::Write, true));
         assert_eq!(
             &r.raw[..],
-            b"-ERR datamesh proxy: connection to backend 127.0.0.1:6379 was lost (closed by the backend)\r\n"
+            b"-ERR datamesh proxy: connection to backend 127.0.0.1:6379 was lost (closed by the backend); the command may have been executed\r\n"
         );
         let r = failure_reply(&unanswered(ReplayClass::Write, false));
         assert!(r.raw.ends_with(b"(safe to retry)\r\n"), "{:?}", r.raw);

@@ -8,14 +8,20 @@
 //! 3. the per-command deadline is the connection's (`command_timeout_ms`, checked by its
 //!    reader on a coarse tick, see [`crate::backend::conn`]);
 //! 4. finish it from its [`Outcome`] ([`Router::resolve`], the one decision function):
-//!    - a reply that proves the command did not run is resent, at most [`MAX_ATTEMPTS`]
-//!      times: `MOVED` (slot map updated, resent to the new owner), `ASK` (`ASKING` and the
-//!      command back to back on one connection), `TRYAGAIN`/`CLUSTERDOWN`/`LOADING`/
-//!      `MASTERDOWN` (resent after a wait doubling from 20 ms), `READONLY` from a node believed to
-//!      be master (the topology re-polls; resent to the new master once it changes);
+//!    - a redirect is followed at once, at most [`MAX_ATTEMPTS`] times: `MOVED` (slot map
+//!      updated, resent to the new owner), `ASK` (`ASKING` and the command back to back on one
+//!      connection);
+//!    - another reply that proves the command did not run goes to the hold queue
+//!      ([`super::hold`]) and is resent from there: `LOADING`/`MASTERDOWN` (the node is held
+//!      back until its health check answers PONG), `TRYAGAIN`/`CLUSTERDOWN`/`NOAUTH` (after a
+//!      wait doubling from 20 ms), `READONLY` from a node believed to be master (once the
+//!      topology names another);
 //!    - any other reply goes to the client as it is;
-//!    - an unanswered command (connection lost, refused, timed out) reports its node to the
-//!      topology and is decided by [`super::replay`] from its replay class.
+//!    - an unanswered command is decided by [`super::replay`] from its replay class (a shared
+//!      connection hands replayable ones to the hold queue itself, see [`super::hold`]).
+//!
+//! A command for which no usable node exists at dispatch (no master known, the node down or
+//! loading) or whose client has held commands goes to the hold queue instead of a connection.
 //!
 //! The common case costs one oneshot and one `Arc` clone: [`Call`] polls the reply inline and
 //! only boxes a future when a command must be resent. On a dedicated connection nothing is
@@ -33,20 +39,24 @@ use bytes::Bytes;
 use futures::FutureExt;
 use tokio::sync::oneshot;
 
+use tokio::time::Instant;
+use tokio_util::task::AbortOnDropHandle;
+
+use super::hold::{self, Held, HeldFor, HoldSettings, Holder};
 use super::replay::{self, Outcome, ReplayClass, Request, Unanswered};
 use crate::backend::conn::Submission;
 use crate::backend::{BackendError, BackendGroup, Conn, Dedicated, PoolKey};
+use crate::request::Route;
 use crate::resp::Reply;
 use crate::topology::cluster::{parse_redirect, Redirect};
-use crate::topology::{Topology, TopologyError, TopologyKind};
+use crate::topology::{Topology, TopologyKind};
 
 /// Most times one command is resent (redirects and retryable errors together).
 pub const MAX_ATTEMPTS: u8 = 5;
-/// First wait before resending after TRYAGAIN/CLUSTERDOWN/LOADING/MASTERDOWN; doubles per
-/// attempt (20, 40, 80, 160, 320 ms: about 0.6 s in all).
+/// First wait before resending after TRYAGAIN/CLUSTERDOWN/NOAUTH; doubles per attempt up to
+/// [`RETRY_MAX`], within the hold bound.
 const RETRY_BASE: Duration = Duration::from_millis(20);
-/// How long a command answered READONLY waits for the topology to name another master.
-const REROUTE_WAIT: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_millis(320);
 
 /// An error reply in the proxy's voice.
 pub fn proxy_error(text: impl std::fmt::Display) -> Reply {
@@ -57,7 +67,9 @@ pub fn proxy_error(text: impl std::fmt::Display) -> Reply {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Signal {
     Redirect(Redirect),
-    /// TRYAGAIN, CLUSTERDOWN, LOADING, MASTERDOWN: not run, try again shortly.
+    /// LOADING, MASTERDOWN: the node is not ready; held until it answers PING.
+    NotReady,
+    /// TRYAGAIN, CLUSTERDOWN, NOAUTH: not run, try again shortly.
     Later {
         report: bool,
     },
@@ -71,8 +83,9 @@ impl Signal {
         let word = text.split(|b| *b == b' ').next().unwrap_or(b"");
         match word {
             b"MOVED" | b"ASK" if cluster => parse_redirect(text, node).map(Signal::Redirect),
-            b"TRYAGAIN" | b"LOADING" => Some(Signal::Later { report: false }),
-            b"CLUSTERDOWN" | b"MASTERDOWN" => Some(Signal::Later { report: true }),
+            b"LOADING" | b"MASTERDOWN" => Some(Signal::NotReady),
+            b"TRYAGAIN" => Some(Signal::Later { report: false }),
+            b"CLUSTERDOWN" | b"NOAUTH" => Some(Signal::Later { report: true }),
             b"READONLY" => Some(Signal::Demoted),
             _ => None,
         }
@@ -101,14 +114,22 @@ struct Step {
     node: SocketAddr,
     target: Target,
     affinity: u64,
+    /// Redirects followed.
     attempt: u8,
+    /// Resends through the hold queue (for the backoff).
+    held: u8,
+    /// When it first waited in the hold queue (the bound is for the whole command).
+    first_held: Option<Instant>,
 }
 
 enum Wait {
+    /// Resend to `Step::node` now (a redirect).
     Now,
-    After(Duration),
-    /// Wait for the topology to name another node for the command, then resend there.
-    Reroute,
+    /// Through the hold queue: not before `not_before`, not to `avoid`.
+    Hold {
+        not_before: Option<Instant>,
+        avoid: Option<SocketAddr>,
+    },
 }
 
 struct Retry {
@@ -206,15 +227,38 @@ impl Future for Call {
     }
 }
 
-/// One endpoint's request path: its topology and its pools.
+/// One endpoint's request path: its topology, its pools and its hold queue.
 pub struct Router {
     pub topology: Arc<dyn Topology>,
     pub group: Arc<BackendGroup>,
+    pub holder: Arc<Holder>,
+    /// Drains the hold queue; stops with the router.
+    _drain: AbortOnDropHandle<()>,
 }
 
 impl Router {
-    pub fn new(topology: Arc<dyn Topology>, group: Arc<BackendGroup>) -> Self {
-        Self { topology, group }
+    /// The router of `topology` and `group`, holding commands within `hold` (must run inside
+    /// tokio: the hold queue's task starts here).
+    pub fn new(
+        topology: Arc<dyn Topology>,
+        group: Arc<BackendGroup>,
+        hold: HoldSettings,
+    ) -> Arc<Self> {
+        let holder = Arc::new(Holder::new(
+            group.endpoint.clone(),
+            hold,
+            group.metrics.clone(),
+        ));
+        group.set_returns(holder.clone());
+        Arc::new_cyclic(|me| {
+            let drain = tokio::spawn(hold::run(me.clone(), holder.clone()));
+            Self {
+                topology,
+                group,
+                holder,
+                _drain: AbortOnDropHandle::new(drain),
+            }
+        })
     }
 
     pub fn is_cluster(&self) -> bool {
@@ -222,11 +266,80 @@ impl Router {
     }
 
     /// The node for `target` now.
-    pub fn pick(&self, target: Target) -> Result<SocketAddr, TopologyError> {
+    pub fn pick(&self, target: Target) -> Result<SocketAddr, crate::topology::TopologyError> {
         self.topology.pick(target.slot, target.readonly)
     }
 
-    fn key(&self, node: SocketAddr, target: Target) -> PoolKey {
+    /// The node for `target` if commands may go to it now (`pinned`: that node; `avoid`: not
+    /// that one), else why not and the node to report to the topology. A read for a replica
+    /// that is down goes to the master instead.
+    pub(crate) fn usable_node(
+        &self,
+        target: Target,
+        pinned: Option<SocketAddr>,
+        avoid: Option<SocketAddr>,
+    ) -> Result<SocketAddr, (String, Option<SocketAddr>)> {
+        let node = match pinned.map(Ok).unwrap_or_else(|| self.pick(target)) {
+            Ok(n) => n,
+            Err(e) => return Err((e.to_string(), None)),
+        };
+        if Some(node) == avoid {
+            return Err((
+                format!("{node} answered READONLY and the topology names no other master yet"),
+                Some(node),
+            ));
+        }
+        let health = &self.group.health;
+        if health.usable(node) || self.holder.settings().hold.is_zero() {
+            // Holding off: the connection's own error tells the client.
+            return Ok(node);
+        }
+        if target.readonly && pinned.is_none() {
+            if let Ok(master) = self.topology.pick(target.slot, false) {
+                if master != node && health.usable(master) {
+                    return Ok(master);
+                }
+            }
+        }
+        let why = match health.get(node) {
+            Some(h) => {
+                let info = h.info();
+                format!(
+                    "backend {node} is {} ({})",
+                    serde_json::to_value(info.status)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default(),
+                    info.cause.unwrap_or_default()
+                )
+            }
+            None => format!("backend {node} is not usable"),
+        };
+        Err((why, Some(node)))
+    }
+
+    /// Holds `request` for a usable node and returns the call that finishes it.
+    fn hold_call(
+        self: &Arc<Self>,
+        mut request: Request,
+        target: Target,
+        cause: String,
+        affinity: u64,
+    ) -> Call {
+        if self.holder.settings().hold.is_zero() {
+            return Call::ready(proxy_error(cause));
+        }
+        request.route = Route {
+            node: request.route.node,
+            ..route_of(target)
+        };
+        let rx = self
+            .holder
+            .hold_request(request, target, cause, Instant::now());
+        self.shared_call(rx, UNSPECIFIED, target, affinity)
+    }
+
+    pub(crate) fn key(&self, node: SocketAddr, target: Target) -> PoolKey {
         PoolKey {
             addr: node,
             db: target.db,
@@ -241,12 +354,24 @@ impl Router {
         self: &Arc<Self>,
         node: Option<SocketAddr>,
         target: Target,
-        request: Request,
+        mut request: Request,
         affinity: u64,
     ) -> Call {
-        let node = match node.map(Ok).unwrap_or_else(|| self.pick(target)) {
+        request.route = Route {
+            node,
+            ..route_of(target)
+        };
+        if request.gate.as_ref().is_some_and(|g| g.held() > 0) {
+            return self.hold_call(
+                request,
+                target,
+                "an earlier command of this client is held".into(),
+                affinity,
+            );
+        }
+        let node = match self.usable_node(target, node, None) {
             Ok(n) => n,
-            Err(e) => return Call::ready(proxy_error(e)),
+            Err((cause, _)) => return self.hold_call(request, target, cause, affinity),
         };
         let conn = self.group.pool(self.key(node, target)).shared(affinity);
         let rx = conn.submit(request, true);
@@ -270,28 +395,77 @@ impl Router {
                     target,
                     affinity,
                     attempt: 0,
+                    held: 0,
+                    first_held: None,
                 },
             },
         })
     }
 
-    /// An exclusive connection to `node` (warm if one is idle). A refused connect reports the
-    /// node to the topology.
+    /// An exclusive connection to the node for `target` (warm if one is idle). While no
+    /// usable node is named (no master, the node down), it waits up to the hold bound for one;
+    /// a refused connect reports the node to the topology and waits again.
     pub fn dedicated(
         self: &Arc<Self>,
-        node: SocketAddr,
         target: Target,
     ) -> impl Future<Output = Result<Dedicated, BackendError>> + Send + 'static {
-        let pool = self.group.pool(self.key(node, target));
         let router = self.clone();
         async move {
-            let r = pool.dedicated().await;
-            if let Err(e) = &r {
-                if e.node_failure() {
-                    router.topology.node_failed(e.addr());
+            let hold = router.holder.settings().hold;
+            let since = Instant::now();
+            let mut topology = router.topology.changes();
+            let mut health = router.group.health.changes();
+            let mut last_report: Option<Instant> = None;
+            loop {
+                let cause = match router.usable_node(target, None, None) {
+                    Ok(node) => {
+                        let pool = router.group.pool(router.key(node, target));
+                        match pool.dedicated().await {
+                            Ok(d) => return Ok(d),
+                            Err(e) if e.never_sent() && e.node_failure() => {
+                                router.topology.node_failed(e.addr());
+                                if hold.is_zero() {
+                                    return Err(e);
+                                }
+                                (e.to_string(), None)
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    Err((cause, node)) => (cause, node),
+                };
+                let held_ms = since.elapsed().as_millis() as u64;
+                if since.elapsed() >= hold {
+                    let (cause, node) = cause;
+                    return Err(if hold.is_zero() {
+                        BackendError::NotHeld {
+                            addr: node.unwrap_or(UNSPECIFIED),
+                            endpoint: router.group.endpoint.clone(),
+                            cause,
+                            why: "is off (failover_hold_ms: 0)".into(),
+                        }
+                    } else {
+                        BackendError::HoldExpired {
+                            addr: node.unwrap_or(UNSPECIFIED),
+                            endpoint: router.group.endpoint.clone(),
+                            held_ms,
+                            cause,
+                        }
+                    });
+                }
+                if let Some(node) = cause.1 {
+                    if last_report.is_none_or(|t| t.elapsed() >= hold::REPORT_EVERY) {
+                        last_report = Some(Instant::now());
+                        router.topology.node_failed(node);
+                    }
+                }
+                let wait = (since + hold).min(Instant::now() + hold::REPORT_EVERY);
+                tokio::select! {
+                    _ = topology.changed() => {}
+                    _ = health.changed() => {}
+                    _ = tokio::time::sleep_until(wait) => {}
                 }
             }
-            r
         }
     }
 
@@ -319,11 +493,11 @@ impl Router {
     /// Finishes a command of a dedicated connection: replies as they are (redirects and
     /// demotions only reported, since a transaction or a blocking command cannot move),
     /// unanswered ones by their replay class.
-    fn finish_pinned(&self, node: SocketAddr, outcome: Outcome) -> Reply {
+    fn finish_pinned(&self, _node: SocketAddr, outcome: Outcome) -> Reply {
         match outcome {
-            Outcome::Replied { reply, .. } => {
+            Outcome::Replied { reply, node, .. } => {
                 if let Some(signal) = self.signal(&reply, node) {
-                    self.report(node, signal);
+                    self.report(node, signal, &reply);
                 }
                 reply
             }
@@ -341,51 +515,88 @@ impl Router {
 
     /// Tells the topology what a reply from `node` showed: a new slot owner, or a node to
     /// look at again (demoted, or its cluster or link down).
-    fn report(&self, node: SocketAddr, signal: Signal) {
+    fn report(&self, node: SocketAddr, signal: Signal, reply: &Reply) {
         match signal {
             Signal::Redirect(r) => self.topology.redirected(r.slot(), r.addr(), r.is_ask()),
             Signal::Demoted | Signal::Later { report: true } => self.topology.node_failed(node),
+            Signal::NotReady => {
+                if let Some(h) = self.group.health.get(node) {
+                    let text = String::from_utf8_lossy(reply.error_text());
+                    h.loading(text.split(' ').next().unwrap_or(""));
+                }
+            }
             Signal::Later { report: false } => {}
         }
     }
 
     /// A command no reply will come for: its node is reported when it looks broken, and the
-    /// client gets the answer its replay class allows.
+    /// client gets the answer its replay class allows (an unknown outcome is counted for its
+    /// endpoint and pod).
     fn unanswered(&self, u: &Unanswered) -> Reply {
         if u.error.node_failure() {
             self.topology.node_failed(u.addr);
+        }
+        if !u.class().replay_safe() && !u.error.never_sent() {
+            if let Some(g) = &u.request.gate {
+                g.count_unknown_outcome();
+            }
+            tracing::debug!(endpoint = %self.group.endpoint, backend = %u.addr, client = u.request.order.client, error = %u.error, "unknown outcome: the command may have been executed");
         }
         replay::failure_reply(u)
     }
 
     /// The one decision: what becomes of a command given its outcome (see the module docs).
     fn resolve(&self, ctx: &mut Step, outcome: Outcome) -> Resolved {
-        let (reply, request) = match outcome {
-            Outcome::Replied { reply, request } => (reply, request),
+        let (reply, request, node) = match outcome {
+            Outcome::Replied {
+                reply,
+                request,
+                node,
+            } => (reply, request, node),
             Outcome::Unanswered(u) => return Resolved::Done(self.unanswered(&u)),
         };
-        let node = ctx.node;
+        ctx.node = node;
         let Some(signal) = self.signal(&reply, node) else {
             return Resolved::Done(reply);
         };
-        if ctx.attempt >= MAX_ATTEMPTS
-            || (signal == Signal::Demoted && self.topology.kind() == TopologyKind::Standalone)
+        let redirect = matches!(signal, Signal::Redirect(_));
+        if (redirect && ctx.attempt >= MAX_ATTEMPTS)
+            || (signal == Signal::Demoted
+                && self.topology.kind() == TopologyKind::Standalone
+                && !self.topology.has_standby())
+            || self.holder.settings().hold.is_zero() && !redirect
         {
-            // Out of attempts, or nobody will name another node: the reply as it is.
+            // Out of attempts, nobody will name another node, or no holding: the reply as
+            // it is.
             return Resolved::Done(reply);
         }
-        self.report(node, signal);
-        ctx.attempt += 1;
+        self.report(node, signal, &reply);
         let (wait, asking) = match signal {
             Signal::Redirect(r) => {
+                ctx.attempt += 1;
                 ctx.node = r.addr();
                 (Wait::Now, r.is_ask())
             }
-            Signal::Later { .. } => (
-                Wait::After(RETRY_BASE * (1u32 << (ctx.attempt - 1).min(5))),
+            // Not ready: the node is held back until its health check answers PONG, and the
+            // command waits its backoff too (without health checks, that is all it waits).
+            Signal::NotReady | Signal::Later { .. } => {
+                ctx.held = ctx.held.saturating_add(1);
+                let backoff = (RETRY_BASE * (1u32 << (ctx.held - 1).min(5))).min(RETRY_MAX);
+                (
+                    Wait::Hold {
+                        not_before: Some(Instant::now() + backoff),
+                        avoid: None,
+                    },
+                    false,
+                )
+            }
+            Signal::Demoted => (
+                Wait::Hold {
+                    not_before: None,
+                    avoid: Some(node),
+                },
                 false,
             ),
-            Signal::Demoted => (Wait::Reroute, false),
         };
         self.group.metrics.resent.inc();
         Resolved::Retry(Retry {
@@ -399,34 +610,40 @@ impl Router {
     /// Resends until the command is finished (the slow path of [`Call`]).
     async fn resend(self: Arc<Self>, mut ctx: CallCtx, mut retry: Retry) -> Reply {
         loop {
-            match retry.wait {
-                Wait::Now => {}
-                Wait::After(d) => tokio::time::sleep(d).await,
-                Wait::Reroute => {
-                    let old = ctx.step.node;
-                    let mut changes = self.topology.changes();
-                    let mut node = self.pick(ctx.step.target);
-                    let deadline = tokio::time::Instant::now() + REROUTE_WAIT;
-                    while node.as_ref().is_ok_and(|n| *n == old) {
-                        match tokio::time::timeout_at(deadline, changes.changed()).await {
-                            Ok(Ok(())) => node = self.pick(ctx.step.target),
-                            _ => break,
-                        }
-                    }
-                    match node {
-                        Ok(n) if n != old => ctx.step.node = n,
-                        // No other node named in time: the client gets the reply it got.
-                        Ok(_) => return retry.reply,
-                        Err(e) => return proxy_error(e),
+            let outcome = match retry.wait {
+                Wait::Now => {
+                    let key = self.key(ctx.step.node, ctx.step.target);
+                    let conn = self.group.pool(key).shared(ctx.step.affinity);
+                    if retry.asking {
+                        submit_asking(&conn, retry.request).await
+                    } else {
+                        conn.submit(retry.request, true).await
                     }
                 }
-            }
-            let key = self.key(ctx.step.node, ctx.step.target);
-            let conn = self.group.pool(key).shared(ctx.step.affinity);
-            let outcome = if retry.asking {
-                submit_asking(&conn, retry.request).await
-            } else {
-                conn.submit(retry.request, true).await
+                Wait::Hold { not_before, avoid } => {
+                    let since = *ctx.step.first_held.get_or_insert_with(Instant::now);
+                    let (tx, rx) = oneshot::channel();
+                    let target = ctx.step.target;
+                    let held = Held {
+                        request: retry.request,
+                        reply: tx,
+                        db: target.db,
+                        proto: target.proto,
+                        since,
+                        not_before,
+                        avoid,
+                        cause: format!(
+                            "backend {} answered {}",
+                            ctx.step.node,
+                            String::from_utf8_lossy(retry.reply.error_text())
+                        ),
+                    };
+                    if self.holder.hold(held, HeldFor::NotRun).is_err() {
+                        // The queue is full: the client gets the reply it got.
+                        return retry.reply;
+                    }
+                    rx.await
+                }
             };
             let Ok(outcome) = outcome else {
                 return closed_reply();
@@ -438,6 +655,19 @@ impl Router {
         }
     }
 }
+
+/// The route of a command for `target`.
+fn route_of(target: Target) -> Route {
+    Route {
+        slot: target.slot,
+        readonly: target.readonly,
+        node: None,
+    }
+}
+
+/// Placeholder node of a call not sent yet (held).
+const UNSPECIFIED: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
 
 /// `ASKING` and the command back to back on one connection (nothing of another client comes
 /// between them); the outcome is the command's.
@@ -451,6 +681,8 @@ async fn submit_asking(
         raw: Bytes::from_static(b"*1\r\n$6\r\nASKING\r\n"),
         class: ReplayClass::Stateful,
         order: request.order,
+        route: request.route,
+        gate: None,
     };
     let mut batch = vec![
         Submission {
@@ -498,15 +730,33 @@ impl SharedLane {
         &mut self,
         router: &Arc<Router>,
         target: Target,
-        request: Request,
+        mut request: Request,
         affinity: u64,
     ) -> Call {
+        request.route = route_of(target);
+        if request.gate.as_ref().is_some_and(|g| g.held() > 0) {
+            // Behind the client's held commands (what this round queued goes first).
+            self.flush();
+            return router.hold_call(
+                request,
+                target,
+                "an earlier command of this client is held".into(),
+                affinity,
+            );
+        }
         let node = match router.pick(target) {
             Ok(n) => n,
-            Err(e) => return Call::ready(proxy_error(e)),
+            Err(e) => {
+                self.flush();
+                return router.hold_call(request, target, e.to_string(), affinity);
+            }
         };
         let key = router.key(node, target);
         let conn = self.conn(router, key, affinity);
+        if !conn.node().usable() {
+            self.flush();
+            return router.call(None, target, request, affinity);
+        }
         if self
             .outbox_conn
             .as_ref()

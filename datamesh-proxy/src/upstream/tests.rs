@@ -9,10 +9,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::router::MAX_ATTEMPTS;
-use super::{Call, ReplayClass, Request, Router, SharedLane, Target};
+use super::{Call, HoldSettings, ReplayClass, Request, Router, SharedLane, Target};
 use crate::backend::pool::GroupSettings;
-use crate::backend::{BackendGroup, ConnectSpec, PoolKey};
+use crate::backend::{BackendGroup, ConnectSpec, HealthSettings, NodeStatus, PoolKey};
 use crate::metrics::GroupMetrics;
 use crate::resp::Reply;
 use crate::testing::{request, Fallback, Peer, Script};
@@ -34,13 +33,21 @@ fn group() -> Arc<BackendGroup> {
             max_dedicated: 8,
             warm_dedicated: 0,
             command_timeout: None,
+            health: None,
         },
         GroupMetrics::default(),
     ))
 }
 
+/// Holding on: 5 s, 1 MiB.
+const HOLD: HoldSettings = HoldSettings {
+    hold: Duration::from_secs(5),
+    max_bytes: 1 << 20,
+    max_client_bytes: 1 << 20,
+};
+
 fn standalone(addr: SocketAddr) -> Arc<Router> {
-    Arc::new(Router::new(Arc::new(Standalone::new(addr)), group()))
+    Router::new(Arc::new(Standalone::new(addr)), group(), HOLD)
 }
 
 /// A cluster whose whole slot range is served by `node`; no refresher (MOVED still updates it).
@@ -77,7 +84,7 @@ async fn moved_resends_to_the_new_owner_and_updates_the_slot_map() {
     let moved = format!("-MOVED {slot} {}\r\n", b.addr());
     let a = Peer::start(Script::new().expect("GET", moved.as_bytes())).await;
     let cluster = cluster_on(a.addr());
-    let router = Arc::new(Router::new(cluster.clone(), group()));
+    let router = Router::new(cluster.clone(), group(), HOLD);
 
     let reply = router
         .call(None, target(Some(slot), true), get("k", 1), 1)
@@ -103,7 +110,7 @@ async fn ask_sends_asking_and_the_command_back_to_back_and_keeps_the_map() {
     let ask = format!("-ASK {slot} {}\r\n", b.addr());
     let a = Peer::start(Script::new().expect("GET", ask.as_bytes())).await;
     let cluster = cluster_on(a.addr());
-    let router = Arc::new(Router::new(cluster.clone(), group()));
+    let router = Router::new(cluster.clone(), group(), HOLD);
 
     let reply = router
         .call(None, target(Some(slot), true), get("k", 1), 1)
@@ -141,26 +148,36 @@ async fn loading_is_resent_after_the_backoff_until_a_value_comes() {
     assert_eq!(router.group.metrics.resent.get(), 2);
 }
 
-// LOADING forever: after MAX_ATTEMPTS resends the client gets the LOADING error as it is.
+// LOADING forever: the command is resent (backoff doubling to 320 ms) until the hold bound,
+// then its client gets an error naming the endpoint, the bound and the cause.
 #[tokio::test(start_paused = true)]
-async fn loading_forever_passes_through_after_max_attempts() {
+async fn loading_forever_ends_with_the_hold_bound() {
     let mut script = Script::new();
-    for _ in 0..=MAX_ATTEMPTS {
+    for _ in 0..20 {
         script = script.expect("GET", LOADING);
     }
-    let peer = Peer::start(script.expect("GET", b"$1\r\nnever\r\n")).await;
-    let router = standalone(peer.addr());
+    let peer = Peer::start(script).await;
+    let hold = HoldSettings {
+        hold: Duration::from_secs(1),
+        ..HOLD
+    };
+    let router = Router::new(Arc::new(Standalone::new(peer.addr())), group(), hold);
     let t0 = Instant::now();
     let reply = router.call(None, target(None, true), get("k", 1), 1).await;
     let waited = t0.elapsed();
-    assert_eq!(&reply.raw[..], LOADING);
-    assert_eq!(peer.commands().len(), 1 + MAX_ATTEMPTS as usize);
-    assert_eq!(router.group.metrics.resent.get(), MAX_ATTEMPTS as u64);
-    // 20 + 40 + 80 + 160 + 320 ms of backoff.
+    let t = text(&reply);
     assert!(
-        waited >= Duration::from_millis(620) && waited < Duration::from_millis(650),
+        t.starts_with("-ERR datamesh proxy: endpoint t: no usable backend node after holding "),
+        "{t}"
+    );
+    assert!(t.contains("(failover_hold_ms): backend "), "{t}");
+    assert!(t.contains("answered LOADING"), "{t}");
+    // 20+40+80+160+320+320 ms of backoff, then the bound.
+    assert!(
+        waited >= Duration::from_secs(1) && waited < Duration::from_millis(1400),
         "{waited:?}"
     );
+    assert_eq!(peer.commands().len(), 7, "{:?}", peer.commands());
 }
 
 // READONLY from a standalone backend: nobody can name another master, so it passes through
@@ -192,7 +209,7 @@ async fn readonly_under_sentinel_is_resent_to_the_new_master() {
     let new = Peer::start(Script::new().expect("SET", b"+OK\r\n")).await;
     let sentinel = Arc::new(Sentinel::fixed(SentinelConfig::new(vec![], "mymaster")));
     sentinel.set_view(old.addr(), vec![]);
-    let router = Arc::new(Router::new(sentinel.clone(), group()));
+    let router = Router::new(sentinel.clone(), group(), HOLD);
 
     let s = sentinel.clone();
     let new_addr = new.addr();
@@ -221,12 +238,14 @@ async fn readonly_under_sentinel_is_resent_to_the_new_master() {
     failover.await.expect("failover task");
 }
 
-// A lost connection: a written GET (read-only) is safe to retry, a written INCR is not.
+// A lost connection: a written GET (read-only) is resent on a new connection, a written
+// INCR is answered "may have been executed".
 #[tokio::test]
-async fn a_lost_read_is_safe_to_retry_and_a_lost_write_is_not() {
+async fn a_lost_read_is_resent_and_a_lost_write_is_an_unknown_outcome() {
     let peer = Peer::start(
         Script::new()
             .close_mid("GET", b"$5\r\nhel")
+            .expect("GET", b"$2\r\nhi\r\n")
             .close_on("INCR"),
     )
     .await;
@@ -234,12 +253,8 @@ async fn a_lost_read_is_safe_to_retry_and_a_lost_write_is_not() {
     let a = peer.addr();
 
     let reply = router.call(None, target(None, true), get("k", 1), 1).await;
-    assert_eq!(
-        text(&reply),
-        format!(
-            "-ERR datamesh proxy: connection to backend {a} was lost (closed by the backend) (safe to retry)\r\n"
-        )
-    );
+    assert_eq!(text(&reply), "$2\r\nhi\r\n");
+    assert_eq!(router.group.metrics.replay_read_only.get(), 1);
     let reply = router
         .call(
             None,
@@ -251,17 +266,22 @@ async fn a_lost_read_is_safe_to_retry_and_a_lost_write_is_not() {
     assert_eq!(
         text(&reply),
         format!(
-            "-ERR datamesh proxy: connection to backend {a} was lost (closed by the backend)\r\n"
+            "-ERR datamesh proxy: connection to backend {a} was lost (closed by the backend); the command may have been executed\r\n"
         )
     );
-    assert_eq!(peer.commands(), ["GET k", "INCR n"]);
+    assert_eq!(peer.commands(), ["GET k", "GET k", "INCR n"]);
 }
 
-// A command that never reached a socket (refused connect) is safe to retry, even a write.
+// Holding off: a command that never reached a socket (refused connect) is safe to retry,
+// even a write.
 #[tokio::test]
 async fn a_refused_write_was_never_sent_and_is_safe_to_retry() {
     let addr = Peer::refused_addr().await;
-    let router = standalone(addr);
+    let router = Router::new(
+        Arc::new(Standalone::new(addr)),
+        group(),
+        HoldSettings::off(),
+    );
     let reply = router
         .call(
             None,
@@ -322,10 +342,10 @@ async fn moved_on_a_dedicated_connection_is_not_resent_but_updates_the_map() {
     let moved = format!("-MOVED {slot} {}\r\n", b.addr());
     let a = Peer::start(Script::new().expect("GET", moved.as_bytes())).await;
     let cluster = cluster_on(a.addr());
-    let router = Arc::new(Router::new(cluster.clone(), group()));
+    let router = Router::new(cluster.clone(), group(), HOLD);
 
     let d = router
-        .dedicated(a.addr(), target(Some(slot), true))
+        .dedicated(target(Some(slot), true))
         .await
         .expect("a dedicated connection");
     let reply = router.call_on(&d, get("k", 1), true).await;
@@ -337,4 +357,107 @@ async fn moved_on_a_dedicated_connection_is_not_resent_but_updates_the_map() {
         Ok(b.addr()),
         "the MOVED on a dedicated connection was not reported to the topology"
     );
+}
+
+// No master known (Sentinel has not named one yet): the command waits in the hold queue and
+// goes out the moment the topology names one.
+#[tokio::test(start_paused = true)]
+async fn a_command_without_a_master_is_held_until_one_is_named() {
+    let peer = Peer::start(Script::new().expect("GET", b"$1\r\nv\r\n")).await;
+    let sentinel = Arc::new(Sentinel::fixed(SentinelConfig::new(vec![], "mymaster")));
+    let router = Router::new(sentinel.clone(), group(), HOLD);
+    let s = sentinel.clone();
+    let a = peer.addr();
+    let named = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        s.set_view(a, vec![]);
+    });
+    let t0 = Instant::now();
+    let mut lane = SharedLane::default();
+    let call = lane.send(&router, target(None, true), get("k", 1), 1);
+    lane.flush();
+    assert_eq!(router.holder.snapshot().depth, 1);
+    assert_eq!(text(&call.await), "$1\r\nv\r\n");
+    assert_eq!(t0.elapsed(), Duration::from_millis(300));
+    assert_eq!(router.group.metrics.held.get(), 1);
+    assert_eq!(router.group.metrics.hold_sent.get(), 1);
+    named.await.expect("naming task");
+}
+
+// Per-client order across a hold: while a client has a held command, its later commands
+// queue behind it, even when they could go at once.
+#[tokio::test(start_paused = true)]
+async fn a_clients_later_commands_wait_behind_its_held_ones() {
+    let peer = Peer::start(Script::new().otherwise(Fallback::Counter)).await;
+    let sentinel = Arc::new(Sentinel::fixed(SentinelConfig::new(vec![], "mymaster")));
+    let router = Router::new(sentinel.clone(), group(), HOLD);
+    let gate = crate::request::ClientGate::new(Default::default());
+    let with_gate = |mut r: Request| {
+        r.gate = Some(gate.clone());
+        r
+    };
+    let mut lane = SharedLane::default();
+    let first = lane.send(&router, target(None, true), with_gate(get("a", 1)), 1);
+    lane.flush();
+    sentinel.set_view(peer.addr(), vec![]);
+    // The master is known now, but the client's first command is still in the queue (the
+    // drain task has not run): the second goes behind it.
+    let second = lane.send(&router, target(None, true), with_gate(get("b", 2)), 1);
+    lane.flush();
+    let (r1, r2) = tokio::join!(first, second);
+    assert_eq!((text(&r1), text(&r2)), ("+R1\r\n".into(), "+R2\r\n".into()));
+    assert_eq!(peer.commands(), ["GET a", "GET b"]);
+    assert_eq!(gate.held(), 0);
+}
+
+// A hung node (SIGSTOP): the health check finds it down within its timeout, commands for it
+// are held meanwhile, and they go out once it answers PING again.
+#[tokio::test]
+async fn a_hung_node_is_found_by_the_health_check_and_its_commands_wait_for_it() {
+    let peer = Peer::start(Script::new().otherwise(Fallback::Counter)).await;
+    let g = Arc::new(BackendGroup::new(
+        "t".into(),
+        ConnectSpec::plain(Duration::from_secs(1)),
+        GroupSettings {
+            pool_size: 1,
+            max_dedicated: 8,
+            warm_dedicated: 0,
+            command_timeout: None,
+            health: Some(HealthSettings {
+                interval: Duration::from_millis(50),
+                timeout: Duration::from_millis(150),
+            }),
+        },
+        GroupMetrics::default(),
+    ));
+    let router = Router::new(Arc::new(Standalone::new(peer.addr())), g, HOLD);
+    let r = router.call(None, target(None, true), get("a", 1), 1).await;
+    assert_eq!(text(&r), "+R1\r\n");
+    let node = router.group.health.get(peer.addr()).expect("tracked");
+    assert_eq!(node.status(), NodeStatus::Up);
+
+    peer.pause(true);
+    let t0 = Instant::now();
+    while node.status() != NodeStatus::Down {
+        assert!(t0.elapsed() < Duration::from_secs(2), "never found down");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        t0.elapsed() < Duration::from_millis(600),
+        "{:?}",
+        t0.elapsed()
+    );
+    let r2 = router.clone();
+    let call = tokio::spawn(async move { r2.call(None, target(None, true), get("b", 2), 1).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        router.holder.snapshot().depth,
+        1,
+        "held while the node is down"
+    );
+    peer.pause(false);
+    let r = call.await.expect("call task");
+    assert_eq!(text(&r), "+R2\r\n");
+    assert!(node.status().usable());
+    assert_eq!(peer.commands(), ["GET a", "GET b"]);
 }

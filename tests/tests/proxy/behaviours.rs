@@ -3,7 +3,7 @@
 //! UNSUBSCRIBE without arguments ends the backend subscription, and a PUBLISH another client
 //! sends right after it no longer reaches the subscriber; `CLIENT REPLY ON|OFF|SKIP` works as
 //! on Redis, a client's first blocking command goes out on a warm connection, and
-//! errors about a dead backend name their cause once ("unavailable", never "closed by the
+//! errors about a dead backend name their cause once (after the hold bound, never "closed by the
 //! proxy").
 
 use std::net::{IpAddr, SocketAddr};
@@ -243,20 +243,27 @@ fn first_blocking_command_goes_out_on_a_warm_connection() {
 }
 
 #[test]
-fn a_dead_backend_is_unavailable_and_named_once() {
+fn a_dead_backend_is_held_then_named_once() {
     run_test(Env::builder().agent(false), |env| {
         // A port on the instance's service address where nothing listens.
         let dead = SocketAddr::new(IpAddr::V4(env.service_ip()), 6390);
         let mut cfg = env.base_agent_config()?;
-        cfg.endpoints[0].backend = BackendSpec::Address(dead).with("connect_timeout_ms", 500);
+        cfg.endpoints[0].backend = BackendSpec::Address(dead)
+            .with("connect_timeout_ms", 500)
+            .with("failover_hold_ms", 300);
         env.start_agent(cfg)?;
         let proxy = proxy_addr(env)?;
         let mut c = RespConn::connect(proxy)?;
-        let expect_unavailable = |r: Reply, what: &str| -> Result<()> {
+        let expect_held = |r: Reply, what: &str| -> Result<()> {
             let Reply::Error(e) = r else {
                 bail!("{what} answered {r:?}, expected an error");
             };
-            let needle = format!("backend {dead} is unavailable");
+            ensure!(
+                e.contains("endpoint cache: no usable backend node after holding")
+                    && e.contains("(failover_hold_ms)"),
+                "{what}: the error should name the endpoint and the hold bound: {e}"
+            );
+            let needle = format!("backend {dead}");
             ensure!(
                 e.matches(&needle).count() == 1,
                 "{what}: the error should name the dead backend once: {e}"
@@ -268,12 +275,11 @@ fn a_dead_backend_is_unavailable_and_named_once() {
             ensure!(e.ends_with("(safe to retry)"), "{what}: {e}");
             Ok(())
         };
-        expect_unavailable(c.cmd(&["GET", "k"])?, "GET")?;
-        // Fails fast while the connection is in backoff, with the same cause.
-        expect_unavailable(c.cmd(&["GET", "k"])?, "GET again")?;
+        expect_held(c.cmd(&["GET", "k"])?, "GET")?;
+        expect_held(c.cmd(&["GET", "k"])?, "GET again")?;
         // A dedicated connection (subscription, blocking command) says the same.
-        expect_unavailable(c.cmd(&["SUBSCRIBE", "ch"])?, "SUBSCRIBE")?;
-        expect_unavailable(c.cmd(&["BLPOP", "q", "1"])?, "BLPOP")?;
+        expect_held(c.cmd(&["SUBSCRIBE", "ch"])?, "SUBSCRIBE")?;
+        expect_held(c.cmd(&["BLPOP", "q", "1"])?, "BLPOP")?;
         c.expect(&["PING"], simple("PONG"))?;
         Ok(())
     });

@@ -41,6 +41,18 @@ fn short_connection_storm_stays_within_the_pool() {
                     Ok((idle >= WARM_DEDICATED).then_some(()))
                 },
             )?;
+            // So is the node's health-check connection (its first PING after 500 ms).
+            wait_until(
+                "the health-check connection to be open",
+                Duration::from_secs(10),
+                || {
+                    let clients = env.redis().client_list()?;
+                    let health = clients
+                        .iter()
+                        .any(|c| c.get("name").is_some_and(|n| n.ends_with("-health")));
+                    Ok(health.then_some(()))
+                },
+            )?;
             let before = env
                 .redis()
                 .info_u64("stats", "total_connections_received")?;

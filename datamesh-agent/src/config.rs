@@ -1064,13 +1064,13 @@ fn validate_backend(
     }
     let health_interval_ms = b.health_interval_ms.unwrap_or(DEFAULT_HEALTH_INTERVAL_MS);
     let health_timeout_ms = b.health_timeout_ms.unwrap_or(DEFAULT_HEALTH_TIMEOUT_MS);
-    if health_interval_ms > 0 && (health_interval_ms < 10 || health_interval_ms > 60_000) {
+    if health_interval_ms > 0 && !(10..=60_000).contains(&health_interval_ms) {
         err(
             &f("health_interval_ms"),
             format!("{health_interval_ms} must be 0 (no health checks) or between 10 and 60000"),
         );
     }
-    if health_timeout_ms < 10 || health_timeout_ms > 60_000 {
+    if !(10..=60_000).contains(&health_timeout_ms) {
         err(
             &f("health_timeout_ms"),
             format!("{health_timeout_ms} must be between 10 and 60000"),

@@ -79,6 +79,9 @@ pub struct ProxyMetrics {
     pub switches: Family<EndpointLabels, Counter>,
     /// How long nodes were unusable (down or loading) before they were back.
     pub outages: HistogramFamily,
+    /// How long the hold queue was non-empty, from its first held command until it was empty
+    /// again (the time clients waited for the endpoint to recover).
+    pub recoveries: HistogramFamily,
     /// Subscriptions restored on another connection after theirs failed.
     pub resubscribes: Family<EndpointLabels, Counter>,
 }
@@ -106,6 +109,7 @@ impl Default for ProxyMetrics {
             unknown_outcomes: Default::default(),
             switches: Default::default(),
             outages: Family::new_with_constructor(outage_histogram),
+            recoveries: Family::new_with_constructor(outage_histogram),
             resubscribes: Default::default(),
         }
     }
@@ -236,6 +240,11 @@ impl ProxyMetrics {
             self.outages.clone(),
         );
         registry.register(
+            "proxy_recovery_seconds",
+            "How long an endpoint's hold queue was not empty: from the first held command until every held command was sent or answered",
+            self.recoveries.clone(),
+        );
+        registry.register(
             "proxy_resubscribes",
             "Client subscriptions restored on a new backend connection after theirs failed",
             self.resubscribes.clone(),
@@ -291,6 +300,7 @@ impl ProxyMetrics {
         let hold_bytes = (*self.hold_bytes.get_or_create(&el)).clone();
         let switches = (*self.switches.get_or_create(&el)).clone();
         let outages = (*self.outages.get_or_create(&el)).clone();
+        let recoveries = (*self.recoveries.get_or_create(&el)).clone();
         let resubscribes = (*self.resubscribes.get_or_create(&el)).clone();
         GroupMetrics {
             held,
@@ -305,6 +315,7 @@ impl ProxyMetrics {
             hold_bytes,
             switches,
             outages,
+            recoveries,
             resubscribes,
             shared_conns,
             dedicated_conns,
@@ -332,6 +343,7 @@ pub struct GroupMetrics {
     pub hold_bytes: Gauge,
     pub switches: Counter,
     pub outages: Histogram,
+    pub recoveries: Histogram,
     pub resubscribes: Counter,
     pub shared_conns: Gauge,
     pub dedicated_conns: Gauge,
@@ -359,6 +371,7 @@ impl Default for GroupMetrics {
             hold_bytes: Default::default(),
             switches: Default::default(),
             outages: outage_histogram(),
+            recoveries: outage_histogram(),
             resubscribes: Default::default(),
             shared_conns: Default::default(),
             dedicated_conns: Default::default(),

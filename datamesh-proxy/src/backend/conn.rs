@@ -204,18 +204,34 @@ pub struct Conn {
     pub(crate) writes: AtomicU64,
 }
 
+/// What every connection of one pool shares.
+#[derive(Clone)]
+pub(crate) struct PoolCtx {
+    pub key: PoolKey,
+    pub spec: Arc<ConnectSpec>,
+    pub metrics: GroupMetrics,
+    pub command_timeout: Option<Duration>,
+    pub version: Arc<OnceLock<String>>,
+    pub node: Arc<NodeHealth>,
+}
+
 impl Conn {
+    /// A connection of the pool `ctx`: shared ones have the group's `flusher` and hand what
+    /// they cannot answer to `returns`; dedicated ones have neither.
     pub(crate) fn new(
-        key: PoolKey,
-        spec: Arc<ConnectSpec>,
-        metrics: GroupMetrics,
+        ctx: &PoolCtx,
         dedicated: bool,
-        command_timeout: Option<Duration>,
-        version: Arc<OnceLock<String>>,
         flusher: Option<Arc<Flusher>>,
-        node: Arc<NodeHealth>,
         returns: Option<Arc<dyn Returns>>,
     ) -> Arc<Self> {
+        let PoolCtx {
+            key,
+            spec,
+            metrics,
+            command_timeout,
+            version,
+            node,
+        } = ctx.clone();
         Arc::new(Self {
             id: NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed),
             key,

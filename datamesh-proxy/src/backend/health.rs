@@ -231,11 +231,14 @@ impl NodeHealth {
     }
 }
 
+/// A tracked node and its checker (stopped when dropped).
+type Tracked = (Arc<NodeHealth>, Option<AbortOnDropHandle<()>>);
+
 /// The health of every node a backend group uses (see the module docs).
 pub struct Health {
     settings: Option<HealthSettings>,
     spec: Arc<ConnectSpec>,
-    nodes: Mutex<HashMap<SocketAddr, (Arc<NodeHealth>, Option<AbortOnDropHandle<()>>)>>,
+    nodes: Mutex<HashMap<SocketAddr, Tracked>>,
     changes: Arc<watch::Sender<u64>>,
     outages: prometheus_client::metrics::histogram::Histogram,
 }

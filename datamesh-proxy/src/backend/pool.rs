@@ -17,8 +17,9 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
+use super::conn::PoolCtx;
 use super::flusher::Flusher;
-use super::health::{Health, HealthSettings, NodeHealth};
+use super::health::{Health, HealthSettings};
 use super::outcome::Returns;
 use super::{BackendError, Conn, ConnectSpec, PoolKey};
 use crate::metrics::GroupMetrics;
@@ -36,11 +37,8 @@ pub struct NodePool {
     max_dedicated: u32,
     warm: usize,
     refilling: AtomicBool,
-    spec: Arc<ConnectSpec>,
-    metrics: GroupMetrics,
-    command_timeout: Option<Duration>,
-    version: Arc<OnceLock<String>>,
-    node: Arc<NodeHealth>,
+    /// What its connections share (spec, metrics, timeout, version, node health).
+    ctx: PoolCtx,
     /// Dedicated connections handed out (closed with the pool when its node is not usable:
     /// a subscription or a transaction on a dead or hung node that left the topology).
     handed: Mutex<Vec<std::sync::Weak<Conn>>>,
@@ -71,17 +69,7 @@ impl NodePool {
     }
 
     fn new_dedicated(&self) -> Arc<Conn> {
-        Conn::new(
-            self.key,
-            self.spec.clone(),
-            self.metrics.clone(),
-            true,
-            self.command_timeout,
-            self.version.clone(),
-            None,
-            self.node.clone(),
-            None,
-        )
+        Conn::new(&self.ctx, true, None, None)
     }
 
     /// An idle connection that is still up, if any (dead ones are closed on the way).
@@ -109,9 +97,9 @@ impl NodePool {
         let permit = match self.budget.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
-                self.metrics.pool_waits.inc();
+                self.ctx.metrics.pool_waits.inc();
                 match tokio::time::timeout(
-                    self.spec.connect_timeout,
+                    self.ctx.spec.connect_timeout,
                     self.budget.clone().acquire_owned(),
                 )
                 .await
@@ -199,7 +187,7 @@ impl Drop for NodePool {
         // the node is down or hung, where nothing will come (its commands go back to the hold
         // queue now: reads are resent to the new node, writes answered "may have been
         // executed").
-        let usable = self.node.usable();
+        let usable = self.ctx.node.usable();
         for s in &self.slots {
             if usable {
                 s.close_when_idle();
@@ -337,20 +325,16 @@ impl BackendGroup {
             .clone();
         let node = self.health.track(key.addr);
         let returns = self.returns.get().cloned();
+        let ctx = PoolCtx {
+            key,
+            spec: self.spec.clone(),
+            metrics: self.metrics.clone(),
+            command_timeout: self.settings.command_timeout,
+            version: self.version.clone(),
+            node: node.clone(),
+        };
         let slots = (0..self.settings.pool_size)
-            .map(|_| {
-                Conn::new(
-                    key,
-                    self.spec.clone(),
-                    self.metrics.clone(),
-                    false,
-                    self.settings.command_timeout,
-                    self.version.clone(),
-                    Some(self.flusher.clone()),
-                    node.clone(),
-                    returns.clone(),
-                )
-            })
+            .map(|_| Conn::new(&ctx, false, Some(self.flusher.clone()), returns.clone()))
             .collect();
         let pool = Arc::new(NodePool {
             key,
@@ -360,11 +344,7 @@ impl BackendGroup {
             max_dedicated: self.settings.max_dedicated,
             warm: self.settings.warm_dedicated as usize,
             refilling: AtomicBool::new(false),
-            spec: self.spec.clone(),
-            metrics: self.metrics.clone(),
-            command_timeout: self.settings.command_timeout,
-            version: self.version.clone(),
-            node,
+            ctx,
             handed: Mutex::new(Vec::new()),
         });
         info!(endpoint = %self.endpoint, backend = %key.addr, db = key.db, proto = key.proto, size = self.settings.pool_size, warm_dedicated = self.settings.warm_dedicated, "backend pool created");

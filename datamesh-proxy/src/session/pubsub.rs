@@ -261,6 +261,10 @@ impl Subscriptions {
     pub fn len(&self) -> usize {
         self.channels.len() + self.patterns.len() + self.shard.len()
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 #[cfg(test)]

@@ -342,7 +342,9 @@ impl SentinelInner {
                 }
             }
             Err(e) => {
-                warn!(%addr, error = %e, "cannot reach the master sentinel named; trusting the sentinel");
+                // Expected while a dead master is being failed over (asked again every
+                // 250 ms meanwhile): not worth a warning each time.
+                debug!(%addr, error = %e, "cannot reach the master sentinel named; trusting the sentinel");
                 Ok(())
             }
         }

@@ -105,6 +105,8 @@ struct Queue {
     held: VecDeque<Held>,
     bytes: usize,
     last_report: Option<Instant>,
+    /// Since when the queue is not empty.
+    busy_since: Option<Instant>,
 }
 
 /// One endpoint's hold queue (see the module docs).
@@ -158,10 +160,10 @@ impl Holder {
     }
 
     /// Queues `h`, or hands it back with the reason when holding is off or the queue is full.
-    pub fn hold(&self, h: Held, why: HeldFor) -> Result<(), (Held, String)> {
+    pub fn hold(&self, h: Held, why: HeldFor) -> Result<(), Box<(Held, String)>> {
         let len = h.request.raw.len();
         if self.settings.hold.is_zero() {
-            return Err((h, "is off (failover_hold_ms: 0)".into()));
+            return Err(Box::new((h, "is off (failover_hold_ms: 0)".into())));
         }
         if h.request
             .gate
@@ -169,27 +171,28 @@ impl Holder {
             .is_some_and(|g| g.held_bytes() + len > self.settings.max_client_bytes)
         {
             self.metrics.hold_full.inc();
-            return Err((
+            return Err(Box::new((
                 h,
                 format!(
                     "is full for this client (hold_max_client_bytes: {})",
                     self.settings.max_client_bytes
                 ),
-            ));
+            )));
         }
         {
             let mut q = self.lock();
             if q.bytes + len > self.settings.max_bytes {
                 drop(q);
                 self.metrics.hold_full.inc();
-                return Err((
+                return Err(Box::new((
                     h,
                     format!("is full (hold_max_bytes: {})", self.settings.max_bytes),
-                ));
+                )));
             }
             if let Some(g) = &h.request.gate {
                 g.add_held(len);
             }
+            q.busy_since.get_or_insert_with(Instant::now);
             q.bytes += len;
             q.held.push_back(h);
             self.metrics.hold_depth.set(q.held.len() as i64);
@@ -232,7 +235,8 @@ impl Holder {
             avoid: None,
             cause,
         };
-        if let Err((h, why)) = self.hold(h, HeldFor::Dispatch) {
+        if let Err(e) = self.hold(h, HeldFor::Dispatch) {
+            let (h, why) = *e;
             self.refuse(h, why);
         }
         rx
@@ -330,6 +334,13 @@ impl Holder {
             for (_, len) in &released {
                 q.bytes -= len;
             }
+            if q.held.is_empty() {
+                if let Some(t) = q.busy_since.take() {
+                    let waited = now.duration_since(t);
+                    self.metrics.recoveries.observe(waited.as_secs_f64());
+                    debug!(endpoint = %self.endpoint, waited_ms = waited.as_millis() as u64, "hold queue empty again");
+                }
+            }
             self.metrics.hold_depth.set(q.held.len() as i64);
             self.metrics.hold_bytes.set(q.bytes as i64);
             let due = q.last_report.is_none_or(|t| now >= t + REPORT_EVERY);
@@ -422,6 +433,7 @@ impl Returns for Holder {
                 answer(e.reply, e.request, error.clone(), e.written);
                 continue;
             }
+            let written = e.written;
             let h = Held {
                 request: e.request,
                 reply: e.reply,
@@ -432,10 +444,11 @@ impl Returns for Holder {
                 avoid: None,
                 cause: cause.clone(),
             };
-            if let Err((h, why)) = self.hold(h, HeldFor::Returned(class)) {
+            if let Err(refused) = self.hold(h, HeldFor::Returned(class)) {
+                let (h, why) = *refused;
                 if self.settings.hold.is_zero() {
                     // Holding is off: the error as it is.
-                    answer(h.reply, h.request, error.clone(), e.written);
+                    answer(h.reply, h.request, error.clone(), written);
                 } else {
                     self.refuse(h, why);
                 }

@@ -231,6 +231,30 @@ impl AgentConfig {
     }
 }
 
+/// Runs `<bin> check-config` on `config` (written to `<dir>/check-config.yaml`): `Ok(None)` when
+/// the agent accepts it, `Ok(Some(messages))` with what it reports when it rejects it (e.g. keys
+/// an older agent does not know).
+pub fn check_config(bin: &Path, config: &AgentConfig, dir: &Path) -> Result<Option<String>> {
+    let path = dir.join("check-config.yaml");
+    std::fs::write(&path, config.to_yaml())
+        .with_context(|| format!("writing {}", path.display()))?;
+    let out = crate::proc::run_with_timeout(
+        Command::new(bin)
+            .arg("check-config")
+            .arg("--config")
+            .arg(&path),
+        Duration::from_secs(20),
+    )?;
+    if out.status.success() {
+        return Ok(None);
+    }
+    Ok(Some(format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stderr).trim(),
+        String::from_utf8_lossy(&out.stdout).trim()
+    )))
+}
+
 /// The agent's ready file.
 #[derive(Clone, Debug)]
 pub struct Ready {
@@ -394,19 +418,22 @@ impl Agent {
             if let Some(child) = self.child.as_mut() {
                 if let Some(st) = child.try_wait()? {
                     self.child = None;
-                    bail!(
+                    // Ends the wait at once: an agent that exited never becomes ready (a
+                    // rejected config, a failed preflight check).
+                    return Ok(Some(Err(anyhow!(
                         "datamesh-agent exited before it was ready ({}); log tail:\n{}",
                         status_text(st),
                         tail(&log_path, 40)
-                    );
+                    ))));
                 }
             }
             match std::fs::read_to_string(&ready_path) {
-                Ok(text) => Ready::parse(&text).map(Some),
+                Ok(text) => Ready::parse(&text).map(|r| Some(Ok(r))),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
                 Err(e) => Err(e.into()),
             }
-        });
+        })
+        .and_then(|r| r);
         match res {
             Ok(r) => Ok(r),
             Err(e) => Err(e.context(format!("agent log tail:\n{}", tail(&self.log_path, 40)))),

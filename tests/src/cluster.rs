@@ -151,6 +151,39 @@ impl RedisCluster {
         )
     }
 
+    /// Index of the replica of master `master` (its `INFO replication` names the master's
+    /// port); with several, the first.
+    pub fn replica_of(&self, master: usize) -> Result<usize> {
+        let port = self.nodes[master].addr().port().to_string();
+        for (i, n) in self.nodes.iter().enumerate() {
+            if i == master {
+                continue;
+            }
+            let info = n.info("replication")?;
+            if info.get("role").map(String::as_str) == Some("slave")
+                && info.get("master_port") == Some(&port)
+            {
+                return Ok(i);
+            }
+        }
+        bail!(
+            "no replica of node {master} ({})",
+            self.nodes[master].addr()
+        )
+    }
+
+    /// `ROLE` of node `i`: "master" or "slave".
+    pub fn role(&self, i: usize) -> Result<String> {
+        match self.nodes[i].command(&[b"ROLE"])? {
+            Reply::Array(Some(items)) => items
+                .first()
+                .and_then(Reply::as_bytes)
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .ok_or_else(|| anyhow!("bad ROLE reply {items:?}")),
+            other => bail!("ROLE of node {i} answered {other:?}"),
+        }
+    }
+
     /// The nodes' addresses (the proxy's `nodes:` seeds).
     pub fn addrs(&self) -> Vec<SocketAddr> {
         self.nodes.iter().map(RedisServer::addr).collect()

@@ -12,11 +12,14 @@
 //! [`cgroup`], [`pod`], [`redis`], [`resp`] (a tiny RESP reader for checks), [`agent`],
 //! [`env`] (the builder tests use), [`proc`] (running commands with deadlines), and for the RESP
 //! proxy tests [`proxy`] (raw RESP connections, real-client runners), [`sentinel`] (master,
-//! replica and three sentinels) and [`cluster`] (a 3-master Redis Cluster).
+//! replica and three sentinels) and [`cluster`] (a 3-master Redis Cluster), and [`drill`]
+//! (failover scenarios under load, direct vs through the proxy, for `cargo xtask drill` and
+//! `tests/tests/failover.rs`).
 
 pub mod agent;
 pub mod cgroup;
 pub mod cluster;
+pub mod drill;
 pub mod env;
 pub mod instance;
 pub mod net;

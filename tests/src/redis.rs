@@ -2,15 +2,21 @@
 //!
 //! Started with persistence off (`--save '' --appendonly no`) and protected mode off (pods reach
 //! it from other network namespaces), in a cgroup the harness owns (so a killed test run's
-//! server is reaped with that cgroup). Ready means PING answers PONG, not "the process started".
+//! server is reaped with that cgroup). Ready means PING answers PONG, not "the process started"
+//! (a server loading its data answers `-LOADING`, so a restart is ready once loaded).
+//!
+//! For failover drills a server can be SIGKILLed ([`RedisServer::kill9`]) and started again
+//! with the same command line, port and directory ([`RedisServer::restart`]), or frozen with
+//! SIGSTOP and thawed with SIGCONT ([`RedisServer::sigstop`], [`RedisServer::sigcont`]).
 
+use std::ffi::OsString;
 use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 
 use crate::resp::{self, Reply};
 use crate::{tail, wait_until};
@@ -23,6 +29,37 @@ pub struct RedisServer {
     log: PathBuf,
     /// `requirepass` of the server, sent as AUTH by [`RedisServer::command`].
     password: Option<String>,
+    /// What [`RedisServer::restart`] runs again.
+    launch: Launch,
+}
+
+/// A server's command line and cgroup, kept to start it again.
+#[derive(Debug, Clone)]
+struct Launch {
+    program: OsString,
+    args: Vec<OsString>,
+    dir: Option<PathBuf>,
+    cgroup: PathBuf,
+}
+
+impl Launch {
+    fn of(cmd: &Command, cgroup: &Path) -> Self {
+        Self {
+            program: cmd.get_program().to_owned(),
+            args: cmd.get_args().map(ToOwned::to_owned).collect(),
+            dir: cmd.get_current_dir().map(Path::to_path_buf),
+            cgroup: cgroup.to_path_buf(),
+        }
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.program);
+        cmd.args(&self.args);
+        if let Some(d) = &self.dir {
+            cmd.current_dir(d);
+        }
+        cmd
+    }
 }
 
 impl RedisServer {
@@ -62,47 +99,59 @@ impl RedisServer {
     /// logs to `log`) in `cgroup` and waits until PING on `addr` answers PONG (with `password`
     /// if the server requires one).
     pub fn spawn(
-        mut cmd: Command,
+        cmd: Command,
         addr: SocketAddr,
         cgroup: &Path,
         log: PathBuf,
         password: Option<&str>,
     ) -> Result<Self> {
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        crate::pod::enter_cgroup_with_nofile(&mut cmd, cgroup, 65536);
-        let child = cmd.spawn().with_context(|| {
-            format!(
-                "starting {} (is it installed? run `cargo xtask setup`)",
-                crate::proc::describe(&cmd)
-            )
-        })?;
+        let launch = Launch::of(&cmd, cgroup);
+        let child = Self::launch(cmd, cgroup)?;
         let mut server = Self {
             child,
             addr,
             log,
             password: password.map(str::to_string),
+            launch,
         };
-        let started = wait_until(
-            &format!("{} on {addr} to answer PING", crate::proc::describe(&cmd)),
+        server.wait_pong()?;
+        Ok(server)
+    }
+
+    fn launch(mut cmd: Command, cgroup: &Path) -> Result<Child> {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        crate::pod::enter_cgroup_with_nofile(&mut cmd, cgroup, 65536);
+        cmd.spawn().with_context(|| {
+            format!(
+                "starting {} (is it installed? run `cargo xtask setup`)",
+                crate::proc::describe(&cmd)
+            )
+        })
+    }
+
+    /// Waits until the server answers PING with PONG (not `-LOADING`), failing early if it exits.
+    fn wait_pong(&mut self) -> Result<()> {
+        let what = crate::proc::describe(&self.launch.command());
+        let addr = self.addr;
+        wait_until(
+            &format!("{what} on {addr} to answer PING"),
             Duration::from_secs(15),
             || {
-                if let Some(st) = server.child.try_wait()? {
-                    bail!(
-                        "{} exited ({st}); its log:\n{}",
-                        crate::proc::describe(&cmd),
-                        tail(&server.log, 20)
-                    );
+                if let Some(st) = self.child.try_wait()? {
+                    // Ends the wait at once: a server that exited never answers.
+                    return Ok(Some(Err(anyhow!(
+                        "{what} exited ({st}); its log:\n{}",
+                        tail(&self.log, 20)
+                    ))));
                 }
-                match server.command(&[b"PING"]) {
-                    Ok(Reply::Simple(s)) if s == "PONG" => Ok(Some(())),
+                match self.command(&[b"PING"]) {
+                    Ok(Reply::Simple(s)) if s == "PONG" => Ok(Some(Ok(()))),
                     _ => Ok(None),
                 }
             },
-        );
-        started?;
-        Ok(server)
+        )?
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -162,6 +211,43 @@ impl RedisServer {
     pub fn kill9(&mut self) -> Result<()> {
         self.child.kill().context("SIGKILL to redis-server")?;
         self.child.wait().context("reaping redis-server")?;
+        Ok(())
+    }
+
+    /// Starts the server again with the same command line (so the same port, directory and
+    /// persistence files) after it exited ([`RedisServer::kill9`]), and waits until it answers
+    /// PING with PONG, i.e. until it has loaded its data.
+    pub fn restart(&mut self) -> Result<()> {
+        if self.child.try_wait()?.is_none() {
+            bail!(
+                "redis-server on {} is still running; kill it first",
+                self.addr
+            );
+        }
+        self.child = Self::launch(self.launch.command(), &self.launch.cgroup)?;
+        self.wait_pong()
+    }
+
+    /// SIGSTOP: the server freezes (its sockets stay open, nothing answers).
+    pub fn sigstop(&mut self) -> Result<()> {
+        self.signal(libc::SIGSTOP, "SIGSTOP")
+    }
+
+    /// SIGCONT after [`RedisServer::sigstop`].
+    pub fn sigcont(&mut self) -> Result<()> {
+        self.signal(libc::SIGCONT, "SIGCONT")
+    }
+
+    fn signal(&mut self, sig: libc::c_int, name: &str) -> Result<()> {
+        if let Some(st) = self.child.try_wait()? {
+            bail!("{name}: redis-server {} has exited ({st})", self.addr);
+        }
+        let pid = libc::pid_t::try_from(self.child.id())?;
+        // SAFETY: kill(2) on the pid of our own child, which has not been reaped (checked above).
+        if unsafe { libc::kill(pid, sig) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("{name} to redis-server {}", self.addr));
+        }
         Ok(())
     }
 

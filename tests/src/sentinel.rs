@@ -1,7 +1,9 @@
 //! A real Redis Sentinel setup for proxy tests: a master, one replica and three
-//! `redis-sentinel` processes monitoring `mymaster` (quorum 2, down-after 1000 ms, failover
-//! timeout 5000 ms), all on one test-owned address (the instance's service IP) with their own
-//! ports.
+//! `redis-sentinel` processes monitoring `mymaster` (quorum 2, down-after 1000 ms unless
+//! [`SentinelGroup::start_with`] says otherwise, failover timeout 5000 ms), all on one
+//! test-owned address (the instance's service IP) with their own ports. The master serves the
+//! replica's full sync at once (`repl-diskless-sync-delay 0`, not after Redis's 5 s wait for
+//! more replicas).
 //!
 //! Everything shares one IP on purpose: the source address of the replica's and the sentinels'
 //! own connections is then that IP too, so what they announce to each other (and what the
@@ -45,6 +47,19 @@ impl SentinelGroup {
         cgroup: &Path,
         dir: &Path,
     ) -> Result<Self> {
+        Self::start_with(ip, data_port, sentinel_port, 1000, cgroup, dir)
+    }
+
+    /// Like [`SentinelGroup::start`] with this `down-after-milliseconds` (how long the master
+    /// may be unreachable before the sentinels fail it over).
+    pub fn start_with(
+        ip: IpAddr,
+        data_port: u16,
+        sentinel_port: u16,
+        down_after_ms: u32,
+        cgroup: &Path,
+        dir: &Path,
+    ) -> Result<Self> {
         let dir = dir.join("sentinel-group");
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let master_addr = SocketAddr::new(ip, data_port);
@@ -55,12 +70,17 @@ impl SentinelGroup {
             std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
             Ok(d)
         };
-        let master = RedisServer::start(master_addr, cgroup, &sub(master_addr)?)?;
+        let fast_sync = ["--repl-diskless-sync-delay", "0"];
+        let master = RedisServer::start_with(master_addr, cgroup, &sub(master_addr)?, &fast_sync)?;
         let replica = RedisServer::start_with(
             replica_addr,
             cgroup,
             &sub(replica_addr)?,
-            &["--replicaof", &ip.to_string(), &data_port.to_string()],
+            &[
+                &fast_sync[..],
+                &["--replicaof", &ip.to_string(), &data_port.to_string()],
+            ]
+            .concat(),
         )?;
         let mut group = Self {
             servers: vec![master, replica],
@@ -96,7 +116,7 @@ impl SentinelGroup {
                      sentinel announce-ip {ip}\n\
                      sentinel announce-port {port}\n\
                      sentinel monitor {MASTER_NAME} {ip} {mport} 2\n\
-                     sentinel down-after-milliseconds {MASTER_NAME} 1000\n\
+                     sentinel down-after-milliseconds {MASTER_NAME} {down_after_ms}\n\
                      sentinel failover-timeout {MASTER_NAME} 5000\n\
                      sentinel parallel-syncs {MASTER_NAME} 1\n",
                     port = addr.port(),

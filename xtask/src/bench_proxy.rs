@@ -28,7 +28,6 @@
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -286,20 +285,7 @@ pub fn run(a: &ProxyArgs) -> Result<()> {
     let bin = match &a.agent_bin {
         // A release agent: a debug build's proxy would be the bottleneck being measured.
         None => crate::demo::build_agent(true)?,
-        Some(bin) => {
-            crate::setup::ensure()?;
-            datamesh_tests::check_privileges()
-                .context("this needs root with CAP_BPF and cgroup2")?;
-            let meta = std::fs::metadata(bin)
-                .with_context(|| format!("--agent-bin {}: cannot stat it", bin.display()))?;
-            ensure!(
-                meta.is_file() && meta.permissions().mode() & 0o111 != 0,
-                "--agent-bin {} is not an executable file",
-                bin.display()
-            );
-            std::path::absolute(bin)
-                .with_context(|| format!("--agent-bin {}: no absolute path", bin.display()))?
-        }
+        Some(bin) => crate::util::prebuilt_agent(bin)?,
     };
     let nofile = datamesh_tests::proc::raise_nofile(a.idle_conns as u64 + 4096)?;
     ensure!(

@@ -1,4 +1,4 @@
-//! `cargo xtask`: the project's build, set-up, demo, test and benchmark commands.
+//! `cargo xtask`: the project's build, set-up, demo, test, benchmark and drill commands.
 //!
 //! One module per subcommand. Every command that needs the machine prepared (apt packages,
 //! bpf-linker, redis-server) calls [`setup::ensure`] first, so the README's two commands work on
@@ -8,6 +8,7 @@ mod bench;
 mod bench_proxy;
 mod build_ebpf;
 mod demo;
+mod drill;
 mod setup;
 mod test;
 mod util;
@@ -17,7 +18,7 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(
     name = "xtask",
-    about = "DataMesh build, demo, test and benchmark commands"
+    about = "DataMesh build, demo, test, benchmark and drill commands"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -37,6 +38,8 @@ enum Cmd {
     /// Benchmarks (not tests): they run the peers in the same run and print ratios.
     #[command(subcommand)]
     Bench(bench::Bench),
+    /// Drills (not tests): faults under load, direct vs through the proxy, side by side.
+    Drill(drill::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,5 +49,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Demo(args) => demo::run(&args),
         Cmd::Test(args) => test::run(&args),
         Cmd::Bench(b) => bench::run(&b),
+        Cmd::Drill(args) => drill::run(&args),
     }
 }

@@ -16,3 +16,21 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     }
     v[v.len() / 2]
 }
+
+/// A prebuilt agent given with `--agent-bin`: the machine is prepared, privileges are there,
+/// and the path is an executable file (made absolute).
+pub fn prebuilt_agent(bin: &std::path::Path) -> anyhow::Result<PathBuf> {
+    use anyhow::{ensure, Context};
+    use std::os::unix::fs::PermissionsExt;
+    crate::setup::ensure()?;
+    datamesh_tests::check_privileges().context("this needs root with CAP_BPF and cgroup2")?;
+    let meta = std::fs::metadata(bin)
+        .with_context(|| format!("--agent-bin {}: cannot stat it", bin.display()))?;
+    ensure!(
+        meta.is_file() && meta.permissions().mode() & 0o111 != 0,
+        "--agent-bin {} is not an executable file",
+        bin.display()
+    );
+    std::path::absolute(bin)
+        .with_context(|| format!("--agent-bin {}: no absolute path", bin.display()))
+}

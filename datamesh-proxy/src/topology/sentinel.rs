@@ -343,7 +343,7 @@ impl SentinelInner {
             }
             Err(e) => {
                 // Expected while a dead master is being failed over (asked again every
-                // 250 ms meanwhile): not worth a warning each time.
+                // 100 ms meanwhile): not worth a warning each time.
                 debug!(%addr, error = %e, "cannot reach the master sentinel named; trusting the sentinel");
                 Ok(())
             }

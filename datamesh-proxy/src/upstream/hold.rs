@@ -21,7 +21,7 @@
 //! once). A command of a client that has gone is dropped, never sent.
 //!
 //! While commands wait on a down node, the node is reported to the topology again every
-//! [`REPORT_EVERY`], so Sentinel is asked again and the cluster slot map refreshed until the
+//! [`REPORT_EVERY`] (100 ms), so Sentinel is asked again and the cluster slot map refreshed until the
 //! topology names another node.
 
 use std::collections::{HashSet, VecDeque};
@@ -40,7 +40,7 @@ use crate::metrics::GroupMetrics;
 use crate::request::{ReplayClass, Request};
 
 /// How often a node that held commands wait for is reported to the topology again.
-pub const REPORT_EVERY: Duration = Duration::from_millis(250);
+pub const REPORT_EVERY: Duration = Duration::from_millis(100);
 
 /// Bounds of the hold queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

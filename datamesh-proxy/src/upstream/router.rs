@@ -301,6 +301,17 @@ impl Router {
                 }
             }
         }
+        if self.is_cluster() && target.slot.is_none() && pinned.is_none() {
+            // A keyless command (a subscription, a cluster-wide read) may go to any master.
+            if let Some(m) = self
+                .topology
+                .masters()
+                .into_iter()
+                .find(|m| health.usable(*m))
+            {
+                return Ok(m);
+            }
+        }
         let why = match health.get(node) {
             Some(h) => {
                 let info = h.info();

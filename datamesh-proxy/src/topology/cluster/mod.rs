@@ -89,7 +89,7 @@ impl ClusterConfig {
             seeds,
             read_from_replicas: false,
             refresh_interval: Duration::from_secs(10),
-            min_refresh_gap: Duration::from_millis(200),
+            min_refresh_gap: Duration::from_millis(100),
             control: ControlSpec::plain(),
         }
     }

@@ -84,6 +84,9 @@ pub struct ProxyMetrics {
     pub recoveries: HistogramFamily,
     /// Subscriptions restored on another connection after theirs failed.
     pub resubscribes: Family<EndpointLabels, Counter>,
+    /// Milliseconds subscriptions were without a connection (messages published then are
+    /// lost: pub/sub is at most once).
+    pub resubscribe_gap_ms: Family<EndpointLabels, Counter>,
 }
 
 impl Default for ProxyMetrics {
@@ -111,6 +114,7 @@ impl Default for ProxyMetrics {
             outages: Family::new_with_constructor(outage_histogram),
             recoveries: Family::new_with_constructor(outage_histogram),
             resubscribes: Default::default(),
+            resubscribe_gap_ms: Default::default(),
         }
     }
 }
@@ -249,6 +253,11 @@ impl ProxyMetrics {
             "Client subscriptions restored on a new backend connection after theirs failed",
             self.resubscribes.clone(),
         );
+        registry.register(
+            "proxy_resubscribe_gap_milliseconds",
+            "Time subscriptions were without a backend connection before they were restored (messages published then are lost)",
+            self.resubscribe_gap_ms.clone(),
+        );
     }
 
     pub fn count_error(&self, endpoint: &str, kind: &str) {
@@ -302,6 +311,7 @@ impl ProxyMetrics {
         let outages = (*self.outages.get_or_create(&el)).clone();
         let recoveries = (*self.recoveries.get_or_create(&el)).clone();
         let resubscribes = (*self.resubscribes.get_or_create(&el)).clone();
+        let resubscribe_gap_ms = (*self.resubscribe_gap_ms.get_or_create(&el)).clone();
         GroupMetrics {
             held,
             hold_sent,
@@ -317,6 +327,7 @@ impl ProxyMetrics {
             outages,
             recoveries,
             resubscribes,
+            resubscribe_gap_ms,
             shared_conns,
             dedicated_conns,
             connects_ok,
@@ -345,6 +356,7 @@ pub struct GroupMetrics {
     pub outages: Histogram,
     pub recoveries: Histogram,
     pub resubscribes: Counter,
+    pub resubscribe_gap_ms: Counter,
     pub shared_conns: Gauge,
     pub dedicated_conns: Gauge,
     pub connects_ok: Counter,
@@ -373,6 +385,7 @@ impl Default for GroupMetrics {
             outages: outage_histogram(),
             recoveries: outage_histogram(),
             resubscribes: Default::default(),
+            resubscribe_gap_ms: Default::default(),
             shared_conns: Default::default(),
             dedicated_conns: Default::default(),
             connects_ok: Default::default(),

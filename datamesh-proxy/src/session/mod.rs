@@ -385,6 +385,10 @@ impl Session {
         }
         p.conn = d;
         rt.group().metrics.resubscribes.inc();
+        rt.group()
+            .metrics
+            .resubscribe_gap_ms
+            .inc_by(gap.as_millis() as u64);
         tracing::info!(id = self.state.id, endpoint = %self.ep.name, node = %p.node, subscriptions = p.subs.len(), gap_ms = gap.as_millis() as u64, "subscriptions restored on a new connection (messages published in the gap are lost)");
         if let Some(owed) = p.subs.finish_resync(self.state.proto) {
             for r in owed {

@@ -25,6 +25,11 @@ const READONLY_ERR: &[u8] = b"-READONLY You can't write against a read only repl
 /// A group with one shared connection per pool and no warm dedicated ones, so the peers see
 /// only the connections the router opens.
 fn group() -> Arc<BackendGroup> {
+    group_with(None)
+}
+
+/// [`group`] with active health checks.
+fn group_with(health: Option<HealthSettings>) -> Arc<BackendGroup> {
     Arc::new(BackendGroup::new(
         "t".into(),
         ConnectSpec::plain(Duration::from_secs(1)),
@@ -33,7 +38,7 @@ fn group() -> Arc<BackendGroup> {
             max_dedicated: 8,
             warm_dedicated: 0,
             command_timeout: None,
-            health: None,
+            health,
         },
         GroupMetrics::default(),
     ))
@@ -415,21 +420,10 @@ async fn a_clients_later_commands_wait_behind_its_held_ones() {
 #[tokio::test]
 async fn a_hung_node_is_found_by_the_health_check_and_its_commands_wait_for_it() {
     let peer = Peer::start(Script::new().otherwise(Fallback::Counter)).await;
-    let g = Arc::new(BackendGroup::new(
-        "t".into(),
-        ConnectSpec::plain(Duration::from_secs(1)),
-        GroupSettings {
-            pool_size: 1,
-            max_dedicated: 8,
-            warm_dedicated: 0,
-            command_timeout: None,
-            health: Some(HealthSettings {
-                interval: Duration::from_millis(50),
-                timeout: Duration::from_millis(150),
-            }),
-        },
-        GroupMetrics::default(),
-    ));
+    let g = group_with(Some(HealthSettings {
+        interval: Duration::from_millis(50),
+        timeout: Duration::from_millis(150),
+    }));
     let router = Router::new(Arc::new(Standalone::new(peer.addr())), g, HOLD);
     let r = router.call(None, target(None, true), get("a", 1), 1).await;
     assert_eq!(text(&r), "+R1\r\n");

@@ -182,7 +182,7 @@ impl Session {
                 seq: self.seq,
             },
             route: Default::default(),
-            gate: Some(self.gate.clone()),
+            gate: Some(self.gate()),
         }
     }
 
@@ -765,14 +765,14 @@ impl Session {
         d.conn.set_push_sink(tx);
         d.clean = false;
         let node = d.node();
-        self.state.pubsub = Some(PubSub {
+        self.state.pubsub = Some(Box::new(PubSub {
             conn: d,
             rx,
             node,
             target,
             subs: Default::default(),
             lost_at: None,
-        });
+        }));
         self.execute_in_pubsub(rt, Some(spec))
     }
 

@@ -124,15 +124,18 @@ pub struct Session {
     arrival: tokio::time::Instant,
     /// Blocking commands whose reply is not in yet.
     blocking: Arc<AtomicUsize>,
-    /// The client's share of the hold queue (see [`ClientGate`]).
-    gate: ClientGate,
+    /// The client's share of the hold queue (see [`ClientGate`]); made at its first command
+    /// for a backend (an idle client costs nothing for it).
+    gate: Option<ClientGate>,
     resubscribe: Option<Resubscribe>,
 }
 
 impl Drop for Session {
     fn drop(&mut self) {
         // Whatever of this client is still held is never sent.
-        self.gate.set_gone();
+        if let Some(g) = &self.gate {
+            g.set_gone();
+        }
     }
 }
 
@@ -155,9 +158,8 @@ impl Session {
         // destination), so they keep coming back through the capture.
         let advertised = who.orig_dst.unwrap_or(local);
         let state = ClientState::new(id, peer, local, advertised, &settings.users);
-        let gate = ClientGate::new(shared.metrics.unknown_outcomes(&ep.name, &pod.name()));
         Self {
-            gate,
+            gate: None,
             resubscribe: None,
             shared,
             ep,
@@ -431,7 +433,9 @@ impl Session {
                 self.eof = true;
                 // A client that closed its connection: its held commands are never sent (it
                 // may retry them elsewhere; sending them later could run them twice).
-                self.gate.set_gone();
+                if let Some(g) = &self.gate {
+                    g.set_gone();
+                }
             }
             Some(Ok(_)) => {}
             None => return true,
@@ -472,6 +476,16 @@ impl Session {
         self.closing = true;
     }
 
+    /// The client's gate (made now if this is its first command for a backend).
+    fn gate(&mut self) -> ClientGate {
+        self.gate
+            .get_or_insert_with(|| {
+                let pod = self.pod.name();
+                ClientGate::new(self.shared.metrics.unknown_outcomes(&self.ep.name, &pod))
+            })
+            .clone()
+    }
+
     fn push(&mut self, call: Call) {
         let silent = self.state.reply_silenced();
         self.pending.push_back(Pending { call, silent });
@@ -505,7 +519,7 @@ async fn next_resubscribe(r: &mut Option<Resubscribe>) -> Result<Dedicated, Back
     }
 }
 
-async fn next_push(p: &mut Option<PubSub>) -> Option<Result<Reply, BackendError>> {
+async fn next_push(p: &mut Option<Box<PubSub>>) -> Option<Result<Reply, BackendError>> {
     match p {
         Some(p) => p.rx.recv().await,
         None => std::future::pending().await,

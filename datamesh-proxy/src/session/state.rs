@@ -104,7 +104,8 @@ pub struct ClientState {
     /// `CLIENT REPLY SKIP`: the next command's reply is not written.
     pub skip_next: bool,
     pub tx: Tx,
-    pub pubsub: Option<PubSub>,
+    /// Boxed: most clients never subscribe, and every session carries this field.
+    pub pubsub: Option<Box<PubSub>>,
     pub created: Instant,
 }
 

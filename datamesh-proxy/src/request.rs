@@ -24,6 +24,10 @@ pub enum ReplayClass {
     Stateful,
     /// A subscription command: the subscription set can be rebuilt, the messages cannot.
     PubSub,
+    /// Queued inside MULTI (MULTI itself included, EXEC not): it runs only at EXEC, so when
+    /// its connection is lost it has not run and the transaction is discarded; it cannot be
+    /// sent anywhere else either (outside the transaction it would run alone).
+    InTransaction,
 }
 
 impl ReplayClass {
@@ -39,6 +43,7 @@ impl ReplayClass {
             ReplayClass::Write => "write",
             ReplayClass::Stateful => "stateful",
             ReplayClass::PubSub => "pubsub",
+            ReplayClass::InTransaction => "in_transaction",
         }
     }
 }

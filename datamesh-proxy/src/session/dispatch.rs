@@ -481,7 +481,7 @@ impl Session {
                 }
                 Tx::Watching(d) => {
                     // The connection holds the WATCHes: MULTI goes there now.
-                    let Some(call) = self.front_on(rt, &d, spec.replay, true) else {
+                    let Some(call) = self.front_on(rt, &d, ReplayClass::InTransaction, true) else {
                         return Need::Go;
                     };
                     self.push(call);
@@ -668,7 +668,12 @@ impl Session {
             Ok(t) => t,
             Err(r) => return self.refuse(r),
         };
-        let class = spec.map(|s| s.replay).unwrap_or(ReplayClass::Stateful);
+        // Queued commands run only at EXEC (see `ReplayClass::InTransaction`).
+        let class = if is_exec {
+            ReplayClass::Stateful
+        } else {
+            ReplayClass::InTransaction
+        };
         match &self.state.tx {
             Tx::Multi { conn: Some(d), .. } => {
                 // Keyless commands and EXEC run wherever the transaction is.
@@ -719,7 +724,7 @@ impl Session {
                     _ => Vec::new(),
                 };
                 for raw in deferred {
-                    let req = self.request(raw, ReplayClass::Stateful);
+                    let req = self.request(raw, ReplayClass::InTransaction);
                     let call = rt.router.call_on(&d, req, true);
                     self.push_silent(call);
                 }

@@ -18,8 +18,20 @@ use crate::resp::Reply;
 /// The error reply a client gets for a command no reply will come for: "(safe to retry)"
 /// when it cannot have run (never sent, or a read), "may have been executed" otherwise.
 pub fn failure_reply(u: &Unanswered) -> Reply {
-    let safe = u.class().replay_safe() || u.error.never_sent();
-    error_reply(&u.error, safe)
+    if u.class() == ReplayClass::InTransaction {
+        // Queued in MULTI: nothing ran, and EXEC will say the transaction is gone.
+        return Reply::error(&format!(
+            "ERR datamesh proxy: {}; the transaction was discarded (it had not run)",
+            u.error
+        ));
+    }
+    error_reply(&u.error, !may_have_run(u))
+}
+
+/// True when the command may have run: written, not read-only, not queued in a transaction,
+/// and its error does not prove it was never sent (what the unknown-outcome metric counts).
+pub fn may_have_run(u: &Unanswered) -> bool {
+    !(u.class().replay_safe() || u.class() == ReplayClass::InTransaction || u.error.never_sent())
 }
 
 /// `-ERR datamesh proxy: <error>`, ending " (safe to retry)" when resending cannot apply the
@@ -82,6 +94,23 @@ mod tests {
             .class()
             .replay_safe());
         assert!(!unanswered(ReplayClass::PubSub, true).class().replay_safe());
+    }
+
+    #[test]
+    fn a_command_queued_in_a_transaction_never_ran() {
+        let u = unanswered(ReplayClass::InTransaction, true);
+        assert!(!may_have_run(&u));
+        assert!(
+            !u.class().replay_safe(),
+            "it cannot run outside its transaction"
+        );
+        let r = failure_reply(&u);
+        assert!(
+            r.raw
+                .ends_with(b"; the transaction was discarded (it had not run)\r\n"),
+            "{:?}",
+            r.raw
+        );
     }
 
     #[test]

@@ -547,7 +547,7 @@ impl Router {
         if u.error.node_failure() {
             self.topology.node_failed(u.addr);
         }
-        if !u.class().replay_safe() && !u.error.never_sent() {
+        if replay::may_have_run(u) {
             if let Some(g) = &u.request.gate {
                 g.count_unknown_outcome();
             }

@@ -455,3 +455,22 @@ async fn a_hung_node_is_found_by_the_health_check_and_its_commands_wait_for_it()
     assert!(node.status().usable());
     assert_eq!(peer.commands(), ["GET a", "GET b"]);
 }
+
+// A read for a replica that is down goes to the master instead (read_from_replicas): the
+// replica's refused connect marks it down, and the held read is sent to the master.
+#[tokio::test]
+async fn a_read_for_a_dead_replica_goes_to_the_master() {
+    let master = Peer::start(Script::new().expect("GET", b"$1\r\nm\r\n")).await;
+    let replica = Peer::refused_addr().await;
+    let mut cfg = SentinelConfig::new(vec![], "mymaster");
+    cfg.read_from_replicas = true;
+    let sentinel = Arc::new(Sentinel::fixed(cfg));
+    sentinel.set_view(master.addr(), vec![replica]);
+    let router = Router::new(sentinel, group_with(Some(HealthSettings::default())), HOLD);
+    let reply = router.call(None, target(None, true), get("k", 1), 1).await;
+    assert_eq!(text(&reply), "$1\r\nm\r\n");
+    assert_eq!(master.commands(), ["GET k"]);
+    let health = router.group.health.get(replica).expect("tracked");
+    assert_eq!(health.status(), NodeStatus::Down);
+    assert_eq!(router.group.metrics.replay_never_written.get(), 1);
+}

@@ -358,7 +358,19 @@ async fn commands_for_a_down_backend_are_held_until_it_is_back() {
     let mut c = Client::connect(&proxy).await;
     c.send(&[&["SET", "a", "1"], &["GET", "a"], &["INCR", "n"]])
         .await;
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    until_real(|| proxy.rt.router.holder.snapshot().depth == 3).await;
+    // What an operator sees meanwhile: the node down with its cause, and the queue.
+    let handle = Arc::new(EndpointHandle::new(proxy.rt.clone()));
+    let view = crate::endpoint::backends_snapshot(&[handle]);
+    let ep = &view[0];
+    assert_eq!(ep["hold"]["depth"], 3, "{ep}");
+    assert_eq!(ep["health"][0]["state"], "down", "{ep}");
+    assert!(
+        ep["health"][0]["cause"]
+            .as_str()
+            .is_some_and(|c| c.contains("refused")),
+        "{ep}"
+    );
     let peer = Peer::start_on(
         addr,
         Script::new()
@@ -444,4 +456,29 @@ async fn subscriptions_survive_their_connection() {
     assert_eq!(c.reply().await, push3("message", "a", "$2\r\nhi"));
     assert_eq!(peer.commands(), ["SUBSCRIBE a b", "PING", "SUBSCRIBE a b"]);
     assert_eq!(proxy.rt.group().metrics.resubscribes.get(), 1);
+}
+
+// The connection of a transaction dies after a queued command: the command is answered as
+// discarded (it had not run) and EXEC is refused with EXECABORT without being sent.
+#[tokio::test]
+async fn a_transaction_whose_connection_died_is_aborted_and_exec_never_sent() {
+    let peer = Peer::start(Script::new().expect("MULTI", b"+OK\r\n").close_on("SET")).await;
+    let proxy = start_proxy(Backend::standalone(peer.addr()));
+    let mut c = Client::connect(&proxy).await;
+    c.send(&[&["MULTI"], &["SET", "a", "1"]]).await;
+    assert_eq!(c.reply().await, "+OK\r\n");
+    let r = c.reply().await;
+    assert!(
+        r.contains("the transaction was discarded (it had not run)"),
+        "{r}"
+    );
+    c.send(&[&["EXEC"]]).await;
+    let r = c.reply().await;
+    assert!(
+        r.starts_with("-EXECABORT Transaction discarded: its backend connection was lost"),
+        "{r}"
+    );
+    c.send(&[&["PING"]]).await;
+    assert_eq!(c.reply().await, "+PONG\r\n");
+    assert_eq!(peer.commands(), ["MULTI", "SET a 1"]);
 }

@@ -70,6 +70,17 @@ pub struct Route {
     pub node: Option<std::net::SocketAddr>,
 }
 
+/// Where a command goes, as far as the session knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target {
+    /// The cluster slot of its keys (None: keyless, or not a cluster).
+    pub slot: Option<u16>,
+    /// Read-only commands may go to replicas where configured.
+    pub readonly: bool,
+    pub db: u32,
+    pub proto: u8,
+}
+
 /// One client's share of the hold queue, shared by its session and its requests: how many of
 /// its commands are held (while any is, its later commands queue behind them, so none
 /// overtakes an earlier one), their bytes (bounded per client), whether the client has gone

@@ -33,11 +33,33 @@ use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::router::{Router, Target};
 use crate::backend::conn::{ReplyTx, Submission};
 use crate::backend::{BackendError, Outcome, PoolKey, Returned, Returns, Unanswered};
 use crate::metrics::GroupMetrics;
-use crate::request::{ReplayClass, Request};
+use crate::request::{ReplayClass, Request, Target};
+
+/// What the hold queue needs of its endpoint's request path (the router).
+pub trait Path: Send + Sync + 'static {
+    /// The node for `target` if commands may go to it now, else why not and the node to
+    /// report to the topology.
+    fn usable_node(
+        &self,
+        target: Target,
+        pinned: Option<SocketAddr>,
+        avoid: Option<SocketAddr>,
+    ) -> Result<SocketAddr, (String, Option<SocketAddr>)>;
+    /// Submits `batch` (commands of `client`) to that client's shared connection of `node`.
+    fn submit(&self, node: SocketAddr, target: Target, client: u64, batch: &mut Vec<Submission>);
+    /// Tells the topology that `node`, which held commands wait for, is not usable.
+    fn report(&self, node: SocketAddr);
+    /// Topology generations and node health changes.
+    fn changes(
+        &self,
+    ) -> (
+        tokio::sync::watch::Receiver<u64>,
+        tokio::sync::watch::Receiver<u64>,
+    );
+}
 
 /// How often a node that held commands wait for is reported to the topology again.
 pub const REPORT_EVERY: Duration = Duration::from_millis(100);
@@ -255,9 +277,9 @@ impl Holder {
 
     /// One pass over the queue (see the module docs). Returns when to look again at the
     /// latest (a deadline or a backoff ends), if anything still waits.
-    pub(crate) fn drain(&self, router: &Arc<Router>) -> Option<Instant> {
+    pub(crate) fn drain(&self, router: &impl Path) -> Option<Instant> {
         let now = Instant::now();
-        let mut out: Vec<(PoolKey, u64, Submission)> = Vec::new();
+        let mut out: Vec<(SocketAddr, Target, u64, Submission)> = Vec::new();
         let mut finished: Vec<(Held, BackendError)> = Vec::new();
         let mut report: Vec<SocketAddr> = Vec::new();
         let mut next: Option<Instant> = None;
@@ -312,7 +334,8 @@ impl Holder {
                         let t = h.target();
                         released.push((h.request.gate.clone(), h.request.raw.len()));
                         out.push((
-                            router.key(node, t),
+                            node,
+                            t,
                             client,
                             Submission {
                                 request: h.request,
@@ -360,22 +383,22 @@ impl Holder {
         report.sort();
         report.dedup();
         for node in report {
-            router.topology.node_failed(node);
+            router.report(node);
         }
         let sent = out.len();
         let mut batch: Vec<Submission> = Vec::new();
-        let mut cur: Option<(PoolKey, u64)> = None;
-        for (key, client, s) in out {
-            if cur.is_some_and(|c| c != (key, client)) {
-                if let Some((k, c)) = cur {
-                    router.group.pool(k).shared(c).submit_batch(&mut batch);
+        let mut cur: Option<(SocketAddr, Target, u64)> = None;
+        for (node, target, client, s) in out {
+            if cur.is_some_and(|c| c != (node, target, client)) {
+                if let Some((n, t, c)) = cur {
+                    router.submit(n, t, c, &mut batch);
                 }
             }
-            cur = Some((key, client));
+            cur = Some((node, target, client));
             batch.push(s);
         }
-        if let Some((k, c)) = cur {
-            router.group.pool(k).shared(c).submit_batch(&mut batch);
+        if let Some((n, t, c)) = cur {
+            router.submit(n, t, c, &mut batch);
         }
         self.metrics.hold_sent.inc_by(sent as u64);
         for (gate, len) in released {
@@ -459,14 +482,14 @@ impl Returns for Holder {
 
 /// Drains `holder` for `router` whenever the topology, a node's health or the queue changes,
 /// or a wait ends; ends with the router.
-pub(crate) async fn run(router: Weak<Router>, holder: Arc<Holder>) {
+pub(crate) async fn run<P: Path>(router: Weak<P>, holder: Arc<Holder>) {
     let (mut topology, mut health) = match router.upgrade() {
-        Some(r) => (r.topology.changes(), r.group.health.changes()),
+        Some(r) => r.changes(),
         None => return,
     };
     loop {
         let next = match router.upgrade() {
-            Some(r) => holder.drain(&r),
+            Some(r) => holder.drain(r.as_ref()),
             None => return,
         };
         let sleep = async {

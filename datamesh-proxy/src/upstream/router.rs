@@ -92,16 +92,7 @@ impl Signal {
     }
 }
 
-/// Where a command goes, as far as the session knows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Target {
-    /// The cluster slot of its keys (None: keyless, or not a cluster).
-    pub slot: Option<u16>,
-    /// Read-only commands may go to replicas where configured.
-    pub readonly: bool,
-    pub db: u32,
-    pub proto: u8,
-}
+pub use crate::request::Target;
 
 /// What a call needs to be resent.
 struct CallCtx {
@@ -251,7 +242,8 @@ impl Router {
         ));
         group.set_returns(holder.clone());
         Arc::new_cyclic(|me| {
-            let drain = tokio::spawn(hold::run(me.clone(), holder.clone()));
+            let me: std::sync::Weak<Router> = me.clone();
+            let drain = tokio::spawn(hold::run(me, holder.clone()));
             Self {
                 topology,
                 group,
@@ -664,6 +656,37 @@ impl Router {
                 Resolved::Retry(next) => retry = next,
             }
         }
+    }
+}
+
+impl hold::Path for Router {
+    fn usable_node(
+        &self,
+        target: Target,
+        pinned: Option<SocketAddr>,
+        avoid: Option<SocketAddr>,
+    ) -> Result<SocketAddr, (String, Option<SocketAddr>)> {
+        Router::usable_node(self, target, pinned, avoid)
+    }
+
+    fn submit(&self, node: SocketAddr, target: Target, client: u64, batch: &mut Vec<Submission>) {
+        self.group
+            .pool(self.key(node, target))
+            .shared(client)
+            .submit_batch(batch);
+    }
+
+    fn report(&self, node: SocketAddr) {
+        self.topology.node_failed(node);
+    }
+
+    fn changes(
+        &self,
+    ) -> (
+        tokio::sync::watch::Receiver<u64>,
+        tokio::sync::watch::Receiver<u64>,
+    ) {
+        (self.topology.changes(), self.group.health.changes())
     }
 }
 

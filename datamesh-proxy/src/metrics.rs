@@ -4,11 +4,12 @@
 
 use std::sync::Arc;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
 use crate::accounting::PodMetrics;
@@ -41,16 +42,41 @@ pub struct PodEndpointLabels {
     pub pod: String,
 }
 
-/// Buckets of outage and recovery times (10 ms to about 40 s).
-fn outage_histogram() -> Histogram {
-    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
-        0.01, 2.0, 13,
-    ))
+/// A histogram of outage and recovery times, buckets 10 ms to about 40 s. Unlike a bare
+/// `Histogram` it has a `Default`, so the metric structs derive theirs.
+#[derive(Debug, Clone)]
+pub struct Durations(Histogram);
+
+impl Default for Durations {
+    fn default() -> Self {
+        Self(Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.01, 2.0, 13),
+        ))
+    }
 }
 
-type HistogramFamily = Family<EndpointLabels, Histogram, fn() -> Histogram>;
+impl Durations {
+    pub fn observe(&self, seconds: f64) {
+        self.0.observe(seconds);
+    }
+}
+
+impl TypedMetric for Durations {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for Durations {
+    fn encode(&self, encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        self.0.encode(encoder)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
 
 /// The proxy's metrics (registered under the `datamesh_` prefix by the admin registry).
+#[derive(Default)]
 pub struct ProxyMetrics {
     pub connections: Family<ConnLabels, Counter>,
     pub open: Family<EndpointLabels, Gauge>,
@@ -78,45 +104,15 @@ pub struct ProxyMetrics {
     /// Switches to another node (Sentinel master, standalone standby).
     pub switches: Family<EndpointLabels, Counter>,
     /// How long nodes were unusable (down or loading) before they were back.
-    pub outages: HistogramFamily,
+    pub outages: Family<EndpointLabels, Durations>,
     /// How long the hold queue was non-empty, from its first held command until it was empty
     /// again (the time clients waited for the endpoint to recover).
-    pub recoveries: HistogramFamily,
+    pub recoveries: Family<EndpointLabels, Durations>,
     /// Subscriptions restored on another connection after theirs failed.
     pub resubscribes: Family<EndpointLabels, Counter>,
     /// Milliseconds subscriptions were without a connection (messages published then are
     /// lost: pub/sub is at most once).
     pub resubscribe_gap_ms: Family<EndpointLabels, Counter>,
-}
-
-impl Default for ProxyMetrics {
-    fn default() -> Self {
-        Self {
-            connections: Default::default(),
-            open: Default::default(),
-            backend_errors: Default::default(),
-            commands: Default::default(),
-            errors: Default::default(),
-            backend_connections: Default::default(),
-            backend_connects: Default::default(),
-            inflight: Default::default(),
-            pool_waits: Default::default(),
-            resent: Default::default(),
-            throttled: Default::default(),
-            config_reloads: Default::default(),
-            pods: Default::default(),
-            hold: Default::default(),
-            hold_depth: Default::default(),
-            hold_bytes: Default::default(),
-            replays: Default::default(),
-            unknown_outcomes: Default::default(),
-            switches: Default::default(),
-            outages: Family::new_with_constructor(outage_histogram),
-            recoveries: Family::new_with_constructor(outage_histogram),
-            resubscribes: Default::default(),
-            resubscribe_gap_ms: Default::default(),
-        }
-    }
 }
 
 impl ProxyMetrics {
@@ -340,7 +336,7 @@ impl ProxyMetrics {
 }
 
 /// Metrics handles of one backend group (resolved once, not per command).
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct GroupMetrics {
     pub held: Counter,
     pub hold_sent: Counter,
@@ -353,8 +349,8 @@ pub struct GroupMetrics {
     pub hold_depth: Gauge,
     pub hold_bytes: Gauge,
     pub switches: Counter,
-    pub outages: Histogram,
-    pub recoveries: Histogram,
+    pub outages: Durations,
+    pub recoveries: Durations,
     pub resubscribes: Counter,
     pub resubscribe_gap_ms: Counter,
     pub shared_conns: Gauge,
@@ -368,31 +364,28 @@ pub struct GroupMetrics {
     pub resent: Counter,
 }
 
-impl Default for GroupMetrics {
-    fn default() -> Self {
-        Self {
-            held: Default::default(),
-            hold_sent: Default::default(),
-            hold_expired: Default::default(),
-            hold_full: Default::default(),
-            hold_gone: Default::default(),
-            replay_never_written: Default::default(),
-            replay_read_only: Default::default(),
-            replay_not_run: Default::default(),
-            hold_depth: Default::default(),
-            hold_bytes: Default::default(),
-            switches: Default::default(),
-            outages: outage_histogram(),
-            recoveries: outage_histogram(),
-            resubscribes: Default::default(),
-            resubscribe_gap_ms: Default::default(),
-            shared_conns: Default::default(),
-            dedicated_conns: Default::default(),
-            connects_ok: Default::default(),
-            connects_failed: Default::default(),
-            inflight: Default::default(),
-            pool_waits: Default::default(),
-            resent: Default::default(),
-        }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The duration histograms encode as Prometheus histograms (the newtype only adds Default).
+    #[test]
+    fn duration_histograms_encode_as_histograms() {
+        let m = ProxyMetrics::default();
+        let mut registry = Registry::with_prefix("datamesh");
+        m.register(&mut registry);
+        m.group("cache").outages.observe(0.25);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).expect("encode");
+        assert!(
+            out.contains("# TYPE datamesh_proxy_node_outage_seconds histogram"),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                r#"datamesh_proxy_node_outage_seconds_bucket{le="0.32",endpoint="cache"} 1"#
+            ),
+            "{out}"
+        );
     }
 }

@@ -304,12 +304,16 @@ impl Conn {
         }
         let st = self.lock();
         match &st.phase {
-            Stage::Down { retry_at, at, .. } => {
-                Instant::now() < *retry_at && !self.node.recovered_since(*at)
-            }
+            Stage::Down { retry_at, at, .. } => self.backing_off(*retry_at, *at),
             Stage::Failed { .. } | Stage::Closed => true,
             _ => false,
         }
+    }
+
+    /// A connection that failed at `at` waits until `retry_at`, unless its node came back
+    /// since (the health check's success ends the backoff).
+    fn backing_off(&self, retry_at: Instant, at: Instant) -> bool {
+        Instant::now() < retry_at && !self.node.recovered_since(at)
     }
 
     /// The node's health.
@@ -535,7 +539,7 @@ impl Conn {
                 cause: Cause::NodeDown(
                     self.node
                         .cause()
-                        .unwrap_or_else(|| format!("{:?}", self.node.status()).to_lowercase()),
+                        .unwrap_or_else(|| self.node.status().as_str().to_string()),
                 ),
             });
         }
@@ -550,7 +554,7 @@ impl Conn {
                 retry_at,
                 at,
             } => {
-                if Instant::now() < *retry_at && !self.node.recovered_since(*at) {
+                if self.backing_off(*retry_at, *at) {
                     return Err(error.clone());
                 }
                 self.start_connect(st);
@@ -580,9 +584,7 @@ impl Conn {
             let mut st = self.lock();
             let retry = match &st.phase {
                 Stage::Idle => true,
-                Stage::Down { retry_at, at, .. } => {
-                    Instant::now() >= *retry_at || self.node.recovered_since(*at)
-                }
+                Stage::Down { retry_at, at, .. } => !self.backing_off(*retry_at, *at),
                 _ => false,
             };
             if retry {

@@ -81,6 +81,16 @@ impl NodeStatus {
         }
     }
 
+    /// The name `/backends` and errors use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeStatus::Up => "up",
+            NodeStatus::Suspect => "suspect",
+            NodeStatus::Down => "down",
+            NodeStatus::Loading => "loading",
+        }
+    }
+
     /// Commands may be sent to the node.
     pub fn usable(self) -> bool {
         matches!(self, NodeStatus::Up | NodeStatus::Suspect)
@@ -112,7 +122,7 @@ pub struct NodeHealth {
     /// it back, so failures are left to the connections' own backoff).
     checked: bool,
     changes: Arc<watch::Sender<u64>>,
-    outages: prometheus_client::metrics::histogram::Histogram,
+    outages: crate::metrics::Durations,
 }
 
 /// What `/backends` shows of a node's health.
@@ -128,7 +138,7 @@ impl NodeHealth {
         addr: SocketAddr,
         checked: bool,
         changes: Arc<watch::Sender<u64>>,
-        outages: prometheus_client::metrics::histogram::Histogram,
+        outages: crate::metrics::Durations,
     ) -> Self {
         Self {
             addr,
@@ -240,7 +250,7 @@ pub struct Health {
     spec: Arc<ConnectSpec>,
     nodes: Mutex<HashMap<SocketAddr, Tracked>>,
     changes: Arc<watch::Sender<u64>>,
-    outages: prometheus_client::metrics::histogram::Histogram,
+    outages: crate::metrics::Durations,
 }
 
 impl Health {
@@ -249,7 +259,7 @@ impl Health {
     pub fn new(
         settings: Option<HealthSettings>,
         spec: Arc<ConnectSpec>,
-        outages: prometheus_client::metrics::histogram::Histogram,
+        outages: crate::metrics::Durations,
     ) -> Self {
         Self {
             settings,

@@ -358,16 +358,17 @@ impl BackendGroup {
 
     /// Drops pools of nodes no longer in the topology (their connections close when idle).
     pub fn retain_nodes(&self, nodes: &[SocketAddr]) {
-        let gone: Vec<Arc<NodePool>> = {
-            let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
-            let gone = pools
-                .iter()
-                .filter(|(k, _)| !nodes.contains(&k.addr))
-                .map(|(_, p)| p.clone())
-                .collect();
-            pools.retain(|k, _| nodes.contains(&k.addr));
-            gone
-        };
+        let mut gone: Vec<Arc<NodePool>> = Vec::new();
+        self.pools
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|k, p| {
+                let keep = nodes.contains(&k.addr);
+                if !keep {
+                    gone.push(p.clone());
+                }
+                keep
+            });
         // Dropped outside the lock: closing hands commands back to the hold queue, which may
         // open pools.
         drop(gone);

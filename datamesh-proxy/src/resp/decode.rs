@@ -211,6 +211,15 @@ fn hex(b: u8) -> Option<u8> {
 /// Splits an inline line like Redis's `sdssplitargs`: blanks separate arguments, "double
 /// quotes" understand `\n \r \t \b \a \\ \" \xHH`, 'single quotes' only `\'`; a closing quote
 /// must be followed by a blank or the end.
+/// The position after the closing quote at `i`: like Redis, a closing quote must be followed
+/// by a space or the end of the line.
+fn after_closing_quote(line: &[u8], i: usize) -> Result<usize, ProtocolError> {
+    match line.get(i + 1) {
+        Some(c) if !c.is_ascii_whitespace() => Err(ProtocolError::UnbalancedQuotes),
+        _ => Ok(i + 1),
+    }
+}
+
 pub fn split_args(line: &[u8]) -> Result<Vec<Vec<u8>>, ProtocolError> {
     let mut out = Vec::new();
     let mut i = 0;
@@ -251,10 +260,7 @@ pub fn split_args(line: &[u8]) -> Result<Vec<Vec<u8>>, ProtocolError> {
                     continue;
                 }
                 if c == b'"' {
-                    if i + 1 < n && !line[i + 1].is_ascii_whitespace() {
-                        return Err(ProtocolError::UnbalancedQuotes);
-                    }
-                    i += 1;
+                    i = after_closing_quote(line, i)?;
                     break;
                 }
                 cur.push(c);
@@ -270,10 +276,7 @@ pub fn split_args(line: &[u8]) -> Result<Vec<Vec<u8>>, ProtocolError> {
                     continue;
                 }
                 if c == b'\'' {
-                    if i + 1 < n && !line[i + 1].is_ascii_whitespace() {
-                        return Err(ProtocolError::UnbalancedQuotes);
-                    }
-                    i += 1;
+                    i = after_closing_quote(line, i)?;
                     break;
                 }
                 cur.push(c);

@@ -172,7 +172,7 @@ impl Session {
     }
 
     /// The front command's request, next in the client's order.
-    fn request(&mut self, raw: Bytes, class: ReplayClass) -> Request {
+    pub(super) fn request(&mut self, raw: Bytes, class: ReplayClass) -> Request {
         self.seq += 1;
         Request {
             raw,

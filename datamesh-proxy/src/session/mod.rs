@@ -357,34 +357,28 @@ impl Session {
                 return;
             }
         };
-        let Some(p) = self.state.pubsub.as_mut() else {
-            return;
-        };
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         d.conn.set_push_sink(tx);
         d.clean = false;
         self.lane = Some(Lane::Dedicated(d.conn.id));
+        let Some(p) = self.state.pubsub.as_mut() else {
+            return;
+        };
         p.node = d.node();
         p.rx = rx;
         let gap = p.lost_at.take().map(|t| t.elapsed()).unwrap_or_default();
         let cmds = p.subs.resubscribe();
         let mut failed = None;
         for raw in cmds {
-            let req = crate::request::Request {
-                raw,
-                class: crate::request::ReplayClass::PubSub,
-                order: crate::request::Order {
-                    client: self.state.id,
-                    seq: self.seq,
-                },
-                route: Default::default(),
-                gate: None,
-            };
+            let req = self.request(raw, crate::request::ReplayClass::PubSub);
             if let Err(e) = rt.router.send_untracked(&d, req) {
                 failed = Some(e);
                 break;
             }
         }
+        let Some(p) = self.state.pubsub.as_mut() else {
+            return;
+        };
         p.conn = d;
         rt.group().metrics.resubscribes.inc();
         rt.group()

@@ -237,7 +237,7 @@ impl Topology for Standalone {
     }
 
     fn node_failed(&self, addr: SocketAddr) {
-        if self._watch.is_some() && addr == self.current() && self.inner.failed_since().is_none() {
+        if self.has_standby() && addr == self.current() && self.inner.failed_since().is_none() {
             self.inner.set_failed_since(Some(Instant::now()));
             self.inner.wake.notify_one();
         }

@@ -99,8 +99,8 @@ pub enum HeldFor {
 pub struct Held {
     pub request: Request,
     pub reply: ReplyTx,
-    pub db: u32,
-    pub proto: u8,
+    /// Where it goes (its slot and read-only-ness are its route's).
+    pub target: Target,
     /// When it started waiting (kept across waits, so the bound is for the whole command).
     pub since: Instant,
     /// Not before then (a backoff after TRYAGAIN/CLUSTERDOWN, a connection's backoff).
@@ -109,17 +109,6 @@ pub struct Held {
     pub avoid: Option<SocketAddr>,
     /// Why it waits now (the error its client gets when the wait is over).
     pub cause: String,
-}
-
-impl Held {
-    fn target(&self) -> Target {
-        Target {
-            slot: self.request.route.slot,
-            readonly: self.request.route.readonly,
-            db: self.db,
-            proto: self.proto,
-        }
-    }
 }
 
 #[derive(Default)]
@@ -244,15 +233,13 @@ impl Holder {
         request: Request,
         target: Target,
         cause: String,
-        since: Instant,
     ) -> oneshot::Receiver<Outcome> {
         let (tx, rx) = oneshot::channel();
         let h = Held {
             request,
             reply: tx,
-            db: target.db,
-            proto: target.proto,
-            since,
+            target,
+            since: Instant::now(),
             not_before: None,
             avoid: None,
             cause,
@@ -284,6 +271,9 @@ impl Holder {
         let mut report: Vec<SocketAddr> = Vec::new();
         let mut next: Option<Instant> = None;
         let mut released: Vec<(Option<crate::request::ClientGate>, usize)> = Vec::new();
+        let wait = |next: &mut Option<Instant>, t: Instant| {
+            *next = Some(next.map_or(t, |n| n.min(t)));
+        };
         {
             let mut q = self.lock();
             if q.held.is_empty() {
@@ -315,9 +305,6 @@ impl Holder {
                     finished.push((h, error));
                     continue;
                 }
-                let wait = |next: &mut Option<Instant>, t: Instant| {
-                    *next = Some(next.map_or(t, |n| n.min(t)));
-                };
                 if blocked.contains(&client) {
                     wait(&mut next, deadline);
                     keep.push_back(h);
@@ -329,13 +316,12 @@ impl Holder {
                     keep.push_back(h);
                     continue;
                 }
-                match router.usable_node(h.target(), h.request.route.node, h.avoid) {
+                match router.usable_node(h.target, h.request.route.node, h.avoid) {
                     Ok(node) => {
-                        let t = h.target();
                         released.push((h.request.gate.clone(), h.request.raw.len()));
                         out.push((
                             node,
-                            t,
+                            h.target,
                             client,
                             Submission {
                                 request: h.request,
@@ -416,8 +402,8 @@ impl Holder {
     }
 }
 
-/// Placeholder address of errors that concern no node.
-const UNSPECIFIED: SocketAddr =
+/// Placeholder address of errors that concern no node, and of calls not sent yet.
+pub(crate) const UNSPECIFIED: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
 
 /// Answers a command that gets no reply from a backend.
@@ -457,11 +443,16 @@ impl Returns for Holder {
                 continue;
             }
             let written = e.written;
+            let target = Target {
+                slot: e.request.route.slot,
+                readonly: e.request.route.readonly,
+                db: key.db,
+                proto: key.proto,
+            };
             let h = Held {
                 request: e.request,
                 reply: e.reply,
-                db: key.db,
-                proto: key.proto,
+                target,
                 since: now,
                 not_before: retry_at,
                 avoid: None,

@@ -42,7 +42,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::task::AbortOnDropHandle;
 
-use super::hold::{self, Held, HeldFor, HoldSettings, Holder};
+use super::hold::{self, Held, HeldFor, HoldSettings, Holder, UNSPECIFIED};
 use super::replay::{self, Outcome, ReplayClass, Request, Unanswered};
 use crate::backend::conn::Submission;
 use crate::backend::{BackendError, BackendGroup, Conn, Dedicated, PoolKey};
@@ -67,8 +67,8 @@ pub fn proxy_error(text: impl std::fmt::Display) -> Reply {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Signal {
     Redirect(Redirect),
-    /// LOADING, MASTERDOWN: the node is not ready; held until it answers PING.
-    NotReady,
+    /// LOADING, MASTERDOWN (the word): the node is not ready; held until it answers PING.
+    NotReady(&'static str),
     /// TRYAGAIN, CLUSTERDOWN, NOAUTH: not run, try again shortly.
     Later {
         report: bool,
@@ -83,7 +83,8 @@ impl Signal {
         let word = text.split(|b| *b == b' ').next().unwrap_or(b"");
         match word {
             b"MOVED" | b"ASK" if cluster => parse_redirect(text, node).map(Signal::Redirect),
-            b"LOADING" | b"MASTERDOWN" => Some(Signal::NotReady),
+            b"LOADING" => Some(Signal::NotReady("LOADING")),
+            b"MASTERDOWN" => Some(Signal::NotReady("MASTERDOWN")),
             b"TRYAGAIN" => Some(Signal::Later { report: false }),
             b"CLUSTERDOWN" | b"NOAUTH" => Some(Signal::Later { report: true }),
             b"READONLY" => Some(Signal::Demoted),
@@ -149,7 +150,6 @@ enum CallState {
     Pinned {
         rx: oneshot::Receiver<Outcome>,
         router: Arc<Router>,
-        node: SocketAddr,
     },
     Boxed(Pin<Box<dyn Future<Output = Reply> + Send>>),
 }
@@ -183,13 +183,13 @@ impl Future for Call {
                     )
                 }
                 CallState::Boxed(f) => return f.as_mut().poll(cx),
-                CallState::Pinned { rx, router, node } => {
+                CallState::Pinned { rx, router } => {
                     let outcome = match rx.poll_unpin(cx) {
                         Poll::Pending => return Poll::Pending,
                         Poll::Ready(r) => r,
                     };
                     let reply = match outcome {
-                        Ok(o) => router.finish_pinned(*node, o),
+                        Ok(o) => router.finish_pinned(o),
                         Err(_) => closed_reply(),
                     };
                     return Poll::Ready(reply);
@@ -309,10 +309,7 @@ impl Router {
                 let info = h.info();
                 format!(
                     "backend {node} is {} ({})",
-                    serde_json::to_value(info.status)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_string))
-                        .unwrap_or_default(),
+                    info.status.as_str(),
                     info.cause.unwrap_or_default()
                 )
             }
@@ -321,10 +318,11 @@ impl Router {
         Err((why, Some(node)))
     }
 
-    /// Holds `request` for a usable node and returns the call that finishes it.
+    /// Holds `request` (its route set) for a usable node and returns the call that finishes
+    /// it.
     fn hold_call(
         self: &Arc<Self>,
-        mut request: Request,
+        request: Request,
         target: Target,
         cause: String,
         affinity: u64,
@@ -332,13 +330,7 @@ impl Router {
         if self.holder.settings().hold.is_zero() {
             return Call::ready(proxy_error(cause));
         }
-        request.route = Route {
-            node: request.route.node,
-            ..route_of(target)
-        };
-        let rx = self
-            .holder
-            .hold_request(request, target, cause, Instant::now());
+        let rx = self.holder.hold_request(request, target, cause);
         self.shared_call(rx, UNSPECIFIED, target, affinity)
     }
 
@@ -480,7 +472,6 @@ impl Router {
         Call(CallState::Pinned {
             rx,
             router: self.clone(),
-            node: d.node(),
         })
     }
 
@@ -496,11 +487,11 @@ impl Router {
     /// Finishes a command of a dedicated connection: replies as they are (redirects and
     /// demotions only reported, since a transaction or a blocking command cannot move),
     /// unanswered ones by their replay class.
-    fn finish_pinned(&self, _node: SocketAddr, outcome: Outcome) -> Reply {
+    fn finish_pinned(&self, outcome: Outcome) -> Reply {
         match outcome {
             Outcome::Replied { reply, node, .. } => {
                 if let Some(signal) = self.signal(&reply, node) {
-                    self.report(node, signal, &reply);
+                    self.report(node, signal);
                 }
                 reply
             }
@@ -518,14 +509,13 @@ impl Router {
 
     /// Tells the topology what a reply from `node` showed: a new slot owner, or a node to
     /// look at again (demoted, or its cluster or link down).
-    fn report(&self, node: SocketAddr, signal: Signal, reply: &Reply) {
+    fn report(&self, node: SocketAddr, signal: Signal) {
         match signal {
             Signal::Redirect(r) => self.topology.redirected(r.slot(), r.addr(), r.is_ask()),
             Signal::Demoted | Signal::Later { report: true } => self.topology.node_failed(node),
-            Signal::NotReady => {
+            Signal::NotReady(word) => {
                 if let Some(h) = self.group.health.get(node) {
-                    let text = String::from_utf8_lossy(reply.error_text());
-                    h.loading(text.split(' ').next().unwrap_or(""));
+                    h.loading(word);
                 }
             }
             Signal::Later { report: false } => {}
@@ -573,7 +563,7 @@ impl Router {
             // it is.
             return Resolved::Done(reply);
         }
-        self.report(node, signal, &reply);
+        self.report(node, signal);
         let (wait, asking) = match signal {
             Signal::Redirect(r) => {
                 ctx.attempt += 1;
@@ -582,7 +572,7 @@ impl Router {
             }
             // Not ready: the node is held back until its health check answers PONG, and the
             // command waits its backoff too (without health checks, that is all it waits).
-            Signal::NotReady | Signal::Later { .. } => {
+            Signal::NotReady(_) | Signal::Later { .. } => {
                 ctx.held = ctx.held.saturating_add(1);
                 let backoff = (RETRY_BASE * (1u32 << (ctx.held - 1).min(5))).min(RETRY_MAX);
                 (
@@ -626,12 +616,10 @@ impl Router {
                 Wait::Hold { not_before, avoid } => {
                     let since = *ctx.step.first_held.get_or_insert_with(Instant::now);
                     let (tx, rx) = oneshot::channel();
-                    let target = ctx.step.target;
                     let held = Held {
                         request: retry.request,
                         reply: tx,
-                        db: target.db,
-                        proto: target.proto,
+                        target: ctx.step.target,
                         since,
                         not_before,
                         avoid,
@@ -699,10 +687,6 @@ fn route_of(target: Target) -> Route {
     }
 }
 
-/// Placeholder node of a call not sent yet (held).
-const UNSPECIFIED: SocketAddr =
-    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
-
 /// `ASKING` and the command back to back on one connection (nothing of another client comes
 /// between them); the outcome is the command's.
 async fn submit_asking(
@@ -767,30 +751,18 @@ impl SharedLane {
         mut request: Request,
         affinity: u64,
     ) -> Call {
-        request.route = route_of(target);
-        if request.gate.as_ref().is_some_and(|g| g.held() > 0) {
-            // Behind the client's held commands (what this round queued goes first).
-            self.flush();
-            return router.hold_call(
-                request,
-                target,
-                "an earlier command of this client is held".into(),
-                affinity,
-            );
-        }
-        let node = match router.pick(target) {
-            Ok(n) => n,
-            Err(e) => {
-                self.flush();
-                return router.hold_call(request, target, e.to_string(), affinity);
-            }
+        // The common case: no held command of this client, a node named and usable. Anything
+        // else takes the router's own path (which holds), after what this round queued.
+        let held = request.gate.as_ref().is_some_and(|g| g.held() > 0);
+        let conn = match router.pick(target) {
+            Ok(node) if !held => Some(self.conn(router, router.key(node, target), affinity)),
+            _ => None,
         };
-        let key = router.key(node, target);
-        let conn = self.conn(router, key, affinity);
-        if !conn.node().usable() {
+        let Some(conn) = conn.filter(|c| c.node().usable()) else {
             self.flush();
             return router.call(None, target, request, affinity);
-        }
+        };
+        request.route = route_of(target);
         if self
             .outbox_conn
             .as_ref()
@@ -804,6 +776,7 @@ impl SharedLane {
             reply: tx,
             timed: true,
         });
+        let node = conn.key.addr;
         self.outbox_conn = Some(conn);
         router.shared_call(rx, node, target, affinity)
     }

@@ -55,12 +55,15 @@ fn standalone(addr: SocketAddr) -> Arc<Router> {
     Router::new(Arc::new(Standalone::new(addr)), group(), HOLD)
 }
 
-/// A cluster whose whole slot range is served by `node`; no refresher (MOVED still updates it).
-fn cluster_on(node: SocketAddr) -> Arc<Cluster> {
-    Arc::new(Cluster::with_map(
+/// A cluster whose whole slot range is served by `node` (no refresher: MOVED still updates
+/// it) and its router.
+fn cluster_on(node: SocketAddr) -> (Arc<Cluster>, Arc<Router>) {
+    let cluster = Arc::new(Cluster::with_map(
         ClusterConfig::new(vec![]),
         SlotMap::single(node),
-    ))
+    ));
+    let router = Router::new(cluster.clone(), group(), HOLD);
+    (cluster, router)
 }
 
 fn target(slot: Option<u16>, readonly: bool) -> Target {
@@ -88,8 +91,7 @@ async fn moved_resends_to_the_new_owner_and_updates_the_slot_map() {
     let slot = key_slot(b"k");
     let moved = format!("-MOVED {slot} {}\r\n", b.addr());
     let a = Peer::start(Script::new().expect("GET", moved.as_bytes())).await;
-    let cluster = cluster_on(a.addr());
-    let router = Router::new(cluster.clone(), group(), HOLD);
+    let (cluster, router) = cluster_on(a.addr());
 
     let reply = router
         .call(None, target(Some(slot), true), get("k", 1), 1)
@@ -114,8 +116,7 @@ async fn ask_sends_asking_and_the_command_back_to_back_and_keeps_the_map() {
     let slot = key_slot(b"k");
     let ask = format!("-ASK {slot} {}\r\n", b.addr());
     let a = Peer::start(Script::new().expect("GET", ask.as_bytes())).await;
-    let cluster = cluster_on(a.addr());
-    let router = Router::new(cluster.clone(), group(), HOLD);
+    let (cluster, router) = cluster_on(a.addr());
 
     let reply = router
         .call(None, target(Some(slot), true), get("k", 1), 1)
@@ -346,8 +347,7 @@ async fn moved_on_a_dedicated_connection_is_not_resent_but_updates_the_map() {
     let slot = key_slot(b"k");
     let moved = format!("-MOVED {slot} {}\r\n", b.addr());
     let a = Peer::start(Script::new().expect("GET", moved.as_bytes())).await;
-    let cluster = cluster_on(a.addr());
-    let router = Router::new(cluster.clone(), group(), HOLD);
+    let (cluster, router) = cluster_on(a.addr());
 
     let d = router
         .dedicated(target(Some(slot), true))

@@ -37,6 +37,7 @@ use crate::dataplane::{self, DataplaneError, DataplaneMetrics, DesiredState, Map
 use crate::pod_counters::MapDirectory;
 use crate::pods::{self, Pods, PodsError};
 use crate::preflight::{self, PreflightError};
+use crate::resources;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -73,12 +74,15 @@ const TOPOLOGY_READY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Listeners by endpoint name (for reload).
 type ListenerMap = std::collections::HashMap<String, Listener>;
 
-/// The proxy's session settings from the file's `proxy:` section and `users`.
+/// The proxy's session settings from the file's `proxy:` section and `users`, with the sizes
+/// left to the memory budget resolved from the container's resources.
 fn session_settings(cfg: &Config) -> SessionSettings {
     let p = &cfg.proxy;
+    let res = resources::get();
+    let m = p.memory(res.memory_limit);
     SessionSettings {
         limits: Limits {
-            max_bulk_len: p.max_bulk_len,
+            max_bulk_len: m.max_bulk_len,
             max_array_len: p.max_array_len,
             max_depth: p.max_depth as usize,
             max_inline_len: p.max_inline_len as usize,
@@ -87,7 +91,29 @@ fn session_settings(cfg: &Config) -> SessionSettings {
         throttle_max_delay: Duration::from_millis(p.throttle_max_delay_ms),
         max_pipeline: p.max_pipeline,
         client_output_limit: p.client_output_limit_bytes,
+        output_normal: m.client_output_buffer_limit_normal,
+        output_pubsub: p.client_output_buffer_limit_pubsub,
+        client_query_limit: m.client_query_buffer_limit_bytes,
+        memory_budget: m.memory_budget_bytes,
+        idle_timeout: Duration::from_secs(p.client_idle_timeout_s),
+        partial_timeout: Duration::from_millis(p.client_partial_timeout_ms),
+        max_clients: resources::effective_max_clients(p.max_clients, res.nofile),
+        tcp_keepalive: Duration::from_secs(p.tcp_keepalive_s),
     }
+}
+
+/// Logs the budget-derived sizes the proxy runs with (they are not in `/config_dump`,
+/// which shows the file's values).
+fn log_sizes(s: &SessionSettings) {
+    info!(
+        memory_budget_bytes = s.memory_budget,
+        max_bulk_len = s.limits.max_bulk_len,
+        client_query_buffer_limit_bytes = s.client_query_limit,
+        client_output_buffer_limit_normal = %s.output_normal,
+        client_output_buffer_limit_pubsub = %s.output_pubsub,
+        max_clients = s.max_clients,
+        "client limits"
+    );
 }
 
 fn endpoint_spec(ep: &config::Endpoint) -> EndpointSpec {
@@ -267,7 +293,7 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
         hb_stop_rx,
     );
     let (flush_stop_tx, flush_stop_rx) = watch::channel(false);
-    let flusher = pod_limits.clone().spawn_flusher(flush_stop_rx);
+    let flusher = pod_limits.clone().spawn_flusher(flush_stop_rx.clone());
 
     let log = Arc::new(ConnLog::default());
     let attribution = Arc::new(CaptureAttribution {
@@ -275,12 +301,16 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
         pods: pods.clone(),
         log: log.clone(),
     });
+    let settings = session_settings(&cfg);
+    log_sizes(&settings);
     let shared = Arc::new(Shared::new(
         attribution,
         proxy_metrics.clone(),
         pod_limits.clone(),
-        session_settings(&cfg),
+        settings,
     ));
+    // Sheds the biggest clients when the memory budget is reached; stops with the flusher.
+    let shedder = shared.budget.clone().spawn_shedder(flush_stop_rx.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut listeners: ListenerMap = ListenerMap::new();
     for (ep, b) in bound {
@@ -385,6 +415,7 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
     let _ = admin_task.await;
     let _ = flush_stop_tx.send(true);
     let _ = flusher.await;
+    let _ = shedder.await;
     drop(pods_stop_tx);
     let _ = tokio::task::spawn_blocking(move || discovery.join()).await;
     if let Some(path) = &opts.ready_file {
@@ -404,10 +435,14 @@ fn policy_source(cfg: &Config) -> PolicySource {
                 name: p.name.clone(),
                 cmd_rate: p.cmd_rate,
                 cmd_burst: p.cmd_burst,
+                max_connections: p.max_connections,
+                max_dedicated: p.max_dedicated,
             })
             .collect(),
         default_rate: cfg.default_cmd_rate,
         default_burst: cfg.default_cmd_burst,
+        default_max_connections: cfg.default_max_connections,
+        default_max_dedicated: cfg.default_max_dedicated,
     }
 }
 
@@ -533,7 +568,9 @@ async fn reload(ctx: &ReloadCtx<'_>, running: &mut Running) {
         return;
     }
 
-    ctx.shared.set_settings(session_settings(&new));
+    let settings = session_settings(&new);
+    log_sizes(&settings);
+    ctx.shared.set_settings(settings);
     ctx.shared.pod_limits.set_policy(policy_source(&new));
     *ctx.policies.write().unwrap_or_else(|p| p.into_inner()) = new.pods.clone();
     let flags = dataplane::settings_flags(new.fastpath);

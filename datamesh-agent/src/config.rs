@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use datamesh_proxy::budget::{parse_output_limit, OutputLimit};
 pub use datamesh_proxy::config::{
     Backend, BackendKind, Secret, User, DEFAULT_CONNECT_TIMEOUT_MS, DEFAULT_DATABASES,
     DEFAULT_FAILOVER_HOLD_MS, DEFAULT_HEALTH_INTERVAL_MS, DEFAULT_HEALTH_TIMEOUT_MS,
@@ -101,6 +102,8 @@ pub struct RawConfig {
     pub default_conn_burst: Option<u32>,
     pub default_cmd_rate: Option<u32>,
     pub default_cmd_burst: Option<u32>,
+    pub default_max_connections: Option<u32>,
+    pub default_max_dedicated: Option<u32>,
     #[serde(default)]
     pub proxy: RawProxy,
     #[serde(default)]
@@ -124,6 +127,10 @@ pub struct RawPodPolicy {
     pub cmd_rate: u32,
     #[serde(default)]
     pub cmd_burst: u32,
+    #[serde(default)]
+    pub max_connections: u32,
+    #[serde(default)]
+    pub max_dedicated: u32,
     #[serde(flatten)]
     pub unknown: Unknown,
 }
@@ -187,6 +194,14 @@ pub struct RawProxy {
     pub throttle_max_delay_ms: Option<u64>,
     pub max_pipeline: Option<u32>,
     pub client_output_limit_bytes: Option<u64>,
+    pub client_output_buffer_limit_normal: Option<String>,
+    pub client_output_buffer_limit_pubsub: Option<String>,
+    pub client_query_buffer_limit_bytes: Option<u64>,
+    pub memory_budget_bytes: Option<u64>,
+    pub max_clients: Option<u32>,
+    pub client_idle_timeout_s: Option<u64>,
+    pub client_partial_timeout_ms: Option<u64>,
+    pub tcp_keepalive_s: Option<u64>,
     pub worker_threads: Option<u32>,
     #[serde(flatten)]
     pub unknown: Unknown,
@@ -221,6 +236,9 @@ pub struct Config {
     /// Command-rate limit for pods without a policy (and node-local clients), per second.
     pub default_cmd_rate: u32,
     pub default_cmd_burst: u32,
+    /// Caps per pod for pods without their own (0 = none; node-local clients have none).
+    pub default_max_connections: u32,
+    pub default_max_dedicated: u32,
     pub proxy: ProxySettings,
     /// Users clients authenticate as at the proxy; empty = no AUTH needed.
     pub users: Vec<User>,
@@ -228,10 +246,12 @@ pub struct Config {
     pub endpoints: Vec<Endpoint>,
 }
 
-/// `proxy:` settings (RESP limits, throttling, per-client bounds).
+/// `proxy:` settings (RESP limits, throttling, per-client bounds, the memory budget).
+/// Sizes left to `None` are derived from the memory budget (see [`ProxySettings::memory`]).
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
 pub struct ProxySettings {
-    pub max_bulk_len: u64,
+    /// None: a quarter of the memory budget, at most 512 MiB (Redis's `proto-max-bulk-len`).
+    pub max_bulk_len: Option<u64>,
     pub max_array_len: u64,
     pub max_depth: u32,
     pub max_inline_len: u64,
@@ -239,8 +259,23 @@ pub struct ProxySettings {
     pub throttle_max_delay_ms: u64,
     /// Most commands of one client in flight at once (the client is not read further).
     pub max_pipeline: u32,
-    /// Reply bytes buffered for a client that does not read before the proxy stops reading it.
+    /// Reply bytes not yet written to a client past which it is not read further
+    /// (back-pressure; the output buffer limits close it).
     pub client_output_limit_bytes: u64,
+    /// Redis's `client-output-buffer-limit` for normal clients and subscribers. None for
+    /// normal: hard = half the memory budget, soft = an eighth of it for 30 s.
+    pub client_output_buffer_limit_normal: Option<OutputLimit>,
+    pub client_output_buffer_limit_pubsub: OutputLimit,
+    /// None: twice `max_bulk_len`.
+    pub client_query_buffer_limit_bytes: Option<u64>,
+    /// None: half the container's memory limit (cgroup `memory.max`), else 1 GiB.
+    pub memory_budget_bytes: Option<u64>,
+    /// Client connections at once, all endpoints (0 = no cap; lowered to fit the descriptor
+    /// limit at start).
+    pub max_clients: u32,
+    pub client_idle_timeout_s: u64,
+    pub client_partial_timeout_ms: u64,
+    pub tcp_keepalive_s: u64,
     /// Worker threads of the agent's runtime (proxy, admin, heartbeat). The agent shares its
     /// node with the workloads, so it does not take every core; read at start only.
     pub worker_threads: u32,
@@ -255,18 +290,67 @@ pub struct ProxySettings {
 pub const DEFAULT_WORKER_THREADS: u32 = 1;
 pub const DEFAULT_THROTTLE_MAX_DELAY_MS: u64 = 100;
 pub const DEFAULT_MAX_PIPELINE: u32 = 4096;
-pub const DEFAULT_CLIENT_OUTPUT_LIMIT: u64 = 64 * 1024 * 1024;
+pub const DEFAULT_CLIENT_OUTPUT_LIMIT: u64 = 4 * 1024 * 1024;
+/// The memory budget when the container has no memory limit.
+pub const DEFAULT_MEMORY_BUDGET_UNLIMITED: u64 = datamesh_proxy::config::DEFAULT_MEMORY_BUDGET;
+pub const DEFAULT_POD_MAX_CONNECTIONS: u32 = 1024;
+pub const DEFAULT_POD_MAX_DEDICATED: u32 = 128;
+
+/// The memory-derived sizes, resolved (what the proxy runs with).
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct MemorySizes {
+    pub memory_budget_bytes: u64,
+    pub max_bulk_len: u64,
+    pub client_query_buffer_limit_bytes: u64,
+    pub client_output_buffer_limit_normal: OutputLimit,
+}
+
+impl ProxySettings {
+    /// The sizes left to the budget, from the container's memory limit (`memory.max`; None:
+    /// no limit). Half the limit is for buffered client bytes; the rest is the agent's own
+    /// (runtime, per-connection state, pools, metrics) and the allocator's slack.
+    pub fn memory(&self, container_limit: Option<u64>) -> MemorySizes {
+        let budget = self.memory_budget_bytes.unwrap_or(match container_limit {
+            Some(l) => l / 2,
+            None => DEFAULT_MEMORY_BUDGET_UNLIMITED,
+        });
+        let auto_bulk = (budget / 4).clamp(1024 * 1024, 512 * 1024 * 1024);
+        let max_bulk_len = self.max_bulk_len.unwrap_or(auto_bulk);
+        MemorySizes {
+            memory_budget_bytes: budget,
+            max_bulk_len,
+            client_query_buffer_limit_bytes: self
+                .client_query_buffer_limit_bytes
+                .unwrap_or(max_bulk_len * 2),
+            client_output_buffer_limit_normal: self.client_output_buffer_limit_normal.unwrap_or(
+                OutputLimit {
+                    hard: (budget / 2).max(max_bulk_len + 1024 * 1024),
+                    soft: budget / 8,
+                    soft_seconds: 30,
+                },
+            ),
+        }
+    }
+}
 
 impl Default for ProxySettings {
     fn default() -> Self {
         Self {
-            max_bulk_len: 512 * 1024 * 1024,
+            max_bulk_len: None,
             max_array_len: 1_048_576,
             max_depth: 32,
             max_inline_len: 64 * 1024,
             throttle_max_delay_ms: DEFAULT_THROTTLE_MAX_DELAY_MS,
             max_pipeline: DEFAULT_MAX_PIPELINE,
             client_output_limit_bytes: DEFAULT_CLIENT_OUTPUT_LIMIT,
+            client_output_buffer_limit_normal: None,
+            client_output_buffer_limit_pubsub: datamesh_proxy::config::DEFAULT_OUTPUT_PUBSUB,
+            client_query_buffer_limit_bytes: None,
+            memory_budget_bytes: None,
+            max_clients: datamesh_proxy::config::DEFAULT_MAX_CLIENTS,
+            client_idle_timeout_s: 0,
+            client_partial_timeout_ms: datamesh_proxy::config::DEFAULT_PARTIAL_TIMEOUT_MS,
+            tcp_keepalive_s: datamesh_proxy::config::DEFAULT_TCP_KEEPALIVE_S,
             worker_threads: DEFAULT_WORKER_THREADS,
         }
     }
@@ -279,6 +363,9 @@ pub struct PodPolicyConfig {
     pub conn_burst: u32,
     pub cmd_rate: u32,
     pub cmd_burst: u32,
+    /// 0: `default_max_connections` / `default_max_dedicated`.
+    pub max_connections: u32,
+    pub max_dedicated: u32,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -645,6 +732,8 @@ impl RawConfig {
                 conn_burst: p.conn_burst,
                 cmd_rate: p.cmd_rate,
                 cmd_burst: p.cmd_burst,
+                max_connections: p.max_connections,
+                max_dedicated: p.max_dedicated,
             });
         }
 
@@ -793,6 +882,12 @@ impl RawConfig {
                     default_conn_burst,
                     default_cmd_rate,
                     default_cmd_burst,
+                    default_max_connections: self
+                        .default_max_connections
+                        .unwrap_or(DEFAULT_POD_MAX_CONNECTIONS),
+                    default_max_dedicated: self
+                        .default_max_dedicated
+                        .unwrap_or(DEFAULT_POD_MAX_DEDICATED),
                     proxy,
                     users,
                     pods,
@@ -806,8 +901,42 @@ impl RawConfig {
 
 fn validate_proxy(p: &RawProxy, err: &mut impl FnMut(&str, String)) -> ProxySettings {
     let d = ProxySettings::default();
+    let limit = |field: &str,
+                 v: &Option<String>,
+                 default: Option<OutputLimit>,
+                 err: &mut dyn FnMut(&str, String)| match v {
+        None => default,
+        Some(s) => match parse_output_limit(s) {
+            Ok(l) => {
+                if l.hard != 0 && l.soft > l.hard {
+                    err(
+                        field,
+                        format!("{s:?}: the soft limit is above the hard limit"),
+                    );
+                }
+                Some(l)
+            }
+            Err(e) => {
+                err(field, e);
+                default
+            }
+        },
+    };
+    let normal = limit(
+        "proxy.client_output_buffer_limit_normal",
+        &p.client_output_buffer_limit_normal,
+        None,
+        err,
+    );
+    let pubsub = limit(
+        "proxy.client_output_buffer_limit_pubsub",
+        &p.client_output_buffer_limit_pubsub,
+        Some(d.client_output_buffer_limit_pubsub),
+        err,
+    )
+    .unwrap_or(d.client_output_buffer_limit_pubsub);
     let out = ProxySettings {
-        max_bulk_len: p.max_bulk_len.unwrap_or(d.max_bulk_len),
+        max_bulk_len: p.max_bulk_len,
         max_array_len: p.max_array_len.unwrap_or(d.max_array_len),
         max_depth: p.max_depth.unwrap_or(d.max_depth),
         max_inline_len: p.max_inline_len.unwrap_or(d.max_inline_len),
@@ -816,6 +945,16 @@ fn validate_proxy(p: &RawProxy, err: &mut impl FnMut(&str, String)) -> ProxySett
         client_output_limit_bytes: p
             .client_output_limit_bytes
             .unwrap_or(d.client_output_limit_bytes),
+        client_output_buffer_limit_normal: normal,
+        client_output_buffer_limit_pubsub: pubsub,
+        client_query_buffer_limit_bytes: p.client_query_buffer_limit_bytes,
+        memory_budget_bytes: p.memory_budget_bytes,
+        max_clients: p.max_clients.unwrap_or(d.max_clients),
+        client_idle_timeout_s: p.client_idle_timeout_s.unwrap_or(d.client_idle_timeout_s),
+        client_partial_timeout_ms: p
+            .client_partial_timeout_ms
+            .unwrap_or(d.client_partial_timeout_ms),
+        tcp_keepalive_s: p.tcp_keepalive_s.unwrap_or(d.tcp_keepalive_s),
         worker_threads: p.worker_threads.unwrap_or(d.worker_threads),
     };
     if out.worker_threads == 0 || out.worker_threads > 256 {
@@ -824,10 +963,43 @@ fn validate_proxy(p: &RawProxy, err: &mut impl FnMut(&str, String)) -> ProxySett
             format!("{} must be between 1 and 256", out.worker_threads),
         );
     }
-    if out.max_bulk_len == 0 || out.max_bulk_len > 4 * 1024 * 1024 * 1024 {
+    if let Some(b) = out
+        .max_bulk_len
+        .filter(|b| *b == 0 || *b > 4 * 1024 * 1024 * 1024)
+    {
         err(
             "proxy.max_bulk_len",
-            format!("{} must be between 1 and 4 GiB", out.max_bulk_len),
+            format!("{b} must be between 1 and 4 GiB"),
+        );
+    }
+    if let Some(b) = out
+        .memory_budget_bytes
+        .filter(|b| *b != 0 && *b < 16 * 1024 * 1024)
+    {
+        err(
+            "proxy.memory_budget_bytes",
+            format!("{b} is below 16 MiB: ordinary replies would get clients shed (0 = no budget)"),
+        );
+    }
+    // Checked on the sizes as they would be resolved with no container limit; the start-up
+    // resolution with the real limit is logged.
+    let m = out.memory(None);
+    if m.client_query_buffer_limit_bytes < m.max_bulk_len + 64 * 1024 {
+        err(
+            "proxy.client_query_buffer_limit_bytes",
+            format!(
+                "{} is below max_bulk_len ({}) + 64 KiB: the largest command allowed could not be read",
+                m.client_query_buffer_limit_bytes, m.max_bulk_len
+            ),
+        );
+    }
+    if out.client_partial_timeout_ms != 0 && out.client_partial_timeout_ms < 100 {
+        err(
+            "proxy.client_partial_timeout_ms",
+            format!(
+                "{} is below 100 ms (0 = no deadline)",
+                out.client_partial_timeout_ms
+            ),
         );
     }
     if out.max_array_len == 0 || out.max_array_len > i32::MAX as u64 {
@@ -860,11 +1032,11 @@ fn validate_proxy(p: &RawProxy, err: &mut impl FnMut(&str, String)) -> ProxySett
     if out.max_pipeline == 0 {
         err("proxy.max_pipeline", "must be at least 1".into());
     }
-    if out.client_output_limit_bytes < 1024 * 1024 {
+    if out.client_output_limit_bytes < 64 * 1024 {
         err(
             "proxy.client_output_limit_bytes",
             format!(
-                "{} is below 1 MiB: large replies could never be sent",
+                "{} is below 64 KiB: pipelined clients would stall on every reply",
                 out.client_output_limit_bytes
             ),
         );
@@ -1371,7 +1543,7 @@ endpoints:
         assert_eq!(cfg.default_cmd_rate, 100);
         assert_eq!(cfg.users.len(), 2);
         assert_eq!(cfg.users[1].password, None);
-        assert_eq!(cfg.proxy.max_bulk_len, 1_048_576);
+        assert_eq!(cfg.proxy.max_bulk_len, Some(1_048_576));
         assert_eq!(cfg.proxy.max_array_len, 1_048_576);
         assert_eq!(cfg.proxy.throttle_max_delay_ms, 50);
         assert_eq!(cfg.proxy.worker_threads, 2);

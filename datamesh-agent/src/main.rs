@@ -9,6 +9,7 @@ mod dataplane;
 mod pod_counters;
 mod pods;
 mod preflight;
+mod resources;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -75,6 +76,7 @@ enum OnOff {
 }
 
 fn main() -> ExitCode {
+    resources::pin_malloc_mmap_threshold();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

@@ -36,12 +36,26 @@ pub trait PodDirectory: Send + Sync + 'static {
     fn add_counts(&self, pod: u64, commands: u64, throttled: u64);
 }
 
-/// A pod's command-rate policy by name.
+/// A pod's command-rate policy and connection caps by name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodRate {
     pub name: String,
     pub cmd_rate: u32,
     pub cmd_burst: u32,
+    /// Client connections of the pod at once (0: the default).
+    pub max_connections: u32,
+    /// Dedicated backend connections (transactions, blocking commands, subscriptions) the
+    /// pod's clients hold at once (0: the default).
+    pub max_dedicated: u32,
+}
+
+/// What a pod's policy resolves to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Resolved {
+    rate: u32,
+    burst: u32,
+    max_connections: u32,
+    max_dedicated: u32,
 }
 
 /// Name of the pseudo-pod of clients whose connection was not captured (node-local).
@@ -64,6 +78,11 @@ pub struct PodStats {
     rate: AtomicU32,
     burst: AtomicU32,
     tat_ns: AtomicU64,
+    max_connections: AtomicU32,
+    max_dedicated: AtomicU32,
+    /// Client connections and dedicated backend connections held now.
+    connections: AtomicU32,
+    dedicated: AtomicU32,
     commands: AtomicU64,
     throttled: AtomicU64,
     flushed_commands: AtomicU64,
@@ -78,6 +97,10 @@ impl PodStats {
             rate: AtomicU32::new(rate),
             burst: AtomicU32::new(burst),
             tat_ns: AtomicU64::new(0),
+            max_connections: AtomicU32::new(0),
+            max_dedicated: AtomicU32::new(0),
+            connections: AtomicU32::new(0),
+            dedicated: AtomicU32::new(0),
             commands: AtomicU64::new(0),
             throttled: AtomicU64::new(0),
             flushed_commands: AtomicU64::new(0),
@@ -112,6 +135,44 @@ impl PodStats {
     pub fn set_policy(&self, rate: u32, burst: u32) {
         self.rate.store(rate, Ordering::Relaxed);
         self.burst.store(burst, Ordering::Relaxed);
+    }
+
+    fn set_resolved(&self, r: Resolved) {
+        self.set_policy(r.rate, r.burst);
+        self.max_connections
+            .store(r.max_connections, Ordering::Relaxed);
+        self.max_dedicated.store(r.max_dedicated, Ordering::Relaxed);
+    }
+
+    /// Takes one of the pod's client-connection slots (released when the returned slot
+    /// drops); None when the pod is at its `max_connections`.
+    pub fn take_connection(self: &Arc<Self>) -> Option<Slot> {
+        Slot::take(
+            self,
+            &self.connections,
+            &self.max_connections,
+            SlotKind::Connection,
+        )
+    }
+
+    /// Takes one of the pod's dedicated-connection slots; None at its `max_dedicated`.
+    pub fn take_dedicated(self: &Arc<Self>) -> Option<Slot> {
+        Slot::take(
+            self,
+            &self.dedicated,
+            &self.max_dedicated,
+            SlotKind::Dedicated,
+        )
+    }
+
+    /// (client connections, dedicated connections) held now, and their caps (0 = none).
+    pub fn holding(&self) -> (u32, u32, u32, u32) {
+        (
+            self.connections.load(Ordering::Relaxed),
+            self.dedicated.load(Ordering::Relaxed),
+            self.max_connections.load(Ordering::Relaxed),
+            self.max_dedicated.load(Ordering::Relaxed),
+        )
     }
 
     /// GCRA check of one command at `now_ns`, delaying up to `max_delay`.
@@ -152,6 +213,50 @@ impl PodStats {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotKind {
+    Connection,
+    Dedicated,
+}
+
+/// One held unit of a pod's cap (a client connection, a dedicated backend connection),
+/// given back on drop.
+pub struct Slot {
+    pod: Arc<PodStats>,
+    kind: SlotKind,
+}
+
+impl Slot {
+    fn take(pod: &Arc<PodStats>, n: &AtomicU32, max: &AtomicU32, kind: SlotKind) -> Option<Self> {
+        let cap = max.load(Ordering::Relaxed);
+        let prev = n.fetch_add(1, Ordering::AcqRel);
+        if cap != 0 && prev >= cap {
+            n.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Slot {
+            pod: pod.clone(),
+            kind,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let n = match self.kind {
+            SlotKind::Connection => &self.pod.connections,
+            SlotKind::Dedicated => &self.pod.dedicated,
+        };
+        n.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Slot({:?} of pod {})", self.kind, self.pod.cookie)
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PodLabels {
     pub pod: String,
@@ -170,14 +275,45 @@ pub struct PolicySource {
     pub pods: Vec<PodRate>,
     pub default_rate: u32,
     pub default_burst: u32,
+    /// Caps for pods without their own (0 = none).
+    pub default_max_connections: u32,
+    pub default_max_dedicated: u32,
 }
 
 impl PolicySource {
-    fn for_name(&self, name: Option<&str>) -> (u32, u32) {
-        match name.and_then(|n| self.pods.iter().find(|p| p.name == n)) {
-            Some(p) => (p.cmd_rate, p.cmd_burst),
-            None => (self.default_rate, self.default_burst),
+    fn for_name(&self, name: Option<&str>) -> Resolved {
+        let defaults = Resolved {
+            rate: self.default_rate,
+            burst: self.default_burst,
+            max_connections: self.default_max_connections,
+            max_dedicated: self.default_max_dedicated,
+        };
+        let Some(name) = name else {
+            // Node-local clients (trusted, and many tools share the pseudo-pod) are bounded
+            // by the proxy-wide caps only.
+            return Resolved {
+                max_connections: 0,
+                max_dedicated: 0,
+                ..defaults
+            };
+        };
+        match self.pods.iter().find(|p| p.name == name) {
+            Some(p) => Resolved {
+                rate: p.cmd_rate,
+                burst: p.cmd_burst,
+                max_connections: or(p.max_connections, defaults.max_connections),
+                max_dedicated: or(p.max_dedicated, defaults.max_dedicated),
+            },
+            None => defaults,
         }
+    }
+}
+
+fn or(v: u32, default: u32) -> u32 {
+    if v == 0 {
+        default
+    } else {
+        v
     }
 }
 
@@ -221,12 +357,13 @@ impl PodRegistry {
             return s.clone();
         }
         let name = self.name_of(cookie);
-        let (rate, burst) = self
+        let r = self
             .policy
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .for_name(if cookie == 0 { None } else { Some(&name) });
-        let s = Arc::new(PodStats::new(cookie, name, rate, burst));
+        let s = Arc::new(PodStats::new(cookie, name, r.rate, r.burst));
+        s.set_resolved(r);
         stats.insert(cookie, s.clone());
         s
     }
@@ -266,8 +403,7 @@ impl PodRegistry {
         let stats = self.snapshot();
         for s in stats {
             let name = self.name_of(s.cookie);
-            let (rate, burst) = policy.for_name(if s.cookie == 0 { None } else { Some(&name) });
-            s.set_policy(rate, burst);
+            s.set_resolved(policy.for_name(if s.cookie == 0 { None } else { Some(&name) }));
             *s.name.write().unwrap_or_else(|p| p.into_inner()) = name;
         }
     }
@@ -339,8 +475,41 @@ mod tests {
                 pods,
                 default_rate: rate,
                 default_burst: burst,
+                default_max_connections: 2,
+                default_max_dedicated: 1,
             },
         )
+    }
+
+    #[test]
+    fn pod_caps_hold_and_release_their_slots() {
+        let pods = vec![PodRate {
+            name: "netns-9".into(),
+            cmd_rate: 0,
+            cmd_burst: 0,
+            max_connections: 3,
+            max_dedicated: 0,
+        }];
+        let r = registry(pods, 0, 0);
+        let pod = r.get(5);
+        let a = pod.take_connection().expect("first");
+        let _b = pod.take_connection().expect("second");
+        assert!(pod.take_connection().is_none(), "default cap 2");
+        drop(a);
+        assert!(pod.take_connection().is_some(), "a slot came back");
+        let d = pod.take_dedicated().expect("dedicated");
+        assert!(pod.take_dedicated().is_none());
+        drop(d);
+        assert_eq!(pod.holding(), (1, 0, 2, 1));
+        // A pod's own cap, and 0 = the default.
+        let own = r.get(9);
+        let slots: Vec<_> = (0..3).filter_map(|_| own.take_connection()).collect();
+        assert_eq!(slots.len(), 3);
+        assert!(own.take_dedicated().is_some());
+        // Node-local clients have no per-pod caps.
+        let node = r.get(0);
+        let many: Vec<_> = (0..10).filter_map(|_| node.take_connection()).collect();
+        assert_eq!(many.len(), 10);
     }
 
     #[tokio::test(start_paused = true)]
@@ -388,6 +557,8 @@ mod tests {
             name: "netns-7".into(),
             cmd_rate: 1,
             cmd_burst: 1,
+            max_connections: 0,
+            max_dedicated: 0,
         }];
         let r = registry(pods, 0, 0);
         let node = r.get(0);

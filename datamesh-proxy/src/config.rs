@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::budget::OutputLimit;
 use crate::resp::Limits;
 
 pub const DEFAULT_POOL_SIZE: u32 = 4;
@@ -68,9 +69,38 @@ pub struct SessionSettings {
     pub throttle_max_delay: Duration,
     /// Commands of one client in flight at once; further reads wait.
     pub max_pipeline: u32,
-    /// Reply bytes buffered for a client that does not read before it is not read further.
+    /// Reply bytes not yet written to a client past which it is not read further
+    /// (back-pressure; the output limits below close it).
     pub client_output_limit: u64,
+    /// Output-buffer limits of normal clients and of subscribers (Redis's
+    /// `client-output-buffer-limit normal` and `pubsub`).
+    pub output_normal: OutputLimit,
+    pub output_pubsub: OutputLimit,
+    /// Bytes of a client's commands being read or on their way to a backend past which it is
+    /// not read further until they are answered.
+    pub client_query_limit: u64,
+    /// All clients' buffered bytes at most (0: no budget); see [`crate::budget`].
+    pub memory_budget: u64,
+    /// A client without a command for this long is closed (zero: never, like Redis's
+    /// `timeout 0`).
+    pub idle_timeout: Duration,
+    /// A command must be complete this long after its first byte arrived (zero: no deadline).
+    pub partial_timeout: Duration,
+    /// Client connections at once, all endpoints together (0: no cap).
+    pub max_clients: u32,
+    /// TCP keepalive idle time on client and backend sockets (zero: off).
+    pub tcp_keepalive: Duration,
 }
+
+pub const DEFAULT_MEMORY_BUDGET: u64 = 1024 * 1024 * 1024;
+pub const DEFAULT_OUTPUT_PUBSUB: OutputLimit = OutputLimit {
+    hard: 32 * 1024 * 1024,
+    soft: 8 * 1024 * 1024,
+    soft_seconds: 60,
+};
+pub const DEFAULT_PARTIAL_TIMEOUT_MS: u64 = 10_000;
+pub const DEFAULT_MAX_CLIENTS: u32 = 10_000;
+pub const DEFAULT_TCP_KEEPALIVE_S: u64 = 300;
 
 impl Default for SessionSettings {
     fn default() -> Self {
@@ -79,7 +109,19 @@ impl Default for SessionSettings {
             users: Vec::new(),
             throttle_max_delay: Duration::from_millis(100),
             max_pipeline: 4096,
-            client_output_limit: 64 * 1024 * 1024,
+            client_output_limit: 1024 * 1024,
+            output_normal: OutputLimit {
+                hard: 256 * 1024 * 1024,
+                soft: 0,
+                soft_seconds: 0,
+            },
+            output_pubsub: DEFAULT_OUTPUT_PUBSUB,
+            client_query_limit: 1024 * 1024 * 1024,
+            memory_budget: DEFAULT_MEMORY_BUDGET,
+            idle_timeout: Duration::ZERO,
+            partial_timeout: Duration::from_millis(DEFAULT_PARTIAL_TIMEOUT_MS),
+            max_clients: DEFAULT_MAX_CLIENTS,
+            tcp_keepalive: Duration::from_secs(DEFAULT_TCP_KEEPALIVE_S),
         }
     }
 }

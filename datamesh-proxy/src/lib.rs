@@ -21,11 +21,13 @@
 pub mod accounting;
 pub mod attribution;
 pub mod backend;
+pub mod budget;
 pub mod commands;
 pub mod config;
 pub mod endpoint;
 pub mod listener;
 pub mod metrics;
+pub mod ratelog;
 pub mod request;
 pub mod resp;
 pub mod session;

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -13,7 +14,8 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::attribution::{ConnEvent, Identity};
 use crate::endpoint::EndpointHandle;
-use crate::metrics::{ConnLabels, EndpointLabels};
+use crate::metrics::{ConnLabels, EndpointLabels, KindLabels};
+use crate::ratelog::RateLimited;
 use crate::session::Session;
 pub use crate::shared::Shared;
 use crate::stopped;
@@ -43,6 +45,13 @@ impl Drop for ConnGuard<'_> {
         self.shared.attribution.event(&self.who, ConnEvent::Closed);
         self.shared.closed();
     }
+}
+
+const EMFILE: i32 = nix::libc::EMFILE;
+const ENFILE: i32 = nix::libc::ENFILE;
+
+fn open_spare() -> Option<std::fs::File> {
+    std::fs::File::open("/dev/null").ok()
 }
 
 /// A bound listener for one endpoint.
@@ -111,6 +120,11 @@ pub fn spawn(
     let local = b.local;
     let task = tokio::spawn(async move {
         let name = h.name.clone();
+        // One descriptor kept in reserve: when the process is out of descriptors, it is
+        // given up to accept the waiting connection and tell it why it is closed, instead of
+        // leaving it in the backlog while accept fails in a loop.
+        let mut spare = open_spare();
+        let accept_log = RateLimited::new(Duration::from_secs(10));
         loop {
             tokio::select! {
                 _ = stopped(&mut shutdown) => break,
@@ -129,8 +143,21 @@ pub fn spawn(
                         }
                     }
                     Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        warn!(endpoint = %name, error = %e, "accept failed");
+                        let out_of_fds = matches!(e.raw_os_error(), Some(c) if c == EMFILE || c == ENFILE);
+                        if out_of_fds && spare.take().is_some() {
+                            if let Some(Ok((sock, _))) = b.listener.accept().now_or_never() {
+                                let _ = sock.try_write(b"-ERR datamesh proxy: out of file descriptors, try again later\r\n");
+                                shared.metrics.refused.get_or_create(&KindLabels {
+                                    endpoint: name.clone(),
+                                    kind: "fd_exhausted".into(),
+                                }).inc();
+                            }
+                            spare = open_spare();
+                        }
+                        if let Some(skipped) = accept_log.check() {
+                            warn!(endpoint = %name, error = %e, skipped, open_connections = shared.open_connections(), "accept failed (logged at most every 10 s; skipped = failures since the last line)");
+                        }
+                        // Back off instead of spinning.
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 }
@@ -146,6 +173,9 @@ pub fn spawn(
         task,
     }
 }
+
+static REFUSED_LOG: std::sync::LazyLock<RateLimited> =
+    std::sync::LazyLock::new(|| RateLimited::new(Duration::from_secs(10)));
 
 /// Serves one accepted client connection until it ends.
 pub async fn serve(
@@ -181,7 +211,53 @@ pub async fn serve(
         labels,
     };
     debug!(captured = guard.who.captured, pod = guard.who.pod, pod_name = ?guard.who.pod_name, orig_dst = ?guard.who.orig_dst, "accepted");
+    let settings = shared.settings();
+    let pod = shared.pod_limits.get(guard.who.pod);
+    // The caps: the proxy's (like Redis's maxclients), then the pod's.
+    let refused =
+        if settings.max_clients != 0 && shared.open_connections() > settings.max_clients as usize {
+            Some((
+                "max_clients",
+                "ERR max number of clients reached".to_string(),
+            ))
+        } else {
+            None
+        };
+    let slot = if refused.is_none() {
+        pod.take_connection()
+    } else {
+        None
+    };
+    let refused = refused.or_else(|| {
+        slot.is_none().then(|| {
+            let (n, _, max, _) = pod.holding();
+            (
+                "pod_max_connections",
+                format!(
+                    "ERR datamesh proxy: pod {} has {n} connections open, its max_connections is {max}",
+                    pod.name()
+                ),
+            )
+        })
+    });
+    if let Some((kind, msg)) = refused {
+        shared
+            .metrics
+            .refused
+            .get_or_create(&KindLabels {
+                endpoint: endpoint.name.clone(),
+                kind: kind.into(),
+            })
+            .inc();
+        if let Some(skipped) = REFUSED_LOG.check() {
+            warn!(endpoint = %endpoint.name, %peer, pod = %pod.name(), reason = kind, skipped, "client connection refused (logged at most every 10 s)");
+        }
+        let _ = client.try_write(format!("-{msg}\r\n").as_bytes());
+        return;
+    }
     let _ = client.set_nodelay(true);
+    let _ = crate::backend::connect::set_keepalive(&client, settings.tcp_keepalive);
+    drop(settings);
     // Boxed: the connection's task then holds a pointer, not a second copy of the session
     // (10,000 idle clients must stay cheap).
     let mut session = Box::new(Session::new(
@@ -190,6 +266,8 @@ pub async fn serve(
         &guard.who,
         peer,
         local,
+        pod,
+        slot,
     ));
     let id = session.id();
     session.run(&mut client).await;

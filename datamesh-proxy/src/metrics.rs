@@ -113,6 +113,13 @@ pub struct ProxyMetrics {
     /// Milliseconds subscriptions were without a connection (messages published then are
     /// lost: pub/sub is at most once).
     pub resubscribe_gap_ms: Family<EndpointLabels, Counter>,
+    /// The memory budget (with its gauges and the clients closed by a limit). It lives here
+    /// because every part that counts against it or waits on it (sessions, the backend
+    /// readers) already holds these handles; [`crate::shared::Shared`] sets its limit.
+    pub budget: Arc<crate::budget::Budget>,
+    /// Client connections refused at accept, by reason (max_clients, pod_max_connections,
+    /// fd_exhausted).
+    pub refused: Family<KindLabels, Counter>,
 }
 
 impl ProxyMetrics {
@@ -188,6 +195,26 @@ impl ProxyMetrics {
             "proxy_throttled",
             "Commands delayed or refused by a pod's command-rate limit",
             self.throttled.clone(),
+        );
+        registry.register(
+            "proxy_buffered_bytes",
+            "Bytes buffered for clients (commands being read or on their way, replies and messages not written yet), as counted against the memory budget",
+            self.budget.metrics.buffered.clone(),
+        );
+        registry.register(
+            "proxy_memory_budget_bytes",
+            "The memory budget for buffered client bytes (0 = none)",
+            self.budget.metrics.limit.clone(),
+        );
+        registry.register(
+            "proxy_clients_closed",
+            "Clients closed by a limit (reason = output_hard_limit | output_soft_limit | memory_budget | idle_timeout | partial_command_timeout)",
+            self.budget.metrics.closed.clone(),
+        );
+        registry.register(
+            "proxy_connections_refused",
+            "Client connections refused at accept (kind = max_clients | pod_max_connections | fd_exhausted)",
+            self.refused.clone(),
         );
         registry.register(
             "proxy_config_reloads",
@@ -331,6 +358,7 @@ impl ProxyMetrics {
             inflight,
             pool_waits,
             resent,
+            budget: self.budget.clone(),
         }
     }
 }
@@ -362,6 +390,8 @@ pub struct GroupMetrics {
     /// Commands the router resent after a reply that proved they did not run (MOVED, ASK,
     /// TRYAGAIN, READONLY, LOADING, MASTERDOWN, CLUSTERDOWN).
     pub resent: Counter,
+    /// The memory budget: a backend reader stops reading while it is exhausted.
+    pub budget: Arc<crate::budget::Budget>,
 }
 
 #[cfg(test)]

@@ -93,6 +93,7 @@ struct GateInner {
     held: AtomicUsize,
     held_bytes: AtomicUsize,
     gone: AtomicBool,
+    closed_by_limit: AtomicBool,
     unknown_outcomes: Counter,
 }
 
@@ -102,6 +103,7 @@ impl ClientGate {
             held: AtomicUsize::new(0),
             held_bytes: AtomicUsize::new(0),
             gone: AtomicBool::new(false),
+            closed_by_limit: AtomicBool::new(false),
             unknown_outcomes,
         }))
     }
@@ -132,6 +134,16 @@ impl ClientGate {
 
     pub fn is_gone(&self) -> bool {
         self.0.gone.load(Ordering::Acquire)
+    }
+
+    /// The proxy closed the client for a limit: its commands not yet written are dropped.
+    pub fn set_closed_by_limit(&self) {
+        self.0.closed_by_limit.store(true, Ordering::Release);
+        self.set_gone();
+    }
+
+    pub fn is_closed_by_limit(&self) -> bool {
+        self.0.closed_by_limit.load(Ordering::Acquire)
     }
 
     pub fn count_unknown_outcome(&self) {

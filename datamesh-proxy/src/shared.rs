@@ -10,6 +10,7 @@ use tokio::sync::Notify;
 
 use crate::accounting::PodRegistry;
 use crate::attribution::Attribution;
+use crate::budget::Budget;
 use crate::config::SessionSettings;
 use crate::metrics::ProxyMetrics;
 
@@ -18,6 +19,8 @@ pub struct Shared {
     pub attribution: Arc<dyn Attribution>,
     pub metrics: Arc<ProxyMetrics>,
     pub pod_limits: Arc<PodRegistry>,
+    /// The memory budget every client's buffered bytes count against.
+    pub budget: Arc<Budget>,
     settings: RwLock<Arc<SessionSettings>>,
     client_ids: AtomicU64,
     open: AtomicUsize,
@@ -31,10 +34,13 @@ impl Shared {
         pod_limits: Arc<PodRegistry>,
         settings: SessionSettings,
     ) -> Self {
+        let budget = metrics.budget.clone();
+        budget.set_limit(settings.memory_budget);
         Self {
             attribution,
             metrics,
             pod_limits,
+            budget,
             settings: RwLock::new(Arc::new(settings)),
             client_ids: AtomicU64::new(0),
             open: AtomicUsize::new(0),
@@ -50,6 +56,7 @@ impl Shared {
     }
 
     pub fn set_settings(&self, s: SessionSettings) {
+        self.budget.set_limit(s.memory_budget);
         *self.settings.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(s);
     }
 

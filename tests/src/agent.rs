@@ -323,6 +323,7 @@ pub struct Agent {
     ready_path: PathBuf,
     log_path: PathBuf,
     cgroup: PathBuf,
+    extra_procs: Option<PathBuf>,
     child: Option<Child>,
     ready: Option<Ready>,
     starts: u32,
@@ -340,6 +341,18 @@ impl Agent {
         cgroup: &Path,
         bin: Option<PathBuf>,
     ) -> Result<Self> {
+        Self::start_with(config, dir, cgroup, None, bin)
+    }
+
+    /// [`Agent::start`], also joining the cgroup whose procs file is `extra_procs` (a
+    /// memory-limited cgroup, see [`crate::cgroup::MemoryCgroup`]).
+    pub fn start_with(
+        config: AgentConfig,
+        dir: &Path,
+        cgroup: &Path,
+        extra_procs: Option<PathBuf>,
+        bin: Option<PathBuf>,
+    ) -> Result<Self> {
         let bin = match bin {
             Some(b) if b.is_file() => b,
             Some(b) => bail!("datamesh-agent binary not found at {}", b.display()),
@@ -355,6 +368,7 @@ impl Agent {
             ready_path: dir.join("ready.json"),
             log_path: dir.join("agent.log"),
             cgroup: cgroup.to_path_buf(),
+            extra_procs,
             child: None,
             ready: None,
             starts: 0,
@@ -402,6 +416,9 @@ impl Agent {
             .stdout(log.try_clone()?)
             .stderr(log);
         crate::pod::enter_cgroup_with_nofile(&mut cmd, &self.cgroup, 65536);
+        if let Some(p) = &self.extra_procs {
+            crate::pod::also_enter_cgroup(&mut cmd, p);
+        }
         let child = cmd
             .spawn()
             .with_context(|| format!("starting {}", self.bin.display()))?;
@@ -491,6 +508,12 @@ impl Agent {
     pub fn rss_kib(&self) -> Result<u64> {
         let pid = self.pid().ok_or_else(|| anyhow!("agent is not running"))?;
         crate::proc::rss_kib(pid)
+    }
+
+    /// The agent's peak resident set size so far, in KiB.
+    pub fn peak_rss_kib(&self) -> Result<u64> {
+        let pid = self.pid().ok_or_else(|| anyhow!("agent is not running"))?;
+        crate::proc::peak_rss_kib(pid)
     }
 
     /// The proxy listener address of the endpoint `name`.

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, Context, Result};
 
 use crate::agent::{Agent, AgentConfig, BackendSpec, Endpoint, PodPolicy};
-use crate::cgroup::Cgroup;
+use crate::cgroup::{Cgroup, MemoryCgroup};
 use crate::instance::Instance;
 use crate::net::{self, Bridge};
 use crate::pod::Pod;
@@ -46,6 +46,7 @@ pub struct EnvBuilder {
     backend_options: Vec<(String, String)>,
     proxy_settings: Vec<(String, String)>,
     extra_yaml: String,
+    memory_limit: Option<u64>,
 }
 
 impl Default for EnvBuilder {
@@ -63,6 +64,7 @@ impl Default for EnvBuilder {
             backend_options: Vec::new(),
             proxy_settings: Vec::new(),
             extra_yaml: String::new(),
+            memory_limit: None,
         }
     }
 }
@@ -149,6 +151,12 @@ impl EnvBuilder {
         self
     }
 
+    /// Runs the agent in a memory cgroup limited to `bytes` (the DaemonSet's memory limit).
+    pub fn memory_limit(mut self, bytes: u64) -> Self {
+        self.memory_limit = Some(bytes);
+        self
+    }
+
     /// Creates everything; on error, whatever was created is torn down again.
     pub fn build(self) -> Result<Env> {
         crate::require_privileges();
@@ -166,6 +174,7 @@ impl EnvBuilder {
             run_dir: Path::new(RUN_DIR).join(&id),
             pin_dir: Path::new(BPFFS).join(&id),
             agent: None,
+            memory: None,
             redis: Vec::new(),
             pods: Vec::new(),
             outside: None,
@@ -177,6 +186,13 @@ impl EnvBuilder {
             .with_context(|| format!("creating {}", env.run_dir.display()))?;
         let cg = Cgroup::create(Path::new(CGROUP2_ROOT).join(&id))?;
         env.agent_cgroup = cg.child("agent")?;
+        if let Some(bytes) = self.memory_limit {
+            env.memory = Some(MemoryCgroup::create(
+                &format!("{id}-mem"),
+                cg.path(),
+                bytes,
+            )?);
+        }
         env.cgroup = Some(cg);
         env.outside = Some(Cgroup::create(
             Path::new(CGROUP2_ROOT).join(format!("{id}-outside")),
@@ -211,6 +227,7 @@ pub struct Env {
     run_dir: PathBuf,
     pin_dir: PathBuf,
     agent: Option<Agent>,
+    memory: Option<MemoryCgroup>,
     redis: Vec<RedisServer>,
     pods: Vec<Pod>,
     outside: Option<Cgroup>,
@@ -359,10 +376,11 @@ impl Env {
         if self.agent.is_some() {
             return Err(anyhow!("this env already has an agent"));
         }
-        let agent = Agent::start(
+        let agent = Agent::start_with(
             config,
             &self.run_dir,
             &self.agent_cgroup,
+            self.memory.as_ref().map(|m| m.procs().to_path_buf()),
             self.builder.agent_bin.clone(),
         )?;
         self.agent = Some(agent);
@@ -381,6 +399,11 @@ impl Env {
             Some(a) => a,
             None => panic!("this env was built without an agent"),
         }
+    }
+
+    /// The agent's memory cgroup, when built with [`EnvBuilder::memory_limit`].
+    pub fn memory_cgroup(&self) -> Option<&MemoryCgroup> {
+        self.memory.as_ref()
     }
 
     /// The attached cgroup (where the agent attaches its programs).
@@ -435,6 +458,7 @@ impl Drop for Env {
         }
         // Reverse order of creation; each guard's Drop reports but never panics.
         drop(self.agent.take());
+        drop(self.memory.take());
         // For debugging: keep the agent's full log (the run dir goes away below).
         if let Some(keep) = std::env::var_os("DATAMESH_TEST_KEEP_LOGS") {
             let src = self.run_dir.join("agent.log");

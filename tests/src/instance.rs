@@ -242,6 +242,26 @@ pub fn reap_stale() -> Result<Vec<String>> {
         removed.push(format!("cgroup {}", path.display()));
     }
 
+    // Memory cgroups of dead runs on cgroup v1 hosts (on v2 they are inside the instance's
+    // attached cgroup, removed above).
+    for name in dir_names(cgroup::MEMORY_V1_ROOT) {
+        if parse_id(&name).is_some_and(|(pid, _, sfx)| !pid_alive(pid) && sfx == "-mem") {
+            let path = Path::new(cgroup::MEMORY_V1_ROOT).join(&name);
+            if let Ok(pids) = std::fs::read_to_string(path.join("cgroup.procs")) {
+                for pid in pids.lines().filter_map(|p| p.trim().parse::<i32>().ok()) {
+                    // SAFETY: kill(2) with a pid read from a dead run's test cgroup.
+                    unsafe {
+                        libc::kill(pid, libc::SIGKILL);
+                    }
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            if std::fs::remove_dir(&path).is_ok() {
+                removed.push(format!("memory cgroup {}", path.display()));
+            }
+        }
+    }
+
     // 2. Network objects of instances whose owner is gone (or whose owner file is missing: the
     //    owner file is created before and removed after every resource of an instance).
     let mut stale_ns: Vec<u32> = Vec::new();

@@ -169,6 +169,29 @@ pub fn enter_cgroup_with_nofile(cmd: &mut Command, cgroup: &Path, nofile: u64) {
     }
 }
 
+/// Makes `cmd` also join the cgroup whose procs file is `procs` (a second hierarchy, such as
+/// a cgroup v1 memory cgroup) before exec.
+pub fn also_enter_cgroup(cmd: &mut Command, procs: &Path) {
+    match OpenOptions::new().write(true).open(procs) {
+        Ok(f) => {
+            // SAFETY: runs in the forked child before exec; one write(2) on a descriptor the
+            // closure owns; no allocation.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::write(f.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        Err(e) => {
+            eprintln!("datamesh-tests: cannot open {}: {e}", procs.display());
+            fail_spawn(cmd, &e);
+        }
+    }
+}
+
 /// Makes spawning `cmd` fail with `e`'s errno (the message was printed by the caller).
 fn fail_spawn(cmd: &mut Command, e: &io::Error) {
     let code = e.raw_os_error().unwrap_or(libc::EINVAL);

@@ -148,15 +148,24 @@ pub fn last_chars(bytes: &[u8], n: usize) -> String {
 
 /// Resident set size of a process in KiB (`VmRSS` of /proc/<pid>/status).
 pub fn rss_kib(pid: u32) -> Result<u64> {
+    status_kib(pid, "VmRSS:")
+}
+
+/// The peak resident set size of a process so far (VmHWM), in KiB.
+pub fn peak_rss_kib(pid: u32) -> Result<u64> {
+    status_kib(pid, "VmHWM:")
+}
+
+fn status_kib(pid: u32, field: &str) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading /proc/{pid}/status (has the process exited?)"))?;
     let line = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .with_context(|| format!("no VmRSS line in /proc/{pid}/status"))?;
+        .find_map(|l| l.strip_prefix(field))
+        .with_context(|| format!("no {field} line in /proc/{pid}/status"))?;
     let kib = line.trim().trim_end_matches("kB").trim();
     kib.parse()
-        .with_context(|| format!("bad VmRSS value {line:?} in /proc/{pid}/status"))
+        .with_context(|| format!("bad {field} value {line:?} in /proc/{pid}/status"))
 }
 
 /// CPU time a process has used so far, in seconds: utime + stime of /proc/<pid>/stat, which

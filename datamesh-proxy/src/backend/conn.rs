@@ -40,7 +40,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncReadExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -67,6 +67,12 @@ pub enum FlightState {
     /// Taken into a write (possibly partially sent): the backend may have run it.
     Written,
 }
+
+/// Delivered reply bytes past which a reader yields before it reads more.
+const YIELD_AFTER_BYTES: usize = 256 * 1024;
+
+/// How often a reader paused at the memory budget looks again.
+const BUDGET_RECHECK: Duration = Duration::from_millis(10);
 
 /// The way back to the router that sent a command.
 pub type ReplyTx = oneshot::Sender<Outcome>;
@@ -157,7 +163,7 @@ struct State {
     /// through it at once when nothing is being written).
     wr: Option<Arc<OwnedWriteHalf>>,
     /// Bytes a write left unwritten, written next by the writer.
-    carry: BytesMut,
+    carry: Bytes,
     /// The writer has bytes in a write: nobody else may write now.
     busy: bool,
     /// On the flusher's list for its next flush.
@@ -168,6 +174,8 @@ static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Largest write: a huge pipeline is cut so it does not need one huge buffer.
 const BATCH: usize = 256 * 1024;
+/// Commands at least this large are written from their own bytes, never copied.
+const ZERO_COPY_MIN: usize = 64 * 1024;
 
 /// Where replies go when a dedicated connection is in pub/sub mode: every frame, in order.
 pub type PushSink = mpsc::UnboundedSender<Result<Reply, BackendError>>;
@@ -248,7 +256,7 @@ impl Conn {
                 tasks: Vec::new(),
                 draining: false,
                 wr: None,
-                carry: BytesMut::new(),
+                carry: Bytes::new(),
                 busy: false,
                 listed: false,
             }),
@@ -458,17 +466,52 @@ impl Conn {
     /// Takes queued entries (`written..`) into `buf`, at most about `limit` bytes but at least
     /// one entry, and marks them written. In pub/sub mode they leave the queue at once (their
     /// frames are not matched to commands). Returns how many were taken.
-    fn take_batch(&self, st: &mut State, buf: &mut BytesMut, limit: usize) -> usize {
+    fn take_batch(
+        &self,
+        st: &mut State,
+        buf: &mut BytesMut,
+        limit: usize,
+    ) -> (usize, Option<Bytes>) {
         let start = st.written;
         let mut end = start;
+        let mut dropped = 0;
+        let mut whole = None;
         while end < st.queue.len() && (end == start || buf.len() < limit) {
+            if st.queue[end]
+                .request
+                .gate
+                .as_ref()
+                .is_some_and(|g| g.is_closed_by_limit())
+            {
+                // Its client was closed by a limit (an output limit, the memory budget): never
+                // sent, so the backend does no work (and sends no replies) nobody will read.
+                // A client that closed by itself keeps what it sent: like Redis, commands
+                // received before an EOF run.
+                st.queue.remove(end);
+                dropped += 1;
+                continue;
+            }
             let e = &mut st.queue[end];
+            if e.request.raw.len() >= ZERO_COPY_MIN {
+                if end != start {
+                    break;
+                }
+                // A large command (an upload) is written from its own bytes, alone: copying
+                // it into the batch would hold it twice.
+                e.state = FlightState::Written;
+                whole = Some(e.request.raw.clone());
+                end += 1;
+                break;
+            }
             // Written from now on: once handed to the socket it may have run.
             e.state = FlightState::Written;
             buf.extend_from_slice(&e.request.raw);
             end += 1;
         }
         st.written = end;
+        if dropped > 0 {
+            self.metrics.inflight.dec_by(dropped);
+        }
         if self
             .push_sink
             .lock()
@@ -479,7 +522,7 @@ impl Conn {
             st.written = start;
             self.metrics.inflight.dec_by(n as i64);
         }
-        end - start
+        (end - start, whole)
     }
 
     /// A dedicated connection writes what was just queued (`from..`) straight to its socket
@@ -509,20 +552,25 @@ impl Conn {
             return false;
         };
         buf.clear();
-        if self.take_batch(st, buf, limit) == 0 {
+        let (taken, whole) = self.take_batch(st, buf, limit);
+        if taken == 0 {
             return false;
         }
         #[cfg(test)]
         self.writes.fetch_add(1, Ordering::Relaxed);
-        match wr.try_write(buf) {
-            Ok(n) if n == buf.len() => st.written < st.queue.len(),
+        let data = match whole {
+            Some(b) => b,
+            None => buf.split().freeze(),
+        };
+        match wr.try_write(&data) {
+            Ok(n) if n == data.len() => st.written < st.queue.len(),
             Ok(n) => {
-                st.carry = buf.split_off(n);
+                st.carry = data.slice(n..);
                 true
             }
             // A full socket or an error: the writer retries, and reports an error it meets.
             Err(_) => {
-                st.carry = buf.split();
+                st.carry = data;
                 true
             }
         }
@@ -670,23 +718,24 @@ impl Conn {
                 if st.generation != gen || !matches!(st.phase, Stage::Up) {
                     return;
                 }
-                let taken = if st.carry.is_empty() {
+                let (taken, whole) = if st.carry.is_empty() {
                     self.take_batch(&mut st, &mut buf, BATCH)
                 } else {
                     // What a direct write left comes first.
-                    buf = std::mem::take(&mut st.carry);
-                    1
+                    (1, Some(std::mem::take(&mut st.carry)))
                 };
                 st.busy = taken > 0;
-                taken
+                (taken, whole)
             };
+            let (taken, whole) = taken;
             if taken == 0 {
                 self.wake_writer.notified().await;
                 continue;
             }
             #[cfg(test)]
             self.writes.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = write_all(&wr, &buf).await {
+            let data: &[u8] = whole.as_deref().unwrap_or(&buf);
+            if let Err(e) = write_all(&wr, data).await {
                 self.fail(gen, Cause::Write(e.to_string()), false);
                 return;
             }
@@ -725,8 +774,23 @@ impl Conn {
                     }
                 }
             }
+            let delivered: usize = replies.iter().map(|r| r.raw.len()).sum();
             if !replies.is_empty() && !self.deliver(gen, &mut replies) {
                 return;
+            }
+            if delivered >= YIELD_AFTER_BYTES {
+                // Let the sessions take (and count) what was just delivered before reading
+                // more: replies waiting in their channels are not counted against the memory
+                // budget yet, and a fast backend would otherwise fill the agent with them
+                // before the budget is seen to be reached.
+                tokio::task::yield_now().await;
+            }
+            if self.metrics.budget.exhausted() {
+                // Back-pressure: while clients' buffered bytes are at the proxy's memory
+                // budget, replies stay in the backend's socket and output buffer instead of
+                // the agent's memory, until the shedder closed the biggest clients.
+                tokio::time::sleep(BUDGET_RECHECK).await;
+                continue;
             }
             if rbuf.capacity() - rbuf.len() < 4096 {
                 rbuf.reserve(64 * 1024);
@@ -875,7 +939,7 @@ impl Conn {
             st.wr = None;
             st.busy = false;
             st.listed = false;
-            st.carry.clear();
+            st.carry = Bytes::new();
             let written = st.written;
             st.written = 0;
             let entries: Vec<(bool, InFlight)> = st

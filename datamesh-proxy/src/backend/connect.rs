@@ -12,6 +12,24 @@ use tokio::net::{TcpSocket, TcpStream};
 
 use super::Cause;
 
+/// TCP keepalive idle time of backend and control-plane sockets.
+pub const BACKEND_KEEPALIVE: Duration = Duration::from_secs(60);
+
+/// Turns TCP keepalive on with `idle` before the first probe, then probes every `idle / 3`
+/// (at least 1 s), 3 probes, as Redis's `tcp-keepalive` does. A zero `idle` leaves it off.
+pub fn set_keepalive(sock: &impl std::os::fd::AsFd, idle: Duration) -> std::io::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    if idle.is_zero() {
+        return Ok(());
+    }
+    let secs = idle.as_secs().clamp(1, i32::MAX as u64) as u32;
+    setsockopt(sock, sockopt::KeepAlive, &true)?;
+    setsockopt(sock, sockopt::TcpKeepIdle, &secs)?;
+    setsockopt(sock, sockopt::TcpKeepInterval, &(secs / 3).max(1))?;
+    setsockopt(sock, sockopt::TcpKeepCount, &3)?;
+    Ok(())
+}
+
 /// Opens a TCP connection to `addr` with `SO_MARK = mark` (0 = none) set before connect,
 /// `TCP_NODELAY` on, within `timeout`.
 pub async fn connect_marked(
@@ -37,6 +55,9 @@ pub async fn connect_marked(
         Ok(Ok(stream)) => {
             // Commands are small and latency-bound; they are batched by the writer instead.
             let _ = stream.set_nodelay(true);
+            // A backend that vanished without a FIN (a node gone, a NAT entry dropped) is
+            // found by the health checks; keepalive also frees an idle connection's socket.
+            let _ = set_keepalive(&stream, BACKEND_KEEPALIVE);
             Ok(stream)
         }
         Ok(Err(e)) => Err(Cause::Connect(e.to_string())),
@@ -58,6 +79,9 @@ mod tests {
             .await
             .expect("connects");
         assert!(s.nodelay().expect("nodelay"));
+        let idle = nix::sys::socket::getsockopt(&s, nix::sys::socket::sockopt::TcpKeepIdle)
+            .expect("keepidle");
+        assert_eq!(idle, BACKEND_KEEPALIVE.as_secs() as u32);
         drop(l);
         match connect_marked(addr, 0, Duration::from_secs(1)).await {
             Err(Cause::Connect(e)) => assert!(e.contains("refused"), "{e}"),

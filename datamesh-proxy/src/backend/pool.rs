@@ -130,6 +130,7 @@ impl NodePool {
             permit: Some(permit),
             pool: Arc::downgrade(self),
             clean: true,
+            slot: None,
         }
     }
 
@@ -226,6 +227,9 @@ pub struct Dedicated {
     pool: Weak<NodePool>,
     /// Set false while the connection carries state (MULTI, WATCH, SUBSCRIBE).
     pub clean: bool,
+    /// The slot of the client's pod it takes (the per-pod `max_dedicated`), given back when
+    /// it is.
+    pub slot: Option<crate::accounting::Slot>,
 }
 
 impl Dedicated {

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::state::{unsubscribed_reply, wrong_args, PubSub, ServerFacts, Tx};
-use super::{Input, Lane, Pending, Session, StallDone};
+use super::{Input, Lane, Session, StallDone};
 use crate::accounting::Throttle;
 use crate::backend::Dedicated;
 use crate::commands::{
@@ -71,7 +71,7 @@ impl Session {
     }
 
     fn dispatch_round(&mut self, rt: &Arc<EndpointRuntime>) {
-        while self.stall.is_none() {
+        while self.stall.is_none() && self.may_dispatch() {
             let Some(front) = self.inbox.front() else {
                 return;
             };
@@ -79,10 +79,7 @@ impl Session {
                 let r = Reply::error(&format!("ERR Protocol error: {e}"));
                 self.inbox.clear();
                 // Written whatever CLIENT REPLY says: the connection closes after it.
-                self.pending.push_back(Pending {
-                    call: Call::ready(r),
-                    silent: false,
-                });
+                self.push_slot(Call::ready(r), false);
                 return;
             }
             if !self.front_admitted && self.pod.limited() {
@@ -174,6 +171,8 @@ impl Session {
     /// The front command's request, next in the client's order.
     pub(super) fn request(&mut self, raw: Bytes, class: ReplayClass) -> Request {
         self.seq += 1;
+        // Counted as the client's input until the reply slot it goes with is answered.
+        self.next_req_bytes += raw.len() as u64;
         Request {
             raw,
             class,
@@ -359,8 +358,22 @@ impl Session {
         if !self.pending.is_empty() {
             return Need::Barrier;
         }
+        // One pod cannot take every dedicated connection of the node's pools.
+        let Some(slot) = self.pod.take_dedicated() else {
+            let (_, n, _, max) = self.pod.holding();
+            let r = Reply::error(&format!(
+                "ERR datamesh proxy: pod {} holds {n} dedicated backend connections (transactions, blocking commands, subscriptions); its max_dedicated is {max}",
+                self.pod.name()
+            ));
+            return self.refuse(r);
+        };
         let f = rt.router.dedicated(target);
-        self.stall = Some(Box::pin(async move { StallDone::Dedicated(f.await) }));
+        self.stall = Some(Box::pin(async move {
+            StallDone::Dedicated(f.await.map(|mut d| {
+                d.slot = Some(slot);
+                d
+            }))
+        }));
         Need::Barrier
     }
 

@@ -16,6 +16,7 @@
 //! behaves as on Redis. While it waits, replies already in are still written.
 
 mod dispatch;
+mod out;
 pub mod pubsub;
 pub mod state;
 #[cfg(test)]
@@ -36,15 +37,17 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use crate::accounting::PodStats;
+use crate::accounting::{PodStats, Slot};
 use crate::attribution::{ConnEvent, Identity};
 use crate::backend::{BackendError, Dedicated};
+use crate::budget::{ClientMem, Closed};
 use crate::endpoint::EndpointHandle;
 use crate::metrics::EndpointLabels;
 use crate::request::ClientGate;
 use crate::resp::{Command, CommandDecoder, Limits, ProtocolError, Reply};
 use crate::shared::Shared;
 use crate::upstream::{Call, SharedLane};
+use out::OutBuf;
 use state::{ClientState, PubSub};
 
 /// What the decoder produced, in order.
@@ -54,20 +57,83 @@ pub(crate) enum Input {
     ProtocolError(ProtocolError),
 }
 
+/// Decoded input waiting for dispatch, and its bytes (counted against the memory budget).
+#[derive(Default)]
+pub(crate) struct Inbox {
+    q: VecDeque<Input>,
+    bytes: u64,
+}
+
+impl Inbox {
+    fn size(i: &Input) -> u64 {
+        match i {
+            Input::Command(c) => c.raw.len() as u64,
+            Input::ProtocolError(_) => 0,
+        }
+    }
+
+    pub(crate) fn push_back(&mut self, i: Input) {
+        self.bytes += Self::size(&i);
+        self.q.push_back(i);
+    }
+
+    pub(crate) fn pop_front(&mut self) -> Option<Input> {
+        let i = self.q.pop_front()?;
+        self.bytes -= Self::size(&i);
+        Some(i)
+    }
+
+    pub(crate) fn front(&self) -> Option<&Input> {
+        self.q.front()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.q.is_empty()
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.q.clear();
+        self.bytes = 0;
+    }
+}
+
 /// A reply slot in the ordered queue; `silent` replies are dropped (CLIENT REPLY OFF/SKIP,
-/// commands of a transaction that were answered already).
+/// commands of a transaction that were answered already). When its reply is in, the
+/// command's bytes leave the client's input count and the reply's join its output count
+/// (also when it waits behind an earlier, slower reply).
 struct Pending {
     call: Call,
     silent: bool,
+    mem: Arc<ClientMem>,
+    /// The bytes of its request(s) on their way to a backend.
+    req_bytes: u64,
 }
 
 impl Future for Pending {
     type Output = (Reply, bool);
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<(Reply, bool)> {
         let silent = self.silent;
-        self.call.poll_unpin(cx).map(|r| (r, silent))
+        let r = std::task::ready!(self.call.poll_unpin(cx));
+        let req = std::mem::take(&mut self.req_bytes);
+        self.mem.sub_input(req);
+        if !silent {
+            self.mem.add_output(r.raw.len() as u64);
+        }
+        Poll::Ready((r, silent))
     }
 }
+
+/// Commands a new client may have in flight before its first replies are in (one command is
+/// always allowed). Reply sizes
+/// are unknown when commands are sent: a client pipelining GETs of large values it never
+/// reads would otherwise make the backend produce every reply at once (on shared
+/// connections, in front of other clients' replies). The window grows by one per reply the
+/// client keeps up with (doubling per round trip, like TCP's slow start) up to
+/// `max_pipeline`, and falls back when its unwritten replies reach `client_output_limit_bytes`.
+const INITIAL_WINDOW: usize = 8;
+
+/// How often a client paused because the memory budget is reached looks again.
+const BUDGET_RECHECK: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// What a stalled dispatch is waiting for.
 enum StallDone {
@@ -103,12 +169,30 @@ pub struct Session {
     state: ClientState,
     // I/O
     rbuf: BytesMut,
-    wbuf: BytesMut,
+    wbuf: OutBuf,
     decoder: CommandDecoder,
     closing: bool,
     eof: bool,
+    /// This client's buffered bytes (see [`crate::budget`]); `counted` is what of the read
+    /// buffer and the inbox it holds now.
+    mem: Arc<ClientMem>,
+    counted: u64,
+    /// Bytes of requests made for the next pushed reply slot.
+    next_req_bytes: u64,
+    /// Whether the pub/sub output class is in force.
+    pubsub_class: bool,
+    /// Commands in flight at most now (see [`Session::may_dispatch`]), its ceiling
+    /// (`max_pipeline`), and the unwritten reply bytes past which nothing is dispatched.
+    window: usize,
+    max_window: usize,
+    output_pause: u64,
+    /// The pod's connection slot, held while the session lives.
+    _conn_slot: Option<Slot>,
+    /// When the last command arrived, and when the first byte of an incomplete one did.
+    last_command: tokio::time::Instant,
+    partial_since: Option<tokio::time::Instant>,
     // Dispatch
-    inbox: VecDeque<Input>,
+    inbox: Inbox,
     pending: FuturesOrdered<Pending>,
     stall: Option<Stall>,
     /// The front command passed the pod's rate limit already (it waited its delay).
@@ -136,20 +220,25 @@ impl Drop for Session {
         if let Some(g) = &self.gate {
             g.set_gone();
         }
+        self.mem.release();
     }
 }
 
 impl Session {
+    /// A session for an accepted connection; `conn_slot` is its pod's connection slot,
+    /// given back when the session ends.
     pub fn new(
         shared: Arc<Shared>,
         ep: Arc<EndpointHandle>,
         who: &Identity,
         peer: SocketAddr,
         local: SocketAddr,
+        pod: Arc<PodStats>,
+        conn_slot: Option<Slot>,
     ) -> Self {
         let id = shared.next_client_id();
         let settings = shared.settings();
-        let pod = shared.pod_limits.get(who.pod);
+        let mem = shared.budget.client(id, pod.name(), settings.output_normal);
         let commands_total = (*shared.metrics.commands.get_or_create(&EndpointLabels {
             endpoint: ep.name.clone(),
         }))
@@ -158,7 +247,18 @@ impl Session {
         // destination), so they keep coming back through the capture.
         let advertised = who.orig_dst.unwrap_or(local);
         let state = ClientState::new(id, peer, local, advertised, &settings.users);
+        let now = tokio::time::Instant::now();
         Self {
+            mem,
+            counted: 0,
+            next_req_bytes: 0,
+            pubsub_class: false,
+            window: INITIAL_WINDOW,
+            max_window: settings.max_pipeline as usize,
+            output_pause: settings.client_output_limit,
+            _conn_slot: conn_slot,
+            last_command: now,
+            partial_since: None,
             gate: None,
             resubscribe: None,
             shared,
@@ -168,11 +268,11 @@ impl Session {
             commands_total,
             state,
             rbuf: BytesMut::new(),
-            wbuf: BytesMut::new(),
+            wbuf: OutBuf::default(),
             decoder: CommandDecoder::default(),
             closing: false,
             eof: false,
-            inbox: VecDeque::new(),
+            inbox: Inbox::default(),
             pending: FuturesOrdered::new(),
             stall: None,
             front_admitted: false,
@@ -198,14 +298,32 @@ impl Session {
         }
     }
 
-    /// Serves the client until it closes, QUITs or breaks the protocol.
+    /// Serves the client until it closes, QUITs, breaks the protocol or is closed by a limit.
     pub async fn run(&mut self, client: &mut TcpStream) {
         let settings = self.shared.settings();
-        let max_pipeline = settings.max_pipeline as usize;
-        let out_limit = settings.client_output_limit as usize;
+        let lim = RunLimits {
+            max_pipeline: settings.max_pipeline as usize,
+            output_pause: settings.client_output_limit,
+            query: settings.client_query_limit,
+            idle: settings.idle_timeout,
+            partial: settings.partial_timeout,
+        };
+        let (normal, pubsub) = (settings.output_normal, settings.output_pubsub);
         drop(settings);
+        let budget = self.shared.budget.clone();
+        let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        let mut undecoded = false;
         loop {
             self.dispatch_ready();
+            self.count_buffers();
+            if self.pubsub_class != self.state.pubsub.is_some() {
+                self.pubsub_class = !self.pubsub_class;
+                self.mem
+                    .set_output_limit(if self.pubsub_class { pubsub } else { normal });
+            }
+            if let Some(why) = self.mem.closed() {
+                return self.end(client, why);
+            }
             if !self.wbuf.is_empty() && !self.flush(client) {
                 return;
             }
@@ -218,16 +336,35 @@ impl Session {
             {
                 return;
             }
-            if self.eof && self.blocked_on_dedicated() {
-                // A client that went away while blocked: drop it (the dedicated connection
-                // closes, which cancels the blocking command on the backend).
+            if done_reading && self.blocked_on_dedicated() {
+                // A client that went away or broke the protocol while blocked: drop it (the
+                // dedicated connection closes, which cancels the blocking command on the
+                // backend; nothing more will come for it).
                 return;
             }
-            let can_read = !done_reading
+            // Commands are decoded while the client is within its limits; otherwise it is not
+            // read further (TCP back-pressure) until its replies are written and its
+            // commands answered, or the budget is back.
+            let within = !done_reading
                 && self.inbox.is_empty()
                 && self.stall.is_none()
-                && self.pending.len() < max_pipeline
-                && self.wbuf.len() < out_limit;
+                && self.pending.len() < lim.max_pipeline
+                && self.mem.output() < lim.output_pause
+                && self.mem.input().saturating_sub(self.counted) < lim.query;
+            let over_budget = within && budget.exhausted();
+            let can_decode = within && !over_budget;
+            if can_decode && undecoded {
+                undecoded = false;
+                self.decode_buffered();
+                continue;
+            }
+            // While waiting on something that may never end (a blocking command, a
+            // subscription, a dedicated connection, the close after a protocol error), the
+            // socket is still read, so a client that goes away is noticed and its resources
+            // released; its input is kept up to the query limit, like Redis does.
+            let read_ahead =
+                !self.eof && (self.closing || self.stall.is_some() || self.blocked_on_dedicated());
+            let can_read = (can_decode || read_ahead) && !self.eof;
             if self.rbuf.is_empty()
                 && !self.decoder.in_progress()
                 && self.rbuf.capacity() > 0
@@ -236,16 +373,28 @@ impl Session {
                 // Idle clients hold no buffers (10,000 idle clients must stay cheap).
                 self.rbuf = BytesMut::new();
             }
+            let deadline = self.deadline(&lim);
+            if let Some(d) = deadline {
+                match timer.as_mut() {
+                    Some(t) if t.deadline() <= d => {}
+                    Some(t) => t.as_mut().reset(d),
+                    None => timer = Some(Box::pin(tokio::time::sleep_until(d))),
+                }
+            }
             let has_stall = self.stall.is_some();
             let has_pubsub = self.state.pubsub.is_some() && self.resubscribe.is_none();
             let has_resubscribe = self.resubscribe.is_some();
             tokio::select! {
                 biased;
+                why = std::future::poll_fn(|cx| self.mem.poll_closed(cx)) => {
+                    return self.end(client, why);
+                }
                 Some((reply, silent)) = self.pending.next(), if !self.pending.is_empty() => {
                     if !silent {
-                        self.wbuf.extend_from_slice(&reply.raw);
+                        self.wbuf.push(&reply.raw);
                     }
-                    self.gather_ready();
+                    let n = 1 + self.gather_ready();
+                    self.replies_taken(n);
                 }
                 done = next_stall(&mut self.stall), if has_stall => {
                     self.stall = None;
@@ -265,8 +414,103 @@ impl Session {
                     if r.is_err() || !self.read(client) {
                         return;
                     }
+                    if self.closing {
+                        // After a protocol error the rest is not RESP: only an EOF matters.
+                        self.rbuf.clear();
+                    } else if can_decode {
+                        self.decode_buffered();
+                    } else {
+                        undecoded = true;
+                        if self.rbuf.len() as u64 > lim.query {
+                            return self.end(client, Closed::QueryBuffer);
+                        }
+                    }
+                }
+                // Paused for the budget: looked at again shortly (the shedder frees it).
+                _ = tokio::time::sleep(BUDGET_RECHECK), if over_budget => {}
+                _ = next_timer(&mut timer), if deadline.is_some() => {
+                    let now = tokio::time::Instant::now();
+                    if let Some(p) = self.partial_since.filter(|_| !lim.partial.is_zero()) {
+                        if now >= p + lim.partial {
+                            return self.end(client, Closed::Partial);
+                        }
+                    }
+                    if self.idle_applies() && !lim.idle.is_zero() && now >= self.last_command + lim.idle {
+                        return self.end(client, Closed::Idle);
+                    }
+                    // Not due yet (the deadline moved): the next loop sets the timer again.
+                    timer = None;
                 }
             }
+        }
+    }
+
+    /// The earliest of the idle and partial-command deadlines in force.
+    fn deadline(&self, lim: &RunLimits) -> Option<tokio::time::Instant> {
+        let partial = self
+            .partial_since
+            .filter(|_| !lim.partial.is_zero())
+            .map(|p| p + lim.partial);
+        let idle =
+            (!lim.idle.is_zero() && self.idle_applies()).then(|| self.last_command + lim.idle);
+        match (partial, idle) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Like Redis's `timeout`: not for subscribers, blocked clients or clients waiting for
+    /// replies.
+    fn idle_applies(&self) -> bool {
+        self.pending.is_empty()
+            && self.stall.is_none()
+            && self.state.pubsub.is_none()
+            && !self.blocked_on_dedicated()
+    }
+
+    /// The read buffer and the inbox as counted against the memory budget.
+    fn count_buffers(&mut self) {
+        let now = self.rbuf.capacity() as u64 + self.inbox.bytes;
+        if now > self.counted {
+            self.mem.add_input(now - self.counted);
+        } else if now < self.counted {
+            self.mem.sub_input(self.counted - now);
+        }
+        self.counted = now;
+    }
+
+    /// Closes the client for `why`: its last line (when nothing else is waiting to be
+    /// written, so it lands on a reply boundary), then the connection ends.
+    fn end(&mut self, client: &TcpStream, why: Closed) {
+        self.mem.close(why);
+        if let Some(g) = &self.gate {
+            g.set_closed_by_limit();
+        }
+        debug!(id = self.state.id, pod = %self.mem.pod, reason = why.as_str(), input = self.mem.input(), output = self.mem.output(), "closing the client");
+        if self.wbuf.is_empty() {
+            let _ = client.try_write(why.message().as_bytes());
+        }
+    }
+
+    /// Whether the next command may be dispatched: within the window, and the client's
+    /// unwritten replies under the pause threshold (back-pressure: a client that does not
+    /// read gets nothing more from the backends).
+    fn may_dispatch(&self) -> bool {
+        self.pending.is_empty()
+            || (self.pending.len() < self.window
+                && self.mem.output() < self.output_pause
+                // Near the budget, one command at a time: replies already on their way
+                // must not push the proxy past it.
+                && !self.shared.budget.tight())
+    }
+
+    /// `n` replies were taken from the ordered queue: the window grows while the client keeps
+    /// up, and starts again small when it does not.
+    fn replies_taken(&mut self, n: usize) {
+        if self.mem.output() >= self.output_pause {
+            self.window = INITIAL_WINDOW;
+        } else if self.window < self.max_window && self.mem.output() < self.output_pause / 2 {
+            self.window = (self.window + n).min(self.max_window);
         }
     }
 
@@ -276,13 +520,16 @@ impl Session {
         self.blocking.load(std::sync::atomic::Ordering::Relaxed) > 0 || self.state.pubsub.is_some()
     }
 
-    /// Appends every reply that is already in (one write for all of them).
-    fn gather_ready(&mut self) {
+    /// Appends every reply that is already in (one write for all of them); returns how many.
+    fn gather_ready(&mut self) -> usize {
+        let mut n = 0;
         while let Some(Some((r, silent))) = self.pending.next().now_or_never() {
             if !silent {
-                self.wbuf.extend_from_slice(&r.raw);
+                self.wbuf.push(&r.raw);
             }
+            n += 1;
         }
+        n
     }
 
     /// A frame from the subscription connection (or its end).
@@ -296,11 +543,13 @@ impl Session {
                         return;
                     };
                     if p.subs.received(&r.raw) {
-                        self.wbuf.extend_from_slice(&r.raw);
+                        self.wbuf.push(&r.raw);
+                        self.mem.add_output(r.raw.len() as u64);
                     }
                     if let Some(owed) = p.subs.finish_resync(proto) {
                         for r in owed {
-                            self.wbuf.extend_from_slice(&r.raw);
+                            self.wbuf.push(&r.raw);
+                            self.mem.add_output(r.raw.len() as u64);
                         }
                     }
                 }
@@ -331,7 +580,8 @@ impl Session {
         };
         if !hold || self.eof {
             let r = crate::upstream::replay::error_reply(&e, false);
-            self.wbuf.extend_from_slice(&r.raw);
+            self.wbuf.push(&r.raw);
+            self.mem.add_output(r.raw.len() as u64);
             self.state.pubsub = None;
             self.closing = true;
             return;
@@ -351,7 +601,8 @@ impl Session {
             Err(e) => {
                 // No node within the hold bound: the subscriptions cannot be restored.
                 let r = crate::upstream::replay::error_reply(&e, true);
-                self.wbuf.extend_from_slice(&r.raw);
+                self.wbuf.push(&r.raw);
+                self.mem.add_output(r.raw.len() as u64);
                 self.state.pubsub = None;
                 self.closing = true;
                 return;
@@ -376,9 +627,13 @@ impl Session {
                 break;
             }
         }
+        // Subscription commands are not answered through reply slots.
+        self.next_req_bytes = 0;
         let Some(p) = self.state.pubsub.as_mut() else {
             return;
         };
+        // The new connection takes the old one's place in the pod's count.
+        d.slot = p.conn.slot.take();
         p.conn = d;
         rt.group().metrics.resubscribes.inc();
         rt.group()
@@ -388,7 +643,8 @@ impl Session {
         tracing::info!(id = self.state.id, endpoint = %self.ep.name, node = %p.node, subscriptions = p.subs.len(), gap_ms = gap.as_millis() as u64, "subscriptions restored on a new connection (messages published in the gap are lost)");
         if let Some(owed) = p.subs.finish_resync(self.state.proto) {
             for r in owed {
-                self.wbuf.extend_from_slice(&r.raw);
+                self.wbuf.push(&r.raw);
+                self.mem.add_output(r.raw.len() as u64);
             }
         }
         if let Some(e) = failed {
@@ -400,22 +656,18 @@ impl Session {
     /// Writes what the socket takes now. False when the client is gone.
     fn flush(&mut self, client: &TcpStream) -> bool {
         while !self.wbuf.is_empty() {
-            match client.try_write(&self.wbuf) {
+            match self.wbuf.write_to(client) {
                 Ok(0) => return false,
-                Ok(n) => {
-                    let _ = self.wbuf.split_to(n);
-                }
+                Ok(n) => self.mem.sub_output(n as u64),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
                 Err(_) => return false,
             }
         }
-        if self.wbuf.capacity() > 64 * 1024 {
-            self.wbuf = BytesMut::new();
-        }
+        self.wbuf.shrink_if_idle();
         true
     }
 
-    /// Reads what is there and decodes every complete command. False on a read error.
+    /// Reads what is there into the read buffer. False on a read error.
     fn read(&mut self, client: &mut TcpStream) -> bool {
         self.rbuf.reserve(16 * 1024);
         self.arrival = tokio::time::Instant::now();
@@ -436,7 +688,13 @@ impl Session {
             Some(Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
             Some(Err(_)) => return false,
         }
+        true
+    }
+
+    /// Decodes every complete command in the read buffer into the inbox.
+    fn decode_buffered(&mut self) {
         let limits = self.limits();
+        let before = self.inbox.bytes;
         loop {
             match self.decoder.decode(&mut self.rbuf, &limits) {
                 Ok(Some(cmd)) => self.inbox.push_back(Input::Command(cmd)),
@@ -447,6 +705,15 @@ impl Session {
                 }
             }
         }
+        if self.inbox.bytes != before || !self.inbox.is_empty() {
+            self.last_command = self.arrival;
+        }
+        // A command begun and not complete: its deadline runs from its first byte.
+        if self.rbuf.is_empty() && !self.decoder.in_progress() {
+            self.partial_since = None;
+        } else if self.partial_since.is_none() || self.inbox.bytes != before {
+            self.partial_since = Some(self.arrival);
+        }
         if self.eof && !self.rbuf.is_empty() {
             debug!(
                 id = self.state.id,
@@ -454,7 +721,6 @@ impl Session {
                 "client closed mid-command"
             );
         }
-        true
     }
 
     /// The input is not RESP: the commands before it are answered first, then the error,
@@ -482,7 +748,18 @@ impl Session {
 
     fn push(&mut self, call: Call) {
         let silent = self.state.reply_silenced();
-        self.pending.push_back(Pending { call, silent });
+        self.push_slot(call, silent);
+    }
+
+    fn push_slot(&mut self, call: Call, silent: bool) {
+        let req_bytes = std::mem::take(&mut self.next_req_bytes);
+        self.mem.add_input(req_bytes);
+        self.pending.push_back(Pending {
+            call,
+            silent,
+            mem: self.mem.clone(),
+            req_bytes,
+        });
     }
 
     fn push_reply(&mut self, r: Reply) {
@@ -490,12 +767,34 @@ impl Session {
     }
 
     fn push_silent(&mut self, call: Call) {
-        self.pending.push_back(Pending { call, silent: true });
+        self.push_slot(call, true);
     }
 
     /// In pub/sub mode replies do not go through the ordered queue.
     fn write_now(&mut self, r: Reply) {
-        self.wbuf.extend_from_slice(&r.raw);
+        self.write_raw(&r.raw);
+    }
+
+    /// Bytes for the client outside the ordered queue (counted as its output).
+    fn write_raw(&mut self, raw: &[u8]) {
+        self.wbuf.extend_from_slice(raw);
+        self.mem.add_output(raw.len() as u64);
+    }
+}
+
+/// The limits [`Session::run`] reads once per connection.
+struct RunLimits {
+    max_pipeline: usize,
+    output_pause: u64,
+    query: u64,
+    idle: std::time::Duration,
+    partial: std::time::Duration,
+}
+
+async fn next_timer(t: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
+    match t {
+        Some(t) => t.as_mut().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -1,0 +1,512 @@
+//! Tenant isolation, the resource side (issue 8): one hostile pod cannot exhaust the node
+//! proxy's memory, connections, dedicated backend connections or time, and a bystander pod in
+//! the same run keeps getting correct replies. Attacks run from pods (network namespaces under
+//! the capture cgroup) with raw sockets (`tests/py/tenant_attack.py`); the bystander is
+//! redis-py, checking every reply. Memory cases run the agent in a memory-limited cgroup, as
+//! the DaemonSet does, and check the kernel never OOM-killed it.
+
+use std::net::SocketAddr;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, ensure, Context, Result};
+use datamesh_tests::env::run_test;
+use datamesh_tests::proxy::{python, RespConn};
+use datamesh_tests::resp::Reply;
+use datamesh_tests::{wait_until, Env};
+use serde_json::Value;
+
+const MIB: u64 = 1024 * 1024;
+
+/// Runs a `tenant_attack.py` scenario in pod `pod` against `addr`.
+fn attack(env: &Env, pod: &str, scenario: &str, addr: SocketAddr, extra: &[&str]) -> Result<Value> {
+    let mut args = vec![
+        scenario.to_string(),
+        "--host".into(),
+        addr.ip().to_string(),
+        "--port".into(),
+        addr.port().to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let v = python(env.pod(pod).cmd("python3"), "tenant_attack.py", &args)
+        .with_context(|| format!("{scenario} from pod {pod}"))?;
+    eprintln!("{scenario} (pod {pod}) -> {v}");
+    Ok(v)
+}
+
+/// Runs `attack` while the bystander pod checks SET/GET for `seconds`; returns both results.
+fn with_bystander(
+    env: &Env,
+    seconds: f64,
+    body: impl FnOnce() -> Result<Value> + Send,
+) -> Result<(Value, Value)> {
+    let svc = env.service_addr();
+    let secs = seconds.to_string();
+    thread::scope(|s| {
+        let b = s.spawn(|| {
+            attack(
+                env,
+                "bystander",
+                "bystander",
+                svc,
+                &["--seconds", &secs, "--interval", "0.005"],
+            )
+        });
+        let a = body();
+        let b = b.join().map_err(|_| anyhow!("bystander thread panicked"))?;
+        Ok((a?, b?))
+    })
+}
+
+fn bystander_clean(b: &Value) -> Result<()> {
+    ensure!(
+        b["ok"].as_u64().unwrap_or(0) > 0 && b["wrong"] == 0 && b["errors"] == 0,
+        "the bystander pod was affected: {b}"
+    );
+    Ok(())
+}
+
+/// Sum of the samples of metric `name` whose labels contain `label` ("" = all).
+fn metric(env: &Env, name: &str, label: &str) -> Result<f64> {
+    let (code, text) = env.agent().http_get("/metrics")?;
+    ensure!(code == 200, "/metrics answered {code}");
+    Ok(text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.split([' ', '{']).next() == Some(name) && (label.is_empty() || l.contains(label))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+fn agent_alive(env: &Env) -> Result<()> {
+    let addr = env.agent().proxy_addr("cache")?;
+    let mut c = RespConn::connect(addr)?;
+    let r = c.cmd(&["PING"])?;
+    ensure!(format!("{r:?}").contains("PONG"), "PING answered {r:?}");
+    Ok(())
+}
+
+/// Checks the agent was never OOM-killed and its peak RSS stayed under its limit; returns
+/// the peak RSS.
+fn memory_held(env: &Env, limit: u64) -> Result<u64> {
+    let cg = env
+        .memory_cgroup()
+        .ok_or_else(|| anyhow!("env has no memory cgroup"))?;
+    ensure!(cg.oom_kills() == 0, "the agent was OOM-killed");
+    let peak = env.agent().peak_rss_kib()? * 1024;
+    ensure!(
+        peak < limit * 9 / 10,
+        "the agent's RSS peaked at {} MiB, near its limit of {} MiB",
+        peak / MIB,
+        limit / MIB
+    );
+    Ok(peak)
+}
+
+/// Writes a value of `size` bytes straight to the backend.
+fn seed(env: &Env, key: &str, size: usize) -> Result<()> {
+    let mut c = RespConn::connect(env.service_addr())?;
+    let v = vec![b'v'; size];
+    c.cmd_bytes(&[b"SET", key.as_bytes(), &v])?;
+    Ok(())
+}
+
+/// One 221 MiB upload is refused at its header (the agent never buffers it); six clients
+/// streaming 30 MiB bodies at once pass the 128 MiB budget of a 256 MiB agent, and the biggest
+/// are shed; the agent stays under its limit and the bystander is untouched.
+#[test]
+fn uploads_cannot_push_the_agent_past_its_memory() {
+    const LIMIT: u64 = 256 * MIB;
+    run_test(
+        Env::builder()
+            .pods(["attacker", "bystander"])
+            .memory_limit(LIMIT),
+        |env| {
+            let svc = env.service_addr();
+            // Sized from the cgroup: half of 256 MiB, and a quarter of that per bulk.
+            ensure!(
+                metric(env, "datamesh_proxy_memory_budget_bytes", "")? == (128 * MIB) as f64,
+                "the budget was not sized from memory.max"
+            );
+            let one = attack(
+                env,
+                "attacker",
+                "upload",
+                svc,
+                &["--size", &(221 * MIB).to_string()],
+            )?;
+            let line = one["line"].as_str().unwrap_or("");
+            ensure!(
+                line.contains("invalid bulk length")
+                    || line.contains("too long")
+                    || line.contains("Protocol error"),
+                "a 221 MiB body was not refused at its header: {one}"
+            );
+            let (many, b) = with_bystander(env, 6.0, || {
+                attack(
+                    env,
+                    "attacker",
+                    "uploads",
+                    svc,
+                    &[
+                        "--clients",
+                        "6",
+                        "--size",
+                        &(30 * MIB).to_string(),
+                        "--seconds",
+                        "20",
+                        "--interval",
+                        "0.002",
+                    ],
+                )
+            })?;
+            bystander_clean(&b)?;
+            ensure!(
+                many["closed"].as_u64().unwrap_or(0) >= 1,
+                "6 x 30 MiB in flight never reached the 128 MiB budget: {many}"
+            );
+            ensure!(
+                metric(env, "datamesh_proxy_clients_closed_total", "memory_budget")? >= 1.0,
+                "no client was shed for the budget"
+            );
+            let peak = memory_held(env, LIMIT)?;
+            eprintln!(
+                "peak agent memory {} MiB of {} MiB",
+                peak / MIB,
+                LIMIT / MIB
+            );
+            agent_alive(env)
+        },
+    );
+}
+
+/// 50 clients pipelining GETs of a 1 MiB value without reading: each is closed at its output
+/// hard limit or shed for the budget; the agent and Redis stay up, the bystander untouched.
+/// A subscriber that never reads is closed at the pub/sub limit.
+#[test]
+fn clients_that_never_read_are_closed_and_memory_stays_bounded() {
+    const LIMIT: u64 = 256 * MIB;
+    run_test(
+        Env::builder()
+            .pods(["attacker", "bystander"])
+            .memory_limit(LIMIT)
+            .proxy_setting("client_output_buffer_limit_normal", "\"64mb 2mb 2\"")
+            .proxy_setting("client_output_buffer_limit_pubsub", "\"8mb 2mb 1\""),
+        |env| {
+            let svc = env.service_addr();
+            seed(env, "big", MIB as usize)?;
+            let open = |env: &Env| metric(env, "datamesh_proxy_open_connections", "");
+            let (r, b) = with_bystander(env, 8.0, || {
+                thread::scope(|s| {
+                    let a = s.spawn(|| {
+                        attack(
+                            env,
+                            "attacker",
+                            "noread",
+                            svc,
+                            &[
+                                "--clients",
+                                "50",
+                                "--gets",
+                                "120",
+                                "--key",
+                                "big",
+                                "--seconds",
+                                "7",
+                            ],
+                        )
+                    });
+                    // While the attacker still holds its sockets, the proxy has closed them:
+                    // only the bystander's connection is left.
+                    thread::sleep(Duration::from_secs(2));
+                    let left =
+                        wait_until("non-reading clients closed", Duration::from_secs(4), || {
+                            let n = open(env)?;
+                            Ok((n <= 1.0).then_some(n))
+                        });
+                    let r = a.join().map_err(|_| anyhow!("attacker thread panicked"))?;
+                    left?;
+                    r
+                })
+            })?;
+            eprintln!("{r}");
+            bystander_clean(&b)?;
+            let closed = metric(env, "datamesh_proxy_clients_closed_total", "")?;
+            ensure!(closed >= 50.0, "clients closed by limits: {closed}");
+            let peak = memory_held(env, LIMIT)?;
+            eprintln!(
+                "50 non-reading clients: peak agent RSS {} MiB of {} MiB (budget 128 MiB)",
+                peak / MIB,
+                LIMIT / MIB
+            );
+            // Redis itself is fine.
+            let mut direct = RespConn::connect(env.service_addr())?;
+            ensure!(format!("{:?}", direct.cmd(&["PING"])?).contains("PONG"));
+
+            // Pub/sub: a subscriber that never reads, 1 MiB messages: closed at the pub/sub
+            // limit (8 MiB hard here), the publisher unaffected.
+            let before = metric(env, "datamesh_proxy_clients_closed_total", "")?;
+            let (sub, publ, closed) = thread::scope(|s| {
+                let sub = s.spawn(|| {
+                    attack(
+                        env,
+                        "attacker",
+                        "slowsub",
+                        svc,
+                        &["--channel", "news", "--seconds", "4"],
+                    )
+                });
+                thread::sleep(Duration::from_millis(500));
+                let p = attack(
+                    env,
+                    "bystander",
+                    "publish",
+                    svc,
+                    &[
+                        "--channel",
+                        "news",
+                        "--count",
+                        "40",
+                        "--size",
+                        &MIB.to_string(),
+                    ],
+                );
+                let closed =
+                    wait_until("the slow subscriber closed", Duration::from_secs(3), || {
+                        let n = metric(env, "datamesh_proxy_clients_closed_total", "")?;
+                        Ok((n > before).then_some(n))
+                    });
+                (
+                    sub.join()
+                        .map_err(|_| anyhow!("subscriber thread panicked")),
+                    p,
+                    closed,
+                )
+            });
+            let (sub, publ) = (sub??, publ?);
+            closed?;
+            ensure!(
+                sub["first"].as_str().unwrap_or("").starts_with('*'),
+                "SUBSCRIBE: {sub}"
+            );
+            ensure!(publ["errors"] == 0, "the publisher got errors: {publ}");
+            memory_held(env, LIMIT)?;
+            agent_alive(env)
+        },
+    );
+}
+
+/// 600 connections that block in BLPOP, break the protocol and close: every dedicated
+/// connection is released (the backend connection closes, which cancels the BLPOP), and the
+/// other pods' transactions and blocking commands still work. One pod cannot take more than
+/// its max_dedicated.
+#[test]
+fn dedicated_connections_are_released_and_capped_per_pod() {
+    run_test(
+        Env::builder()
+            .pods(["attacker", "bystander"])
+            .extra_config("default_max_dedicated: 20\n"),
+        |env| {
+            let svc = env.service_addr();
+            // From the node (no per-pod cap), past the pools' 512 dedicated connections.
+            let proxy = env.agent().proxy_addr("cache")?;
+            python(
+                std::process::Command::new("python3"),
+                "tenant_attack.py",
+                &[
+                    "blpop-close".into(),
+                    "--host".into(),
+                    proxy.ip().to_string(),
+                    "--port".into(),
+                    proxy.port().to_string(),
+                    "--clients".into(),
+                    "600".into(),
+                ],
+            )?;
+            wait_until(
+                "dedicated connections released",
+                Duration::from_secs(10),
+                || {
+                    let n = metric(env, "datamesh_proxy_backend_connections", "dedicated")?;
+                    Ok((n <= 4.0).then_some(()))
+                },
+            )?;
+            // The bystander pod: a transaction and a blocking pop.
+            let mut c = RespConn::connect(env.agent().proxy_addr("cache")?)?;
+            c.cmd(&["LPUSH", "q", "x"])?;
+            let r = c.cmd(&["BLPOP", "q", "1"])?;
+            ensure!(
+                matches!(&r, Reply::Array(Some(v)) if v.len() == 2 && v[1].as_bytes() == Some(&b"x"[..])),
+                "BLPOP after the attack: {r:?}"
+            );
+            let out = datamesh_tests::proxy::redis_cli_stdin(
+                env.pod("bystander").cmd("redis-cli"),
+                svc,
+                &[],
+                b"MULTI\nINCR tx\nEXEC\n",
+            )?;
+            ensure!(
+                out.contains("QUEUED") || out.contains('1'),
+                "MULTI/EXEC: {out}"
+            );
+
+            // The cap: the attacker pod holds 20 blocked clients, the 21st is refused at once.
+            let held = attack(
+                env,
+                "attacker",
+                "hold-blocked",
+                svc,
+                &["--clients", "25", "--seconds", "1"],
+            )?;
+            ensure!(
+                held["blocked"] == 20 && held["refused"] == 5,
+                "max_dedicated 20 did not hold: {held}"
+            );
+            let msg = held["first_refusal"].as_str().unwrap_or("");
+            ensure!(
+                msg.contains("max_dedicated"),
+                "refusal does not name the cap: {msg:?}"
+            );
+            Ok(())
+        },
+    );
+}
+
+/// A pod opening more connections than its max_connections gets a clear error for the
+/// excess; the proxy-wide max_clients holds too; /ready keeps answering and the bystander pod
+/// connects.
+#[test]
+fn connection_caps_per_pod_and_per_proxy() {
+    run_test(
+        Env::builder()
+            .pods(["attacker", "bystander"])
+            .extra_config("default_max_connections: 100\n")
+            .proxy_setting("max_clients", 180),
+        |env| {
+            let svc = env.service_addr();
+            let r = attack(
+                env,
+                "attacker",
+                "hold",
+                svc,
+                &["--clients", "150", "--seconds", "0.5"],
+            )?;
+            ensure!(
+                r["refused"] == 50 && r["served"] == 100,
+                "pod max_connections 100: {r}"
+            );
+            let msg = r["first_refusal"].as_str().unwrap_or("");
+            ensure!(msg.contains("max_connections"), "refusal: {msg:?}");
+            ensure!(
+                metric(
+                    env,
+                    "datamesh_proxy_connections_refused_total",
+                    "pod_max_connections"
+                )? >= 50.0
+            );
+            let (code, _) = env.agent().http_get("/ready")?;
+            ensure!(code == 200, "/ready answered {code} under the attack");
+            // max_clients: 100 held by the attacker + 100 from the bystander pod > 180.
+            let (a, b) = thread::scope(|s| {
+                let a = s.spawn(|| {
+                    attack(
+                        env,
+                        "attacker",
+                        "hold",
+                        svc,
+                        &["--clients", "100", "--seconds", "3"],
+                    )
+                });
+                thread::sleep(Duration::from_millis(1500));
+                let b = attack(
+                    env,
+                    "bystander",
+                    "hold",
+                    svc,
+                    &["--clients", "100", "--seconds", "0.2"],
+                );
+                (a.join().map_err(|_| anyhow!("thread panicked")), b)
+            });
+            let (_a, b) = (a??, b?);
+            ensure!(
+                b["served"] == 80 && b["refused"] == 20,
+                "max_clients 180 with 100 held elsewhere: {b}"
+            );
+            ensure!(
+                b["first_refusal"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("max number of clients reached"),
+                "{b}"
+            );
+            Ok(())
+        },
+    );
+}
+
+/// A command trickled one byte at a time is cut at the partial-command deadline; an idle
+/// client at the idle timeout; client sockets carry TCP keepalive.
+#[test]
+fn slow_and_idle_clients_time_out() {
+    run_test(
+        Env::builder()
+            .pods(["attacker", "bystander"])
+            .proxy_setting("client_partial_timeout_ms", 1000)
+            .proxy_setting("client_idle_timeout_s", 2)
+            .proxy_setting("tcp_keepalive_s", 30),
+        |env| {
+            let svc = env.service_addr();
+            let (r, b) = with_bystander(env, 3.0, || {
+                attack(
+                    env,
+                    "attacker",
+                    "slowloris",
+                    svc,
+                    &["--clients", "200", "--interval", "0.2", "--seconds", "4"],
+                )
+            })?;
+            bystander_clean(&b)?;
+            ensure!(r["closed"] == 200, "slow clients were not all cut: {r}");
+            ensure!(
+                r["max_closed_after_s"].as_f64().unwrap_or(99.0) < 2.5,
+                "cut too late: {r}"
+            );
+            ensure!(
+                r["line"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("client_partial_timeout_ms"),
+                "{r}"
+            );
+            let start = Instant::now();
+            let idle = attack(env, "attacker", "idle", svc, &["--seconds", "5"])?;
+            ensure!(idle["first"] == "+PONG");
+            let after = idle["closed_after_s"].as_f64().unwrap_or(99.0);
+            ensure!(
+                (1.5..3.5).contains(&after),
+                "idle client closed after {after} s: {idle}"
+            );
+            ensure!(start.elapsed() < Duration::from_secs(10));
+            // Keepalive on the proxy's accepted sockets.
+            let proxy = env.agent().proxy_addr("cache")?;
+            let mut c = RespConn::connect(proxy)?;
+            c.cmd(&["PING"])?;
+            let ss = std::process::Command::new("ss")
+                .args([
+                    "-tnoH",
+                    "state",
+                    "established",
+                    &format!("( sport = :{} )", proxy.port()),
+                ])
+                .output()?;
+            let ss = String::from_utf8_lossy(&ss.stdout);
+            ensure!(
+                ss.contains("keepalive"),
+                "no keepalive timer on the proxy's sockets: {ss}"
+            );
+            Ok(())
+        },
+    );
+}

@@ -173,7 +173,7 @@ fn uploads_cannot_push_the_agent_past_its_memory() {
             );
             let peak = memory_held(env, LIMIT)?;
             eprintln!(
-                "peak agent memory {} MiB of {} MiB",
+                "6 uploads: peak agent RSS {} MiB of {} MiB (budget 128 MiB)",
                 peak / MIB,
                 LIMIT / MIB
             );

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -163,6 +164,26 @@ pub async fn serve(
     };
     shared.opened();
     let who = shared.attribution.identify(&endpoint.name, peer, local);
+    if let Some(reason) = &who.refuse {
+        // Refused by the attribution (identity policy): one error line, nothing read, closed.
+        let line = format!(
+            "-ERR datamesh proxy: connection from {} refused: {reason}\r\n",
+            peer.ip()
+        );
+        // Bounded in time; what the client already sent is read and dropped (a close with
+        // unread bytes would reset the connection and could discard the error line).
+        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+            client.write_all(line.as_bytes()).await?;
+            client.shutdown().await?;
+            let mut sink = [0u8; 4096];
+            while client.read(&mut sink).await? > 0 {}
+            Ok::<_, std::io::Error>(())
+        })
+        .await;
+        shared.attribution.event(&who, ConnEvent::Closed);
+        shared.closed();
+        return;
+    }
     let labels = EndpointLabels {
         endpoint: endpoint.name.clone(),
     };

@@ -463,3 +463,33 @@ fn admin_endpoint_off_loopback_needs_the_switch_and_a_token() {
         Ok(())
     });
 }
+
+#[test]
+fn direct_dial_takes_the_fast_path_too() {
+    run_test(Env::builder().pods(["a"]).fastpath(true), |env| {
+        let proxy = env.agent().proxy_addr("cache")?;
+        let a = env.pod("a");
+        // Pipelined writes right after connect, and a value larger than one scatter list.
+        let big = "x".repeat(200_000);
+        let out = cli_raw(
+            a.cmd("redis-cli"),
+            proxy,
+            &format!("SET id:fp {big}\nSTRLEN id:fp\nGET id:fp\n"),
+        )?;
+        let lines: Vec<&str> = out.lines().map(str::trim).collect();
+        ensure!(
+            lines.len() == 3 && lines[0] == "OK" && lines[1] == "200000" && lines[2] == big,
+            "direct dial with the fast path on: wrong replies ({} bytes): {:?}",
+            out.len(),
+            &out[..out.len().min(200)]
+        );
+        let conns = pod_connections(env, a)?;
+        ensure!(
+            conns
+                .iter()
+                .any(|c| c["direct"] == Value::Bool(true) && c["fastpath"] == "redirect"),
+            "the direct connection did not use the fast path: {conns:?}"
+        );
+        Ok(())
+    });
+}

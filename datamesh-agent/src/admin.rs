@@ -1,8 +1,13 @@
-//! The admin HTTP endpoint (plain HTTP/1.1 GET, `Connection: close`): `/ready`, `/metrics`
-//! (Prometheus text), `/config_dump` (the effective config, passwords redacted),
+//! The admin HTTP endpoint (plain HTTP/1.1 GET, `Connection: close`): `/ready`, `/live`,
+//! `/metrics` (Prometheus text), `/config_dump` (the effective config, passwords redacted),
 //! `/connections` (the last 1024 accepted proxy connections) and `/backends` (per endpoint:
-//! topology nodes, pools, each backend connection's phase and in-flight commands). The request line is parsed by hand: four fixed GET routes do not
+//! topology nodes, pools, each backend connection's phase and in-flight commands). The request line is parsed by hand: a few fixed GET routes do not
 //! need an HTTP stack.
+//!
+//! Access: loopback by default (config validation refuses another `admin_listen` unless
+//! `admin_allow_remote`). When `admin_token_file` is set, every request but the probes
+//! (`/ready`, `/live`: they tell only "ready" or "alive", and the kubelet sends no header)
+//! must carry `Authorization: Bearer <token>`, compared in constant time; else 401.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,6 +21,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
+use datamesh_proxy::config::Secret;
 use datamesh_proxy::endpoint::{backends_snapshot, EndpointHandle};
 use datamesh_proxy::stopped;
 
@@ -46,6 +52,50 @@ pub struct AdminState {
     pub maps: Arc<Maps>,
     /// The endpoints served, for `/backends`.
     pub endpoints: RwLock<Vec<Arc<EndpointHandle>>>,
+    /// Bearer token required on every route but the probes (from `admin_token_file`, replaced
+    /// on reload); `None` = no token.
+    pub token: RwLock<Option<Secret>>,
+}
+
+/// Routes that answer without a token: the kubelet's probes, which reveal nothing else.
+const OPEN_ROUTES: [&str; 2] = ["/ready", "/live"];
+
+/// Equality that takes the same time wherever the first difference is (it depends on the
+/// lengths only), so the token cannot be guessed byte by byte from response times.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() ^ b.len()) as u64;
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= u64::from(x ^ y);
+    }
+    diff == 0
+}
+
+/// The `Authorization: Bearer <token>` value of a request head, if any.
+fn bearer(head: &str) -> Option<&str> {
+    head.lines().skip(1).find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        if !name.trim().eq_ignore_ascii_case("authorization") {
+            return None;
+        }
+        let value = value.trim();
+        let (scheme, token) = value.split_once(' ')?;
+        scheme
+            .eq_ignore_ascii_case("bearer")
+            .then_some(token.trim())
+    })
+}
+
+/// Whether the request may see `path`.
+fn authorized(head: &str, path: &str, token: Option<&Secret>) -> bool {
+    match token {
+        None => true,
+        Some(_) if OPEN_ROUTES.contains(&path) => true,
+        Some(t) => {
+            bearer(head).is_some_and(|b| constant_time_eq(b.as_bytes(), t.expose().as_bytes()))
+        }
+    }
 }
 
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, AdminError> {
@@ -118,6 +168,7 @@ fn route(req: &Request<'_>, state: &AdminState) -> Response {
         return text("405 Method Not Allowed", "only GET\n");
     }
     match req.path {
+        "/live" => text("200 OK", "alive"),
         "/ready" => {
             if state.ready.load(Ordering::SeqCst) {
                 text("200 OK", "ready")
@@ -189,7 +240,21 @@ async fn serve(mut sock: TcpStream, state: &AdminState) -> std::io::Result<()> {
     let head = String::from_utf8_lossy(&buf);
     let resp = match parse_request_line(&head) {
         Some(req) => {
-            let mut r = route(&req, state);
+            let token = state
+                .token
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            let mut r = if authorized(&head, req.path, token.as_ref()) {
+                route(&req, state)
+            } else {
+                Response {
+                    status: "401 Unauthorized",
+                    content_type: "text/plain; charset=utf-8",
+                    body: "missing or wrong Authorization: Bearer token (admin_token_file)\n"
+                        .into(),
+                }
+            };
             if req.method == "HEAD" {
                 r.body.clear();
             }
@@ -204,7 +269,11 @@ async fn serve(mut sock: TcpStream, state: &AdminState) -> std::io::Result<()> {
     let out = format!(
         "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
         resp.status,
-        resp.content_type,
+        if resp.status.starts_with("401") {
+            "text/plain; charset=utf-8\r\nWWW-Authenticate: Bearer"
+        } else {
+            resp.content_type
+        },
         resp.body.len(),
         resp.body
     );
@@ -234,5 +303,36 @@ mod tests {
         );
         assert_eq!(parse_request_line("garbage"), None);
         assert_eq!(parse_request_line(""), None);
+    }
+
+    #[test]
+    fn bearer_token_checks() {
+        let t = Secret("s3cret".into());
+        let head = |auth: &str| format!("GET /metrics HTTP/1.1\r\nHost: x\r\n{auth}\r\n\r\n");
+        assert!(authorized(&head(""), "/metrics", None));
+        assert!(!authorized(&head(""), "/metrics", Some(&t)));
+        assert!(authorized(&head(""), "/ready", Some(&t)));
+        assert!(authorized(&head(""), "/live", Some(&t)));
+        assert!(authorized(
+            &head("authorization: Bearer s3cret"),
+            "/metrics",
+            Some(&t)
+        ));
+        assert!(authorized(
+            &head("Authorization: bearer  s3cret "),
+            "/config_dump",
+            Some(&t)
+        ));
+        for bad in [
+            "Authorization: Bearer s3cre",
+            "Authorization: Bearer s3cretx",
+            "Authorization: Basic s3cret",
+            "Authorization: s3cret",
+            "X-Token: Bearer s3cret",
+        ] {
+            assert!(!authorized(&head(bad), "/connections", Some(&t)), "{bad}");
+        }
+        assert!(constant_time_eq(b"", b""));
+        assert!(!constant_time_eq(b"a", b""));
     }
 }

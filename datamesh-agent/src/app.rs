@@ -34,6 +34,7 @@ use crate::admin::{self, AdminError, AdminState};
 use crate::config::{self, Config, ConfigError};
 use crate::conns::{CaptureAttribution, ConnLog};
 use crate::dataplane::{self, DataplaneError, DataplaneMetrics, DesiredState, Maps};
+use crate::identity::{LocalAddrs, UncapturedPolicy};
 use crate::pod_counters::MapDirectory;
 use crate::pods::{self, Pods, PodsError};
 use crate::preflight::{self, PreflightError};
@@ -240,14 +241,10 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
 
     let desired = DesiredState {
         settings: desired_settings(&cfg)?,
+        // The service address (rewritten) and the listener itself (direct dials, recorded).
         endpoints: bound
             .iter()
-            .map(|(ep, b)| {
-                (
-                    dataplane::endpoint_key(ep.address),
-                    dataplane::endpoint_value(b.id, b.local),
-                )
-            })
+            .flat_map(|(ep, b)| dataplane::endpoint_entries(b.id, ep.address, b.local))
             .collect(),
     };
     let dp = dataplane::setup(object_bytes, &cfg.pin_dir, &cfg.cgroup_path, &desired)?;
@@ -300,11 +297,13 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
         maps: maps.clone(),
         pods: pods.clone(),
         log: log.clone(),
+        policy: RwLock::new(Arc::new(uncaptured_policy(&cfg))),
+        local: LocalAddrs::default(),
     });
     let settings = session_settings(&cfg);
     log_sizes(&settings);
     let shared = Arc::new(Shared::new(
-        attribution,
+        attribution.clone(),
         proxy_metrics.clone(),
         pod_limits.clone(),
         settings,
@@ -330,6 +329,7 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
         log,
         maps: maps.clone(),
         endpoints: RwLock::new(handles(&listeners)),
+        token: RwLock::new(cfg.admin_token.clone()),
     });
     // The admin endpoint has its own stop: it keeps answering (/ready = 503) while we drain.
     let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
@@ -352,13 +352,15 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
     let mut running = Running {
         cfg,
         listeners,
-        stamp: file_stamp(&opts.config),
+        stamp: None,
     };
+    running.stamp = file_stamp(&opts.config, &running.cfg);
     let mut poll = tokio::time::interval(Duration::from_secs(1));
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let ctx = ReloadCtx {
         path: opts.config.clone(),
         shared: shared.clone(),
+        attribution: attribution.clone(),
         maps: maps.clone(),
         policies: policies.clone(),
         admin: admin_state.clone(),
@@ -372,13 +374,15 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
             _ = sighup.recv() => {
                 info!("SIGHUP: reloading the config");
                 reload(&ctx, &mut running).await;
+                running.stamp = file_stamp(&ctx.path, &running.cfg);
             }
             _ = poll.tick() => {
-                let stamp = file_stamp(&ctx.path);
+                let stamp = file_stamp(&ctx.path, &running.cfg);
                 if stamp != running.stamp {
-                    info!(path = %ctx.path.display(), "config file changed: reloading");
-                    running.stamp = stamp;
+                    info!(path = %ctx.path.display(), "config file (or a secret file it names) changed: reloading");
                     reload(&ctx, &mut running).await;
+                    // Stamped with the files the config now names.
+                    running.stamp = file_stamp(&ctx.path, &running.cfg);
                 }
             }
         }
@@ -455,12 +459,30 @@ fn handles(listeners: &ListenerMap) -> Vec<Arc<EndpointHandle>> {
     v.into_iter().map(|(_, h)| h).collect()
 }
 
+/// The uncaptured-connection policy from the config.
+fn uncaptured_policy(cfg: &Config) -> UncapturedPolicy {
+    UncapturedPolicy {
+        mode: cfg.uncaptured,
+        allow: cfg.uncaptured_allow.clone(),
+    }
+}
+
 /// What identifies a version of the config file (mtime, size and a content hash, so an edit
-/// within the same second is seen too).
-fn file_stamp(path: &Path) -> Option<(std::time::SystemTime, u64, u64)> {
+/// within the same second is seen too), and of the secret files it names (a rotated Secret
+/// is re-read without a config edit; Kubernetes swaps the files of a mounted Secret).
+fn file_stamp(path: &Path, cfg: &Config) -> Option<(std::time::SystemTime, u64, u64)> {
     let md = std::fs::metadata(path).ok()?;
     let text = std::fs::read(path).ok()?;
-    Some((md.modified().ok()?, md.len(), datamesh_common::fnv1a(&text)))
+    let mut hash = datamesh_common::fnv1a(&text);
+    for f in cfg
+        .password_files
+        .values()
+        .chain(cfg.admin_token_file.as_ref())
+    {
+        let content = std::fs::read(f).unwrap_or_default();
+        hash = hash.rotate_left(1) ^ datamesh_common::fnv1a(&content);
+    }
+    Some((md.modified().ok()?, md.len(), hash))
 }
 
 /// The ready file's location and the parts of it that never change.
@@ -509,6 +531,7 @@ struct Running {
 struct ReloadCtx<'a> {
     path: PathBuf,
     shared: Arc<Shared>,
+    attribution: Arc<CaptureAttribution>,
     maps: Arc<Maps>,
     policies: pods::SharedPolicies,
     admin: Arc<AdminState>,
@@ -550,6 +573,7 @@ async fn reload(ctx: &ReloadCtx<'_>, running: &mut Running) {
         cgroup_path,
         pin_dir,
         admin_listen,
+        admin_allow_remote,
         netns_dir,
         bypass_mark,
         skip_host_network,
@@ -571,6 +595,8 @@ async fn reload(ctx: &ReloadCtx<'_>, running: &mut Running) {
     let settings = session_settings(&new);
     log_sizes(&settings);
     ctx.shared.set_settings(settings);
+    ctx.attribution.set_policy(uncaptured_policy(&new));
+    *ctx.admin.token.write().unwrap_or_else(|p| p.into_inner()) = new.admin_token.clone();
     ctx.shared.pod_limits.set_policy(policy_source(&new));
     *ctx.policies.write().unwrap_or_else(|p| p.into_inner()) = new.pods.clone();
     let flags = dataplane::settings_flags(new.fastpath);
@@ -605,18 +631,22 @@ async fn reload(ctx: &ReloadCtx<'_>, running: &mut Running) {
         }
     }
     for (name, address) in to_remove {
+        let mut keys = vec![dataplane::endpoint_key(address)];
         if let Some(l) = running.listeners.remove(&name) {
             used_ids.remove(&l.id);
+            keys.push(dataplane::endpoint_key(l.local));
             l.stop().await;
         }
-        let removed = ctx
-            .maps
-            .endpoints
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&dataplane::endpoint_key(address));
-        if let Err(e) = removed {
-            warn!(endpoint = %name, error = %e, "config reload: cannot remove the endpoints map entry");
+        for key in keys {
+            let removed = ctx
+                .maps
+                .endpoints
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
+            if let Err(e) = removed {
+                warn!(endpoint = %name, error = %e, "config reload: cannot remove the endpoints map entry");
+            }
         }
         info!(endpoint = %name, "endpoint removed (open connections stay)");
     }
@@ -639,18 +669,16 @@ async fn reload(ctx: &ReloadCtx<'_>, running: &mut Running) {
                 match bind_one(&new, ep, id) {
                     Ok(b) => {
                         used_ids.insert(id);
-                        let written = ctx
-                            .maps
-                            .endpoints
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .insert(
-                                dataplane::endpoint_key(ep.address),
-                                dataplane::endpoint_value(id, b.local),
-                                0,
-                            );
-                        if let Err(e) = written {
-                            error!(endpoint = %ep.name, error = %e, "config reload: cannot write the endpoints map");
+                        for (k, v) in dataplane::endpoint_entries(id, ep.address, b.local) {
+                            let written = ctx
+                                .maps
+                                .endpoints
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .insert(k, v, 0);
+                            if let Err(e) = written {
+                                error!(endpoint = %ep.name, error = %e, "config reload: cannot write the endpoints map");
+                            }
                         }
                         let rt =
                             EndpointRuntime::build(&endpoint_spec(ep), new.bypass_mark, metrics);

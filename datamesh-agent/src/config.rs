@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::identity::{Cidr, UncapturedMode};
 pub use datamesh_proxy::budget::{parse_output_limit, OutputLimit};
 pub use datamesh_proxy::config::{
     Backend, BackendKind, Secret, User, DEFAULT_CONNECT_TIMEOUT_MS, DEFAULT_DATABASES,
@@ -97,6 +98,11 @@ pub struct RawConfig {
     pub skip_host_network: Option<bool>,
     pub drain_timeout_ms: Option<u64>,
     pub admin_listen: Option<String>,
+    pub admin_allow_remote: Option<bool>,
+    pub admin_token_file: Option<PathBuf>,
+    pub uncaptured: Option<String>,
+    #[serde(default)]
+    pub uncaptured_allow: Vec<String>,
     pub netns_dir: Option<PathBuf>,
     pub default_conn_rate: Option<u32>,
     pub default_conn_burst: Option<u32>,
@@ -163,9 +169,11 @@ pub struct RawBackendMap {
     pub read_from_replicas: Option<bool>,
     pub sentinel_username: Option<String>,
     pub sentinel_password: Option<String>,
+    pub sentinel_password_file: Option<PathBuf>,
     pub nodes: Option<Vec<String>>,
     pub username: Option<String>,
     pub password: Option<String>,
+    pub password_file: Option<PathBuf>,
     pub pool_size: Option<u32>,
     pub pool_prewarm: Option<bool>,
     pub max_dedicated: Option<u32>,
@@ -212,6 +220,7 @@ pub struct RawProxy {
 pub struct RawUser {
     pub name: String,
     pub password: Option<String>,
+    pub password_file: Option<PathBuf>,
     #[serde(flatten)]
     pub unknown: Unknown,
 }
@@ -230,6 +239,16 @@ pub struct Config {
     pub skip_host_network: bool,
     pub drain_timeout_ms: u64,
     pub admin_listen: SocketAddr,
+    /// A non-loopback `admin_listen` is allowed (then `admin_token_file` is required).
+    pub admin_allow_remote: bool,
+    /// File holding the bearer token every admin request but `/ready` and `/live` must carry.
+    pub admin_token_file: Option<PathBuf>,
+    /// The token read from `admin_token_file` (re-read on reload).
+    pub admin_token: Option<Secret>,
+    /// Client connections the data plane did not record: `refuse` unless node-local or in
+    /// `uncaptured_allow`, or `allow` all.
+    pub uncaptured: UncapturedMode,
+    pub uncaptured_allow: Vec<Cidr>,
     pub netns_dir: PathBuf,
     pub default_conn_rate: u32,
     pub default_conn_burst: u32,
@@ -244,6 +263,9 @@ pub struct Config {
     pub users: Vec<User>,
     pub pods: Vec<PodPolicyConfig>,
     pub endpoints: Vec<Endpoint>,
+    /// Secrets read from files: field (`users[0].password`) → file. The values are in the
+    /// fields themselves (shown `<redacted>`); the files are re-read on every reload.
+    pub password_files: BTreeMap<String, PathBuf>,
 }
 
 /// `proxy:` settings (RESP limits, throttling, per-client bounds, the memory budget).
@@ -395,6 +417,78 @@ pub const DEFAULT_BYPASS_MARK: u32 = 0x444d;
 pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 5000;
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:15090";
 pub const DEFAULT_NETNS_DIR: &str = "/var/run/netns";
+/// Largest secret file the agent reads (a password or token, not a document).
+pub const MAX_SECRET_FILE: u64 = 64 * 1024;
+
+/// Reads a secret from a file: the whole file, one trailing newline (`\n` or `\r\n`) cut.
+pub fn read_secret_file(path: &Path) -> Result<String, String> {
+    if !path.is_absolute() {
+        return Err(format!("{} must be an absolute path", path.display()));
+    }
+    let md = std::fs::metadata(path).map_err(|e| {
+        format!(
+            "cannot read {}: {e} (is the Secret mounted?)",
+            path.display()
+        )
+    })?;
+    if !md.is_file() {
+        return Err(format!("{} is not a file", path.display()));
+    }
+    if md.len() > MAX_SECRET_FILE {
+        return Err(format!(
+            "{} is {} bytes, more than a secret ({MAX_SECRET_FILE} bytes at most)",
+            path.display(),
+            md.len()
+        ));
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let text = text
+        .strip_suffix("\r\n")
+        .or_else(|| text.strip_suffix('\n'))
+        .unwrap_or(&text);
+    if text.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    Ok(text.to_string())
+}
+
+/// A secret given inline (`<field>`) or in a file (`<field>_file`), never both. `empty_hint`
+/// completes the error for an empty inline value. File reads land in `files`.
+fn secret_field(
+    inline: Option<&String>,
+    file: Option<&PathBuf>,
+    field: &str,
+    empty_hint: &str,
+    err: &mut impl FnMut(&str, String),
+    files: &mut BTreeMap<String, PathBuf>,
+) -> Option<Secret> {
+    match (inline, file) {
+        (Some(_), Some(_)) => {
+            err(
+                &format!("{field}_file"),
+                format!("set together with {field}: use one of them"),
+            );
+            None
+        }
+        (Some(p), None) if p.is_empty() => {
+            err(field, format!("empty: {empty_hint}"));
+            None
+        }
+        (Some(p), None) => Some(Secret(p.clone())),
+        (None, Some(path)) => match read_secret_file(path) {
+            Ok(v) => {
+                files.insert(field.to_string(), path.clone());
+                Some(Secret(v))
+            }
+            Err(e) => {
+                err(&format!("{field}_file"), e);
+                None
+            }
+        },
+        (None, None) => None,
+    }
+}
 
 /// Reads, parses and validates a config file; the env override is applied.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -688,6 +782,42 @@ impl RawConfig {
                 None
             }
         };
+        let mut password_files = BTreeMap::new();
+        let admin_allow_remote = self.admin_allow_remote.unwrap_or(false);
+        let admin_token = self.admin_token_file.as_ref().and_then(|p| {
+            read_secret_file(p)
+                .map_err(|e| err("admin_token_file", e))
+                .ok()
+                .map(Secret)
+        });
+        if let Some(a) = admin_listen {
+            if !a.ip().is_loopback() && !admin_allow_remote {
+                err(
+                    "admin_listen",
+                    format!("{a} is not a loopback address: pods could then read /config_dump, /connections and /backends; listen on 127.0.0.1, or set admin_allow_remote: true together with admin_token_file"),
+                );
+            }
+            if !a.ip().is_loopback() && admin_allow_remote && self.admin_token_file.is_none() {
+                err(
+                    "admin_token_file",
+                    format!("required when admin_listen ({a}) is not loopback: every admin request must then carry Authorization: Bearer <token>"),
+                );
+            }
+        }
+        let uncaptured = match self.uncaptured.as_deref() {
+            None => UncapturedMode::default(),
+            Some(s) => s.parse().unwrap_or_else(|e| {
+                err("uncaptured", e);
+                UncapturedMode::default()
+            }),
+        };
+        let mut uncaptured_allow = Vec::new();
+        for (i, c) in self.uncaptured_allow.iter().enumerate() {
+            match c.parse::<Cidr>() {
+                Ok(c) => uncaptured_allow.push(c),
+                Err(e) => err(&format!("uncaptured_allow[{i}]"), e),
+            }
+        }
 
         let netns_dir = self
             .netns_dir
@@ -741,10 +871,11 @@ impl RawConfig {
         if self.endpoints.is_empty() {
             err("endpoints", "at least one endpoint is required".into());
         }
-        if self.endpoints.len() > datamesh_common::ENDPOINTS_MAX as usize {
+        // Each endpoint takes two dm_endpoints entries: its address and its listener.
+        if self.endpoints.len() > datamesh_common::ENDPOINTS_MAX as usize / 2 {
             err(
                 "endpoints",
-                format!("more than {} endpoints", datamesh_common::ENDPOINTS_MAX),
+                format!("more than {} endpoints", datamesh_common::ENDPOINTS_MAX / 2),
             );
         }
         let mut endpoints = Vec::new();
@@ -817,7 +948,7 @@ impl RawConfig {
                     }
                 },
                 Some(RawBackend::Full(b)) => {
-                    validate_backend(b, address, &field("backend"), &mut err)
+                    validate_backend(b, address, &field("backend"), &mut err, &mut password_files)
                 }
             };
             if let (Some(address), Some(backend)) = (address, backend) {
@@ -851,15 +982,17 @@ impl RawConfig {
             } else if !user_names.insert(u.name.clone()) {
                 err(&field("name"), format!("duplicate user {:?}", u.name));
             }
-            if matches!(&u.password, Some(p) if p.is_empty()) {
-                err(
-                    &field("password"),
-                    "empty: leave it out for a user without password".into(),
-                );
-            }
+            let password = secret_field(
+                u.password.as_ref(),
+                u.password_file.as_ref(),
+                &field("password"),
+                "leave it out for a user without password",
+                &mut err,
+                &mut password_files,
+            );
             users.push(User {
                 name: u.name.clone(),
-                password: u.password.clone().map(Secret),
+                password,
             });
         }
 
@@ -877,6 +1010,11 @@ impl RawConfig {
                     skip_host_network,
                     drain_timeout_ms: self.drain_timeout_ms.unwrap_or(DEFAULT_DRAIN_TIMEOUT_MS),
                     admin_listen,
+                    admin_allow_remote,
+                    admin_token_file: self.admin_token_file.clone(),
+                    admin_token,
+                    uncaptured,
+                    uncaptured_allow,
                     netns_dir,
                     default_conn_rate,
                     default_conn_burst,
@@ -892,6 +1030,7 @@ impl RawConfig {
                     users,
                     pods,
                     endpoints,
+                    password_files,
                 })
             }
             _ => Err(errs),
@@ -1076,6 +1215,7 @@ fn validate_backend(
     address: Option<SocketAddr>,
     field: &str,
     err: &mut impl FnMut(&str, String),
+    password_files: &mut BTreeMap<String, PathBuf>,
 ) -> Option<Backend> {
     let f = |k: &str| format!("{field}.{k}");
     let kind_name = b.kind.as_deref().unwrap_or("standalone");
@@ -1091,6 +1231,11 @@ fn validate_backend(
             wrong_for("nodes", b.nodes.is_some(), err);
             wrong_for("read_from_replicas", b.read_from_replicas.is_some(), err);
             wrong_for("sentinel_password", b.sentinel_password.is_some(), err);
+            wrong_for(
+                "sentinel_password_file",
+                b.sentinel_password_file.is_some(),
+                err,
+            );
             wrong_for("sentinel_username", b.sentinel_username.is_some(), err);
             let a = match &b.address {
                 None => address,
@@ -1129,6 +1274,14 @@ fn validate_backend(
             wrong_for("standby_after_ms", b.standby_after_ms.is_some(), err);
             let sentinels =
                 parse_addr_list(b.sentinels.as_deref().unwrap_or(&[]), &f("sentinels"), err);
+            let sentinel_password = secret_field(
+                b.sentinel_password.as_ref(),
+                b.sentinel_password_file.as_ref(),
+                &f("sentinel_password"),
+                "leave it out for sentinels without AUTH",
+                err,
+                password_files,
+            );
             let master_name = b.master_name.clone().unwrap_or_default();
             if master_name.is_empty() {
                 err(&f("master_name"), "required for kind sentinel".into());
@@ -1138,7 +1291,7 @@ fn validate_backend(
                 master_name,
                 read_from_replicas: b.read_from_replicas.unwrap_or(false),
                 sentinel_username: b.sentinel_username.clone(),
-                sentinel_password: b.sentinel_password.clone().map(Secret),
+                sentinel_password,
             })
         }
         "cluster" => {
@@ -1148,6 +1301,11 @@ fn validate_backend(
             wrong_for("sentinels", b.sentinels.is_some(), err);
             wrong_for("master_name", b.master_name.is_some(), err);
             wrong_for("sentinel_password", b.sentinel_password.is_some(), err);
+            wrong_for(
+                "sentinel_password_file",
+                b.sentinel_password_file.is_some(),
+                err,
+            );
             wrong_for("sentinel_username", b.sentinel_username.is_some(), err);
             let nodes = parse_addr_list(b.nodes.as_deref().unwrap_or(&[]), &f("nodes"), err);
             if b.databases.is_some_and(|d| d != 1) {
@@ -1208,15 +1366,17 @@ fn validate_backend(
     if databases == 0 || databases > 1_000_000 {
         err(&f("databases"), format!("{databases} must be at least 1"));
     }
-    if b.username.is_some() && b.password.is_none() {
+    if b.username.is_some() && b.password.is_none() && b.password_file.is_none() {
         err(&f("username"), "set without password".into());
     }
-    if matches!(&b.password, Some(p) if p.is_empty()) {
-        err(
-            &f("password"),
-            "empty: leave it out for a backend without AUTH".into(),
-        );
-    }
+    let password = secret_field(
+        b.password.as_ref(),
+        b.password_file.as_ref(),
+        &f("password"),
+        "leave it out for a backend without AUTH",
+        err,
+        password_files,
+    );
     let failover_hold_ms = b.failover_hold_ms.unwrap_or(DEFAULT_FAILOVER_HOLD_MS);
     if failover_hold_ms > 600_000 {
         err(
@@ -1256,7 +1416,7 @@ fn validate_backend(
         health_interval_ms,
         health_timeout_ms,
         username: b.username.clone(),
-        password: b.password.clone().map(Secret),
+        password,
         pool_size,
         pool_prewarm: b.pool_prewarm.unwrap_or(false),
         max_dedicated,
@@ -1636,6 +1796,156 @@ endpoints:
             "endpoints[1].backend.hold_max_client_bytes: 20 must be at most hold_max_bytes (10)",
             "endpoints[2].backend.kind: \"memcached\" is not one of",
             "endpoints[2].backend.typo: unknown field",
+        ];
+        for w in want {
+            assert!(
+                errs.iter().any(|e| e.starts_with(w)),
+                "missing {w:?} in {errs:#?}"
+            );
+        }
+        assert_eq!(errs.len(), want.len(), "{errs:#?}");
+    }
+
+    /// A temporary directory for secret files, removed on drop.
+    struct TmpDir(PathBuf);
+    impl TmpDir {
+        fn new(tag: &str) -> Self {
+            let p = std::env::temp_dir().join(format!("dm-cfg-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).expect("tmp dir");
+            Self(p)
+        }
+        fn file(&self, name: &str, text: &str) -> PathBuf {
+            let p = self.0.join(name);
+            std::fs::write(&p, text).expect("write");
+            p
+        }
+    }
+    impl Drop for TmpDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    const BASE: &str = "proxy_address: 198.18.3.1\ncgroup_path: /x\n";
+
+    #[test]
+    fn passwords_from_files() {
+        let d = TmpDir::new("pw");
+        let user = d.file("user", "u-secret\n");
+        let backend = d.file("backend", "b-secret\r\n");
+        let sentinel = d.file("sentinel", "s-secret");
+        let cfg = check_ok(&format!(
+            "{BASE}users:\n  - name: app\n    password_file: {}\nendpoints:\n  - name: a\n    address: 198.19.3.1:6379\n    backend: {{address: 10.0.0.1:6379, username: proxy, password_file: {}}}\n  - name: s\n    address: 198.19.3.2:6379\n    backend: {{kind: sentinel, sentinels: [10.0.0.2:26379], master_name: m, sentinel_password_file: {}}}\n",
+            user.display(),
+            backend.display(),
+            sentinel.display()
+        ));
+        assert_eq!(
+            cfg.users[0].password.as_ref().map(|p| p.expose()),
+            Some("u-secret")
+        );
+        assert_eq!(
+            cfg.endpoints[0]
+                .backend
+                .password
+                .as_ref()
+                .map(|p| p.expose()),
+            Some("b-secret")
+        );
+        assert!(matches!(&cfg.endpoints[1].backend.kind,
+            BackendKind::Sentinel { sentinel_password: Some(p), .. } if p.expose() == "s-secret"));
+        assert_eq!(cfg.password_files.get("users[0].password"), Some(&user));
+        assert_eq!(
+            cfg.password_files.get("endpoints[0].backend.password"),
+            Some(&backend)
+        );
+        // /config_dump: redacted values, the file paths shown.
+        let json = serde_json::to_string(&cfg).expect("json");
+        assert!(!json.contains("secret\""), "{json}");
+        assert!(json.contains(&user.display().to_string()), "{json}");
+    }
+
+    #[test]
+    fn password_file_errors_name_field_and_path() {
+        let d = TmpDir::new("pwerr");
+        let empty = d.file("empty", "\n");
+        let ok = d.file("ok", "pw");
+        let errs = check(&format!(
+            "{BASE}users:\n  - name: a\n    password_file: /nonexistent/dm-pw\n  - name: b\n    password: x\n    password_file: {ok}\n  - name: c\n    password_file: {empty}\n  - name: d\n    password_file: relative/pw\nendpoints:\n  - name: a\n    address: 198.19.3.1:6379\n    backend: {{address: 10.0.0.1:6379, password_file: {dir}}}\n",
+            ok = ok.display(),
+            empty = empty.display(),
+            dir = d.0.display()
+        ));
+        let want = [
+            "users[0].password_file: cannot read /nonexistent/dm-pw",
+            "users[1].password_file: set together with users[1].password",
+            &format!("users[2].password_file: {} is empty", empty.display()),
+            "users[3].password_file: relative/pw must be an absolute path",
+            &format!(
+                "endpoints[0].backend.password_file: {} is not a file",
+                d.0.display()
+            ),
+        ];
+        for w in want {
+            assert!(
+                errs.iter().any(|e| e.starts_with(w)),
+                "missing {w:?} in {errs:#?}"
+            );
+        }
+        assert_eq!(errs.len(), want.len(), "{errs:#?}");
+    }
+
+    #[test]
+    fn admin_listen_must_be_loopback_unless_allowed_with_a_token() {
+        let ep = "endpoints:\n  - name: a\n    address: 198.19.3.1:6379\n";
+        let errs = check(&format!("{BASE}admin_listen: 0.0.0.0:15090\n{ep}"));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].starts_with("admin_listen: 0.0.0.0:15090 is not a loopback address"),
+            "{errs:?}"
+        );
+        let errs = check(&format!(
+            "{BASE}admin_listen: 198.18.3.1:15090\nadmin_allow_remote: true\n{ep}"
+        ));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].starts_with("admin_token_file: required"),
+            "{errs:?}"
+        );
+        let d = TmpDir::new("tok");
+        let tok = d.file("token", "t0ken\n");
+        let cfg = check_ok(&format!(
+            "{BASE}admin_listen: 198.18.3.1:15090\nadmin_allow_remote: true\nadmin_token_file: {}\n{ep}",
+            tok.display()
+        ));
+        assert_eq!(cfg.admin_token.as_ref().map(|t| t.expose()), Some("t0ken"));
+        assert!(!serde_json::to_string(&cfg).expect("json").contains("t0ken"));
+        // Loopback is fine without anything; [::1] too.
+        check_ok(&format!("{BASE}admin_listen: \"[::1]:0\"\n{ep}"));
+    }
+
+    #[test]
+    fn uncaptured_policy_keys() {
+        let ep = "endpoints:\n  - name: a\n    address: 198.19.3.1:6379\n";
+        let cfg = check_ok(&format!("{BASE}{ep}"));
+        assert_eq!(cfg.uncaptured, UncapturedMode::Refuse);
+        assert!(cfg.uncaptured_allow.is_empty());
+        let cfg = check_ok(&format!(
+            "{BASE}uncaptured: allow\nuncaptured_allow: [10.0.0.0/8, \"fd00::/8\", 198.18.3.7]\n{ep}"
+        ));
+        assert_eq!(cfg.uncaptured, UncapturedMode::Allow);
+        assert_eq!(cfg.uncaptured_allow.len(), 3);
+        let json = serde_json::to_value(&cfg).expect("json");
+        assert_eq!(json["uncaptured_allow"][2], "198.18.3.7/32");
+        assert_eq!(json["uncaptured"], "allow");
+        let errs = check(&format!(
+            "{BASE}uncaptured: maybe\nuncaptured_allow: [10.0.0.1/8, nope]\n{ep}"
+        ));
+        let want = [
+            "uncaptured: \"maybe\" is not one of refuse, allow",
+            "uncaptured_allow[0]: \"10.0.0.1/8\" has host bits set",
+            "uncaptured_allow[1]: \"nope\" is not an address",
         ];
         for w in want {
             assert!(

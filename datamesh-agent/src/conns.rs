@@ -3,11 +3,17 @@
 //! connection's 4-tuple as the pod sees it: pod netns cookie and original destination) and pod
 //! discovery (the pod's name). It keeps the last [`CONN_LOG_LEN`] connections for
 //! `/connections` and the per-pod open-connection state in `dm_pod_state`.
+//!
+//! It also enforces identity: a connection with a `dm_conns` record (captured, or a pod's
+//! direct dial of the listener) is served as its pod; one without is served only when the
+//! [`crate::identity`] policy admits it (node-local, `uncaptured_allow`, `uncaptured: allow`),
+//! else it is refused, counted in `datamesh_proxy_refused_connections_total` and logged (by the proxy's listener) at
+//! most once per second.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use datamesh_common::{FlowKey, FASTPATH_REDIRECT, FASTPATH_TCP, FASTPATH_UNDECIDED};
 use datamesh_proxy::attribution::{Attribution, ConnEvent, Identity};
@@ -15,6 +21,7 @@ use serde::Serialize;
 
 use crate::config::fold_v4_mapped;
 use crate::dataplane::{flow_key, words_addr, Maps};
+use crate::identity::{admit, Admission, LocalAddrs, UncapturedPolicy, REFUSED_UNCAPTURED};
 use crate::pods::Pods;
 
 /// How many accepted connections `/connections` remembers.
@@ -27,7 +34,15 @@ pub struct ConnRecord {
     pub peer: String,
     pub local: String,
     pub endpoint: String,
+    /// Steered here by the capture (the pod dialled the endpoint address).
     pub captured: bool,
+    /// A pod dialled the proxy listener directly (recorded by the data plane, attributed).
+    pub direct: bool,
+    /// Why it was served: `captured`, `direct`, `node-local`, `uncaptured_allow`,
+    /// `uncaptured: allow`; or `refused`.
+    pub admitted: &'static str,
+    /// The reason the connection was refused (it was closed after one error line).
+    pub refused: Option<String>,
     pub orig_dst: Option<String>,
     pub netns_cookie: Option<u64>,
     pub pod: Option<String>,
@@ -76,7 +91,10 @@ impl ConnLog {
     /// A copy of the log, with the fast-path state of open captured connections refreshed.
     pub fn snapshot(&self, maps: &Maps) -> Vec<ConnRecord> {
         let mut r = self.records.lock().unwrap_or_else(|p| p.into_inner());
-        for rec in r.iter_mut().filter(|rec| rec.captured && !rec.closed) {
+        for rec in r
+            .iter_mut()
+            .filter(|rec| (rec.captured || rec.direct) && !rec.closed)
+        {
             if let Some(info) = maps.conn_info(&rec.key) {
                 rec.fastpath = fastpath_name(info.fastpath);
             }
@@ -90,6 +108,15 @@ pub struct CaptureAttribution {
     pub maps: Arc<Maps>,
     pub pods: Arc<Pods>,
     pub log: Arc<ConnLog>,
+    /// What happens to uncaptured connections (replaced on reload).
+    pub policy: RwLock<Arc<UncapturedPolicy>>,
+    pub local: LocalAddrs,
+}
+
+impl CaptureAttribution {
+    pub fn set_policy(&self, p: UncapturedPolicy) {
+        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(p);
+    }
 }
 
 impl Attribution for CaptureAttribution {
@@ -102,12 +129,36 @@ impl Attribution for CaptureAttribution {
         let orig_dst = info.and_then(|i| {
             words_addr(i.orig.family as u32, i.orig.addr).map(|ip| SocketAddr::new(ip, i.orig.port))
         });
+        // A pod's direct dial of the listener was recorded with the listener as destination.
+        let direct = orig_dst.is_some_and(|o| fold_v4_mapped(o) == local);
+        let captured = info.is_some() && !direct;
+        let admission = if info.is_some() {
+            None
+        } else {
+            let policy = self
+                .policy
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            Some(admit(&policy, &self.local, peer.ip()))
+        };
+        let admitted = match admission {
+            None if direct => "direct",
+            None => "captured",
+            Some(a) => a.as_str(),
+        };
+        let refuse =
+            (admission == Some(Admission::Refused)).then(|| REFUSED_UNCAPTURED.to_string());
+        if refuse.is_some() {}
         let token = self.log.push(ConnRecord {
             id: 0,
             peer: peer.to_string(),
             local: local.to_string(),
             endpoint: endpoint.to_string(),
-            captured: info.is_some(),
+            captured,
+            direct,
+            admitted,
+            refused: refuse.clone(),
             orig_dst: orig_dst.map(|a| a.to_string()),
             netns_cookie: cookie,
             pod: pod_name.clone(),
@@ -119,11 +170,13 @@ impl Attribution for CaptureAttribution {
             self.pods.conn_opened(c);
         }
         Identity {
-            captured: info.is_some(),
+            captured,
+            direct,
             pod: cookie.unwrap_or(0),
             pod_name,
             orig_dst,
             token,
+            refuse,
         }
     }
 
@@ -139,7 +192,7 @@ impl Attribution for CaptureAttribution {
                 self.log.update(who.token, |r| {
                     r.closed = true;
                     // The fast-path state as the connection ended.
-                    if r.captured {
+                    if r.captured || r.direct {
                         if let Some(info) = maps.conn_info(&r.key) {
                             r.fastpath = fastpath_name(info.fastpath);
                         }
@@ -164,6 +217,9 @@ mod tests {
             local: "198.18.3.1:1".into(),
             endpoint: "cache".into(),
             captured: false,
+            direct: false,
+            admitted: "node-local",
+            refused: None,
             orig_dst: None,
             netns_cookie: None,
             pod: None,
@@ -196,6 +252,9 @@ mod tests {
             "local",
             "endpoint",
             "captured",
+            "direct",
+            "admitted",
+            "refused",
             "orig_dst",
             "netns_cookie",
             "pod",

@@ -31,9 +31,9 @@ use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SkMsg, SockO
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use datamesh_common::{
     ConnInfo, EndpointKey, EndpointValue, FlowKey, PodCounters, PodPolicy, PodState, Settings,
-    ABI_VERSION, AF_INET, AF_INET6, ALL_MAPS, CGROUP_PROGS, LINKS_SUBDIR, MAP_CONNS, MAP_ENDPOINTS,
-    MAP_POD_COUNTERS, MAP_POD_POLICY, MAP_POD_STATE, MAP_SETTINGS, MAP_SOCKS, PROG_CONNECT4,
-    PROG_CONNECT6, PROG_SKMSG, SETTINGS_CAPTURE, SETTINGS_FASTPATH,
+    ABI_VERSION, AF_INET, AF_INET6, ALL_MAPS, CGROUP_PROGS, ENDPOINT_LISTENER, LINKS_SUBDIR,
+    MAP_CONNS, MAP_ENDPOINTS, MAP_POD_COUNTERS, MAP_POD_POLICY, MAP_POD_STATE, MAP_SETTINGS,
+    MAP_SOCKS, PROG_CONNECT4, PROG_CONNECT6, PROG_SKMSG, SETTINGS_CAPTURE, SETTINGS_FASTPATH,
 };
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::info::Info;
@@ -749,6 +749,28 @@ pub fn endpoint_value(id: u32, proxy: SocketAddr) -> EndpointValue {
     }
 }
 
+/// The `dm_endpoints` entry of a proxy listener itself (`local`, the bound address), pointing
+/// at itself with [`ENDPOINT_LISTENER`]: pods that dial it directly are recorded and
+/// rate-limited like captured ones, and not rewritten.
+pub fn listener_entry(id: u32, local: SocketAddr) -> (EndpointKey, EndpointValue) {
+    let mut v = endpoint_value(id, local);
+    v.flags = ENDPOINT_LISTENER;
+    (endpoint_key(local), v)
+}
+
+/// Both `dm_endpoints` entries of an endpoint: its service address (rewritten to the
+/// listener) and the listener address (direct dials, recorded).
+pub fn endpoint_entries(
+    id: u32,
+    address: SocketAddr,
+    local: SocketAddr,
+) -> [(EndpointKey, EndpointValue); 2] {
+    [
+        (endpoint_key(address), endpoint_value(id, local)),
+        listener_entry(id, local),
+    ]
+}
+
 /// The key under which sock_ops stored a proxied connection: the pod's view (src = pod = the
 /// accepted socket's peer, dst = the proxy listener = its local address).
 pub fn flow_key(peer: SocketAddr, local: SocketAddr) -> FlowKey {
@@ -961,6 +983,15 @@ mod tests {
         assert_eq!((k.family, k.port), (AF_INET, 6379));
         let v = endpoint_value(2, "198.18.3.1:40123".parse().expect("addr"));
         assert_eq!((v.id, v.proxy_port, v.proxy_family), (2, 40123, AF_INET));
+        assert_eq!(v.flags, 0);
+        // The listener's own entry points at itself and is flagged.
+        let local: SocketAddr = "198.18.3.1:40123".parse().expect("addr");
+        let [svc, (lk, lv)] =
+            super::endpoint_entries(2, "198.19.3.1:6379".parse().expect("a"), local);
+        assert_eq!(svc.0, k);
+        assert_eq!(lk, endpoint_key(local));
+        assert_eq!((lv.proxy_port, lv.proxy_addr), (v.proxy_port, v.proxy_addr));
+        assert_eq!(lv.flags, ENDPOINT_LISTENER);
     }
 
     #[test]

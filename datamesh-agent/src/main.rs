@@ -6,6 +6,7 @@ mod app;
 mod config;
 mod conns;
 mod dataplane;
+mod identity;
 mod pod_counters;
 mod pods;
 mod preflight;

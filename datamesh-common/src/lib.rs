@@ -14,7 +14,7 @@
 
 /// Version of every layout in this file. Bump it with any change to a struct, a map's key or
 /// value type, or a map's meaning.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Default directory under bpffs where maps (and, under [`LINKS_SUBDIR`], links) are pinned.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/datamesh";
@@ -70,6 +70,14 @@ pub const SETTINGS_CAPTURE: u32 = 1 << 0;
 /// The sockmap fast path is on: sock_ops inserts captured sockets, sk_msg redirects.
 pub const SETTINGS_FASTPATH: u32 = 1 << 1;
 
+// ---- EndpointValue.flags ----
+/// The key is a proxy listener itself (node proxy address and an endpoint's `proxy_port`),
+/// pointing at itself: a pod's connect to it is not rewritten, but recorded (`dm_sock_orig` →
+/// `dm_conns` with the pod's netns cookie) and subject to the pod's connection-rate limit, so a
+/// pod that dials the proxy directly is attributed and limited like one that was captured.
+/// The original destination of such a connection is the listener address ("direct").
+pub const ENDPOINT_LISTENER: u32 = 1 << 0;
+
 // ---- ConnInfo.fastpath ----
 /// No byte of the pod-to-proxy direction has been sent yet.
 pub const FASTPATH_UNDECIDED: u32 = 0;
@@ -118,7 +126,8 @@ pub struct EndpointKey {
 }
 const _: () = assert!(core::mem::size_of::<EndpointKey>() == 24);
 
-/// Value of `dm_endpoints`: where captured connects to that endpoint are sent.
+/// Value of `dm_endpoints`: where captured connects to that endpoint are sent (for a
+/// [`ENDPOINT_LISTENER`] entry: the listener itself, no rewrite).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EndpointValue {
@@ -130,6 +139,7 @@ pub struct EndpointValue {
     pub proxy_family: u16,
     /// Node proxy address, network byte order; IPv4 in `proxy_addr[0]`.
     pub proxy_addr: [u32; 4],
+    /// `ENDPOINT_*` bits.
     pub flags: u32,
     pub _pad0: u32,
 }
@@ -194,7 +204,8 @@ const _: () = assert!(core::mem::size_of::<ConnInfo>() == 56);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PodCounters {
-    /// Connects rewritten to the proxy.
+    /// Connects rewritten to the proxy, and connects dialled directly to a proxy listener
+    /// (recorded, not rewritten).
     pub connects_captured: u64,
     /// Connects to an endpoint let through to the real address because the agent's heartbeat
     /// was stale (fail-open).

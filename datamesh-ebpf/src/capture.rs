@@ -6,6 +6,11 @@
 //! destinations, the agent's own sockets (bypass mark, agent netns) and, when the agent's
 //! heartbeat is stale, endpoint connects too (fail-open, counted). Over the pod's
 //! connection-rate limit the connect is refused with `ECONNREFUSED` (counted).
+//!
+//! The proxy listeners themselves are in `dm_endpoints` too (flag `ENDPOINT_LISTENER`, pointing
+//! at themselves): a pod that dials the node proxy address and port directly is recorded and
+//! rate-limited exactly like a captured connect, but its destination is left as it is. So the
+//! proxy knows the pod of every connection a pod makes to it, whatever address it dialled.
 
 use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_ANY},
@@ -14,7 +19,7 @@ use aya_ebpf::{
 };
 use datamesh_common::{
     gcra_allow, EndpointKey, EndpointValue, RateState, SockOrig, AF_INET, AF_INET6,
-    SETTINGS_CAPTURE,
+    ENDPOINT_LISTENER, SETTINGS_CAPTURE,
 };
 
 use crate::{
@@ -92,6 +97,9 @@ pub fn try_connect(ctx: &SockAddrContext, hook: Hook) -> Result<Verdict, Capture
         return Ok(Verdict::Allow);
     };
 
+    // A direct dial of a proxy listener: recorded and rate-limited, never rewritten.
+    let direct = endpoint.flags & ENDPOINT_LISTENER != 0;
+
     // The proxy address must be reachable with the socket's family: v4 endpoints through
     // connect6 (v4-mapped) get the v4-mapped proxy address.
     let v6_target = hook == Hook::Connect6 && !mapped;
@@ -123,7 +131,10 @@ pub fn try_connect(ctx: &SockAddrContext, hook: Hook) -> Result<Verdict, Capture
     let now = unsafe { bpf_ktime_get_ns() };
     let hb = settings.heartbeat_ns;
     if hb == 0 || now.saturating_sub(hb) > settings.failopen_after_ns {
-        count(netns, Counter::ConnectsFailopen, 1);
+        // A direct dial has nothing to fail open to: it goes where it was going, uncounted.
+        if !direct {
+            count(netns, Counter::ConnectsFailopen, 1);
+        }
         return Ok(Verdict::Allow);
     }
 
@@ -154,7 +165,9 @@ pub fn try_connect(ctx: &SockAddrContext, hook: Hook) -> Result<Verdict, Capture
         .insert(cookie, orig, BPF_ANY as u64)
         .map_err(|_| CaptureError)?;
 
-    rewrite(sa, hook, mapped, &endpoint);
+    if !direct {
+        rewrite(sa, hook, mapped, &endpoint);
+    }
     count(netns, Counter::ConnectsCaptured, 1);
     Ok(Verdict::Allow)
 }

@@ -3,15 +3,21 @@
 //! capture's records (`dm_conns`: pod and original destination) and pod discovery, and keeps
 //! its `/connections` log and per-pod connection state from these calls. Tests and tools use
 //! [`NodeLocal`]: every client is a node-local one.
+//!
+//! The attribution also decides whether a connection may be served at all: an [`Identity`]
+//! with `refuse` set gets one error line and is closed before anything is read (the agent
+//! refuses connections that are neither from a pod nor node-local nor from an allowed CIDR).
 
 use std::net::SocketAddr;
 
 /// What the proxy knows of a client connection.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Identity {
-    /// The connection was steered here by the capture (else a node-local client dialled the
-    /// listener).
+    /// The connection was steered here by the capture (the pod dialled an endpoint address).
     pub captured: bool,
+    /// A pod dialled the proxy listener itself; the data plane recorded it, so `pod` is known
+    /// and the pod's limits apply as for a captured connection.
+    pub direct: bool,
     /// The pod's id (the agent: its network-namespace cookie); 0 = not a pod ("node").
     pub pod: u64,
     /// The pod's name, when known.
@@ -21,6 +27,10 @@ pub struct Identity {
     pub orig_dst: Option<SocketAddr>,
     /// The attribution's own handle for this connection (the agent: its log record id).
     pub token: u64,
+    /// Do not serve this connection: the reason, sent to the client in one error line
+    /// (`-ERR datamesh proxy: connection from <ip> refused: <reason>`) before it is closed.
+    /// `Closed` is still reported for it.
+    pub refuse: Option<String>,
 }
 
 /// Events of a connection's life after [`Attribution::identify`].

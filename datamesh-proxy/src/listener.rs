@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -14,7 +15,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::attribution::{ConnEvent, Identity};
 use crate::endpoint::EndpointHandle;
-use crate::metrics::{ConnLabels, EndpointLabels, KindLabels};
+use crate::metrics::{ConnLabels, EndpointLabels, ReasonLabels};
 use crate::ratelog::RateLimited;
 use crate::session::Session;
 pub use crate::shared::Shared;
@@ -147,10 +148,7 @@ pub fn spawn(
                         if out_of_fds && spare.take().is_some() {
                             if let Some(Ok((sock, _))) = b.listener.accept().now_or_never() {
                                 let _ = sock.try_write(b"-ERR datamesh proxy: out of file descriptors, try again later\r\n");
-                                shared.metrics.refused.get_or_create(&KindLabels {
-                                    endpoint: name.clone(),
-                                    kind: "fd_exhausted".into(),
-                                }).inc();
+                                count_refused(&shared, &name, "fd_exhausted");
                             }
                             spare = open_spare();
                         }
@@ -174,6 +172,17 @@ pub fn spawn(
     }
 }
 
+fn count_refused(shared: &Shared, endpoint: &str, reason: &str) {
+    shared
+        .metrics
+        .refused
+        .get_or_create(&ReasonLabels {
+            endpoint: endpoint.to_string(),
+            reason: reason.to_string(),
+        })
+        .inc();
+}
+
 static REFUSED_LOG: std::sync::LazyLock<RateLimited> =
     std::sync::LazyLock::new(|| RateLimited::new(Duration::from_secs(10)));
 
@@ -193,6 +202,30 @@ pub async fn serve(
     };
     shared.opened();
     let who = shared.attribution.identify(&endpoint.name, peer, local);
+    if let Some(reason) = &who.refuse {
+        // Refused by the attribution (identity policy): one error line, nothing read, closed.
+        count_refused(&shared, &endpoint.name, "uncaptured");
+        if let Some(skipped) = REFUSED_LOG.check() {
+            warn!(endpoint = %endpoint.name, %peer, skipped, "client connection refused: {reason} (logged at most every 10 s; skipped = refusals since the last line)");
+        }
+        let line = format!(
+            "-ERR datamesh proxy: connection from {} refused: {reason}\r\n",
+            peer.ip()
+        );
+        // Bounded in time; what the client already sent is read and dropped (a close with
+        // unread bytes would reset the connection and could discard the error line).
+        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+            client.write_all(line.as_bytes()).await?;
+            client.shutdown().await?;
+            let mut sink = [0u8; 4096];
+            while client.read(&mut sink).await? > 0 {}
+            Ok::<_, std::io::Error>(())
+        })
+        .await;
+        shared.attribution.event(&who, ConnEvent::Closed);
+        shared.closed();
+        return;
+    }
     let labels = EndpointLabels {
         endpoint: endpoint.name.clone(),
     };
@@ -241,16 +274,9 @@ pub async fn serve(
         })
     });
     if let Some((kind, msg)) = refused {
-        shared
-            .metrics
-            .refused
-            .get_or_create(&KindLabels {
-                endpoint: endpoint.name.clone(),
-                kind: kind.into(),
-            })
-            .inc();
+        count_refused(&shared, &endpoint.name, kind);
         if let Some(skipped) = REFUSED_LOG.check() {
-            warn!(endpoint = %endpoint.name, %peer, pod = %pod.name(), reason = kind, skipped, "client connection refused (logged at most every 10 s)");
+            warn!(endpoint = %endpoint.name, %peer, pod = %pod.name(), reason = kind, skipped, "client connection refused: {msg} (logged at most every 10 s; skipped = refusals since the last line)");
         }
         let _ = client.try_write(format!("-{msg}\r\n").as_bytes());
         return;

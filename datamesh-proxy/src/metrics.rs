@@ -32,6 +32,12 @@ pub struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub endpoint: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: String,
 }
@@ -117,9 +123,9 @@ pub struct ProxyMetrics {
     /// because every part that counts against it or waits on it (sessions, the backend
     /// readers) already holds these handles; [`crate::shared::Shared`] sets its limit.
     pub budget: Arc<crate::budget::Budget>,
-    /// Client connections refused at accept, by reason (max_clients, pod_max_connections,
-    /// fd_exhausted).
-    pub refused: Family<KindLabels, Counter>,
+    /// Client connections refused at accept, by reason (uncaptured, max_clients,
+    /// pod_max_connections, fd_exhausted).
+    pub refused: Family<ReasonLabels, Counter>,
 }
 
 impl ProxyMetrics {
@@ -212,8 +218,8 @@ impl ProxyMetrics {
             self.budget.metrics.closed.clone(),
         );
         registry.register(
-            "proxy_connections_refused",
-            "Client connections refused at accept (kind = max_clients | pod_max_connections | fd_exhausted)",
+            "proxy_refused_connections",
+            "Client connections refused at accept, before anything was read (reason = uncaptured: not from a pod, not node-local, not in uncaptured_allow | max_clients | pod_max_connections | fd_exhausted)",
             self.refused.clone(),
         );
         registry.register(

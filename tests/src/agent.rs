@@ -182,7 +182,14 @@ impl AgentConfig {
         ));
         y.push_str("skip_host_network: true\n");
         y.push_str(&format!("drain_timeout_ms: {}\n", self.drain_timeout_ms));
-        y.push_str("admin_listen: 127.0.0.1:0\n");
+        // Loopback with an ephemeral port, unless the test sets its own (admin access tests).
+        if !self
+            .extra_yaml
+            .lines()
+            .any(|l| l.starts_with("admin_listen:"))
+        {
+            y.push_str("admin_listen: 127.0.0.1:0\n");
+        }
         y.push_str(&format!("netns_dir: {}\n", self.netns_dir.display()));
         y.push_str(&format!("default_conn_rate: {}\n", self.default_conn_rate));
         y.push_str(&format!(
@@ -732,12 +739,21 @@ impl Drop for Agent {
 /// Plain HTTP/1.1 GET over a std TcpStream (Connection: close); returns (status, body).
 /// Handles both Content-Length/close-delimited and chunked bodies.
 pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    http_get_auth(addr, path, None)
+}
+
+/// [`http_get`] with `Authorization: Bearer <token>` when `token` is given (the admin
+/// endpoint with `admin_token_file`).
+pub fn http_get_auth(addr: SocketAddr, path: &str, token: Option<&str>) -> Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
         .with_context(|| format!("connecting to admin {addr}"))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
     )?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)

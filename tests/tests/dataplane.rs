@@ -9,7 +9,8 @@
 //! Modules: `common` (helpers), `harness` (the harness itself: preflight, teardown, reaping,
 //! the battery against plain Redis), `capture` (capture and what must stay untouched),
 //! `lifecycle` (SIGKILL fail-open, restart re-adoption), `battery` (correctness with the fast
-//! path on and off), `ratelimit` (per-pod connection-rate limit).
+//! path on and off), `ratelimit` (per-pod connection-rate limit), `identity` (direct dials attributed and limited,
+//! uncaptured clients refused unless allowed, password files, admin access).
 
 #[path = "dataplane/common.rs"]
 mod common;
@@ -28,3 +29,6 @@ mod battery;
 
 #[path = "dataplane/ratelimit.rs"]
 mod ratelimit;
+
+#[path = "dataplane/identity.rs"]
+mod identity;

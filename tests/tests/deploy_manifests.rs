@@ -397,7 +397,32 @@ fn configmap_config_passes_agent_check_config() -> Result<()> {
          object and the agent before the tests), or set DATAMESH_AGENT_BIN",
         agent.display()
     );
-    let config = TempFile::new("check-config", &embedded_config()?)?;
+    // The config reads passwords from the Secret's mount: stand-in files for them.
+    let ds = object_of_kind("daemonset.yaml", "DaemonSet")?;
+    let mount = str_at(
+        mount_of(agent_container(&ds)?, "secrets")?,
+        "/mountPath",
+        "secrets mount",
+    )?
+    .to_owned();
+    let secrets =
+        std::env::temp_dir().join(format!("datamesh-deploy-secrets-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&secrets);
+    std::fs::create_dir_all(&secrets)?;
+    let text = embedded_config()?;
+    let parsed_file = TempFile::new("parse-config", &text)?;
+    let parsed = yaml_documents(&parsed_file.0)?
+        .into_iter()
+        .next()
+        .context("the ConfigMap's config.yaml is empty")?;
+    for path in secret_file_paths(&parsed) {
+        let name = Path::new(&path)
+            .file_name()
+            .context("a *_file path without a file name")?;
+        std::fs::write(secrets.join(name), "stand-in\n")?;
+    }
+    let text = text.replace(&format!("{mount}/"), &format!("{}/", secrets.display()));
+    let config = TempFile::new("check-config", &text)?;
     let out = Command::new(&agent)
         .arg("check-config")
         .arg("--config")
@@ -406,12 +431,32 @@ fn configmap_config_passes_agent_check_config() -> Result<()> {
         .env("DATAMESH_PROXY_ADDRESS", SAMPLE_NODE_IP)
         .output()
         .with_context(|| format!("running {}", agent.display()))?;
+    let _ = std::fs::remove_dir_all(&secrets);
     ensure!(
         out.status.success(),
         "`datamesh-agent check-config` rejected the config in deploy/configmap.yaml:\n{}",
         describe(&out)
     );
     Ok(())
+}
+
+/// Every `*_file` value in the config (password_file, sentinel_password_file,
+/// admin_token_file), at any depth.
+fn secret_file_paths(v: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    match v {
+        Value::Object(m) => {
+            for (k, v) in m {
+                match v {
+                    Value::String(s) if k.ends_with("_file") => out.push(s.clone()),
+                    other => out.extend(secret_file_paths(other)),
+                }
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|v| out.extend(secret_file_paths(v))),
+        _ => {}
+    }
+    out
 }
 
 #[test]
@@ -516,6 +561,37 @@ fn daemonset_agrees_with_its_config() -> Result<()> {
     ensure!(
         str_at(netns, "/mountPropagation", "netns mount")? == "HostToContainer",
         "the netns mount needs HostToContainer propagation to see pods created later"
+    );
+
+    // Secrets: the config names files of the read-only Secret mount, never inline passwords.
+    let secrets = mount_of(agent, "secrets")?;
+    let secrets_path = str_at(secrets, "/mountPath", "secrets mount")?;
+    ensure!(
+        secrets.get("readOnly") == Some(&Value::Bool(true)),
+        "the secrets volume must be mounted readOnly"
+    );
+    ensure!(
+        volume_of(&ds, "secrets")?
+            .pointer("/secret/secretName")
+            .and_then(Value::as_str)
+            == Some("datamesh-agent-secrets"),
+        "the secrets volume is not the Secret datamesh-agent-secrets"
+    );
+    let files = secret_file_paths(&config);
+    ensure!(
+        !files.is_empty(),
+        "config.yaml reads no password from a file: deploy/ must show password_file"
+    );
+    for f in &files {
+        ensure!(
+            Path::new(f).starts_with(secrets_path),
+            "{f} is not under the Secret's mount {secrets_path}"
+        );
+    }
+    let inline = config.to_string();
+    ensure!(
+        !inline.contains("\"password\"") && !inline.contains("\"sentinel_password\""),
+        "config.yaml holds an inline password: use password_file"
     );
 
     // Declared host ports are the ports the config listens on, and the probes hit the admin

@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use datamesh_proxy::accounting::{PodRate, PodRegistry, PolicySource};
-use datamesh_proxy::config::{EndpointSpec, SessionSettings};
+use datamesh_proxy::config::{AclSettings, EndpointSpec, SessionSettings};
 use datamesh_proxy::endpoint::{EndpointHandle, EndpointRuntime};
 use datamesh_proxy::listener::{self, Bound, ListenError, Listener, Shared};
 use datamesh_proxy::metrics::{ProxyMetrics, ResultLabels};
@@ -87,6 +87,9 @@ fn session_settings(cfg: &Config) -> SessionSettings {
         throttle_max_delay: Duration::from_millis(p.throttle_max_delay_ms),
         max_pipeline: p.max_pipeline,
         client_output_limit: p.client_output_limit_bytes,
+        // Validated with the config: a failure here cannot happen (the default policy then).
+        acl: Arc::new(AclSettings::build(&cfg.users, &p.default_acl).unwrap_or_default()),
+        auth_max_failures: p.auth_max_failures,
     }
 }
 
@@ -404,6 +407,11 @@ fn policy_source(cfg: &Config) -> PolicySource {
                 name: p.name.clone(),
                 cmd_rate: p.cmd_rate,
                 cmd_burst: p.cmd_burst,
+                acl: p
+                    .acl
+                    .as_deref()
+                    .and_then(|a| datamesh_proxy::commands::acl::Policy::parse(a).ok())
+                    .map(Arc::new),
             })
             .collect(),
         default_rate: cfg.default_cmd_rate,

@@ -202,8 +202,7 @@ impl PodStats {
         let warned = a.warned_ns.load(Ordering::Relaxed);
         let warn = (warned == 0
             || now_ns.saturating_sub(warned) >= AUTH_WARN_EVERY.as_nanos() as u64)
-            && a
-                .warned_ns
+            && a.warned_ns
                 .compare_exchange(warned, now_ns, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok();
         AuthPenalty {

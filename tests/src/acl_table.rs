@@ -90,7 +90,8 @@ impl Drop for ScratchRedis {
 }
 
 fn text(r: &Reply) -> Option<String> {
-    r.as_bytes().map(|b| String::from_utf8_lossy(b).into_owned())
+    r.as_bytes()
+        .map(|b| String::from_utf8_lossy(b).into_owned())
 }
 
 /// One `COMMAND` entry as (name, categories, subcommands).
@@ -105,7 +106,9 @@ fn entry(r: &Reply) -> Result<(String, Vec<String>, Vec<Reply>)> {
         .to_ascii_lowercase();
     let cats = match items.get(6) {
         Some(Reply::Array(Some(c))) => c.iter().filter_map(text).collect(),
-        _ => bail!("COMMAND entry {name} has no ACL categories (element 7); is the server older than 6.0?"),
+        _ => bail!(
+            "COMMAND entry {name} has no ACL categories (element 7); is the server older than 6.0?"
+        ),
     };
     let subs = match items.get(9) {
         Some(Reply::Array(Some(s))) => s.clone(),

@@ -73,7 +73,10 @@ struct Entry {
 
 impl Entry {
     fn sub_name(&self) -> &'static str {
-        self.name.split_once('|').map(|(_, s)| s).unwrap_or(self.name)
+        self.name
+            .split_once('|')
+            .map(|(_, s)| s)
+            .unwrap_or(self.name)
     }
 }
 
@@ -292,7 +295,9 @@ impl Policy {
         if p.text.is_empty() {
             return Err(AclError {
                 rule: String::new(),
-                reason: format!("no rules (for a user that may run nothing, write -@all); {RULES_HELP}"),
+                reason: format!(
+                    "no rules (for a user that may run nothing, write -@all); {RULES_HELP}"
+                ),
             });
         }
         for rule in text.split_whitespace() {
@@ -356,7 +361,9 @@ impl Policy {
             }
         };
         if what.is_empty() {
-            return Err(format!("no command or category after the sign; {RULES_HELP}"));
+            return Err(format!(
+                "no command or category after the sign; {RULES_HELP}"
+            ));
         }
         if let Some(cat) = what.strip_prefix('@') {
             let mask = c.category(cat).ok_or_else(|| {
@@ -378,7 +385,9 @@ impl Policy {
         match what.split_once('|') {
             Some((cmd, sub)) => {
                 let top = c.top(cmd).ok_or_else(|| {
-                    format!("unknown command {cmd:?} (subcommand rules need a command of the table)")
+                    format!(
+                        "unknown command {cmd:?} (subcommand rules need a command of the table)"
+                    )
                 })?;
                 let e = &c.entries[top as usize];
                 if e.subs.1 == 0 {
@@ -390,7 +399,10 @@ impl Policy {
                     let subs: Vec<&str> = (e.subs.0..e.subs.0 + e.subs.1)
                         .map(|s| c.entries[s as usize].sub_name())
                         .collect();
-                    format!("{cmd} has no subcommand {sub:?} (it has: {})", subs.join(", "))
+                    format!(
+                        "{cmd} has no subcommand {sub:?} (it has: {})",
+                        subs.join(", ")
+                    )
                 })?;
                 self.set(s, on);
             }
@@ -521,7 +533,7 @@ fn redact_raw(raw: &[u8]) -> Option<Option<Vec<u8>>> {
     let (t, n, mut at) = line_at(raw, 0)?;
     let n: usize = std::str::from_utf8(n).ok()?.parse().ok()?;
     let pairs = match t {
-        b'*' if n % 2 == 0 => n / 2,
+        b'*' if n.is_multiple_of(2) => n / 2,
         b'%' => n,
         _ => return None,
     };
@@ -580,7 +592,9 @@ mod tests {
     }
 
     fn err(rules: &str) -> String {
-        Policy::parse(rules).expect_err("rules are refused").to_string()
+        Policy::parse(rules)
+            .expect_err("rules are refused")
+            .to_string()
     }
 
     #[test]
@@ -590,10 +604,14 @@ mod tests {
         let s = c.slot_of(None, &cmd("CONFIG GET x")).expect("known");
         assert_eq!(c.name(s), "config|get");
         assert!(c.in_category(s, "admin") && c.in_category(s, "dangerous"));
-        let s = c.slot_of(super::super::lookup(b"get"), &cmd("GET k")).expect("known");
+        let s = c
+            .slot_of(super::super::lookup(b"get"), &cmd("GET k"))
+            .expect("known");
         assert_eq!(c.name(s), "get");
         // A newer command from the supplement.
-        let s = c.slot_of(None, &cmd("HEXPIRE h 1 FIELDS 1 f")).expect("known");
+        let s = c
+            .slot_of(None, &cmd("HEXPIRE h 1 FIELDS 1 f"))
+            .expect("known");
         assert!(c.in_category(s, "hash"));
         // An unknown subcommand is checked as its command.
         let s = c.slot_of(None, &cmd("config nope")).expect("known");
@@ -620,8 +638,14 @@ mod tests {
         assert!(check("nocommands +get", "get k"));
         assert!(!check("allcommands -get", "get k"));
         // Subcommands.
-        assert!(check("+@all -@admin -@dangerous +config|get", "CONFIG GET maxmemory"));
-        assert!(!check("+@all -@admin -@dangerous +config|get", "CONFIG SET maxmemory 1"));
+        assert!(check(
+            "+@all -@admin -@dangerous +config|get",
+            "CONFIG GET maxmemory"
+        ));
+        assert!(!check(
+            "+@all -@admin -@dangerous +config|get",
+            "CONFIG SET maxmemory 1"
+        ));
         assert!(check("-@all +config", "config set x y"));
         assert!(!check("+@all -config", "config get x"));
         assert!(!check("+@all -config|get", "config get x"));
@@ -749,7 +773,8 @@ mod tests {
             b"%2\r\n$17\r\ntls-key-file-pass\r\n$10\r\n<redacted>\r\n$7\r\ntimeout\r\n$1\r\n0\r\n"
         );
         // No secret, or an empty one: byte for byte.
-        let raw: &'static [u8] = b"*4\r\n$9\r\nmaxmemory\r\n$1\r\n0\r\n$11\r\nrequirepass\r\n$0\r\n\r\n";
+        let raw: &'static [u8] =
+            b"*4\r\n$9\r\nmaxmemory\r\n$1\r\n0\r\n$11\r\nrequirepass\r\n$0\r\n\r\n";
         assert_eq!(&redact_config_get(reply(raw)).raw[..], raw);
         let err: &'static [u8] = b"-ERR unknown\r\n";
         assert_eq!(&redact_config_get(reply(err)).raw[..], err);

@@ -597,10 +597,7 @@ pub fn index_of(spec: &CommandSpec) -> Option<usize> {
     let base = TABLE.as_ptr() as usize;
     let at = spec as *const CommandSpec as usize;
     let i = at.checked_sub(base)? / std::mem::size_of::<CommandSpec>();
-    TABLE
-        .get(i)
-        .filter(|s| std::ptr::eq(*s, spec))
-        .map(|_| i)
+    TABLE.get(i).filter(|s| std::ptr::eq(*s, spec)).map(|_| i)
 }
 
 /// Looks a command name up, case-insensitively, without allocating.

@@ -23,8 +23,8 @@ use crate::commands::{
     Tx as TxCmd, NO_AUTH, READONLY, SCRIPT,
 };
 use crate::config::SessionSettings;
-use crate::metrics::{PodEndpointLabels, PolicyLabels};
 use crate::endpoint::EndpointRuntime;
+use crate::metrics::{PodEndpointLabels, PolicyLabels};
 use crate::resp::{Command, Reply, ReplyKind, Value};
 use crate::topology::cluster::{common_slot, crossslot_error, split, view};
 use crate::upstream::replay::error_reply;

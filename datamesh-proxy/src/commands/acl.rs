@@ -14,9 +14,15 @@
 //! - `+@cat` / `-@cat`: every command and subcommand in the category.
 //! - `+cmd` / `-cmd`: the command and all its subcommands; `+cmd|sub` / `-cmd|sub`: one
 //!   subcommand.
-//! - Like Redis's `allcommands` flag, any `-` rule after `+@all` drops the "unknown commands
-//!   too" part: `+@all -@admin` refuses commands the table does not know unless they are named
-//!   (`+json.get`; a name unknown to the table is taken as a module command).
+//! - A command the table does not know (a module command, or a command of a newer server) is
+//!   treated as a command in no category, which is what Redis does when a module registers
+//!   commands after a user's rules were set (it replays the rules): `+@all` / `allcommands`
+//!   grant it and `-@all` / `nocommands` revoke it, category rules do not touch it, and a rule
+//!   naming it (`+json.get`, `-ft.dropindex`) decides for it. So the default tenant policy
+//!   (`+@all -@admin -@dangerous ...`) forwards commands it does not know, and a backend that
+//!   does not know them either answers its own `unknown command` error; an allowlist policy
+//!   (`-@all +@read`) refuses them unless named. What such a command can do is still bounded
+//!   by the backend user's Redis ACL, which knows the module's categories.
 //!
 //! Key and channel patterns, passwords and `on`/`off` are not part of the proxy's policy (the
 //! proxy has no per-key rules): such rules are errors that name the rule.
@@ -256,7 +262,7 @@ pub struct AclError {
 pub struct Policy {
     text: String,
     bits: Box<[u64]>,
-    /// Redis's `allcommands`: commands unknown to the table are allowed too.
+    /// Commands unknown to the table are allowed (the last of `+@all`/`-@all` was `+@all`).
     all: bool,
     /// Commands unknown to the table named by a rule (module commands), lowercase; the last
     /// rule naming one wins.
@@ -330,10 +336,6 @@ impl Policy {
             } else {
                 *w &= !(1 << (slot % 64));
             }
-        }
-        if !on {
-            // Redis: clearing any command clears `allcommands`.
-            self.all = false;
         }
     }
 
@@ -416,9 +418,6 @@ impl Policy {
                 }
                 None => {
                     // A module command (or one of a newer server): named explicitly.
-                    if !on {
-                        self.all = false;
-                    }
                     self.named.retain(|(n, _)| n != what);
                     self.named.push((what.to_string(), on));
                 }
@@ -656,18 +655,20 @@ mod tests {
     }
 
     #[test]
-    fn unknown_commands_follow_allcommands() {
-        // Module commands: allowed only by +@all without a later '-' rule, or when named.
+    fn unknown_commands_are_commands_in_no_category() {
+        // Module commands: granted by +@all, revoked by -@all, untouched by categories,
+        // decided by a rule naming them.
         assert!(check("+@all", "JSON.GET k"));
-        assert!(!check("+@all -@admin", "JSON.GET k"));
-        assert!(check("+@all -@admin +json.get", "json.get k"));
+        assert!(check("+@all -@admin -@dangerous", "JSON.GET k"));
+        assert!(check(DEFAULT_TENANT_ACL, "NOSUCHCOMMAND x"));
         assert!(!check("+@all -json.get", "json.get k"));
-        // Any '-' rule drops allcommands, as in Redis: other module commands are refused too.
-        assert!(!check("+@all -json.get", "ft.search i q"));
+        assert!(check("+@all -json.get", "ft.search i q"));
+        assert!(!check("-@all +@read", "json.get k"));
+        assert!(check("-@all +@read +json.get", "json.get k"));
         assert!(!check("+@all -json.get -@all +@read", "json.get k"));
         assert!(!check("-@all +json.get -json.get", "JSON.GET k"));
-        // +@all after a '-' rule restores allcommands.
-        assert!(check("-get +@all", "json.get k"));
+        assert!(check("-json.get +@all", "json.get k"));
+        assert!(!check("allcommands nocommands", "json.get k"));
     }
 
     #[test]
@@ -692,9 +693,7 @@ mod tests {
             "REPLICAOF no one",
             "ACL LIST",
             "ROLE",
-            "CLIENT LIST",
             "MONITOR",
-            "JSON.GET k",
         ] {
             assert!(!check(d, line), "{line} is allowed by the default");
         }

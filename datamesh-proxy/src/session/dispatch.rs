@@ -315,10 +315,14 @@ impl Session {
 
     /// The `-NOPERM` reply when the user's policy (or the default) or the pod's policy does not
     /// allow the front command; counted per endpoint, pod and command. AUTH, HELLO, QUIT and
-    /// RESET are never refused (a client can always change user or leave).
+    /// RESET are never refused (a client can always change user or leave), nor what the proxy
+    /// answers from the connection's own state (PING, SELECT, CLIENT ID/SETNAME/LIST ...): the
+    /// policy guards the shared backend and the other tenants, which those never reach.
     fn policy_refusal(&self, spec: Option<&'static CommandSpec>) -> Option<Reply> {
         let cmd = self.front()?;
-        if spec.is_some_and(|s| s.has(NO_AUTH)) {
+        if spec.is_some_and(|s| {
+            s.has(NO_AUTH) || matches!(s.kind, Kind::Local(l) if l != Local::Cluster)
+        }) {
             return None;
         }
         let slot = catalog().slot_of(spec, cmd);

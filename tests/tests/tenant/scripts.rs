@@ -5,8 +5,11 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Result};
-use datamesh_tests::agent::yaml_str;
-use datamesh_tests::env::run_test;
+use std::net::{IpAddr, SocketAddr};
+
+use datamesh_tests::agent::{yaml_str, BackendSpec, Endpoint};
+use datamesh_tests::cluster::RedisCluster;
+use datamesh_tests::env::{run_test, ENDPOINT_NAME};
 use datamesh_tests::proxy::{bulk, simple, RespConn};
 use datamesh_tests::resp::{self, Reply};
 use datamesh_tests::{wait_until, Env};
@@ -204,6 +207,55 @@ fn script_kill_is_for_the_scripts_owner_or_an_operator() {
         let b = Bystander::start(login(proxy, "other", "other-pw")?, "after-kill");
         std::thread::sleep(Duration::from_millis(100));
         b.finish()?;
+        Ok(())
+    });
+}
+
+#[test]
+fn script_kill_in_cluster_mode_reaches_the_node_running_the_script() {
+    run_test(Env::builder().agent(false), |env| {
+        let ip = IpAddr::V4(env.service_ip());
+        let cluster = RedisCluster::start(ip, 7000, 3, env.outside_cgroup(), env.run_dir())?;
+        for n in &cluster.nodes {
+            n.command(&[b"CONFIG", b"SET", b"busy-reply-threshold", b"200"])?;
+        }
+        let mut cfg = env.base_agent_config()?;
+        cfg.endpoints = vec![Endpoint::new(
+            ENDPOINT_NAME,
+            SocketAddr::new(ip, 6390),
+            BackendSpec::cluster(&cluster.addrs()),
+        )];
+        cfg.extra_yaml = users_yaml(&[
+            ("app", "app-pw", None),
+            ("other", "other-pw", None),
+            ("ops", "ops-pw", Some("+@all")),
+        ]);
+        env.start_agent(cfg)?;
+        let proxy = proxy_addr(env)?;
+        let key = "{spin}:k";
+        let owner = cluster.owner_of_key(key)?;
+        let mut ops = login(proxy, "ops", "ops-pw")?;
+        let mut other = login(proxy, "other", "other-pw")?;
+        let mut killer = login(proxy, "app", "app-pw")?;
+        let mut app = login(proxy, "app", "app-pw")?;
+        app.expect(&["SET", key, "v"], simple("OK"))?;
+        // Every master answers NOTBUSY: merged into one NOTBUSY for the operator.
+        expect_error(&mut ops, &["SCRIPT", "KILL"], "NOTBUSY", &[])?;
+
+        app.send_raw(&resp::encode(&[
+            b"EVAL",
+            b"while true do end",
+            b"1",
+            key.as_bytes(),
+        ]))?;
+        wait_until("the key's node to be BUSY", Duration::from_secs(10), || {
+            Ok(matches!(cluster.nodes[owner].command(&[b"PING"])?, Reply::Error(e) if e.starts_with("BUSY")).then_some(()))
+        })?;
+        expect_error(&mut other, &["SCRIPT", "KILL"], "NOPERM", &["script|kill"])?;
+        killer.expect(&["SCRIPT", "KILL"], simple("OK"))?;
+        expect_killed(&mut app, "the busy EVAL on a cluster node")?;
+        app.expect(&["GET", key], bulk("v"))?;
+        other.expect(&["GET", key], bulk("v"))?;
         Ok(())
     });
 }

@@ -64,6 +64,22 @@ fn password_guessing_is_closed_slowed_and_logged_while_a_bystander_pod_works() {
             t.elapsed()
         );
 
+        // HELLO ... AUTH counts the same way.
+        let mut h = RespConn::connect(proxy)?;
+        match h.cmd(&["HELLO", "3", "AUTH", "app", "nope"])? {
+            Reply::Error(e) if e.starts_with("WRONGPASS") => {}
+            other => anyhow::bail!("HELLO 3 AUTH with a wrong password answered {other:?}"),
+        }
+        let node_failures = metric_value(
+            &metrics(env)?,
+            "datamesh_proxy_auth_failures_total",
+            &["pod=\"node\""],
+        );
+        ensure!(
+            node_failures == Some(11.0),
+            "datamesh_proxy_auth_failures_total for pod node is {node_failures:?}, expected 10 AUTH + 1 HELLO"
+        );
+
         // Four connections of pod a guessing for 3 s (reconnecting when closed), while pod b
         // logs in and works.
         let a_cmd = env.pod("a").cmd("python3");

@@ -117,9 +117,21 @@ impl Bystander {
         }
     }
 
-    /// Stops it; its round trips, or the error it hit.
+    /// Waits for a few more round trips (it is not stuck), stops it; its round trips, or the
+    /// error it hit.
     pub fn finish(mut self) -> Result<u64> {
         use std::sync::atomic::Ordering;
+        let target = self.ok.load(Ordering::Relaxed) + 3;
+        datamesh_tests::wait_until(
+            "the bystander to make progress",
+            std::time::Duration::from_secs(10),
+            || {
+                if self.handle.as_ref().is_some_and(|h| h.is_finished()) {
+                    return Ok(Some(()));
+                }
+                Ok((self.ok.load(Ordering::Relaxed) >= target).then_some(()))
+            },
+        )?;
         self.stop.store(true, Ordering::Relaxed);
         let h = self
             .handle

@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use datamesh_proxy::accounting::{PodRate, PodRegistry, PolicySource};
-use datamesh_proxy::config::{EndpointSpec, SessionSettings};
+use datamesh_proxy::config::{AclSettings, EndpointSpec, SessionSettings};
 use datamesh_proxy::endpoint::{EndpointHandle, EndpointRuntime};
 use datamesh_proxy::listener::{self, Bound, ListenError, Listener, Shared};
 use datamesh_proxy::metrics::{ProxyMetrics, ResultLabels};
@@ -100,6 +100,9 @@ fn session_settings(cfg: &Config) -> SessionSettings {
         partial_timeout: Duration::from_millis(p.client_partial_timeout_ms),
         max_clients: resources::effective_max_clients(p.max_clients, res.nofile),
         tcp_keepalive: Duration::from_secs(p.tcp_keepalive_s),
+        // Validated with the config: a failure here cannot happen (the default policy then).
+        acl: Arc::new(AclSettings::build(&cfg.users, &p.default_acl).unwrap_or_default()),
+        auth_max_failures: p.auth_max_failures,
     }
 }
 
@@ -441,6 +444,11 @@ fn policy_source(cfg: &Config) -> PolicySource {
                 cmd_burst: p.cmd_burst,
                 max_connections: p.max_connections,
                 max_dedicated: p.max_dedicated,
+                acl: p
+                    .acl
+                    .as_deref()
+                    .and_then(|a| datamesh_proxy::commands::acl::Policy::parse(a).ok())
+                    .map(Arc::new),
             })
             .collect(),
         default_rate: cfg.default_cmd_rate,

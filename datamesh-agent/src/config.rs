@@ -137,6 +137,7 @@ pub struct RawPodPolicy {
     pub max_connections: u32,
     #[serde(default)]
     pub max_dedicated: u32,
+    pub acl: Option<String>,
     #[serde(flatten)]
     pub unknown: Unknown,
 }
@@ -211,6 +212,8 @@ pub struct RawProxy {
     pub client_partial_timeout_ms: Option<u64>,
     pub tcp_keepalive_s: Option<u64>,
     pub worker_threads: Option<u32>,
+    pub default_acl: Option<String>,
+    pub auth_max_failures: Option<u32>,
     #[serde(flatten)]
     pub unknown: Unknown,
 }
@@ -221,6 +224,7 @@ pub struct RawUser {
     pub name: String,
     pub password: Option<String>,
     pub password_file: Option<PathBuf>,
+    pub acl: Option<String>,
     #[serde(flatten)]
     pub unknown: Unknown,
 }
@@ -268,9 +272,10 @@ pub struct Config {
     pub password_files: BTreeMap<String, PathBuf>,
 }
 
-/// `proxy:` settings (RESP limits, throttling, per-client bounds, the memory budget).
-/// Sizes left to `None` are derived from the memory budget (see [`ProxySettings::memory`]).
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+/// `proxy:` settings (RESP limits, throttling, per-client bounds, the memory budget, command
+/// policy, AUTH limits). Sizes left to `None` are derived from the memory budget (see
+/// [`ProxySettings::memory`]).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct ProxySettings {
     /// None: a quarter of the memory budget, at most 512 MiB (Redis's `proto-max-bulk-len`).
     pub max_bulk_len: Option<u64>,
@@ -301,6 +306,10 @@ pub struct ProxySettings {
     /// Worker threads of the agent's runtime (proxy, admin, heartbeat). The agent shares its
     /// node with the workloads, so it does not take every core; read at start only.
     pub worker_threads: u32,
+    /// Command policy (Redis ACL rules) of users without their own `acl`.
+    pub default_acl: String,
+    /// Failed AUTH attempts on one connection before it is closed (0 = never).
+    pub auth_max_failures: u32,
 }
 
 /// One worker by default (a current-thread runtime): a command's hops (session, backend
@@ -374,6 +383,8 @@ impl Default for ProxySettings {
             client_partial_timeout_ms: datamesh_proxy::config::DEFAULT_PARTIAL_TIMEOUT_MS,
             tcp_keepalive_s: datamesh_proxy::config::DEFAULT_TCP_KEEPALIVE_S,
             worker_threads: DEFAULT_WORKER_THREADS,
+            default_acl: datamesh_proxy::commands::acl::DEFAULT_TENANT_ACL.to_string(),
+            auth_max_failures: datamesh_proxy::config::DEFAULT_AUTH_MAX_FAILURES,
         }
     }
 }
@@ -388,6 +399,9 @@ pub struct PodPolicyConfig {
     /// 0: `default_max_connections` / `default_max_dedicated`.
     pub max_connections: u32,
     pub max_dedicated: u32,
+    /// Command policy (Redis ACL rules) for every client of the pod, on top of its user's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acl: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -856,6 +870,11 @@ impl RawConfig {
                     "set without cmd_rate (0 = unlimited ignores the burst)".into(),
                 );
             }
+            if let Some(rules) = &p.acl {
+                if let Err(e) = datamesh_proxy::commands::acl::Policy::parse(rules) {
+                    err(&field("acl"), e.to_string());
+                }
+            }
             pods.push(PodPolicyConfig {
                 name: p.name.clone(),
                 conn_rate: p.conn_rate,
@@ -864,6 +883,7 @@ impl RawConfig {
                 cmd_burst: p.cmd_burst,
                 max_connections: p.max_connections,
                 max_dedicated: p.max_dedicated,
+                acl: p.acl.clone(),
             });
         }
 
@@ -993,7 +1013,14 @@ impl RawConfig {
             users.push(User {
                 name: u.name.clone(),
                 password,
+                acl: u.acl.clone(),
             });
+        }
+        // Command policies: every bad rule of every user and of the default, with its field.
+        if let Err(errs) = datamesh_proxy::config::AclSettings::build(&users, &proxy.default_acl) {
+            for (field, e) in errs {
+                err(&field, e.to_string());
+            }
         }
 
         match (proxy_address, cgroup_path, admin_listen) {
@@ -1095,6 +1122,8 @@ fn validate_proxy(p: &RawProxy, err: &mut impl FnMut(&str, String)) -> ProxySett
             .unwrap_or(d.client_partial_timeout_ms),
         tcp_keepalive_s: p.tcp_keepalive_s.unwrap_or(d.tcp_keepalive_s),
         worker_threads: p.worker_threads.unwrap_or(d.worker_threads),
+        default_acl: p.default_acl.clone().unwrap_or(d.default_acl),
+        auth_max_failures: p.auth_max_failures.unwrap_or(d.auth_max_failures),
     };
     if out.worker_threads == 0 || out.worker_threads > 256 {
         err(
@@ -1678,7 +1707,13 @@ users:
   - name: default
     password: secret
   - name: app
+    acl: "+@all"
+pods:
+  - name: web-1
+    acl: "+@all -flushall"
 proxy:
+  default_acl: "-@all +@read"
+  auth_max_failures: 3
   max_bulk_len: 1048576
   throttle_max_delay_ms: 50
   worker_threads: 2
@@ -1703,6 +1738,11 @@ endpoints:
         assert_eq!(cfg.default_cmd_rate, 100);
         assert_eq!(cfg.users.len(), 2);
         assert_eq!(cfg.users[1].password, None);
+        assert_eq!(cfg.users[1].acl.as_deref(), Some("+@all"));
+        assert_eq!(cfg.users[0].acl, None);
+        assert_eq!(cfg.pods[0].acl.as_deref(), Some("+@all -flushall"));
+        assert_eq!(cfg.proxy.default_acl, "-@all +@read");
+        assert_eq!(cfg.proxy.auth_max_failures, 3);
         assert_eq!(cfg.proxy.max_bulk_len, Some(1_048_576));
         assert_eq!(cfg.proxy.max_array_len, 1_048_576);
         assert_eq!(cfg.proxy.throttle_max_delay_ms, 50);
@@ -1757,7 +1797,12 @@ users:
   - name: a
     password: ""
   - name: a
+    acl: "+@all -@nosuch"
+pods:
+  - name: p
+    acl: "+@all ~*"
 proxy:
+  default_acl: "+@all +config|nope"
   max_depth: 0
   max_inline_len: 1
   worker_threads: 0
@@ -1779,6 +1824,9 @@ endpoints:
             "users[0].name:",
             "users[1].password: empty",
             "users[2].name: duplicate user \"a\"",
+            "users[2].acl: ACL rule \"-@nosuch\": unknown category \"nosuch\"",
+            "pods[0].acl: ACL rule \"~*\": not a command rule",
+            "proxy.default_acl: ACL rule \"+config|nope\": config has no subcommand \"nope\"",
             "proxy.max_depth: 0 must be between 1 and 1024",
             "proxy.max_inline_len: 1 must be between 64",
             "proxy.worker_threads: 0 must be between 1 and 256",

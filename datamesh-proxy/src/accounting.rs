@@ -7,12 +7,18 @@
 //! map, so `datamesh-agent pods` shows them), and refreshes each pod's name and policy
 //! (config `pods[].cmd_rate/cmd_burst`, else `default_cmd_rate/burst`).
 //!
+//! A pod may also have a command policy (config `pods[].acl`, Redis ACL rules): a command runs
+//! only when both the user's policy and the pod's allow it. Each pod also keeps what the
+//! failed-AUTH limit and SCRIPT KILL need: its recent failed AUTHs (a progressive delay of
+//! each failure reply, a rate-bounded warning), and the scripts its users have in flight.
+//!
 //! The limit is GCRA (the same [`datamesh_common::gcra_allow`] the eBPF connection limit uses).
 //! A command over the limit waits until its slot comes if that is within
 //! `proxy.throttle_max_delay_ms`, else it is answered with an error; both count as throttled.
 //!
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -25,6 +31,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::debug;
 
+use crate::commands::acl::Policy;
 use crate::stopped;
 
 /// Where per-pod names come from and per-pod counts go (the agent: pod discovery and the
@@ -36,7 +43,7 @@ pub trait PodDirectory: Send + Sync + 'static {
     fn add_counts(&self, pod: u64, commands: u64, throttled: u64);
 }
 
-/// A pod's command-rate policy and connection caps by name.
+/// A pod's command-rate policy, connection caps and command policy by name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodRate {
     pub name: String,
@@ -47,15 +54,72 @@ pub struct PodRate {
     /// Dedicated backend connections (transactions, blocking commands, subscriptions) the
     /// pod's clients hold at once (0: the default).
     pub max_dedicated: u32,
+    /// Commands the pod's clients may run, whatever their user (`pods[].acl`).
+    pub acl: Option<Arc<Policy>>,
 }
 
 /// What a pod's policy resolves to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Default)]
 struct Resolved {
     rate: u32,
     burst: u32,
     max_connections: u32,
     max_dedicated: u32,
+    acl: Option<Arc<Policy>>,
+}
+
+/// Failed AUTHs of a pod that are answered at once; each further one within
+/// [`AUTH_QUIET`] of the previous is answered after a delay that doubles from
+/// [`AUTH_FIRST_DELAY`] up to [`AUTH_MAX_DELAY`].
+pub const AUTH_FREE_FAILURES: u32 = 5;
+pub const AUTH_FIRST_DELAY: Duration = Duration::from_millis(50);
+pub const AUTH_MAX_DELAY: Duration = Duration::from_secs(1);
+/// A pod's failure count starts again after this long without a failed AUTH.
+pub const AUTH_QUIET: Duration = Duration::from_secs(10);
+/// At most one warning per pod this often (with the count since the last one).
+pub const AUTH_WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// What one failed AUTH costs its pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthPenalty {
+    /// How long the failure reply waits (the session reads nothing meanwhile).
+    pub delay: Duration,
+    /// Log a warning now with this many failures since the last one.
+    pub warn: Option<u64>,
+}
+
+/// A pod's recent failed AUTHs.
+#[derive(Default)]
+struct AuthFailures {
+    /// Failures since the last quiet period.
+    recent: AtomicU32,
+    last_ns: AtomicU64,
+    warned_ns: AtomicU64,
+    unlogged: AtomicU64,
+}
+
+/// Scripts of one user on one endpoint (and node, in cluster mode) in flight.
+struct ScriptRun {
+    endpoint: String,
+    user: String,
+    node: Option<SocketAddr>,
+    count: u32,
+}
+
+/// Held while a script or function call of a pod's user is in flight; dropping it (the reply
+/// came, or the client went away) ends it.
+pub struct ScriptGuard {
+    pod: Arc<PodStats>,
+    slot: usize,
+}
+
+impl Drop for ScriptGuard {
+    fn drop(&mut self) {
+        let mut runs = self.pod.scripts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = runs.get_mut(self.slot) {
+            r.count = r.count.saturating_sub(1);
+        }
+    }
 }
 
 /// Name of the pseudo-pod of clients whose connection was not captured (node-local).
@@ -87,6 +151,12 @@ pub struct PodStats {
     throttled: AtomicU64,
     flushed_commands: AtomicU64,
     flushed_throttled: AtomicU64,
+    /// The pod's command policy (`has_acl` says whether there is one, without the lock).
+    acl: RwLock<Option<Arc<Policy>>>,
+    has_acl: AtomicBool,
+    auth: AuthFailures,
+    /// Entries stay (count 0) once made: a user's next script costs no allocation.
+    scripts: Mutex<Vec<ScriptRun>>,
 }
 
 impl PodStats {
@@ -105,7 +175,121 @@ impl PodStats {
             throttled: AtomicU64::new(0),
             flushed_commands: AtomicU64::new(0),
             flushed_throttled: AtomicU64::new(0),
+            acl: RwLock::new(None),
+            has_acl: AtomicBool::new(false),
+            auth: AuthFailures::default(),
+            scripts: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Sets (or clears) the pod's command policy.
+    pub fn set_acl(&self, acl: Option<Arc<Policy>>) {
+        self.has_acl.store(acl.is_some(), Ordering::Relaxed);
+        *self.acl.write().unwrap_or_else(|p| p.into_inner()) = acl;
+    }
+
+    /// Whether the pod's policy (if it has one) allows the command in `slot` (see
+    /// [`Policy::allows`]).
+    pub fn acl_allows(&self, slot: Option<u16>, name: &[u8]) -> bool {
+        if !self.has_acl.load(Ordering::Relaxed) {
+            return true;
+        }
+        match &*self.acl.read().unwrap_or_else(|p| p.into_inner()) {
+            Some(p) => p.allows(slot, name),
+            None => true,
+        }
+    }
+
+    /// Whether the pod's policy (if it has one) allows every `@admin` command.
+    pub fn acl_operator(&self) -> bool {
+        match &*self.acl.read().unwrap_or_else(|p| p.into_inner()) {
+            Some(p) => p.is_operator(),
+            None => true,
+        }
+    }
+
+    /// Counts a failed AUTH at `now_ns` (the registry's clock) and says what it costs.
+    pub fn auth_failed(&self, now_ns: u64) -> AuthPenalty {
+        let a = &self.auth;
+        let last = a.last_ns.swap(now_ns, Ordering::Relaxed);
+        if now_ns.saturating_sub(last) > AUTH_QUIET.as_nanos() as u64 {
+            a.recent.store(0, Ordering::Relaxed);
+        }
+        let n = a.recent.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        a.unlogged.fetch_add(1, Ordering::Relaxed);
+        let delay = match n.checked_sub(AUTH_FREE_FAILURES + 1) {
+            None => Duration::ZERO,
+            Some(k) => AUTH_FIRST_DELAY
+                .saturating_mul(1u32 << k.min(16))
+                .min(AUTH_MAX_DELAY),
+        };
+        let warned = a.warned_ns.load(Ordering::Relaxed);
+        let warn = (warned == 0
+            || now_ns.saturating_sub(warned) >= AUTH_WARN_EVERY.as_nanos() as u64)
+            && a.warned_ns
+                .compare_exchange(warned, now_ns, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok();
+        AuthPenalty {
+            delay,
+            warn: warn.then(|| a.unlogged.swap(0, Ordering::Relaxed)),
+        }
+    }
+
+    /// True while failed AUTHs of the pod are recent (its stats must outlive its sessions, or
+    /// reconnecting would reset the delay).
+    fn auth_recent(&self, now_ns: u64) -> bool {
+        self.auth.recent.load(Ordering::Relaxed) > 0
+            && now_ns.saturating_sub(self.auth.last_ns.load(Ordering::Relaxed))
+                <= AUTH_QUIET.as_nanos() as u64
+    }
+
+    /// A script of `user` on `endpoint` (on `node`, in cluster mode) is in flight until the
+    /// guard drops.
+    pub fn script_started(
+        self: &Arc<Self>,
+        endpoint: &str,
+        user: &str,
+        node: Option<SocketAddr>,
+    ) -> ScriptGuard {
+        let mut runs = self.scripts.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = match runs
+            .iter()
+            .position(|r| r.endpoint == endpoint && r.user == user && r.node == node)
+        {
+            Some(i) => i,
+            None => {
+                runs.push(ScriptRun {
+                    endpoint: endpoint.to_string(),
+                    user: user.to_string(),
+                    node,
+                    count: 0,
+                });
+                runs.len() - 1
+            }
+        };
+        if let Some(r) = runs.get_mut(slot) {
+            r.count += 1;
+        }
+        ScriptGuard {
+            pod: self.clone(),
+            slot,
+        }
+    }
+
+    /// Where `user` of this pod has scripts in flight on `endpoint`: None when nowhere, else
+    /// the nodes (empty when not known: not a cluster).
+    pub fn scripts_of(&self, endpoint: &str, user: &str) -> Option<Vec<SocketAddr>> {
+        let runs = self.scripts.lock().unwrap_or_else(|p| p.into_inner());
+        let mut found = false;
+        let mut nodes = Vec::new();
+        for r in runs
+            .iter()
+            .filter(|r| r.count > 0 && r.endpoint == endpoint && r.user == user)
+        {
+            found = true;
+            nodes.extend(r.node);
+        }
+        found.then_some(nodes)
     }
 
     pub fn name(&self) -> String {
@@ -142,6 +326,9 @@ impl PodStats {
         self.max_connections
             .store(r.max_connections, Ordering::Relaxed);
         self.max_dedicated.store(r.max_dedicated, Ordering::Relaxed);
+        if self.acl.read().unwrap_or_else(|p| p.into_inner()).as_ref() != r.acl.as_ref() {
+            self.set_acl(r.acl);
+        }
     }
 
     /// Takes one of the pod's client-connection slots (released when the returned slot
@@ -287,6 +474,7 @@ impl PolicySource {
             burst: self.default_burst,
             max_connections: self.default_max_connections,
             max_dedicated: self.default_max_dedicated,
+            acl: None,
         };
         let Some(name) = name else {
             // Node-local clients (trusted, and many tools share the pseudo-pod) are bounded
@@ -303,6 +491,7 @@ impl PolicySource {
                 burst: p.cmd_burst,
                 max_connections: or(p.max_connections, defaults.max_connections),
                 max_dedicated: or(p.max_dedicated, defaults.max_dedicated),
+                acl: p.acl.clone(),
             },
             None => defaults,
         }
@@ -431,10 +620,12 @@ impl PodRegistry {
             }
         }
         drop(stats);
+        let now = self.now_ns();
         let mut all = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         all.retain(|_, s| {
             let (c, t) = s.totals();
             Arc::strong_count(s) > 1
+                || s.auth_recent(now)
                 || c != s.flushed_commands.load(Ordering::Relaxed)
                 || t != s.flushed_throttled.load(Ordering::Relaxed)
         });
@@ -489,6 +680,7 @@ mod tests {
             cmd_burst: 0,
             max_connections: 3,
             max_dedicated: 0,
+            acl: None,
         }];
         let r = registry(pods, 0, 0);
         let pod = r.get(5);
@@ -559,6 +751,7 @@ mod tests {
             cmd_burst: 1,
             max_connections: 0,
             max_dedicated: 0,
+            acl: None,
         }];
         let r = registry(pods, 0, 0);
         let node = r.get(0);
@@ -572,6 +765,73 @@ mod tests {
         // Policy reload: unlimited now.
         r.set_policy(PolicySource::default());
         assert_eq!(p.check(r.now_ns(), Duration::ZERO), Throttle::Allow);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_auths_are_delayed_progressively_per_pod() {
+        let r = registry(vec![], 0, 0);
+        let p = r.get(3);
+        let delays: Vec<u64> = (0..12)
+            .map(|_| p.auth_failed(r.now_ns()).delay.as_millis() as u64)
+            .collect();
+        assert_eq!(delays, [0, 0, 0, 0, 0, 50, 100, 200, 400, 800, 1000, 1000]);
+        // One warning per window, with the count since the last one.
+        tokio::time::advance(AUTH_WARN_EVERY).await;
+        assert_eq!(p.auth_failed(r.now_ns()).warn, Some(12));
+        assert_eq!(p.auth_failed(r.now_ns()).warn, None);
+        // Another pod is not delayed.
+        assert_eq!(r.get(4).auth_failed(r.now_ns()).delay, Duration::ZERO);
+        // The pod's stats outlive its sessions while failures are recent, then go.
+        drop(p);
+        r.flush();
+        assert!(r.stats.lock().expect("lock").contains_key(&3));
+        tokio::time::advance(AUTH_QUIET + Duration::from_secs(1)).await;
+        r.flush();
+        assert!(!r.stats.lock().expect("lock").contains_key(&3));
+        // After a quiet period failures are free again.
+        let p = r.get(3);
+        assert_eq!(p.auth_failed(r.now_ns()).delay, Duration::ZERO);
+    }
+
+    #[test]
+    fn scripts_in_flight_by_user_and_endpoint() {
+        let r = registry(vec![], 0, 0);
+        let p = r.get(5);
+        assert_eq!(p.scripts_of("cache", "app"), None);
+        let node: SocketAddr = "10.0.0.1:6379".parse().expect("addr");
+        let g1 = p.script_started("cache", "app", None);
+        let g2 = p.script_started("cache", "app", Some(node));
+        assert_eq!(p.scripts_of("cache", "app"), Some(vec![node]));
+        assert_eq!(p.scripts_of("cache", "other"), None);
+        assert_eq!(p.scripts_of("sessions", "app"), None);
+        drop(g2);
+        assert_eq!(p.scripts_of("cache", "app"), Some(vec![]));
+        drop(g1);
+        assert_eq!(p.scripts_of("cache", "app"), None);
+    }
+
+    #[test]
+    fn pod_command_policy_is_set_and_reloaded() {
+        let acl = Arc::new(Policy::parse("+@all -flushall -debug").expect("parses"));
+        let pods = vec![PodRate {
+            name: "netns-9".into(),
+            cmd_rate: 0,
+            cmd_burst: 0,
+            max_connections: 0,
+            max_dedicated: 0,
+            acl: Some(acl),
+        }];
+        let r = registry(pods, 0, 0);
+        let p = r.get(9);
+        let slot = crate::commands::acl::catalog().slot_of(
+            crate::commands::lookup(b"flushall"),
+            &crate::resp::Command::from_args([bytes::Bytes::from_static(b"FLUSHALL")]),
+        );
+        assert!(!p.acl_allows(slot, b"flushall"));
+        assert!(!p.acl_operator());
+        assert!(r.get(8).acl_allows(slot, b"flushall"));
+        r.set_policy(PolicySource::default());
+        assert!(p.acl_allows(slot, b"flushall"));
     }
 
     #[test]

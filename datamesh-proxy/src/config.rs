@@ -3,13 +3,16 @@
 //! `proxy:` section and `users`). Every type here serializes for `/config_dump`, with
 //! passwords shown as `<redacted>`.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
 
 use crate::budget::OutputLimit;
+use crate::commands::acl::{self, AclError, Policy};
 use crate::resp::Limits;
 
 pub const DEFAULT_POOL_SIZE: u32 = 4;
@@ -57,6 +60,68 @@ pub struct User {
     pub name: String,
     /// `None`: the user needs no password (nopass).
     pub password: Option<Secret>,
+    /// Command policy in Redis ACL rules (`+@all -@dangerous`); `None`: the default policy
+    /// (`proxy.default_acl`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acl: Option<String>,
+}
+
+/// Failed AUTH attempts on one connection before it is closed (like a login lockout).
+pub const DEFAULT_AUTH_MAX_FAILURES: u32 = 10;
+
+/// The parsed command policies: one per user with its own `acl`, and the default for the
+/// others (and for clients when no users are configured).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AclSettings {
+    pub default: Arc<Policy>,
+    pub users: HashMap<String, Arc<Policy>>,
+}
+
+impl Default for AclSettings {
+    fn default() -> Self {
+        Self {
+            default: Arc::new(acl::default_tenant_policy()),
+            users: HashMap::new(),
+        }
+    }
+}
+
+impl AclSettings {
+    /// Parses `default_acl` and every user's `acl`; errors name the field
+    /// (`users[2].acl`, `proxy.default_acl`) with the bad rule.
+    pub fn build(users: &[User], default_acl: &str) -> Result<Self, Vec<(String, AclError)>> {
+        let mut errs = Vec::new();
+        let default = match Policy::parse(default_acl) {
+            Ok(p) => Arc::new(p),
+            Err(e) => {
+                errs.push(("proxy.default_acl".to_string(), e));
+                Arc::new(acl::default_tenant_policy())
+            }
+        };
+        let mut by_user = HashMap::new();
+        for (i, u) in users.iter().enumerate() {
+            if let Some(rules) = &u.acl {
+                match Policy::parse(rules) {
+                    Ok(p) => {
+                        by_user.insert(u.name.clone(), Arc::new(p));
+                    }
+                    Err(e) => errs.push((format!("users[{i}].acl"), e)),
+                }
+            }
+        }
+        if !errs.is_empty() {
+            return Err(errs);
+        }
+        Ok(Self {
+            default,
+            users: by_user,
+        })
+    }
+
+    /// The policy of `user` (its own, else the default).
+    pub fn for_user(&self, user: &str) -> &Arc<Policy> {
+        self.users.get(user).unwrap_or(&self.default)
+    }
 }
 
 /// Settings every session reads (swapped whole on reload).
@@ -90,6 +155,10 @@ pub struct SessionSettings {
     pub max_clients: u32,
     /// TCP keepalive idle time on client and backend sockets (zero: off).
     pub tcp_keepalive: Duration,
+    /// Command policies (users' `acl`, `proxy.default_acl`).
+    pub acl: Arc<AclSettings>,
+    /// Failed AUTH attempts on one connection before it is closed (0 = never closed).
+    pub auth_max_failures: u32,
 }
 
 pub const DEFAULT_MEMORY_BUDGET: u64 = 1024 * 1024 * 1024;
@@ -122,6 +191,8 @@ impl Default for SessionSettings {
             partial_timeout: Duration::from_millis(DEFAULT_PARTIAL_TIMEOUT_MS),
             max_clients: DEFAULT_MAX_CLIENTS,
             tcp_keepalive: Duration::from_secs(DEFAULT_TCP_KEEPALIVE_S),
+            acl: Arc::new(AclSettings::default()),
+            auth_max_failures: DEFAULT_AUTH_MAX_FAILURES,
         }
     }
 }

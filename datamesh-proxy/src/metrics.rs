@@ -42,6 +42,15 @@ pub struct ResultLabels {
     pub result: String,
 }
 
+/// A refused command: its endpoint, pod and ACL name (`flushall`, `config|set`, `unknown`:
+/// bounded by the command table).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabels {
+    pub endpoint: String,
+    pub pod: String,
+    pub command: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PodEndpointLabels {
     pub endpoint: String,
@@ -126,6 +135,10 @@ pub struct ProxyMetrics {
     /// Client connections refused at accept, by reason (uncaptured, max_clients,
     /// pod_max_connections, fd_exhausted).
     pub refused: Family<ReasonLabels, Counter>,
+    /// Commands refused by the command policy (users' and pods' `acl`).
+    pub policy_denied: Family<PolicyLabels, Counter>,
+    /// Failed AUTH (and HELLO AUTH) attempts.
+    pub auth_failures: Family<PodEndpointLabels, Counter>,
 }
 
 impl ProxyMetrics {
@@ -147,6 +160,16 @@ impl ProxyMetrics {
     }
 
     pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "proxy_policy_denied",
+            "Commands refused by the command policy (users[].acl, pods[].acl, proxy.default_acl), by endpoint, pod and command",
+            self.policy_denied.clone(),
+        );
+        registry.register(
+            "proxy_auth_failures",
+            "Failed AUTH and HELLO AUTH attempts by endpoint and pod",
+            self.auth_failures.clone(),
+        );
         registry.register(
             "proxy_connections",
             "Accepted proxy connections",

@@ -44,6 +44,8 @@ pub struct PodPolicy {
     /// Commands/s (0 = unlimited) and burst of the proxy's per-pod command-rate limit.
     pub cmd_rate: u32,
     pub cmd_burst: u32,
+    /// `acl`: the pod's command policy (Redis ACL rules), if any.
+    pub acl: Option<String>,
 }
 
 /// One `endpoints[]` entry.
@@ -205,6 +207,9 @@ impl AgentConfig {
                     "  - name: {}\n    conn_rate: {}\n    conn_burst: {}\n    cmd_rate: {}\n    cmd_burst: {}\n",
                     p.name, p.conn_rate, p.conn_burst, p.cmd_rate, p.cmd_burst
                 ));
+                if let Some(acl) = &p.acl {
+                    y.push_str(&format!("    acl: {}\n", yaml_str(acl)));
+                }
             }
         }
         y.push_str("endpoints:\n");

@@ -16,6 +16,7 @@
 //! (failover scenarios under load, direct vs through the proxy, for `cargo xtask drill` and
 //! `tests/tests/failover.rs`).
 
+pub mod acl_table;
 pub mod agent;
 pub mod cgroup;
 pub mod cluster;

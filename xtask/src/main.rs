@@ -9,6 +9,7 @@ mod bench_proxy;
 mod build_ebpf;
 mod demo;
 mod drill;
+mod gen_acl_table;
 mod setup;
 mod test;
 mod util;
@@ -40,6 +41,8 @@ enum Cmd {
     Bench(bench::Bench),
     /// Drills (not tests): faults under load, direct vs through the proxy, side by side.
     Drill(drill::Args),
+    /// Regenerate the proxy's ACL category table from a real redis-server's COMMAND reply.
+    GenAclTable,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -50,5 +53,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test(args) => test::run(&args),
         Cmd::Bench(b) => bench::run(&b),
         Cmd::Drill(args) => drill::run(&args),
+        Cmd::GenAclTable => gen_acl_table::run(),
     }
 }

@@ -5,9 +5,15 @@
 //! session dispatches on [`Kind`] and the enums inside it, never on command-name strings;
 //! cluster mode uses the key positions for slots.
 //!
+//! Who may run what is the command policy's business ([`acl`]: Redis ACL rules over the
+//! categories of a real server's `COMMAND` reply); [`Kind::Refused`] is only for commands that
+//! cannot work through a multiplexing proxy whoever sends them.
+//!
 //! Commands not in the table are forwarded as they are (the backend answers its own
 //! unknown-command error); in cluster mode they are routed by their first argument, and a lost
 //! connection treats them as writes.
+
+pub mod acl;
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
@@ -24,8 +30,12 @@ pub const WRITE: u32 = 1 << 1;
 pub const BLOCKING: u32 = 1 << 2;
 /// Blocks when given the BLOCK option (XREAD, XREADGROUP).
 pub const MAYBE_BLOCKING: u32 = 1 << 3;
-/// Allowed before AUTH (like Redis: AUTH, HELLO, QUIT, RESET).
+/// Allowed before AUTH (like Redis: AUTH, HELLO, QUIT, RESET); never refused by the command
+/// policy either (a client can always change user or leave).
 pub const NO_AUTH: u32 = 1 << 4;
+/// Runs a script or function (EVAL, EVALSHA, FCALL and their _RO forms): tracked while in
+/// flight, so its user may SCRIPT KILL / FUNCTION KILL it.
+pub const SCRIPT: u32 = 1 << 5;
 
 /// Where the keys of a command are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -281,8 +291,6 @@ const fn refused(name: &'static str, reason: &'static str) -> CommandSpec {
     }
 }
 
-const ADMIN: &str =
-    "administrative commands must be sent to the backend directly, not through the per-node proxy";
 const REPL: &str = "replication commands need a direct connection to the server";
 
 static TABLE: &[CommandSpec] = &[
@@ -493,12 +501,12 @@ static TABLE: &[CommandSpec] = &[
     c("xinfo", -2, R, Keys::Sub),
     c("xsetid", -3, W, k1()),
     // scripting and functions
-    c("eval", -3, W, Keys::Counted { at: 2 }),
-    c("evalsha", -3, W, Keys::Counted { at: 2 }),
-    c("eval_ro", -3, R, Keys::Counted { at: 2 }),
-    c("evalsha_ro", -3, R, Keys::Counted { at: 2 }),
-    c("fcall", -3, W, Keys::Counted { at: 2 }),
-    c("fcall_ro", -3, R, Keys::Counted { at: 2 }),
+    c("eval", -3, W | SCRIPT, Keys::Counted { at: 2 }),
+    c("evalsha", -3, W | SCRIPT, Keys::Counted { at: 2 }),
+    c("eval_ro", -3, R | SCRIPT, Keys::Counted { at: 2 }),
+    c("evalsha_ro", -3, R | SCRIPT, Keys::Counted { at: 2 }),
+    c("fcall", -3, W | SCRIPT, Keys::Counted { at: 2 }),
+    c("fcall_ro", -3, R | SCRIPT, Keys::Counted { at: 2 }),
     bcast(c("script", -2, 0, N), Broadcast::First),
     c("function", -2, 0, N),
     // pub/sub
@@ -540,7 +548,20 @@ static TABLE: &[CommandSpec] = &[
     c("slowlog", -2, 0, N),
     c("role", 1, 0, N),
     c("lolwut", -1, 0, N),
-    // refused
+    // administrative, forwarded: governed by the command policy (refused by the default tenant
+    // policy, `-@admin -@dangerous`; an operator user with `+@all` may run them)
+    c("replicaof", 3, 0, N),
+    c("slaveof", 3, 0, N),
+    c("failover", -1, 0, N),
+    c("shutdown", -1, 0, N),
+    c("debug", -2, 0, N),
+    c("save", 1, 0, N),
+    c("bgsave", -1, 0, N),
+    c("bgrewriteaof", 1, 0, N),
+    c("module", -2, 0, N),
+    c("pfdebug", 3, W, Keys::Sub),
+    c("pfselftest", 1, 0, N),
+    // refused whoever sends them: they cannot work through a multiplexing proxy
     refused(
         "monitor",
         "it streams every command of the backend, which is shared by all clients of the proxy",
@@ -551,15 +572,6 @@ static TABLE: &[CommandSpec] = &[
     ),
     refused("psync", REPL),
     refused("replconf", REPL),
-    refused("replicaof", ADMIN),
-    refused("slaveof", ADMIN),
-    refused("failover", ADMIN),
-    refused("shutdown", ADMIN),
-    refused("debug", ADMIN),
-    refused("save", ADMIN),
-    refused("bgsave", ADMIN),
-    refused("bgrewriteaof", ADMIN),
-    refused("module", ADMIN),
     refused(
         "acl",
         "users are configured at the proxy (users) and the backend credentials in the endpoint's backend config",
@@ -568,8 +580,6 @@ static TABLE: &[CommandSpec] = &[
         "migrate",
         "it moves keys between servers behind the proxy's routing",
     ),
-    refused("pfdebug", ADMIN),
-    refused("pfselftest", ADMIN),
 ];
 
 static BY_NAME: LazyLock<HashMap<&'static [u8], &'static CommandSpec>> =
@@ -579,6 +589,15 @@ static BY_NAME: LazyLock<HashMap<&'static [u8], &'static CommandSpec>> =
 #[cfg(test)]
 pub fn table() -> &'static [CommandSpec] {
     TABLE
+}
+
+/// The position of `spec` in the table (the command policy's per-command arrays are indexed
+/// by it). None for a spec that is not the table's own.
+pub fn index_of(spec: &CommandSpec) -> Option<usize> {
+    let base = TABLE.as_ptr() as usize;
+    let at = spec as *const CommandSpec as usize;
+    let i = at.checked_sub(base)? / std::mem::size_of::<CommandSpec>();
+    TABLE.get(i).filter(|s| std::ptr::eq(*s, spec)).map(|_| i)
 }
 
 /// Looks a command name up, case-insensitively, without allocating.
@@ -673,18 +692,17 @@ pub fn is_blocking(spec: &CommandSpec, cmd: &Command) -> bool {
 /// (subcommands). Compares in place: nothing is allocated per command.
 pub fn refused_subcommand(spec: &CommandSpec, cmd: &Command) -> Option<&'static str> {
     match spec.name {
-        "config"
-            if ["SET", "REWRITE", "RESETSTAT"]
-                .iter()
-                .any(|s| cmd.arg_is(1, s)) =>
-        {
-            Some(ADMIN)
-        }
-        "script" | "function" if cmd.arg_is(1, "KILL") => {
-            Some("the running script may belong to another client of the shared backend connection")
+        "script" if cmd.arg_is(1, "DEBUG") => {
+            Some("the Lua debugger would take over a backend connection shared by many clients")
         }
         _ => None,
     }
+}
+
+/// True for `SCRIPT KILL` and `FUNCTION KILL` (the dispatcher checks who may send them and sends
+/// them on a connection of their own).
+pub fn is_script_kill(spec: &CommandSpec, cmd: &Command) -> bool {
+    matches!(spec.name, "script" | "function") && cmd.arg_is(1, "KILL")
 }
 
 #[cfg(test)]
@@ -755,11 +773,22 @@ mod tests {
         assert!(refusal(b"monitor", "x")
             .starts_with("ERR MONITOR is not supported by the datamesh proxy: "));
         let config = lookup(b"config").expect("known");
-        assert_eq!(
-            refused_subcommand(config, &cmd("CONFIG SET x 1")),
-            Some(ADMIN)
-        );
+        assert_eq!(refused_subcommand(config, &cmd("CONFIG SET x 1")), None);
         assert_eq!(refused_subcommand(config, &cmd("config get x")), None);
+        let script = lookup(b"script").expect("known");
+        assert!(refused_subcommand(script, &cmd("SCRIPT DEBUG YES")).is_some());
+        assert!(is_script_kill(script, &cmd("script kill")));
+        assert!(!is_script_kill(script, &cmd("script load x")));
+        assert!(matches!(
+            lookup(b"migrate").expect("known").kind,
+            Kind::Refused(_)
+        ));
+        assert_eq!(lookup(b"bgsave").expect("known").kind, Kind::Forward);
+        for (i, s) in table().iter().enumerate() {
+            assert_eq!(index_of(s), Some(i));
+        }
+        let copy = *lookup(b"get").expect("known");
+        assert_eq!(index_of(&copy), None);
     }
 
     #[test]

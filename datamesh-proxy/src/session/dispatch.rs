@@ -1,5 +1,6 @@
 //! Command → action. For the front command of the inbox: the authentication gate, the pod's
-//! rate limit, the table's [`Kind`] (refused, transaction, local answer, pub/sub, blocking,
+//! rate limit, the structural refusals, the command policy (the user's and the pod's ACL
+//! rules: `-NOPERM`), the table's [`Kind`] (transaction, local answer, pub/sub, blocking,
 //! forwarded), and then either an answer now, a call on the one request path (shared lane or
 //! a dedicated connection), or a wait ([`Need::Barrier`]: earlier replies must come in first,
 //! or a dedicated connection or a throttle delay is awaited). The command stays at the front
@@ -12,15 +13,18 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::state::{unsubscribed_reply, wrong_args, PubSub, ServerFacts, Tx};
+use super::state::{attempted_user, unsubscribed_reply, wrong_args, PubSub, ServerFacts, Tx};
 use super::{Input, Lane, Session, StallDone};
 use crate::accounting::Throttle;
 use crate::backend::Dedicated;
+use crate::commands::acl::{self, catalog};
 use crate::commands::{
     self, is_blocking, key_indices, Broadcast, CommandSpec, Kind, Local, MultiKey, PubSub as Sub,
-    Tx as TxCmd, NO_AUTH, READONLY,
+    Tx as TxCmd, NO_AUTH, READONLY, SCRIPT,
 };
+use crate::config::SessionSettings;
 use crate::endpoint::EndpointRuntime;
+use crate::metrics::{PodEndpointLabels, PolicyLabels};
 use crate::resp::{Command, Reply, ReplyKind, Value};
 use crate::topology::cluster::{common_slot, crossslot_error, split, view};
 use crate::upstream::replay::error_reply;
@@ -52,13 +56,15 @@ impl Session {
             return;
         }
         let rt = self.ep.current();
-        self.dispatch_round(&rt);
+        let settings = self.shared.settings();
+        self.dispatch_round(&rt, &settings);
         self.upstream.flush();
     }
 
     pub(super) fn stall_done(&mut self, done: StallDone) {
         match done {
             StallDone::Throttled => self.front_admitted = true,
+            StallDone::AuthDelay => {}
             StallDone::Dedicated(Ok(d)) => self.acquired = Some(d),
             StallDone::Dedicated(Err(e)) => {
                 // The front command is answered with the error.
@@ -70,7 +76,7 @@ impl Session {
         }
     }
 
-    fn dispatch_round(&mut self, rt: &Arc<EndpointRuntime>) {
+    fn dispatch_round(&mut self, rt: &Arc<EndpointRuntime>, settings: &Arc<SessionSettings>) {
         while self.stall.is_none() && self.may_dispatch() {
             let Some(front) = self.inbox.front() else {
                 return;
@@ -89,6 +95,7 @@ impl Session {
                     Admit::Refused => continue,
                 }
             }
+            self.state.refresh_acl(settings);
             match self.execute_front(rt) {
                 Need::Go => {
                     self.front_admitted = false;
@@ -204,8 +211,26 @@ impl Session {
         if !self.state.authenticated() && !spec.is_some_and(|s| s.has(NO_AUTH)) {
             return self.answer(Reply::error("NOAUTH Authentication required."));
         }
+        // What cannot work through a multiplexing proxy, whoever sends it.
+        if let Some(Kind::Refused(reason)) = spec.map(|s| s.kind) {
+            let r = Reply::error(&commands::refusal(cmd.name(), reason));
+            return self.deny(r);
+        }
+        if let Some(r) = self.policy_refusal(spec) {
+            return self.deny(r);
+        }
+        let Some(cmd) = self.front() else {
+            return Need::Go;
+        };
+        let config_get = spec.is_some_and(|s| s.name == "config") && cmd.arg_is(1, "GET");
         // Subscribed: everything goes to the subscription connection, in order.
         if self.state.pubsub.is_some() {
+            if config_get {
+                // Its reply would bypass the secret filter (RESP3 clients may send it now).
+                return self.deny(Reply::error(
+                    "ERR CONFIG GET while subscribed is not supported by the datamesh proxy",
+                ));
+            }
             return self.execute_in_pubsub(rt, spec);
         }
         let Some(spec) = spec else {
@@ -214,10 +239,6 @@ impl Session {
             }
             return self.forward_front(rt, None);
         };
-        if let Kind::Refused(reason) = spec.kind {
-            let r = Reply::error(&commands::refusal(cmd.name(), reason));
-            return self.refuse(r);
-        }
         if !spec.arity_ok(argc) {
             let r = wrong_args(cmd.name());
             return self.refuse(r);
@@ -225,6 +246,24 @@ impl Session {
         if let Some(reason) = commands::refused_subcommand(spec, cmd) {
             let r = Reply::error(&commands::refusal(cmd.name(), reason));
             return self.refuse(r);
+        }
+        if config_get {
+            if self.state.tx.in_multi() {
+                // EXEC's array would carry the reply past the secret filter.
+                return self.refuse(Reply::error(
+                    "ERR CONFIG GET inside MULTI is not supported by the datamesh proxy",
+                ));
+            }
+            return self.forward_redacted(rt, spec);
+        }
+        if commands::is_script_kill(spec, cmd) {
+            if self.state.tx.in_multi() {
+                return self.refuse(Reply::error(&format!(
+                    "ERR {} KILL inside MULTI is not supported by the datamesh proxy",
+                    spec.name.to_ascii_uppercase()
+                )));
+            }
+            return self.script_kill(rt, spec);
         }
         match spec.kind {
             Kind::Tx(t) => self.execute_tx(rt, spec, t),
@@ -260,6 +299,194 @@ impl Session {
     fn refuse(&mut self, r: Reply) -> Need {
         self.state.tx.fail();
         self.answer(r)
+    }
+
+    /// [`Self::refuse`], also while subscribed (where replies do not go through the ordered
+    /// queue).
+    fn deny(&mut self, r: Reply) -> Need {
+        if self.state.pubsub.is_some() {
+            self.inbox.pop_front();
+            self.write_now(r);
+            return Need::Go;
+        }
+        self.refuse(r)
+    }
+
+    /// The `-NOPERM` reply when the user's policy (or the default) or the pod's policy does not
+    /// allow the front command; counted per endpoint, pod and command. AUTH, HELLO, QUIT and
+    /// RESET are never refused (a client can always change user or leave), nor what the proxy
+    /// answers from the connection's own state (PING, SELECT, CLIENT ID/SETNAME/LIST ...): the
+    /// policy guards the shared backend and the other tenants, which those never reach.
+    fn policy_refusal(&self, spec: Option<&'static CommandSpec>) -> Option<Reply> {
+        let cmd = self.front()?;
+        if spec.is_some_and(|s| {
+            s.has(NO_AUTH) || matches!(s.kind, Kind::Local(l) if l != Local::Cluster)
+        }) {
+            return None;
+        }
+        let slot = catalog().slot_of(spec, cmd);
+        let user_ok = self
+            .state
+            .acl
+            .as_ref()
+            .is_some_and(|p| p.allows(slot, cmd.name()));
+        if user_ok && self.pod.acl_allows(slot, cmd.name()) {
+            return None;
+        }
+        let pod = self.pod.name();
+        self.shared
+            .metrics
+            .policy_denied
+            .get_or_create(&PolicyLabels {
+                endpoint: self.ep.name.clone(),
+                pod: pod.clone(),
+                command: acl::metric_name(slot).to_string(),
+            })
+            .inc();
+        let user = self.state.user.as_deref().unwrap_or("default");
+        Some(Reply::error(&acl::noperm(
+            user,
+            &pod,
+            &acl::display_name(slot, cmd),
+        )))
+    }
+
+    /// An operator: the user's and the pod's policies allow every `@admin` command.
+    fn is_operator(&self) -> bool {
+        self.state.acl.as_ref().is_some_and(|p| p.is_operator()) && self.pod.acl_operator()
+    }
+
+    /// `CONFIG GET` on the shared lane, its reply without the values of secret parameters.
+    fn forward_redacted(&mut self, rt: &Arc<EndpointRuntime>, spec: &'static CommandSpec) -> Need {
+        let lane = self.shared_lane();
+        if !self.lane_ok(lane) {
+            return Need::Barrier;
+        }
+        let Some(cmd) = self.pop_command() else {
+            return Need::Go;
+        };
+        let target = match self.target_for(rt, Some(spec), &cmd) {
+            Ok(t) => t,
+            Err(r) => {
+                self.push_reply(r);
+                return Need::Go;
+            }
+        };
+        let req = self.request(cmd.raw, spec.replay);
+        let call = self.upstream.send(&rt.router, target, req, self.state.id);
+        self.push(Call::boxed(
+            async move { acl::redact_config_get(call.await) },
+        ));
+        Need::Go
+    }
+
+    /// `SCRIPT KILL` / `FUNCTION KILL`: for a user with a script in flight on this endpoint
+    /// (from this pod), or an operator; on a connection of its own (a shared one may be stuck
+    /// behind the busy script): the master, or in cluster mode the nodes running the caller's
+    /// scripts (every master for an operator). OK if any node killed one, else its error.
+    fn script_kill(&mut self, rt: &Arc<EndpointRuntime>, spec: &'static CommandSpec) -> Need {
+        let user = self.state.user.clone().unwrap_or_else(|| "default".into());
+        let own = self.pod.scripts_of(&self.ep.name, &user);
+        let nodes = match own {
+            Some(nodes) if !self.is_operator() => Some(nodes),
+            _ if self.is_operator() => None,
+            _ => {
+                let pod = self.pod.name();
+                let command = format!("{}|kill", spec.name);
+                self.shared
+                    .metrics
+                    .policy_denied
+                    .get_or_create(&PolicyLabels {
+                        endpoint: self.ep.name.clone(),
+                        pod: pod.clone(),
+                        command: command.clone(),
+                    })
+                    .inc();
+                return self.refuse(Reply::error(&format!(
+                    "NOPERM User {user} (pod {pod}) has no script running on endpoint {} and may not run the '{command}' command on others' scripts (datamesh proxy policy)",
+                    self.ep.name
+                )));
+            }
+        };
+        if !rt.router.is_cluster() {
+            return self.execute_blocking(rt, spec);
+        }
+        let Some(cmd) = self.pop_command() else {
+            return Need::Go;
+        };
+        let target = self.keyless(false);
+        let nodes = match nodes {
+            Some(n) if !n.is_empty() => n,
+            _ => rt.router.topology.masters(),
+        };
+        let req = self.request(cmd.raw, spec.replay);
+        self.push(Call::boxed(kill_on_nodes(
+            rt.router.clone(),
+            nodes,
+            req,
+            target,
+        )));
+        Need::Go
+    }
+
+    /// A failed AUTH or HELLO AUTH: counted, logged at a bounded rate, answered after the
+    /// pod's delay (the session reads nothing meanwhile), and the connection closed after
+    /// `proxy.auth_max_failures`.
+    fn auth_failed(&mut self, reply: Reply, user: String) -> Need {
+        let settings = self.shared.settings();
+        let pod = self.pod.name();
+        self.shared.metrics.count_error(&self.ep.name, "auth");
+        self.shared
+            .metrics
+            .auth_failures
+            .get_or_create(&PodEndpointLabels {
+                endpoint: self.ep.name.clone(),
+                pod: pod.clone(),
+            })
+            .inc();
+        self.state.auth_failures = self.state.auth_failures.saturating_add(1);
+        let penalty = self.pod.auth_failed(self.shared.pod_limits.now_ns());
+        if let Some(n) = penalty.warn {
+            tracing::warn!(
+                endpoint = %self.ep.name,
+                pod = %pod,
+                user = %user,
+                peer = %self.state.peer,
+                failures = n,
+                delay_ms = penalty.delay.as_millis() as u64,
+                "failed AUTH attempts (logged at most every 10 s per pod; failures = since the last warning)"
+            );
+        }
+        let max = settings.auth_max_failures;
+        let close = max != 0 && self.state.auth_failures >= max;
+        let reply = if close {
+            Reply::error(&format!(
+                "WRONGPASS invalid username-password pair or user is disabled. (datamesh proxy: {} failed AUTH attempts on this connection, closing it)",
+                self.state.auth_failures
+            ))
+        } else {
+            reply
+        };
+        self.inbox.pop_front();
+        if close {
+            self.closing = true;
+            self.inbox.clear();
+        }
+        if penalty.delay.is_zero() {
+            self.push_reply(reply);
+        } else {
+            let until = tokio::time::Instant::now() + penalty.delay;
+            self.push(Call::boxed(async move {
+                tokio::time::sleep_until(until).await;
+                reply
+            }));
+            // Nothing more of this client is read or run until then.
+            self.stall = Some(Box::pin(async move {
+                tokio::time::sleep_until(until).await;
+                StallDone::AuthDelay
+            }));
+        }
+        Need::Go
     }
 
     /// Whether a command for `lane` may run now: every earlier reply is in, or they were on
@@ -444,7 +671,22 @@ impl Session {
             }
         };
         let req = self.request(cmd.raw, class);
-        let call = self.upstream.send(&rt.router, target, req, self.state.id);
+        let mut call = self.upstream.send(&rt.router, target, req, self.state.id);
+        if spec.is_some_and(|s| s.has(SCRIPT)) {
+            // In flight until its reply: its user may SCRIPT KILL it meanwhile.
+            let node = if rt.router.is_cluster() {
+                rt.router.pick(target).ok()
+            } else {
+                None
+            };
+            let user = self.state.user.as_deref().unwrap_or("default");
+            let guard = self.pod.script_started(&self.ep.name, user, node);
+            call = Call::boxed(async move {
+                let r = call.await;
+                drop(guard);
+                r
+            });
+        }
         self.push(call);
         Need::Go
     }
@@ -890,7 +1132,7 @@ impl Session {
                 let settings = self.shared.settings();
                 let a = self.state.auth(&settings.users, &args[1..]);
                 if a.auth_failed {
-                    self.shared.metrics.count_error(&self.ep.name, "auth");
+                    return self.auth_failed(a.reply, attempted_user(&args[1..]));
                 }
                 a.reply
             }
@@ -899,7 +1141,13 @@ impl Session {
                 let facts = self.facts(rt);
                 let a = self.state.hello(&settings.users, &facts, &args[1..]);
                 if a.auth_failed {
-                    self.shared.metrics.count_error(&self.ep.name, "auth");
+                    let at = args
+                        .iter()
+                        .position(|a| a.eq_ignore_ascii_case(b"AUTH"))
+                        .map(|i| i + 1)
+                        .unwrap_or(args.len());
+                    let creds = args.get(at..(at + 2).min(args.len())).unwrap_or_default();
+                    return self.auth_failed(a.reply, attempted_user(creds));
                 }
                 a.reply
             }
@@ -973,6 +1221,39 @@ fn release_after(call: Call, mut d: Dedicated, clean: fn(&Reply) -> bool) -> Cal
         drop(d);
         r
     })
+}
+
+/// `SCRIPT KILL` / `FUNCTION KILL` on each of `nodes`, each on a dedicated connection of its
+/// own: OK when any node killed a script, else the first error (`NOTBUSY ...` when none ran).
+async fn kill_on_nodes(
+    router: Arc<Router>,
+    nodes: Vec<SocketAddr>,
+    req: Request,
+    target: Target,
+) -> Reply {
+    let calls = nodes.into_iter().map(|node| {
+        let router = router.clone();
+        let req = req.clone();
+        async move {
+            let pool = router.group.pool(router.key(node, target));
+            match pool.dedicated().await {
+                Ok(d) => {
+                    let r = router.call_on(&d, req, false).await;
+                    drop(d);
+                    r
+                }
+                Err(e) => error_reply(&e, e.never_sent()),
+            }
+        }
+    });
+    let replies = futures::future::join_all(calls).await;
+    if replies.iter().any(Reply::is_ok) {
+        return Reply::ok();
+    }
+    replies
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| proxy_error("no cluster master known yet"))
 }
 
 /// A multi-key command whose keys span slots: one part per slot through the router, merged

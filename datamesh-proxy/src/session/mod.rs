@@ -141,6 +141,8 @@ enum StallDone {
     Throttled,
     /// A dedicated connection for the front command (or an error to answer it with).
     Dedicated(Result<Dedicated, BackendError>),
+    /// A failed AUTH's delay is over (its reply was due now): read and dispatch again.
+    AuthDelay,
 }
 
 type Stall = Pin<Box<dyn Future<Output = StallDone> + Send>>;

@@ -4,13 +4,15 @@
 //! on this state (AUTH, HELLO, SELECT, CLIENT ...) are computed here, without I/O.
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Weak};
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::backend::{BackendError, Dedicated};
-use crate::config::User;
+use crate::commands::acl::Policy;
+use crate::config::{SessionSettings, User};
 use crate::resp::{Command, Reply, Value};
 
 /// MULTI/WATCH state.
@@ -70,6 +72,15 @@ pub struct Answer {
     pub auth_failed: bool,
 }
 
+/// The user name an AUTH or HELLO AUTH tried (for the failed-AUTH log; bounded).
+pub fn attempted_user(auth_args: &[Bytes]) -> String {
+    let name = match auth_args {
+        [u, _] => &u[..],
+        _ => b"default",
+    };
+    String::from_utf8_lossy(&name[..name.len().min(64)]).into_owned()
+}
+
 impl Answer {
     fn ok(reply: Reply) -> Self {
         Self {
@@ -107,6 +118,12 @@ pub struct ClientState {
     /// Boxed: most clients never subscribe, and every session carries this field.
     pub pubsub: Option<Box<PubSub>>,
     pub created: Instant,
+    /// The user's command policy, resolved from the settings in `acl_from` (None until the
+    /// client is authenticated, and again when its user changes).
+    pub acl: Option<Arc<Policy>>,
+    acl_from: Weak<SessionSettings>,
+    /// Failed AUTH attempts on this connection.
+    pub auth_failures: u32,
 }
 
 /// Whether a client must AUTH first: users are configured and there is no password-less
@@ -181,7 +198,23 @@ impl ClientState {
             tx: Tx::None,
             pubsub: None,
             created: Instant::now(),
+            acl: None,
+            acl_from: Weak::new(),
+            auth_failures: 0,
         }
+    }
+
+    /// Resolves the user's policy if the user or the settings changed (a reload swaps the
+    /// settings whole): a pointer comparison per command otherwise.
+    pub fn refresh_acl(&mut self, settings: &Arc<SessionSettings>) {
+        if self.acl.is_some() && std::ptr::eq(self.acl_from.as_ptr(), Arc::as_ptr(settings)) {
+            return;
+        }
+        self.acl = self
+            .user
+            .as_deref()
+            .map(|u| settings.acl.for_user(u).clone());
+        self.acl_from = Arc::downgrade(settings);
     }
 
     pub fn authenticated(&self) -> bool {
@@ -205,6 +238,7 @@ impl ClientState {
         self.reply_off = false;
         self.skip_next = false;
         self.user = (!auth_required(users)).then(|| "default".to_string());
+        self.acl = None;
     }
 
     pub fn auth(&mut self, users: &[User], args: &[Bytes]) -> Answer {
@@ -221,6 +255,7 @@ impl ClientState {
         match check_user(users, user, pass) {
             Ok(()) => {
                 self.user = Some(String::from_utf8_lossy(user).into_owned());
+                self.acl = None;
                 Answer::ok(Reply::ok())
             }
             Err(reply) => Answer {
@@ -280,6 +315,7 @@ impl ClientState {
         }
         if let Some(u) = new_user {
             self.user = Some(u);
+            self.acl = None;
         }
         if let Some(n) = new_name {
             self.name = if n.is_empty() { None } else { Some(n) };
@@ -463,6 +499,7 @@ mod tests {
         User {
             name: n.into(),
             password: p.map(|p| Secret(p.into())),
+            acl: None,
         }
     }
 
@@ -553,6 +590,43 @@ mod tests {
             .error_text()
             .starts_with(b"ERR CLIENT KILL is not supported"));
         assert!(s.client(&cmd("CLIENT NOPE"), (0, 0)).is_error());
+    }
+
+    #[test]
+    fn the_users_policy_follows_the_user_and_reloads() {
+        let users = [user("app", Some("pw")), user("ops", Some("pw2"))];
+        let mut users_acl = users.to_vec();
+        users_acl[1].acl = Some("+@all".into());
+        let settings = |default: &str| {
+            Arc::new(SessionSettings {
+                users: users_acl.clone(),
+                acl: Arc::new(
+                    crate::config::AclSettings::build(&users_acl, default).expect("valid"),
+                ),
+                ..Default::default()
+            })
+        };
+        let s1 = settings("-@all +get");
+        let mut s = ClientState::new(1, addr(), addr(), addr(), &users);
+        s.refresh_acl(&s1);
+        assert!(s.acl.is_none(), "not authenticated");
+        s.auth(&users, &[Bytes::from("app"), Bytes::from("pw")]);
+        s.refresh_acl(&s1);
+        assert_eq!(s.acl.as_ref().map(|p| p.text()), Some("-@all +get"));
+        s.auth(&users, &[Bytes::from("ops"), Bytes::from("pw2")]);
+        s.refresh_acl(&s1);
+        assert!(s.acl.as_ref().is_some_and(|p| p.is_operator()));
+        s.auth(&users, &[Bytes::from("app"), Bytes::from("pw")]);
+        s.refresh_acl(&s1);
+        // A reload: the new default applies at the next command.
+        let s2 = settings("-@all +set");
+        s.refresh_acl(&s2);
+        assert_eq!(s.acl.as_ref().map(|p| p.text()), Some("-@all +set"));
+        assert_eq!(attempted_user(&[Bytes::from("pw")]), "default");
+        assert_eq!(
+            attempted_user(&[Bytes::from("bob"), Bytes::from("pw")]),
+            "bob"
+        );
     }
 
     #[test]

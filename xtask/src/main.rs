@@ -9,6 +9,7 @@ mod bench_proxy;
 mod build_ebpf;
 mod demo;
 mod drill;
+mod fuzz;
 mod setup;
 mod test;
 mod util;
@@ -27,7 +28,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install what the project needs (apt packages, bpf-linker, redis, Python test clients).
+    /// Install what the project needs (apt packages, bpf-linker, cargo-fuzz, redis, Python test clients).
     Setup,
     /// Build the eBPF object (with BTF) for bpfel-unknown-none.
     BuildEbpf(build_ebpf::Args),
@@ -40,6 +41,8 @@ enum Cmd {
     Bench(bench::Bench),
     /// Drills (not tests): faults under load, direct vs through the proxy, side by side.
     Drill(drill::Args),
+    /// Run the RESP codec's libFuzzer targets (fuzz/) for a bounded time each.
+    Fuzz(fuzz::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -50,5 +53,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test(args) => test::run(&args),
         Cmd::Bench(b) => bench::run(&b),
         Cmd::Drill(args) => drill::run(&args),
+        Cmd::Fuzz(args) => fuzz::run(&args),
     }
 }

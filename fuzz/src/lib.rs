@@ -1,5 +1,5 @@
-//! The properties the fuzz targets check, shared by the libFuzzer targets (`fuzz_targets/`)
-//! and the corpus replay test (`cargo test` in this crate).
+//! The properties the fuzz targets check (`fuzz_targets/` are one-line wrappers). The codec
+//! targets are here; the session target is [`session`].
 //!
 //! Every input is decoded as a byte stream arriving in several ways (all at once, byte by
 //! byte, in pseudo-random chunks derived from the input) under several [`Limits`] (the
@@ -7,6 +7,8 @@
 //! way must give the same commands (or replies) and the same end (incomplete or a protocol
 //! error), and every frame must hold the properties the proxy relies on. A failed property
 //! panics, which libFuzzer reports as a crash with the input saved under `fuzz/artifacts/`.
+
+pub mod session;
 
 use bytes::{Bytes, BytesMut};
 use datamesh_proxy::resp::{

@@ -1,9 +1,11 @@
-//! `cargo xtask fuzz`: runs the libFuzzer targets of `fuzz/` (the RESP client command decoder
-//! and backend reply decoder) for a bounded time each, with cargo-fuzz on the stable toolchain
+//! `cargo xtask fuzz`: runs the libFuzzer targets of `fuzz/` (the RESP client command decoder,
+//! the backend reply decoder, and the session in process on a real redis-server) for a
+//! bounded time each, with cargo-fuzz on the stable toolchain
 //! (`--sanitizer none`: the sanitizers need nightly; the targets check their properties with
 //! assertions, and safe Rust needs no AddressSanitizer). `cargo xtask test` runs them too.
 //!
-//! Seeds come from the checked-in corpus `fuzz/corpus/<target>/` (read only); what libFuzzer
+//! Seeds come from the checked-in corpus `fuzz/corpus/<target>/` (read only; the session
+//! target uses `commands/`); what libFuzzer
 //! learns goes to `target/fuzz-corpus/<target>/` and is reused by the next run. A failing
 //! input is saved under `fuzz/artifacts/<target>/`, and the command to reproduce it is printed.
 
@@ -16,7 +18,16 @@ use anyhow::{bail, Context, Result};
 use crate::util::project_root;
 
 /// The libFuzzer targets (`fuzz/fuzz_targets/<name>.rs`).
-pub const TARGETS: &[&str] = &["commands", "replies"];
+pub const TARGETS: &[&str] = &["commands", "replies", "session"];
+
+/// The checked-in seeds of a target: `fuzz/corpus/<name>/` (the session target reads client
+/// input, so it starts from the command decoder's seeds).
+fn seed_corpus(target: &str) -> &str {
+    match target {
+        "session" => "commands",
+        t => t,
+    }
+}
 
 /// Seconds each target runs by default in `cargo xtask test`.
 pub const DEFAULT_SECS: u64 = 25;
@@ -65,7 +76,7 @@ fn cargo_fuzz_cmd(cargo_fuzz: &Path, fuzz_dir: &Path) -> Command {
 }
 
 fn run_one(cargo_fuzz: &Path, fuzz_dir: &Path, target: &str, secs: u64) -> Result<()> {
-    let seeds = fuzz_dir.join("corpus").join(target);
+    let seeds = fuzz_dir.join("corpus").join(seed_corpus(target));
     let work = datamesh_tests::target_dir()
         .join("fuzz-corpus")
         .join(target);
@@ -91,16 +102,26 @@ fn run_one(cargo_fuzz: &Path, fuzz_dir: &Path, target: &str, secs: u64) -> Resul
         .with_context(|| format!("running cargo fuzz run {target}"))?;
     let log = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
-        let tail: Vec<&str> = log.lines().rev().take(60).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        // What failed (the panic message), then libFuzzer's summary with the input's path.
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("at ") && !is_frame(l))
+            .collect();
+        let mut report: Vec<&str> = Vec::new();
+        if let Some(i) = lines.iter().position(|l| l.contains("panicked at")) {
+            report.extend(lines.iter().skip(i).take(6));
+            report.push("...");
+        }
+        report.extend(lines.iter().skip(lines.len().saturating_sub(30)));
         bail!(
             "fuzz target {target} failed ({}):\n{}\n\
              The failing input is saved under fuzz/artifacts/{target}/ (its path is above); \
              reproduce it with `cd fuzz && cargo fuzz run --sanitizer none -O {target} <path>`, \
-             and once fixed copy it into fuzz/corpus/{target}/ (and add a test in \
-             datamesh-proxy/src/resp/fuzz_regressions.rs).",
+             and once fixed copy it into fuzz/corpus/{}/ and add a test \
+             (datamesh-proxy/src/resp/fuzz_regressions.rs or tests/tests/fuzz.rs).",
             out.status,
-            tail.join("\n")
+            report.join("\n"),
+            seed_corpus(target)
         );
     }
     // One line: how many inputs ran, how many the corpus holds.
@@ -116,6 +137,13 @@ fn run_one(cargo_fuzz: &Path, fuzz_dir: &Path, target: &str, secs: u64) -> Resul
         work.display()
     );
     Ok(())
+}
+
+/// A backtrace frame line (`  12: name`).
+fn is_frame(l: &str) -> bool {
+    l.trim_start()
+        .split_once(": ")
+        .is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 pub fn run(args: &Args) -> Result<()> {

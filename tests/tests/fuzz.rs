@@ -226,9 +226,8 @@ fn attacker(
                         attack::frames_text(&seen.frames)
                     ));
                 }
-                st.fully_checked += u64::from(
-                    ending == Ending::Graceful && exp.regular && !seen.reset && !seen.write_failed,
-                );
+                st.fully_checked +=
+                    u64::from(ending == Ending::Graceful && exp.regular && !seen.reset);
             }
             Err(e) => {
                 stop.store(true, Ordering::Relaxed);

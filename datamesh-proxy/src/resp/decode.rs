@@ -8,7 +8,8 @@ use super::value::{encode_command, parse_int};
 use super::{Command, Limits, ProtocolError, Reply, ReplyKind};
 
 /// Finds `\r\n` at or after `from`; `Ok(None)` when not there yet, an error when the line is
-/// already longer than `max`.
+/// longer than `max` (whether or not its end has arrived, so the answer does not depend on
+/// how the bytes were split into reads).
 pub(crate) fn find_crlf(
     buf: &[u8],
     from: usize,
@@ -17,17 +18,31 @@ pub(crate) fn find_crlf(
     let hay = &buf[from.min(buf.len())..];
     match hay.iter().position(|b| *b == b'\r') {
         Some(i) if from + i + 1 < buf.len() => {
-            if buf[from + i + 1] == b'\n' {
-                Ok(Some(from + i))
-            } else {
+            if buf[from + i + 1] != b'\n' {
                 // A bare CR inside a header line is never valid RESP.
                 Err(ProtocolError::InvalidInteger)
+            } else if i > max {
+                Err(ProtocolError::HeaderTooLong)
+            } else {
+                Ok(Some(from + i))
             }
         }
         Some(i) if i > max => Err(ProtocolError::HeaderTooLong),
         Some(_) => Ok(None),
         None if hay.len() > max => Err(ProtocolError::HeaderTooLong),
         None => Ok(None),
+    }
+}
+
+/// A length in a client command's header, read as Redis reads it (`string2ll`): digits with
+/// an optional `-`, no `+`, no leading zero, no `-0`. A command is forwarded as the client's
+/// bytes, so a header Redis would refuse is refused here: forwarded, it would make the backend
+/// answer a protocol error and close a pooled connection other clients share.
+fn parse_len(s: &[u8]) -> Option<i64> {
+    match s {
+        [b'0'] => Some(0),
+        [b'1'..=b'9', ..] | [b'-', b'1'..=b'9', ..] => parse_int(s),
+        _ => None,
     }
 }
 
@@ -70,7 +85,7 @@ impl CommandDecoder {
                 let Some(end) = find_crlf(buf, 1, limits.max_inline_len)? else {
                     return Ok(None);
                 };
-                let n = parse_int(&buf[1..end]).ok_or(ProtocolError::InvalidMultibulkLength)?;
+                let n = parse_len(&buf[1..end]).ok_or(ProtocolError::InvalidMultibulkLength)?;
                 if n > i32::MAX as i64 {
                     return Err(ProtocolError::InvalidMultibulkLength);
                 }
@@ -113,7 +128,7 @@ impl CommandDecoder {
                     return Ok(None);
                 };
                 let len =
-                    parse_int(&buf[self.pos + 1..end]).ok_or(ProtocolError::InvalidBulkLength)?;
+                    parse_len(&buf[self.pos + 1..end]).ok_or(ProtocolError::InvalidBulkLength)?;
                 if len < 0 {
                     return Err(ProtocolError::InvalidBulkLength);
                 }
@@ -297,6 +312,10 @@ pub fn split_args(line: &[u8]) -> Result<Vec<Vec<u8>>, ProtocolError> {
     }
 }
 
+/// Most bytes the reply decoder reserves ahead for a body not yet received (a larger body
+/// grows the buffer as it arrives).
+const REPLY_RESERVE_MAX: usize = 64 * 1024 * 1024;
+
 /// Resumable decoder of backend replies (any RESP2/RESP3 frame, nested).
 #[derive(Debug, Default)]
 pub struct ReplyDecoder {
@@ -342,7 +361,10 @@ impl ReplyDecoder {
                         }
                         let stop = end + 2 + len as usize;
                         if buf.len() < stop + 2 {
-                            buf.reserve(stop + 2 - buf.len());
+                            // The length is the peer's word: room for at most
+                            // REPLY_RESERVE_MAX at once (`$999999999999` from a confused
+                            // peer must not abort the agent with a failed allocation).
+                            buf.reserve((stop + 2 - buf.len()).min(REPLY_RESERVE_MAX));
                             return Ok(None);
                         }
                         if &buf[stop..stop + 2] != b"\r\n" {

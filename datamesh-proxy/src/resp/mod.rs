@@ -15,6 +15,8 @@
 //! is parsed into a [`Value`].
 
 mod decode;
+#[cfg(test)]
+mod fuzz_regressions;
 mod value;
 
 pub use decode::{

@@ -106,8 +106,31 @@ fn session_settings(cfg: &Config) -> SessionSettings {
     }
 }
 
-/// Logs the budget-derived sizes the proxy runs with (they are not in `/config_dump`,
-/// which shows the file's values).
+/// `/config_dump`: the effective config, plus `resolved`: the sizes the proxy runs with where
+/// the file left them to the memory budget, and the container resources they came from.
+fn config_dump(cfg: &Config) -> String {
+    let mut v = serde_json::to_value(cfg).unwrap_or_default();
+    let res = resources::get();
+    let m = cfg.proxy.memory(res.memory_limit);
+    if let Some(o) = v.as_object_mut() {
+        o.insert(
+            "resolved".into(),
+            serde_json::json!({
+                "container_memory_limit": res.memory_limit,
+                "nofile": res.nofile,
+                "memory_budget_bytes": m.memory_budget_bytes,
+                "max_bulk_len": m.max_bulk_len,
+                "client_query_buffer_limit_bytes": m.client_query_buffer_limit_bytes,
+                "client_output_buffer_limit_normal": m.client_output_buffer_limit_normal,
+                "max_clients": resources::effective_max_clients(cfg.proxy.max_clients, res.nofile),
+            }),
+        );
+    }
+    serde_json::to_string_pretty(&v).unwrap_or_else(|_| "{}".into())
+}
+
+/// Logs the budget-derived sizes the proxy runs with (also under `resolved` in
+/// `/config_dump`).
 fn log_sizes(s: &SessionSettings) {
     info!(
         memory_budget_bytes = s.memory_budget,
@@ -213,8 +236,9 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
     })?;
 
     let cfg = config::load(&opts.config)?;
-    raise_nofile_limit();
-    let config_json = serde_json::to_string_pretty(&cfg).unwrap_or_else(|_| "{}".into());
+    // Reads the container's memory limit and raises the descriptor limit, once.
+    resources::get();
+    let config_json = config_dump(&cfg);
     info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "effective config");
 
     preflight::check_all(&cfg)?;
@@ -714,34 +738,11 @@ async fn reload(ctx: &ReloadCtx<'_>, running: &mut Running) {
     *ctx.admin
         .config_json
         .write()
-        .unwrap_or_else(|p| p.into_inner()) =
-        serde_json::to_string_pretty(&new).unwrap_or_else(|_| "{}".into());
+        .unwrap_or_else(|p| p.into_inner()) = config_dump(&new);
     if let Err(e) = ctx.ready.write(&new, &running.listeners) {
         warn!(error = %e, "config reload: cannot rewrite the ready file");
     }
     info!(config = %serde_json::to_string(&new).unwrap_or_default(), "config reloaded");
     running.cfg = new;
     result("ok");
-}
-
-/// Raises the soft open-files limit to the hard limit: every client connection and every
-/// backend connection is a descriptor, and the default soft limit (often 1024) is far below
-/// what a node proxy needs.
-fn raise_nofile_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes one rlimit into `lim`, which we own.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return;
-    }
-    if lim.rlim_cur < lim.rlim_max {
-        let old = lim.rlim_cur;
-        lim.rlim_cur = lim.rlim_max;
-        // SAFETY: setrlimit reads the rlimit we pass; raising soft up to hard needs no privilege.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
-            info!(from = old, to = lim.rlim_cur, "raised the open-files limit");
-        }
-    }
 }

@@ -62,9 +62,11 @@ fn effective_limits(env: &Env) -> Result<Limits> {
     ensure!(status == 200, "/config_dump answered {status}: {body}");
     let v: serde_json::Value = serde_json::from_str(&body).context("/config_dump is not JSON")?;
     let p = &v["proxy"];
+    // Sizes the file leaves to the memory budget are under `resolved`.
     let num = |k: &str| -> Result<u64> {
         p[k].as_u64()
-            .ok_or_else(|| anyhow!("/config_dump has no proxy.{k}: {}", p))
+            .or_else(|| v["resolved"][k].as_u64())
+            .ok_or_else(|| anyhow!("/config_dump has no proxy.{k} or resolved.{k}: {}", v))
     };
     Ok(Limits {
         max_bulk_len: num("max_bulk_len")?,

@@ -149,7 +149,6 @@ impl Attribution for CaptureAttribution {
         };
         let refuse =
             (admission == Some(Admission::Refused)).then(|| REFUSED_UNCAPTURED.to_string());
-        if refuse.is_some() {}
         let token = self.log.push(ConnRecord {
             id: 0,
             peer: peer.to_string(),

@@ -1,19 +1,22 @@
 //! `dm_sockops`: turns a captured connect into a `dm_conns` entry keyed by the 4-tuple, and
 //! (fast path on) puts both ends of a captured connection into `dm_socks`.
 //!
-//! - ACTIVE_ESTABLISHED (pod side): `dm_sock_orig[socket cookie]` → `dm_conns[pod view]`, ask
-//!   for state callbacks so the close is seen, insert the pod socket into `dm_socks`.
+//! - ACTIVE_ESTABLISHED (pod side): `dm_sock_orig[socket cookie]` → `dm_conns[pod view]`,
+//!   insert the pod socket into `dm_socks`.
 //! - PASSIVE_ESTABLISHED (proxy side): when the reversed tuple is a captured connection,
 //!   insert the accepted socket into `dm_socks`.
-//! - STATE_CB → TCP_CLOSE (pod side): remove `dm_conns[pod view]`.
+//!
+//! `dm_conns` entries are not removed when the pod socket closes: a client that sends and
+//! closes at once (fire and forget) reaches TCP_CLOSE (orphaned FIN_WAIT2 becomes TIME_WAIT)
+//! before the proxy accepts its connection, and the proxy must still know whose it is. The map
+//! is an LRU (`CONNS_MAX` entries); a reused 4-tuple is overwritten at its ACTIVE_ESTABLISHED.
 //!
 //! This program never fails a connection: every path returns 1.
 
 use aya_ebpf::{
     bindings::{
         bpf_sock_ops, BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
     },
     helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns},
     programs::SockOpsContext,
@@ -39,13 +42,6 @@ pub fn try_sockops(ctx: &SockOpsContext) -> Result<(), SockOpsError> {
         active_established(ops)?;
     } else if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
         passive_established(ops)?;
-    } else if op == BPF_SOCK_OPS_STATE_CB {
-        // args[1] is the new state; the callback is only requested for captured pod sockets.
-        if ctx_read!((*ops).__bindgen_anon_1.args[1]) == BPF_TCP_CLOSE {
-            let key = own_view(ops).ok_or(SockOpsError)?;
-            // Already gone (LRU eviction, agent cleanup) is fine.
-            let _ = CONNS.remove(key);
-        }
     }
     Ok(())
 }
@@ -105,11 +101,6 @@ fn active_established(ops: *mut bpf_sock_ops) -> Result<(), SockOpsError> {
         .insert(key, info, BPF_ANY as u64)
         .map_err(|_| SockOpsError)?;
     let _ = SOCK_ORIG.remove(cookie);
-
-    // Ask for state callbacks so the dm_conns entry is removed when the pod socket closes.
-    let flags = ctx_read!((*ops).bpf_sock_ops_cb_flags) | BPF_SOCK_OPS_STATE_CB_FLAG;
-    // SAFETY: `ops` is the program's context.
-    let _ = unsafe { aya_ebpf::helpers::bpf_sock_ops_cb_flags_set(ops, flags as i32) };
 
     if fastpath_on() {
         // A failed insert (map full) leaves the connection on normal TCP: sk_msg never runs

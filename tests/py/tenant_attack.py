@@ -19,6 +19,7 @@ Scenarios:
               closing; reports nothing but counts
   hold-blocked --clients N connections each blocked in BLPOP; reports how many block and how
               many were refused (the per-pod max_dedicated)
+  fire-forget --clients N connections that each send one SET and close at once (no read)
   hold        --clients N idle connections held for --seconds; reports how many were refused
               (got an error line and were closed) and the first refusal
   slowloris   --clients N connections sending one byte of a command every --interval s;
@@ -259,6 +260,14 @@ def scenario_hold(a):
     for s in socks:
         s.close()
     print(json.dumps({"clients": a.clients, "refused": refused, "served": served, "first_refusal": first}))
+
+
+def scenario_fire_forget(a):
+    for i in range(a.clients):
+        s = connect(a)
+        s.sendall(cmd("SET", "ff:%d" % i, "1"))
+        s.close()
+    print(json.dumps({"clients": a.clients}))
 
 
 def scenario_hold_blocked(a):

@@ -30,6 +30,7 @@ pub mod proxy;
 pub mod redis;
 pub mod resp;
 pub mod sentinel;
+pub mod tenant;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -5,7 +5,6 @@
 //! redis-py, checking every reply. Memory cases run the agent in a memory-limited cgroup, as
 //! the DaemonSet does, and check the kernel never OOM-killed it.
 
-use std::net::SocketAddr;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -13,50 +12,9 @@ use anyhow::{anyhow, ensure, Context, Result};
 use datamesh_tests::env::run_test;
 use datamesh_tests::proxy::{python, RespConn};
 use datamesh_tests::resp::Reply;
+use datamesh_tests::tenant::{self, attack, metric, with_bystander, MIB};
 use datamesh_tests::{wait_until, Env};
 use serde_json::Value;
-
-const MIB: u64 = 1024 * 1024;
-
-/// Runs a `tenant_attack.py` scenario in pod `pod` against `addr`.
-fn attack(env: &Env, pod: &str, scenario: &str, addr: SocketAddr, extra: &[&str]) -> Result<Value> {
-    let mut args = vec![
-        scenario.to_string(),
-        "--host".into(),
-        addr.ip().to_string(),
-        "--port".into(),
-        addr.port().to_string(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let v = python(env.pod(pod).cmd("python3"), "tenant_attack.py", &args)
-        .with_context(|| format!("{scenario} from pod {pod}"))?;
-    eprintln!("{scenario} (pod {pod}) -> {v}");
-    Ok(v)
-}
-
-/// Runs `attack` while the bystander pod checks SET/GET for `seconds`; returns both results.
-fn with_bystander(
-    env: &Env,
-    seconds: f64,
-    body: impl FnOnce() -> Result<Value> + Send,
-) -> Result<(Value, Value)> {
-    let svc = env.service_addr();
-    let secs = seconds.to_string();
-    thread::scope(|s| {
-        let b = s.spawn(|| {
-            attack(
-                env,
-                "bystander",
-                "bystander",
-                svc,
-                &["--seconds", &secs, "--interval", "0.005"],
-            )
-        });
-        let a = body();
-        let b = b.join().map_err(|_| anyhow!("bystander thread panicked"))?;
-        Ok((a?, b?))
-    })
-}
 
 fn bystander_clean(b: &Value) -> Result<()> {
     ensure!(
@@ -64,20 +22,6 @@ fn bystander_clean(b: &Value) -> Result<()> {
         "the bystander pod was affected: {b}"
     );
     Ok(())
-}
-
-/// Sum of the samples of metric `name` whose labels contain `label` ("" = all).
-fn metric(env: &Env, name: &str, label: &str) -> Result<f64> {
-    let (code, text) = env.agent().http_get("/metrics")?;
-    ensure!(code == 200, "/metrics answered {code}");
-    Ok(text
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            l.split([' ', '{']).next() == Some(name) && (label.is_empty() || l.contains(label))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum())
 }
 
 fn agent_alive(env: &Env) -> Result<()> {
@@ -374,6 +318,34 @@ fn dedicated_connections_are_released_and_capped_per_pod() {
     );
 }
 
+/// A pod's client that sends a command and closes at once (fire and forget) is still its pod's
+/// when the proxy accepts it after the close: the command runs, nothing is refused.
+#[test]
+fn fire_and_forget_clients_keep_their_identity() {
+    run_test(Env::builder().pods(["attacker", "bystander"]), |env| {
+        let svc = env.service_addr();
+        attack(env, "bystander", "fire-forget", svc, &["--clients", "300"])?;
+        let mut direct = RespConn::connect(env.service_addr())?;
+        wait_until(
+            "every fire-and-forget SET ran",
+            Duration::from_secs(5),
+            || {
+                let keys: Vec<String> = (0..300).map(|i| format!("ff:{i}")).collect();
+                let mut args = vec!["EXISTS"];
+                args.extend(keys.iter().map(String::as_str));
+                let r = direct.cmd(&args)?;
+                Ok((r == Reply::Int(300)).then_some(()))
+            },
+        )?;
+        let refused = metric(env, "datamesh_proxy_refused_connections_total", "")?;
+        ensure!(
+            refused == 0.0,
+            "{refused} fire-and-forget connections were refused"
+        );
+        Ok(())
+    });
+}
+
 /// A pod opening more connections than its max_connections gets a clear error for the
 /// excess; the proxy-wide max_clients holds too; /ready keeps answering and the bystander pod
 /// connects.
@@ -402,7 +374,7 @@ fn connection_caps_per_pod_and_per_proxy() {
             ensure!(
                 metric(
                     env,
-                    "datamesh_proxy_connections_refused_total",
+                    "datamesh_proxy_refused_connections_total",
                     "pod_max_connections"
                 )? >= 50.0
             );
@@ -509,4 +481,56 @@ fn slow_and_idle_clients_time_out() {
             Ok(())
         },
     );
+}
+
+/// `cargo xtask drill tenant` with a short load: every attack from one pod while another
+/// works, the agent under 256 MiB; it stays up, under its limit, and the bystander sees no
+/// error and no wrong reply.
+#[test]
+fn tenant_drill_short() {
+    const LIMIT: u64 = 256 * MIB;
+    run_test(tenant::env_builder(LIMIT), |env| {
+        let r = tenant::run(
+            env,
+            LIMIT,
+            &tenant::TenantOptions {
+                clients: 20,
+                seconds: 3.0,
+            },
+        )?;
+        eprintln!("{}", tenant::table(&r));
+        ensure!(r.oom_kills == 0, "the agent was OOM-killed");
+        for p in &r.phases {
+            ensure!(p.alive, "the agent was not ready after {}", p.name);
+            ensure!(
+                p.peak_rss < LIMIT * 9 / 10,
+                "{}: RSS peaked at {} MiB",
+                p.name,
+                p.peak_rss / MIB
+            );
+            bystander_clean(&p.bystander).with_context(|| p.name)?;
+        }
+        let by = |n: &str| {
+            r.phases
+                .iter()
+                .find(|p| p.name == n)
+                .map(|p| (p.closed, p.refused))
+        };
+        ensure!(
+            by("no-read").is_some_and(|(c, _)| c >= 20),
+            "no-read: {:?}",
+            by("no-read")
+        );
+        ensure!(
+            by("slowloris").is_some_and(|(c, _)| c >= 200),
+            "slowloris: {:?}",
+            by("slowloris")
+        );
+        ensure!(
+            by("conn-flood").is_some_and(|(_, r)| r >= 476),
+            "conn-flood: {:?}",
+            by("conn-flood")
+        );
+        Ok(())
+    });
 }

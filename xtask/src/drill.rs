@@ -1,3 +1,6 @@
+//! `cargo xtask drill tenant`: the hostile-tenant attacks of `datamesh_tests::tenant` against
+//! the release agent under a 256 MiB memory limit, one table of what each did.
+//!
 //! `cargo xtask drill failover`: the failover drills of `datamesh_tests::drill` with the release
 //! agent and longer loads, every scenario (or those named with `--scenario`) in its own test
 //! instance, one after the other, printing the side-by-side table (direct redis-py vs the
@@ -15,6 +18,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Result};
 use datamesh_tests::agent::{check_config, yaml_list, BackendSpec};
 use datamesh_tests::drill::{self, DrillOptions, DrillReport, LoadOptions, Scenario};
+use datamesh_tests::tenant;
 use datamesh_tests::Env;
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -22,6 +26,10 @@ pub enum Drill {
     /// Failover scenarios: killed/stopped Sentinel master, restarted server, promoted standby,
     /// killed Cluster master.
     Failover,
+    /// Hostile-tenant attacks (clients that never read, uploads, a slow subscriber, slowloris,
+    /// a connection flood, blocked clients that break the protocol) from one pod while another
+    /// works, the agent under a 256 MiB memory limit: peak RSS against the budget.
+    Tenant,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -46,8 +54,10 @@ pub struct Args {
 }
 
 pub fn run(a: &Args) -> Result<()> {
-    let Drill::Failover = a.drill;
     ensure!(a.seconds > 0, "--seconds must be positive");
+    if let Drill::Tenant = a.drill {
+        return run_tenant(a);
+    }
     let scenarios: Vec<Scenario> = if a.scenarios.is_empty() {
         Scenario::ALL.to_vec()
     } else {
@@ -111,6 +121,23 @@ pub fn run(a: &Args) -> Result<()> {
     if !failed.is_empty() {
         bail!("drills that could not run: {}", failed.join(", "));
     }
+    Ok(())
+}
+
+/// `cargo xtask drill tenant`: the release agent under the DaemonSet's memory limit.
+fn run_tenant(a: &Args) -> Result<()> {
+    let bin = match &a.agent_bin {
+        None => crate::demo::build_agent(true)?,
+        Some(bin) => crate::util::prebuilt_agent(bin)?,
+    };
+    const LIMIT: u64 = 256 * 1024 * 1024;
+    let env = tenant::env_builder(LIMIT).agent_bin(bin).build()?;
+    let opts = tenant::TenantOptions {
+        clients: 50,
+        seconds: a.seconds as f64,
+    };
+    let report = tenant::run(&env, LIMIT, &opts)?;
+    println!("{}", tenant::table(&report));
     Ok(())
 }
 

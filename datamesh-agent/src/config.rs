@@ -1493,6 +1493,17 @@ endpoints:
     }
 
     /// Validates YAML text and returns the error lines (empty when valid).
+    /// Every wanted error (by prefix) is there, and nothing else.
+    fn assert_errors<W: AsRef<str> + std::fmt::Debug>(errs: &[String], want: &[W]) {
+        for w in want {
+            assert!(
+                errs.iter().any(|e| e.starts_with(w.as_ref())),
+                "missing {w:?} in {errs:#?}"
+            );
+        }
+        assert_eq!(errs.len(), want.len(), "{errs:#?}");
+    }
+
     fn check(yaml: &str) -> Vec<String> {
         match parse_yaml(yaml).map(|r| r.validate(None, no_cgroup)) {
             Ok(Ok(_)) => vec![],
@@ -1573,13 +1584,7 @@ endpoints:
             "endpoints[2].backend: invalid socket address \"1.2.3.4\"",
             "endpoints[3].address: [2001:db8::1]:6379 is IPv6 but proxy_address_v6 is not set",
         ];
-        for w in want {
-            assert!(
-                errs.iter().any(|e| e.starts_with(w)),
-                "missing {w:?} in {errs:#?}"
-            );
-        }
-        assert_eq!(errs.len(), want.len(), "{errs:#?}");
+        assert_errors(&errs, &want);
     }
 
     #[test]
@@ -1845,13 +1850,7 @@ endpoints:
             "endpoints[2].backend.kind: \"memcached\" is not one of",
             "endpoints[2].backend.typo: unknown field",
         ];
-        for w in want {
-            assert!(
-                errs.iter().any(|e| e.starts_with(w)),
-                "missing {w:?} in {errs:#?}"
-            );
-        }
-        assert_eq!(errs.len(), want.len(), "{errs:#?}");
+        assert_errors(&errs, &want);
     }
 
     /// A temporary directory for secret files, removed on drop.
@@ -1935,13 +1934,7 @@ endpoints:
                 d.0.display()
             ),
         ];
-        for w in want {
-            assert!(
-                errs.iter().any(|e| e.starts_with(w)),
-                "missing {w:?} in {errs:#?}"
-            );
-        }
-        assert_eq!(errs.len(), want.len(), "{errs:#?}");
+        assert_errors(&errs, &want);
     }
 
     #[test]
@@ -1995,13 +1988,7 @@ endpoints:
             "uncaptured_allow[0]: \"10.0.0.1/8\" has host bits set",
             "uncaptured_allow[1]: \"nope\" is not an address",
         ];
-        for w in want {
-            assert!(
-                errs.iter().any(|e| e.starts_with(w)),
-                "missing {w:?} in {errs:#?}"
-            );
-        }
-        assert_eq!(errs.len(), want.len(), "{errs:#?}");
+        assert_errors(&errs, &want);
     }
 
     #[test]

@@ -254,7 +254,7 @@ impl Budget {
                 by_size.push((m.total(), m.clone()));
             }
         }
-        by_size.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        by_size.sort_unstable_by_key(|e| std::cmp::Reverse(e.0));
         let mut left = used.saturating_sub(releasing);
         let mut n = 0;
         for (bytes, m) in by_size {

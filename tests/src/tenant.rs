@@ -104,6 +104,49 @@ where
     Ok((r, peak.load(Ordering::Relaxed)))
 }
 
+/// A subscriber in pod "attacker" that never reads `channel` for `seconds`, while pod
+/// "bystander" publishes `count` messages of 1 MiB to it; `during` runs after the messages
+/// were published, while the subscriber still holds its socket. Returns both results.
+pub fn slow_subscriber(
+    env: &Env,
+    channel: &str,
+    count: u32,
+    seconds: &str,
+    during: impl FnOnce() -> Result<()>,
+) -> Result<Value> {
+    let svc = env.service_addr();
+    thread::scope(|s| {
+        let sub = s.spawn(|| {
+            attack(
+                env,
+                "attacker",
+                "slowsub",
+                svc,
+                &["--channel", channel, "--seconds", seconds],
+            )
+        });
+        thread::sleep(Duration::from_millis(300));
+        let p = attack(
+            env,
+            "bystander",
+            "publish",
+            svc,
+            &[
+                "--channel",
+                channel,
+                "--count",
+                &count.to_string(),
+                "--size",
+                &MIB.to_string(),
+            ],
+        );
+        let checked = during();
+        let sub = sub.join().map_err(|_| anyhow!("subscriber panicked"))??;
+        checked?;
+        Ok(serde_json::json!({"subscriber": sub, "publisher": p?}))
+    })
+}
+
 /// One attack of the drill and what it did.
 #[derive(Debug, Clone)]
 pub struct PhaseReport {
@@ -240,36 +283,7 @@ pub fn run(env: &Env, limit: u64, opts: &TenantOptions) -> Result<TenantReport> 
         (
             "slow-subscriber",
             "a subscriber that never reads, 1 MiB messages".into(),
-            Box::new(|| {
-                thread::scope(|s| {
-                    let sub = s.spawn(|| {
-                        attack(
-                            env,
-                            "attacker",
-                            "slowsub",
-                            svc,
-                            &["--channel", "drill", "--seconds", &hold],
-                        )
-                    });
-                    thread::sleep(Duration::from_millis(300));
-                    let p = attack(
-                        env,
-                        "bystander",
-                        "publish",
-                        svc,
-                        &[
-                            "--channel",
-                            "drill",
-                            "--count",
-                            "60",
-                            "--size",
-                            &MIB.to_string(),
-                        ],
-                    );
-                    let sub = sub.join().map_err(|_| anyhow!("subscriber panicked"))??;
-                    Ok(serde_json::json!({"subscriber": sub, "publisher": p?}))
-                })
-            }),
+            Box::new(|| slow_subscriber(env, "drill", 60, &hold, || Ok(()))),
         ),
         (
             "slowloris",
@@ -321,7 +335,7 @@ pub fn run(env: &Env, limit: u64, opts: &TenantOptions) -> Result<TenantReport> 
         let open0 = metric(env, "datamesh_proxy_open_connections", "")?;
         eprintln!("drill tenant: {name}: {open0} client connections open before");
         let started = Instant::now();
-        let ((_, by), peak) = peak_rss_during(env, || with_bystander(env, secs, || f()))?;
+        let ((_, by), peak) = peak_rss_during(env, || with_bystander(env, secs, f))?;
         let alive = env
             .agent()
             .http_get("/ready")

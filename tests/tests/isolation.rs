@@ -192,50 +192,23 @@ fn clients_that_never_read_are_closed_and_memory_stays_bounded() {
             // Pub/sub: a subscriber that never reads, 1 MiB messages: closed at the pub/sub
             // limit (8 MiB hard here), the publisher unaffected.
             let before = metric(env, "datamesh_proxy_clients_closed_total", "")?;
-            let (sub, publ, closed) = thread::scope(|s| {
-                let sub = s.spawn(|| {
-                    attack(
-                        env,
-                        "attacker",
-                        "slowsub",
-                        svc,
-                        &["--channel", "news", "--seconds", "4"],
-                    )
-                });
-                thread::sleep(Duration::from_millis(500));
-                let p = attack(
-                    env,
-                    "bystander",
-                    "publish",
-                    svc,
-                    &[
-                        "--channel",
-                        "news",
-                        "--count",
-                        "40",
-                        "--size",
-                        &MIB.to_string(),
-                    ],
-                );
-                let closed =
-                    wait_until("the slow subscriber closed", Duration::from_secs(3), || {
-                        let n = metric(env, "datamesh_proxy_clients_closed_total", "")?;
-                        Ok((n > before).then_some(n))
-                    });
-                (
-                    sub.join()
-                        .map_err(|_| anyhow!("subscriber thread panicked")),
-                    p,
-                    closed,
-                )
-            });
-            let (sub, publ) = (sub??, publ?);
-            closed?;
+            let r = tenant::slow_subscriber(env, "news", 40, "4", || {
+                wait_until("the slow subscriber closed", Duration::from_secs(3), || {
+                    let n = metric(env, "datamesh_proxy_clients_closed_total", "")?;
+                    Ok((n > before).then_some(()))
+                })
+            })?;
             ensure!(
-                sub["first"].as_str().unwrap_or("").starts_with('*'),
-                "SUBSCRIBE: {sub}"
+                r["subscriber"]["first"]
+                    .as_str()
+                    .unwrap_or("")
+                    .starts_with('*'),
+                "SUBSCRIBE: {r}"
             );
-            ensure!(publ["errors"] == 0, "the publisher got errors: {publ}");
+            ensure!(
+                r["publisher"]["errors"] == 0,
+                "the publisher got errors: {r}"
+            );
             memory_held(env, LIMIT)?;
             agent_alive(env)
         },

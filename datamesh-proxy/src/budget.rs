@@ -39,6 +39,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::warn;
 
+use crate::accounting::PodStats;
 use crate::stopped;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
@@ -202,7 +203,12 @@ impl Budget {
     }
 
     /// A client's counters, registered for the shedder until [`ClientMem::release`].
-    pub fn client(self: &Arc<Self>, id: u64, pod: String, limit: OutputLimit) -> Arc<ClientMem> {
+    pub fn client(
+        self: &Arc<Self>,
+        id: u64,
+        pod: Arc<PodStats>,
+        limit: OutputLimit,
+    ) -> Arc<ClientMem> {
         let m = Arc::new(ClientMem {
             id,
             pod,
@@ -262,7 +268,7 @@ impl Budget {
                 break;
             }
             if m.close(Closed::Budget) {
-                warn!(client_id = m.id, pod = %m.pod, buffered_bytes = bytes, used_bytes = used, budget_bytes = limit, "memory budget reached: closing the client that buffers the most");
+                warn!(client_id = m.id, pod = %m.pod.name(), buffered_bytes = bytes, used_bytes = used, budget_bytes = limit, "memory budget reached: closing the client that buffers the most");
                 n += 1;
             }
             left = left.saturating_sub(bytes);
@@ -315,7 +321,7 @@ impl Budget {
 /// read by the shedder.
 pub struct ClientMem {
     pub id: u64,
-    pub pod: String,
+    pub pod: Arc<PodStats>,
     budget: Arc<Budget>,
     input: AtomicU64,
     output: AtomicU64,
@@ -512,6 +518,10 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 mod tests {
     use super::*;
 
+    fn pod(name: &str) -> Arc<PodStats> {
+        Arc::new(PodStats::new(0, name.into(), 0, 0))
+    }
+
     fn limit(hard: u64, soft: u64, secs: u64) -> OutputLimit {
         OutputLimit {
             hard,
@@ -539,7 +549,7 @@ mod tests {
     #[test]
     fn hard_limit_closes_at_once() {
         let b = Arc::new(Budget::new(0, BudgetMetrics::default()));
-        let m = b.client(1, "p".into(), limit(1000, 0, 0));
+        let m = b.client(1, pod("p"), limit(1000, 0, 0));
         m.add_output(1000);
         assert_eq!(m.closed(), None);
         m.add_output(1);
@@ -551,7 +561,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn soft_limit_closes_after_its_time() {
         let b = Arc::new(Budget::new(0, BudgetMetrics::default()));
-        let m = b.client(1, "p".into(), limit(0, 100, 2));
+        let m = b.client(1, pod("p"), limit(0, 100, 2));
         m.add_output(150);
         tokio::time::advance(Duration::from_millis(1500)).await;
         m.add_output(1);
@@ -570,7 +580,7 @@ mod tests {
     #[test]
     fn small_changes_stay_local_and_release_returns_everything() {
         let b = Arc::new(Budget::new(0, BudgetMetrics::default()));
-        let m = b.client(1, "p".into(), OutputLimit::NONE);
+        let m = b.client(1, pod("p"), OutputLimit::NONE);
         m.add_input(100);
         m.add_output(100);
         assert_eq!(b.used(), 0, "below the publish step");
@@ -587,9 +597,9 @@ mod tests {
     #[test]
     fn the_biggest_clients_are_shed_first() {
         let b = Arc::new(Budget::new(10 * PUBLISH_STEP, BudgetMetrics::default()));
-        let small = b.client(1, "bystander".into(), OutputLimit::NONE);
-        let big = b.client(2, "attacker".into(), OutputLimit::NONE);
-        let mid = b.client(3, "other".into(), OutputLimit::NONE);
+        let small = b.client(1, pod("bystander"), OutputLimit::NONE);
+        let big = b.client(2, pod("attacker"), OutputLimit::NONE);
+        let mid = b.client(3, pod("other"), OutputLimit::NONE);
         small.add_output(PUBLISH_STEP);
         mid.add_output(3 * PUBLISH_STEP);
         assert_eq!(b.shed(), 0, "under the budget");

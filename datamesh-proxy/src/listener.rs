@@ -217,7 +217,8 @@ pub async fn serve(
         let _ = tokio::time::timeout(Duration::from_millis(500), async {
             client.write_all(line.as_bytes()).await?;
             client.shutdown().await?;
-            let mut sink = [0u8; 4096];
+            // On the heap: an array here would sit in every connection's task, served or not.
+            let mut sink = vec![0u8; 4096];
             while client.read(&mut sink).await? > 0 {}
             Ok::<_, std::io::Error>(())
         })

@@ -319,6 +319,61 @@ fn fire_and_forget_clients_keep_their_identity() {
     });
 }
 
+/// Commands sent before a half-close are all answered, also when they arrived while the
+/// session could not take them yet: it reads ahead (to notice a client that goes away) while
+/// the transaction waits for a dedicated connection, here because another client holds the
+/// only one. Found by the `session` fuzz target
+/// (`fuzz/corpus/commands/multi-then-inline-garbage-then-eof`).
+#[test]
+fn commands_before_a_half_close_all_run() {
+    run_test(
+        Env::builder()
+            .backend_option("max_dedicated", 1)
+            .backend_option("warm_dedicated", 0),
+        |env| {
+            let proxy = env.agent().proxy_addr("cache")?;
+            thread::scope(|s| {
+                let holder = s.spawn(|| -> Result<()> {
+                    let mut c = RespConn::connect(proxy)?;
+                    c.cmd(&["BLPOP", "hc:never", "0.6"])?;
+                    Ok(())
+                });
+                thread::sleep(Duration::from_millis(150));
+                let mut c = RespConn::connect(proxy)?;
+                c.send_raw(b"MULTI\r\n")?;
+                thread::sleep(Duration::from_millis(100));
+                let mut rest = Vec::new();
+                for i in 0..10 {
+                    rest.extend_from_slice(format!("SET hc:{i} v\r\n").as_bytes());
+                }
+                rest.extend_from_slice(b"EXEC\r\nGET hc:0\r\n");
+                c.send_raw(&rest)?;
+                c.shutdown_write()?;
+                let mut got = Vec::new();
+                loop {
+                    match c.read_outcome(Duration::from_secs(5))? {
+                        datamesh_tests::proxy::Outcome::Reply(r) => got.push(r),
+                        datamesh_tests::proxy::Outcome::Closed => break,
+                        datamesh_tests::proxy::Outcome::Silent => {
+                            anyhow::bail!("no close after the half-close: {got:?}")
+                        }
+                    }
+                }
+                holder.join().map_err(|_| anyhow!("holder panicked"))??;
+                ensure!(got.len() == 13, "{} replies of 13: {got:?}", got.len());
+                // The transaction itself may fail (the one dedicated connection is taken:
+                // "(safe to retry)", then EXECABORT); what matters is that every command got
+                // its reply, the GET last.
+                ensure!(
+                    matches!(got[12], Reply::Bulk(_)),
+                    "the GET's reply: {got:?}"
+                );
+                Ok(())
+            })
+        },
+    );
+}
+
 /// A pod opening more connections than its max_connections gets a clear error for the
 /// excess; the proxy-wide max_clients holds too; /ready keeps answering and the bystander pod
 /// connects.

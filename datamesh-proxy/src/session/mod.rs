@@ -332,7 +332,11 @@ impl Session {
                 return;
             }
             let done_reading = self.closing || self.eof;
+            // Bytes read while the client could not be served yet (read ahead) are still
+            // decoded after its EOF: like Redis, commands received before an EOF run.
+            let decodable = undecoded && !self.closing;
             if done_reading
+                && !decodable
                 && self.pending.is_empty()
                 && self.inbox.is_empty()
                 && self.stall.is_none()
@@ -349,7 +353,7 @@ impl Session {
             // Commands are decoded while the client is within its limits; otherwise it is not
             // read further (TCP back-pressure) until its replies are written and its
             // commands answered, or the budget is back.
-            let within = !done_reading
+            let within = !self.closing
                 && self.inbox.is_empty()
                 && self.stall.is_none()
                 && self.pending.len() < lim.max_pipeline

@@ -32,6 +32,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use crate::commands::acl::Policy;
+use crate::ratelog::RateLimited;
 use crate::stopped;
 
 /// Where per-pod names come from and per-pod counts go (the agent: pod discovery and the
@@ -89,13 +90,22 @@ pub struct AuthPenalty {
 }
 
 /// A pod's recent failed AUTHs.
-#[derive(Default)]
 struct AuthFailures {
     /// Failures since the last quiet period.
     recent: AtomicU32,
     last_ns: AtomicU64,
-    warned_ns: AtomicU64,
-    unlogged: AtomicU64,
+    /// One warning per [`AUTH_WARN_EVERY`].
+    log: RateLimited,
+}
+
+impl Default for AuthFailures {
+    fn default() -> Self {
+        Self {
+            recent: AtomicU32::new(0),
+            last_ns: AtomicU64::new(0),
+            log: RateLimited::new(AUTH_WARN_EVERY),
+        }
+    }
 }
 
 /// Scripts of one user on one endpoint (and node, in cluster mode) in flight.
@@ -216,22 +226,16 @@ impl PodStats {
             a.recent.store(0, Ordering::Relaxed);
         }
         let n = a.recent.fetch_add(1, Ordering::Relaxed).saturating_add(1);
-        a.unlogged.fetch_add(1, Ordering::Relaxed);
         let delay = match n.checked_sub(AUTH_FREE_FAILURES + 1) {
             None => Duration::ZERO,
             Some(k) => AUTH_FIRST_DELAY
                 .saturating_mul(1u32 << k.min(16))
                 .min(AUTH_MAX_DELAY),
         };
-        let warned = a.warned_ns.load(Ordering::Relaxed);
-        let warn = (warned == 0
-            || now_ns.saturating_sub(warned) >= AUTH_WARN_EVERY.as_nanos() as u64)
-            && a.warned_ns
-                .compare_exchange(warned, now_ns, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok();
         AuthPenalty {
             delay,
-            warn: warn.then(|| a.unlogged.swap(0, Ordering::Relaxed)),
+            // This failure and those not logged since the last warning.
+            warn: a.log.check().map(|skipped| skipped + 1),
         }
     }
 

@@ -172,6 +172,35 @@ pub fn spawn(
     }
 }
 
+/// Refuses an accepted connection: counted by `reason`, logged at a bounded rate, one error
+/// line (`msg`), then closed. What the client already sent is read and dropped first, bounded
+/// in time: a close with unread bytes would reset the connection and could discard the line.
+/// Boxed: its state would otherwise sit in every connection's task, served or not.
+fn refuse<'a>(
+    shared: &'a Shared,
+    endpoint: &'a str,
+    client: &'a mut TcpStream,
+    peer: SocketAddr,
+    reason: &'static str,
+    msg: &'a str,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+    Box::pin(async move {
+        count_refused(shared, endpoint, reason);
+        if let Some(skipped) = REFUSED_LOG.check() {
+            warn!(endpoint, %peer, reason, skipped, "client connection refused: {msg} (logged at most every 10 s; skipped = refusals since the last line)");
+        }
+        let line = format!("-{msg}\r\n");
+        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+            client.write_all(line.as_bytes()).await?;
+            client.shutdown().await?;
+            let mut sink = vec![0u8; 4096];
+            while client.read(&mut sink).await? > 0 {}
+            Ok::<_, std::io::Error>(())
+        })
+        .await;
+    })
+}
+
 fn count_refused(shared: &Shared, endpoint: &str, reason: &str) {
     shared
         .metrics
@@ -203,25 +232,19 @@ pub async fn serve(
     shared.opened();
     let who = shared.attribution.identify(&endpoint.name, peer, local);
     if let Some(reason) = &who.refuse {
-        // Refused by the attribution (identity policy): one error line, nothing read, closed.
-        count_refused(&shared, &endpoint.name, "uncaptured");
-        if let Some(skipped) = REFUSED_LOG.check() {
-            warn!(endpoint = %endpoint.name, %peer, skipped, "client connection refused: {reason} (logged at most every 10 s; skipped = refusals since the last line)");
-        }
-        let line = format!(
-            "-ERR datamesh proxy: connection from {} refused: {reason}\r\n",
+        // Refused by the attribution (identity policy).
+        let msg = format!(
+            "ERR datamesh proxy: connection from {} refused: {reason}",
             peer.ip()
         );
-        // Bounded in time; what the client already sent is read and dropped (a close with
-        // unread bytes would reset the connection and could discard the error line).
-        let _ = tokio::time::timeout(Duration::from_millis(500), async {
-            client.write_all(line.as_bytes()).await?;
-            client.shutdown().await?;
-            // On the heap: an array here would sit in every connection's task, served or not.
-            let mut sink = vec![0u8; 4096];
-            while client.read(&mut sink).await? > 0 {}
-            Ok::<_, std::io::Error>(())
-        })
+        refuse(
+            &shared,
+            &endpoint.name,
+            &mut client,
+            peer,
+            "uncaptured",
+            &msg,
+        )
         .await;
         shared.attribution.event(&who, ConnEvent::Closed);
         shared.closed();
@@ -275,11 +298,7 @@ pub async fn serve(
         })
     });
     if let Some((kind, msg)) = refused {
-        count_refused(&shared, &endpoint.name, kind);
-        if let Some(skipped) = REFUSED_LOG.check() {
-            warn!(endpoint = %endpoint.name, %peer, pod = %pod.name(), reason = kind, skipped, "client connection refused: {msg} (logged at most every 10 s; skipped = refusals since the last line)");
-        }
-        let _ = client.try_write(format!("-{msg}\r\n").as_bytes());
+        refuse(&shared, &endpoint.name, &mut client, peer, kind, &msg).await;
         return;
     }
     let _ = client.set_nodelay(true);

@@ -22,6 +22,8 @@ pub struct Shared {
     /// The memory budget every client's buffered bytes count against.
     pub budget: Arc<Budget>,
     settings: RwLock<Arc<SessionSettings>>,
+    /// Bumped on every settings swap: sessions keep their copy and look only at this.
+    generation: AtomicU64,
     client_ids: AtomicU64,
     open: AtomicUsize,
     idle: Notify,
@@ -42,6 +44,7 @@ impl Shared {
             pod_limits,
             budget,
             settings: RwLock::new(Arc::new(settings)),
+            generation: AtomicU64::new(0),
             client_ids: AtomicU64::new(0),
             open: AtomicUsize::new(0),
             idle: Notify::new(),
@@ -58,6 +61,13 @@ impl Shared {
     pub fn set_settings(&self, s: SessionSettings) {
         self.budget.set_limit(s.memory_budget);
         *self.settings.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(s);
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// Changes whenever [`Shared::set_settings`] swaps the settings (one atomic load, where
+    /// [`Shared::settings`] takes a lock).
+    pub fn settings_generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     pub fn next_client_id(&self) -> u64 {

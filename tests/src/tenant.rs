@@ -104,6 +104,69 @@ where
     Ok((r, peak.load(Ordering::Relaxed)))
 }
 
+/// Writes the 1 MiB value "big" straight to the backend (what [`no_read`] fetches).
+pub fn seed_big(env: &Env) -> Result<()> {
+    let mut c = crate::proxy::RespConn::connect(env.service_addr())?;
+    c.cmd_bytes(&[b"SET", b"big", &vec![b'v'; MIB as usize]])?;
+    Ok(())
+}
+
+/// `clients` connections from pod "attacker", each pipelining 120 GETs of key "big" (see
+/// [`seed_big`]) and never reading, held for `seconds`.
+pub fn no_read(env: &Env, clients: u32, seconds: &str) -> Result<Value> {
+    let c = clients.to_string();
+    attack(
+        env,
+        "attacker",
+        "noread",
+        env.service_addr(),
+        &[
+            "--clients",
+            &c,
+            "--gets",
+            "120",
+            "--key",
+            "big",
+            "--seconds",
+            seconds,
+        ],
+    )
+}
+
+/// `clients` uploads of a 30 MiB SET body at once from pod "attacker", for up to `seconds`.
+pub fn uploads(env: &Env, clients: u32, seconds: &str) -> Result<Value> {
+    let c = clients.to_string();
+    let size = (30 * MIB).to_string();
+    attack(
+        env,
+        "attacker",
+        "uploads",
+        env.service_addr(),
+        &[
+            "--clients",
+            &c,
+            "--size",
+            &size,
+            "--seconds",
+            seconds,
+            "--interval",
+            "0.002",
+        ],
+    )
+}
+
+/// One 221 MiB SET body from pod "attacker".
+pub fn huge_upload(env: &Env) -> Result<Value> {
+    let size = (221 * MIB).to_string();
+    attack(
+        env,
+        "attacker",
+        "upload",
+        env.service_addr(),
+        &["--size", &size],
+    )
+}
+
 /// A subscriber in pod "attacker" that never reads `channel` for `seconds`, while pod
 /// "bystander" publishes `count` messages of 1 MiB to it; `during` runs after the messages
 /// were published, while the subscriber still holds its socket. Returns both results.
@@ -209,10 +272,7 @@ pub fn env_builder(limit: u64) -> crate::env::EnvBuilder {
 /// env from [`env_builder`].
 pub fn run(env: &Env, limit: u64, opts: &TenantOptions) -> Result<TenantReport> {
     let svc = env.service_addr();
-    {
-        let mut c = crate::proxy::RespConn::connect(env.service_addr())?;
-        c.cmd_bytes(&[b"SET", b"big", &vec![b'v'; MIB as usize]])?;
-    }
+    seed_big(env)?;
     let budget = metric(env, "datamesh_proxy_memory_budget_bytes", "")? as u64;
     let n = opts.clients.to_string();
     let secs = opts.seconds;
@@ -222,24 +282,7 @@ pub fn run(env: &Env, limit: u64, opts: &TenantOptions) -> Result<TenantReport> 
         (
             "no-read",
             format!("{n} clients pipelining GETs of a 1 MiB value, never reading"),
-            Box::new(|| {
-                attack(
-                    env,
-                    "attacker",
-                    "noread",
-                    svc,
-                    &[
-                        "--clients",
-                        &n,
-                        "--gets",
-                        "120",
-                        "--key",
-                        "big",
-                        "--seconds",
-                        &hold,
-                    ],
-                )
-            }),
+            Box::new(|| no_read(env, opts.clients, &hold)),
         ),
         (
             "uploads",
@@ -247,38 +290,12 @@ pub fn run(env: &Env, limit: u64, opts: &TenantOptions) -> Result<TenantReport> 
                 "{} clients streaming 30 MiB SET bodies at once",
                 opts.clients.min(12)
             ),
-            Box::new(|| {
-                let c = opts.clients.min(12).to_string();
-                attack(
-                    env,
-                    "attacker",
-                    "uploads",
-                    svc,
-                    &[
-                        "--clients",
-                        &c,
-                        "--size",
-                        &(30 * MIB).to_string(),
-                        "--seconds",
-                        &hold,
-                        "--interval",
-                        "0.002",
-                    ],
-                )
-            }),
+            Box::new(|| uploads(env, opts.clients.min(12), &hold)),
         ),
         (
             "huge-upload",
             "one 221 MiB SET body".into(),
-            Box::new(|| {
-                attack(
-                    env,
-                    "attacker",
-                    "upload",
-                    svc,
-                    &["--size", &(221 * MIB).to_string()],
-                )
-            }),
+            Box::new(|| huge_upload(env)),
         ),
         (
             "slow-subscriber",

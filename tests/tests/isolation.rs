@@ -49,14 +49,6 @@ fn memory_held(env: &Env, limit: u64) -> Result<u64> {
     Ok(peak)
 }
 
-/// Writes a value of `size` bytes straight to the backend.
-fn seed(env: &Env, key: &str, size: usize) -> Result<()> {
-    let mut c = RespConn::connect(env.service_addr())?;
-    let v = vec![b'v'; size];
-    c.cmd_bytes(&[b"SET", key.as_bytes(), &v])?;
-    Ok(())
-}
-
 /// One 221 MiB upload is refused at its header (the agent never buffers it); six clients
 /// streaming 30 MiB bodies at once pass the 128 MiB budget of a 256 MiB agent, and the biggest
 /// are shed; the agent stays under its limit and the bystander is untouched.
@@ -68,19 +60,12 @@ fn uploads_cannot_push_the_agent_past_its_memory() {
             .pods(["attacker", "bystander"])
             .memory_limit(LIMIT),
         |env| {
-            let svc = env.service_addr();
             // Sized from the cgroup: half of 256 MiB, and a quarter of that per bulk.
             ensure!(
                 metric(env, "datamesh_proxy_memory_budget_bytes", "")? == (128 * MIB) as f64,
                 "the budget was not sized from memory.max"
             );
-            let one = attack(
-                env,
-                "attacker",
-                "upload",
-                svc,
-                &["--size", &(221 * MIB).to_string()],
-            )?;
+            let one = tenant::huge_upload(env)?;
             let line = one["line"].as_str().unwrap_or("");
             ensure!(
                 line.contains("invalid bulk length")
@@ -88,24 +73,7 @@ fn uploads_cannot_push_the_agent_past_its_memory() {
                     || line.contains("Protocol error"),
                 "a 221 MiB body was not refused at its header: {one}"
             );
-            let (many, b) = with_bystander(env, 6.0, || {
-                attack(
-                    env,
-                    "attacker",
-                    "uploads",
-                    svc,
-                    &[
-                        "--clients",
-                        "6",
-                        "--size",
-                        &(30 * MIB).to_string(),
-                        "--seconds",
-                        "20",
-                        "--interval",
-                        "0.002",
-                    ],
-                )
-            })?;
+            let (many, b) = with_bystander(env, 6.0, || tenant::uploads(env, 6, "20"))?;
             bystander_clean(&b)?;
             ensure!(
                 many["closed"].as_u64().unwrap_or(0) >= 1,
@@ -139,29 +107,11 @@ fn clients_that_never_read_are_closed_and_memory_stays_bounded() {
             .proxy_setting("client_output_buffer_limit_normal", "\"64mb 2mb 2\"")
             .proxy_setting("client_output_buffer_limit_pubsub", "\"8mb 2mb 1\""),
         |env| {
-            let svc = env.service_addr();
-            seed(env, "big", MIB as usize)?;
+            tenant::seed_big(env)?;
             let open = |env: &Env| metric(env, "datamesh_proxy_open_connections", "");
             let (r, b) = with_bystander(env, 8.0, || {
                 thread::scope(|s| {
-                    let a = s.spawn(|| {
-                        attack(
-                            env,
-                            "attacker",
-                            "noread",
-                            svc,
-                            &[
-                                "--clients",
-                                "50",
-                                "--gets",
-                                "120",
-                                "--key",
-                                "big",
-                                "--seconds",
-                                "7",
-                            ],
-                        )
-                    });
+                    let a = s.spawn(|| tenant::no_read(env, 50, "7"));
                     // While the attacker still holds its sockets, the proxy has closed them:
                     // only the bystander's connection is left.
                     thread::sleep(Duration::from_secs(2));

@@ -201,44 +201,20 @@ fn apt_update_once() -> Result<()> {
 
 fn ensure_bpf_linker() -> Result<()> {
     let linker = tools_bin_dir().join("bpf-linker");
-    if let Ok(out) = Command::new(&linker).arg("--version").output() {
-        let version = String::from_utf8_lossy(&out.stdout);
-        if out.status.success() && version.split_whitespace().any(|w| w == BPF_LINKER_VERSION) {
-            return Ok(());
-        }
+    if has_version(Command::new(&linker).arg("--version"), BPF_LINKER_VERSION) {
+        return Ok(());
     }
-    let root = tools_dir();
     println!(
         "setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 into {} (about a minute)",
-        root.display()
+        tools_dir().display()
     );
-    fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
-    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.args([
-        "install",
+    cargo_install(
         "bpf-linker",
-        "--locked",
-        "--version",
         BPF_LINKER_VERSION,
-    ])
-    .args(["--no-default-features", "--features", "llvm-22", "--root"])
-    .arg(&root)
-    // bpf-linker's build script looks for libLLVM in /usr/lib64 unless told where it is.
-    .env("LLVM_PREFIX", LLVM_PREFIX)
-    .stdin(Stdio::null());
-    // A host tool: built with the host toolchain, whatever an outer cargo set for its build.
-    for var in [
-        "RUSTC",
-        "RUSTFLAGS",
-        "CARGO_ENCODED_RUSTFLAGS",
-        "CARGO_TARGET_DIR",
-        "CARGO_BUILD_TARGET",
-    ] {
-        cmd.env_remove(var);
-    }
-    let out = cmd.output().context("running cargo install bpf-linker")?;
-    check_output("cargo install bpf-linker", &out)?;
+        &["--no-default-features", "--features", "llvm-22"],
+        // bpf-linker's build script looks for libLLVM in /usr/lib64 unless told where it is.
+        &[("LLVM_PREFIX", LLVM_PREFIX)],
+    )?;
     println!(
         "setup: installed bpf-linker {BPF_LINKER_VERSION} at {}",
         linker.display()
@@ -250,30 +226,47 @@ fn ensure_bpf_linker() -> Result<()> {
 /// its path.
 pub fn ensure_cargo_fuzz() -> Result<PathBuf> {
     let bin = tools_bin_dir().join("cargo-fuzz");
-    if let Ok(out) = Command::new(&bin).args(["fuzz", "--version"]).output() {
-        let version = String::from_utf8_lossy(&out.stdout);
-        if out.status.success() && version.split_whitespace().any(|w| w == CARGO_FUZZ_VERSION) {
-            return Ok(bin);
-        }
+    if has_version(
+        Command::new(&bin).args(["fuzz", "--version"]),
+        CARGO_FUZZ_VERSION,
+    ) {
+        return Ok(bin);
     }
-    let root = tools_dir();
     println!(
         "setup: building cargo-fuzz {CARGO_FUZZ_VERSION} into {} (a few minutes)",
-        root.display()
+        tools_dir().display()
     );
+    cargo_install("cargo-fuzz", CARGO_FUZZ_VERSION, &[], &[])?;
+    println!(
+        "setup: installed cargo-fuzz {CARGO_FUZZ_VERSION} at {}",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+/// True when `cmd` runs and prints `version` as one of its words.
+fn has_version(cmd: &mut Command, version: &str) -> bool {
+    cmd.output().is_ok_and(|out| {
+        out.status.success()
+            && String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .any(|w| w == version)
+    })
+}
+
+/// `cargo install <krate> --locked --version <version> <extra> --root <tools dir>`, with the
+/// host toolchain (whatever an outer cargo set for its own build is removed).
+fn cargo_install(krate: &str, version: &str, extra: &[&str], envs: &[(&str, &str)]) -> Result<()> {
+    let root = tools_dir();
     fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.args([
-        "install",
-        "cargo-fuzz",
-        "--locked",
-        "--version",
-        CARGO_FUZZ_VERSION,
-        "--root",
-    ])
-    .arg(&root)
-    .stdin(Stdio::null());
+    cmd.args(["install", krate, "--locked", "--version", version])
+        .args(extra)
+        .arg("--root")
+        .arg(&root)
+        .envs(envs.iter().copied())
+        .stdin(Stdio::null());
     for var in [
         "RUSTC",
         "RUSTFLAGS",
@@ -283,13 +276,10 @@ pub fn ensure_cargo_fuzz() -> Result<PathBuf> {
     ] {
         cmd.env_remove(var);
     }
-    let out = cmd.output().context("running cargo install cargo-fuzz")?;
-    check_output("cargo install cargo-fuzz", &out)?;
-    println!(
-        "setup: installed cargo-fuzz {CARGO_FUZZ_VERSION} at {}",
-        bin.display()
-    );
-    Ok(bin)
+    let out = cmd
+        .output()
+        .with_context(|| format!("running cargo install {krate}"))?;
+    check_output(&format!("cargo install {krate}"), &out)
 }
 
 fn ensure_python_pkgs() -> Result<()> {

@@ -22,7 +22,6 @@ use crate::commands::{
     self, is_blocking, key_indices, Broadcast, CommandSpec, Kind, Local, MultiKey, PubSub as Sub,
     Tx as TxCmd, NO_AUTH, READONLY, SCRIPT,
 };
-use crate::config::SessionSettings;
 use crate::endpoint::EndpointRuntime;
 use crate::metrics::{PodEndpointLabels, PolicyLabels};
 use crate::resp::{Command, Reply, ReplyKind, Value};
@@ -55,9 +54,9 @@ impl Session {
         if self.inbox.is_empty() {
             return;
         }
+        self.refresh_settings();
         let rt = self.ep.current();
-        let settings = self.shared.settings();
-        self.dispatch_round(&rt, &settings);
+        self.dispatch_round(&rt);
         self.upstream.flush();
     }
 
@@ -76,7 +75,7 @@ impl Session {
         }
     }
 
-    fn dispatch_round(&mut self, rt: &Arc<EndpointRuntime>, settings: &Arc<SessionSettings>) {
+    fn dispatch_round(&mut self, rt: &Arc<EndpointRuntime>) {
         while self.stall.is_none() && self.may_dispatch() {
             let Some(front) = self.inbox.front() else {
                 return;
@@ -95,7 +94,7 @@ impl Session {
                     Admit::Refused => continue,
                 }
             }
-            self.state.refresh_acl(settings);
+            self.state.refresh_acl(&self.settings);
             match self.execute_front(rt) {
                 Need::Go => {
                     self.front_admitted = false;
@@ -109,7 +108,7 @@ impl Session {
 
     /// The pod's rate limit for the front command.
     fn admit(&mut self) -> Admit {
-        let max_delay = self.shared.settings().throttle_max_delay;
+        let max_delay = self.settings.throttle_max_delay;
         // Counted from arrival, but a command that already waited (behind a blocking command)
         // is not charged for that wait.
         let limits = &self.shared.pod_limits;
@@ -433,7 +432,6 @@ impl Session {
     /// pod's delay (the session reads nothing meanwhile), and the connection closed after
     /// `proxy.auth_max_failures`.
     fn auth_failed(&mut self, reply: Reply, user: String) -> Need {
-        let settings = self.shared.settings();
         let pod = self.pod.name();
         self.shared.metrics.count_error(&self.ep.name, "auth");
         self.shared
@@ -457,7 +455,7 @@ impl Session {
                 "failed AUTH attempts (logged at most every 10 s per pod; failures = since the last warning)"
             );
         }
-        let max = settings.auth_max_failures;
+        let max = self.settings.auth_max_failures;
         let close = max != 0 && self.state.auth_failures >= max;
         let reply = if close {
             Reply::error(&format!(
@@ -1124,22 +1122,19 @@ impl Session {
             // RESET drops the dedicated connections: earlier replies from them come first.
             Local::Reset if !self.pending.is_empty() => return Need::Barrier,
             Local::Reset => {
-                let settings = self.shared.settings();
-                self.state.reset(&settings.users);
+                self.state.reset(&self.settings.users);
                 Reply::simple("RESET")
             }
             Local::Auth => {
-                let settings = self.shared.settings();
-                let a = self.state.auth(&settings.users, &args[1..]);
+                let a = self.state.auth(&self.settings.users, &args[1..]);
                 if a.auth_failed {
                     return self.auth_failed(a.reply, attempted_user(&args[1..]));
                 }
                 a.reply
             }
             Local::Hello => {
-                let settings = self.shared.settings();
                 let facts = self.facts(rt);
-                let a = self.state.hello(&settings.users, &facts, &args[1..]);
+                let a = self.state.hello(&self.settings.users, &facts, &args[1..]);
                 if a.auth_failed {
                     let at = args
                         .iter()

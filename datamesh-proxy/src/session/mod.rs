@@ -41,6 +41,7 @@ use crate::accounting::{PodStats, Slot};
 use crate::attribution::{ConnEvent, Identity};
 use crate::backend::{BackendError, Dedicated};
 use crate::budget::{ClientMem, Closed};
+use crate::config::SessionSettings;
 use crate::endpoint::EndpointHandle;
 use crate::metrics::EndpointLabels;
 use crate::request::ClientGate;
@@ -183,11 +184,12 @@ pub struct Session {
     next_req_bytes: u64,
     /// Whether the pub/sub output class is in force.
     pubsub_class: bool,
-    /// Commands in flight at most now (see [`Session::may_dispatch`]), its ceiling
-    /// (`max_pipeline`), and the unwritten reply bytes past which nothing is dispatched.
+    /// Commands in flight at most now (see [`Session::may_dispatch`]).
     window: usize,
-    max_window: usize,
-    output_pause: u64,
+    /// The session settings as of `settings_gen` (refreshed when the shared generation moves,
+    /// so a command costs no lock).
+    settings: Arc<SessionSettings>,
+    settings_gen: u64,
     /// The pod's connection slot, held while the session lives.
     _conn_slot: Option<Slot>,
     /// When the last command arrived, and when the first byte of an incomplete one did.
@@ -239,6 +241,7 @@ impl Session {
         conn_slot: Option<Slot>,
     ) -> Self {
         let id = shared.next_client_id();
+        let settings_gen = shared.settings_generation();
         let settings = shared.settings();
         let mem = shared
             .budget
@@ -258,8 +261,8 @@ impl Session {
             next_req_bytes: 0,
             pubsub_class: false,
             window: INITIAL_WINDOW,
-            max_window: settings.max_pipeline as usize,
-            output_pause: settings.client_output_limit,
+            settings,
+            settings_gen,
             _conn_slot: conn_slot,
             last_command: now,
             partial_since: None,
@@ -284,7 +287,7 @@ impl Session {
             lane: None,
             upstream: SharedLane::default(),
             seq: 0,
-            arrival: tokio::time::Instant::now(),
+            arrival: now,
             blocking: Arc::new(AtomicUsize::new(0)),
         }
     }
@@ -294,7 +297,7 @@ impl Session {
     }
 
     fn limits(&self) -> Limits {
-        let l = self.shared.settings().limits;
+        let l = self.settings.limits;
         if self.state.authenticated() {
             l
         } else {
@@ -304,7 +307,7 @@ impl Session {
 
     /// Serves the client until it closes, QUITs, breaks the protocol or is closed by a limit.
     pub async fn run(&mut self, client: &mut TcpStream) {
-        let settings = self.shared.settings();
+        let settings = self.settings.clone();
         let lim = RunLimits {
             max_pipeline: settings.max_pipeline as usize,
             output_pause: settings.client_output_limit,
@@ -506,7 +509,7 @@ impl Session {
     fn may_dispatch(&self) -> bool {
         self.pending.is_empty()
             || (self.pending.len() < self.window
-                && self.mem.output() < self.output_pause
+                && self.mem.output() < self.settings.client_output_limit
                 // Near the budget, one command at a time: replies already on their way
                 // must not push the proxy past it.
                 && !self.shared.budget.tight())
@@ -515,10 +518,23 @@ impl Session {
     /// `n` replies were taken from the ordered queue: the window grows while the client keeps
     /// up, and starts again small when it does not.
     fn replies_taken(&mut self, n: usize) {
-        if self.mem.output() >= self.output_pause {
+        let (pause, max) = (
+            self.settings.client_output_limit,
+            self.settings.max_pipeline as usize,
+        );
+        if self.mem.output() >= pause {
             self.window = INITIAL_WINDOW;
-        } else if self.window < self.max_window && self.mem.output() < self.output_pause / 2 {
-            self.window = (self.window + n).min(self.max_window);
+        } else if self.window < max && self.mem.output() < pause / 2 {
+            self.window = (self.window + n).min(max);
+        }
+    }
+
+    /// Takes the shared settings again if they were swapped (a reload) since the last look.
+    fn refresh_settings(&mut self) {
+        let g = self.shared.settings_generation();
+        if g != self.settings_gen {
+            self.settings = self.shared.settings();
+            self.settings_gen = g;
         }
     }
 

@@ -18,7 +18,14 @@
 //!    (/proc/PID/stat, every thread) across the run divided by the requests of the run. For
 //!    `direct` that process is redis-server itself (the reference); the redis-server's CPU per
 //!    request behind each proxy is shown as well. Medians over `--rounds`;
-//! 3. short-connection storm: `--storm` cycles of (connect, AUTH, GET, close) from 20 client
+//! 3. PHP short connections: `--php-workers` php-cli processes with phpredis, each doing what a
+//!    PHP-FPM worker does per web request without `pconnect` (new Redis, connect, AUTH, GET,
+//!    SET, INCR, close) for `--seconds`; requests/s, p50/p99 of a request, errors, and the
+//!    server's `total_connections_received` delta (backend connections opened). The workers
+//!    run in a network namespace of their own (the instance's pod `php`, outside the attached
+//!    cgroup: not captured; admitted by `uncaptured_allow`) whose `tcp_tw_reuse` is on, so
+//!    tens of thousands of closed connections in TIME_WAIT never run it out of ports;
+//! 4. short-connection storm: `--storm` cycles of (connect, AUTH, GET, close) from 20 client
 //!    threads; cycles/s, p50/p99 of a cycle, and the server's `total_connections_received`
 //!    delta (the proxies must not pass the storm through).
 //!
@@ -28,8 +35,8 @@
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::path::PathBuf;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -54,6 +61,10 @@ const ENVOY_IDLE_PORT: u16 = 22132;
 const IDLE_SERVICE_PORT: u16 = 6399;
 /// Concurrent clients of the storm.
 const STORM_CLIENTS: usize = 20;
+/// The pod (network namespace) the PHP workers run in.
+const PHP_POD: &str = "php";
+/// One PHP worker of the short-connection case.
+const PHP_SCRIPT: &str = include_str!("bench_php_short.php");
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ProxyArgs {
@@ -70,6 +81,9 @@ pub struct ProxyArgs {
     /// Connect/AUTH/GET/close cycles of the storm.
     #[arg(long, default_value_t = 20_000)]
     pub storm: u64,
+    /// PHP worker processes of the short-connection case (0 skips it).
+    #[arg(long, default_value_t = 8)]
+    pub php_workers: u32,
     /// Idle client connections for the memory measurement.
     #[arg(long, default_value_t = 10_000)]
     pub idle_conns: usize,
@@ -295,7 +309,11 @@ pub fn run(a: &ProxyArgs) -> Result<()> {
     );
     let load_start = loadavg();
 
-    let mut env = Env::builder().agent(false).agent_bin(bin.clone()).build()?;
+    let mut env = Env::builder()
+        .agent(false)
+        .agent_bin(bin.clone())
+        .pods([PHP_POD])
+        .build()?;
     // The one server, with a password everyone must use.
     let r = env
         .redis()
@@ -319,6 +337,12 @@ pub fn run(a: &ProxyArgs) -> Result<()> {
         spec,
     ));
     cfg.users = vec![("default".into(), PASSWORD.into())];
+    // The PHP workers' namespace is a pod, but they run outside the attached cgroup (like every
+    // other client here): admit its uncaptured connections.
+    cfg.extra_yaml.push_str(&format!(
+        "uncaptured_allow: [\"{}/32\"]\n",
+        env.pod(PHP_POD).ip()
+    ));
     env.start_agent(cfg)?;
     let twem = PeerProxy::twemproxy(&env, backend, a.pool_size)?;
     let (envoy, envoy_version) = PeerProxy::envoy(&env, backend)?;
@@ -448,7 +472,58 @@ pub fn run(a: &ProxyArgs) -> Result<()> {
         }
     }
 
-    // 3. Short-connection storm: connect, AUTH, GET, close.
+    // 3. PHP short connections.
+    let mut php = Vec::new();
+    if a.php_workers > 0 {
+        let pod = env.pod(PHP_POD);
+        run_ok(
+            Command::new("ip").args([
+                "netns",
+                "exec",
+                pod.netns_name(),
+                "sysctl",
+                "-qw",
+                "net.ipv4.tcp_tw_reuse=1",
+            ]),
+            Duration::from_secs(10),
+        )?;
+        let script = env.run_dir().join("bench_php_short.php");
+        std::fs::write(&script, PHP_SCRIPT)
+            .with_context(|| format!("writing {}", script.display()))?;
+        env.redis().command(&[b"SET", b"php:key", b"php-value"])?;
+        for round in 0..a.rounds {
+            for t in TARGETS {
+                let before = env
+                    .redis()
+                    .info_u64("stats", "total_connections_received")?;
+                let r = php_short(&env, &script, addr_of(t), a.php_workers, a.seconds)
+                    .with_context(|| format!("{} PHP short connections", t.name()))?;
+                let after = env
+                    .redis()
+                    .info_u64("stats", "total_connections_received")?;
+                let conns = after.saturating_sub(before).saturating_sub(1);
+                eprintln!(
+                    "  round {} php {:<9} {} workers: {} requests {:.0} req/s, p50 {:.3} ms p99 {:.3} ms, {} errors{}, backend connections +{conns}",
+                    round + 1,
+                    t.name(),
+                    a.php_workers,
+                    r.requests,
+                    r.rps,
+                    r.p50,
+                    r.p99,
+                    r.errors,
+                    if r.first_error.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (first: {})", r.first_error)
+                    }
+                );
+                php.push((t, r, conns));
+            }
+        }
+    }
+
+    // 4. Short-connection storm: connect, AUTH, GET, close.
     let mut storms = Vec::new();
     for t in TARGETS {
         let before = env
@@ -472,7 +547,7 @@ pub fn run(a: &ProxyArgs) -> Result<()> {
         storms.push((t, st, conns));
     }
 
-    print_table(&samples, &storms, &memory, a);
+    print_table(&samples, &php, &storms, &memory, a);
     println!("load average {} (at end)", loadavg());
     drop(envoy);
     drop(twem);
@@ -613,6 +688,105 @@ fn storm(addr: SocketAddr, total: u64, clients: usize) -> Result<(f64, f64, f64)
     Ok((lat.len() as f64 / secs, pct(0.5), pct(0.99)))
 }
 
+/// What the PHP workers of one short-connection run did together.
+#[derive(Clone, Debug)]
+struct PhpRun {
+    requests: u64,
+    /// Requests per second: the sum of every worker's own rate.
+    rps: f64,
+    p50: f64,
+    p99: f64,
+    errors: u64,
+    first_error: String,
+}
+
+/// `workers` php-cli processes running [`PHP_SCRIPT`] against `addr` for `seconds`, in the
+/// PHP pod's namespace but outside the attached cgroup (nothing is captured).
+fn php_short(
+    env: &Env,
+    script: &Path,
+    addr: SocketAddr,
+    workers: u32,
+    seconds: f64,
+) -> Result<PhpRun> {
+    let pod = env.pod(PHP_POD);
+    let mut children = Vec::new();
+    for w in 0..workers {
+        let out = env.run_dir().join(format!("php-worker-{w}.json"));
+        let _ = std::fs::remove_file(&out);
+        let child = pod
+            .cmd_in_cgroup(env.outside_cgroup(), "php")
+            .arg(script)
+            .args([
+                addr.ip().to_string(),
+                addr.port().to_string(),
+                PASSWORD.to_string(),
+                seconds.to_string(),
+            ])
+            .arg(&out)
+            .arg(w.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting php (php-cli and php-redis are installed by setup)")?;
+        children.push((child, out));
+    }
+    let mut run = PhpRun {
+        requests: 0,
+        rps: 0.0,
+        p50: f64::NAN,
+        p99: f64::NAN,
+        errors: 0,
+        first_error: String::new(),
+    };
+    let mut lat: Vec<u64> = Vec::new();
+    let mut failures = Vec::new();
+    for (child, out) in children {
+        let res = child
+            .wait_with_output()
+            .context("waiting for a php worker")?;
+        if !res.status.success() {
+            failures.push(format!(
+                "php worker exited with {}: {}",
+                res.status,
+                last_chars(&res.stderr, 400)
+            ));
+            continue;
+        }
+        let text =
+            std::fs::read_to_string(&out).with_context(|| format!("reading {}", out.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", out.display()))?;
+        let num = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+        let ok = num("ok");
+        let elapsed = num("elapsed_ns") as f64 / 1e9;
+        run.requests += ok;
+        run.errors += num("errors");
+        if elapsed > 0.0 {
+            run.rps += ok as f64 / elapsed;
+        }
+        if run.first_error.is_empty() {
+            if let Some(e) = v.get("first_error").and_then(|x| x.as_str()) {
+                run.first_error = e.to_string();
+            }
+        }
+        if let Some(a) = v.get("lat_us").and_then(|x| x.as_array()) {
+            lat.extend(a.iter().filter_map(|x| x.as_u64()));
+        }
+    }
+    ensure!(failures.is_empty(), "{}", failures.join("; "));
+    ensure!(
+        run.requests > 0,
+        "no PHP request succeeded (first error: {})",
+        run.first_error
+    );
+    lat.sort_unstable();
+    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)] as f64 / 1000.0;
+    run.p50 = pct(0.5);
+    run.p99 = pct(0.99);
+    Ok(run)
+}
+
 fn hello(s: &mut TcpStream) -> Result<()> {
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     s.write_all(
@@ -657,6 +831,7 @@ fn bench_one(addr: SocketAddr, test: &str, p: u32, n: u64) -> Result<(String, f6
 
 fn print_table(
     samples: &[Sample],
+    php: &[(Target, PhpRun, u64)],
     storms: &[(Target, (f64, f64, f64), u64)],
     memory: &[(Target, u64, u64, f64)],
     a: &ProxyArgs,
@@ -742,6 +917,43 @@ fn print_table(
                 server(dm),
                 server(tw),
                 server(en)
+            );
+        }
+    }
+    if !php.is_empty() {
+        println!(
+            "\nPHP short connections ({} php-cli workers with phpredis, per request: new Redis, connect, AUTH, GET, SET, INCR, close; {} s per run, medians)",
+            a.php_workers, a.seconds
+        );
+        println!(
+            "  {:<10} {:>10} {:>8} {:>8} {:>8} {:>14} {:>8}",
+            "", "req/s", "p50 ms", "p99 ms", "errors", "backend conns", "vs dir"
+        );
+        let med = |t: Target, f: fn(&PhpRun, u64) -> f64| -> f64 {
+            median(
+                php.iter()
+                    .filter(|x| x.0 == t)
+                    .map(|x| f(&x.1, x.2))
+                    .collect(),
+            )
+        };
+        let direct = med(Target::Direct, |r, _| r.rps);
+        for t in TARGETS {
+            if !php.iter().any(|x| x.0 == t) {
+                continue;
+            }
+            let rps = med(t, |r, _| r.rps);
+            println!(
+                "  {:<10} {rps:>10.0} {:>8.2} {:>8.2} {:>8.0} {:>14.0} {:>8.2}",
+                t.name(),
+                med(t, |r, _| r.p50),
+                med(t, |r, _| r.p99),
+                php.iter()
+                    .filter(|x| x.0 == t)
+                    .map(|x| x.1.errors as f64)
+                    .sum::<f64>(),
+                med(t, |_, c| c as f64),
+                rps / direct
             );
         }
     }

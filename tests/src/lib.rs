@@ -14,11 +14,13 @@
 //! proxy tests [`proxy`] (raw RESP connections, real-client runners), [`sentinel`] (master,
 //! replica and three sentinels) and [`cluster`] (a 3-master Redis Cluster), and [`drill`]
 //! (failover scenarios under load, direct vs through the proxy, for `cargo xtask drill` and
-//! `tests/tests/failover.rs`).
+//! `tests/tests/failover.rs`), and [`clients`] (the client programs of `tests/clients/` and the
+//! table of `docs/compatibility.md` they are held to, for `tests/tests/compat.rs`).
 
 pub mod acl_table;
 pub mod agent;
 pub mod cgroup;
+pub mod clients;
 pub mod cluster;
 pub mod drill;
 pub mod env;

@@ -1,7 +1,7 @@
 //! `cargo xtask setup`: installs everything the project needs on a Debian machine.
 //!
 //! Owns the list of prerequisites (apt packages, bpf-linker, cargo-fuzz, Python test clients,
-//! the bpffs mount) and makes each present, idempotently: every check runs first and costs a few
+//! the Node client libraries of the compatibility test, the bpffs mount) and makes each present, idempotently: every check runs first and costs a few
 //! milliseconds, one line is printed per thing installed, nothing when all is present. On a
 //! machine without apt-get it installs nothing and fails naming what is missing.
 //! `build-ebpf` calls [`ensure_ebpf_toolchain`], the subset it needs; every other command
@@ -73,7 +73,24 @@ const RUNTIME_PKGS: &[Pkg] = &[
     cmd("nftables", "nft"),
     cmd("nutcracker", "nutcracker"),
     cmd("procps", "pkill"),
+    // The client programs of the compatibility test (tests/clients/): phpredis, redigo (Go in
+    // GOPATH mode against Debian's copy, no module download), hiredis.
+    cmd("php-cli", "php"),
+    path("php-redis", "/usr/share/doc/php-redis"),
+    cmd("golang-go", "go"),
+    path(
+        "golang-github-gomodule-redigo-dev",
+        "/usr/share/gocode/src/github.com/gomodule/redigo",
+    ),
+    path("libhiredis-dev", "/usr/include/hiredis/hiredis.h"),
 ];
+
+/// Node.js for the ioredis and node-redis client programs: Debian's, only when there is no
+/// `node` at all (a newer one from elsewhere stays; npm comes with it).
+const NODE_PKGS: &[Pkg] = &[cmd("nodejs", "node"), cmd("npm", "npm")];
+
+/// The npm project of the Node client programs; `npm ci` installs its lock file's versions.
+const NODE_PROJECT: &str = "tests/clients/node";
 
 /// Python packages for the tests and benchmarks: (pip requirement, module to import). Pinned to
 /// the versions the tests were written against (the deploy test parses kubernetes-validate's
@@ -114,6 +131,7 @@ pub fn ensure() -> Result<()> {
     ensure_bpf_linker()?;
     ensure_cargo_fuzz()?;
     ensure_python_pkgs()?;
+    ensure_node()?;
     ensure_bpffs()?;
     Ok(())
 }
@@ -146,7 +164,8 @@ fn ensure_apt(pkgs: &[&Pkg]) -> Result<()> {
         bail!(
             "missing prerequisites and no apt-get to install them: {}. Install the equivalents \
              of these Debian packages (Rust 1.96 with a prebuilt core for bpfel-unknown-none, \
-             LLVM/clang/lld 22, bpftool, iproute2, redis, nftables, twemproxy, procps)",
+             LLVM/clang/lld 22, bpftool, iproute2, redis, nftables, twemproxy, procps, PHP with \
+             phpredis, Go with redigo, hiredis, Node.js with npm)",
             names.join(" ")
         );
     }
@@ -344,6 +363,44 @@ fn ensure_python_pkgs() -> Result<()> {
     for pkg in &missing {
         println!("setup: installed Python package {pkg}");
     }
+    Ok(())
+}
+
+/// Node.js and npm (Debian's when `node` is missing), then `npm ci` in [`NODE_PROJECT`] when
+/// its `node_modules` is missing or older than `package-lock.json`.
+fn ensure_node() -> Result<()> {
+    if !have_cmd("node") {
+        let pkgs: Vec<&Pkg> = NODE_PKGS.iter().collect();
+        ensure_apt(&pkgs)?;
+    } else if !have_cmd("npm") {
+        bail!(
+            "`node` is installed but `npm` is not: install the npm that belongs to this Node.js \
+             (Debian's npm package only fits Debian's nodejs)"
+        );
+    }
+    let project = crate::util::project_root().join(NODE_PROJECT);
+    let lock = project.join("package-lock.json");
+    if !lock.exists() {
+        return Ok(());
+    }
+    let modules = project.join("node_modules");
+    let mtime = |p: &Path| fs::metadata(p).and_then(|m| m.modified()).ok();
+    let fresh = match (mtime(&modules), mtime(&lock)) {
+        (Some(m), Some(l)) => m >= l,
+        _ => false,
+    };
+    if fresh {
+        return Ok(());
+    }
+    println!("setup: npm ci in {NODE_PROJECT}");
+    let out = Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund"])
+        .current_dir(&project)
+        .stdin(Stdio::null())
+        .output()
+        .context("running npm ci")?;
+    check_output(&format!("npm ci in {NODE_PROJECT}"), &out)?;
+    println!("setup: installed the Node client libraries of {NODE_PROJECT}");
     Ok(())
 }
 

@@ -3,7 +3,8 @@
 //! Prepares the machine (`setup::ensure`), builds the eBPF object and every binary (the agent
 //! and the harness's probe), then runs `cargo test --workspace` with its output streamed, so the
 //! `test result:` summary lines reach the terminal and CI. The privileged data-plane tests run
-//! for real here; they never skip. Then the RESP codec's libFuzzer targets run for a bounded
+//! for real here; they never skip. The client compatibility test (`tests/tests/compat.rs`, every
+//! program of `tests/clients/` per topology against `docs/compatibility.md`) is one of them. Then the RESP codec's libFuzzer targets run for a bounded
 //! time each ([`crate::fuzz`]; `--fuzz-secs`). Exits non-zero when any test or target fails.
 
 use std::process::Command;

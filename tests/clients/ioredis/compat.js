@@ -139,7 +139,9 @@ const features = {
     sub.on('pmessage', (p, c, m) => { got.push(['pmessage', p, c, m]); if (got.length >= 2) wake(); });
     expectEq('SUBSCRIBE', await sub.subscribe(ch), 1);
     expectEq('PSUBSCRIBE', await sub.psubscribe(pat), 2);
-    expectEq('PUBLISH receivers', await pub.publish(ch, 'hello'), 2);
+    const receivers = await pub.publish(ch, 'hello');
+    // Redis Cluster counts only the receivers on the node that took the PUBLISH.
+    if (cfg.topology !== 'cluster') expectEq('PUBLISH receivers', receivers, 2);
     await within(3000, 'message and pmessage', two);
     got.sort((a, b) => a[0].localeCompare(b[0]));
     expectEq('received', got, [['message', ch, 'hello'], ['pmessage', pat, ch, 'hello']]);
@@ -148,8 +150,9 @@ const features = {
     // Out of subscriber mode: ordinary commands again.
     expectEq('PING after unsubscribing', await sub.ping(), 'PONG');
     expectEq('SET after unsubscribing', await sub.set(key('after-sub'), 'x'), 'OK');
+    expectEq('GET after unsubscribing', await sub.get(key('after-sub')), 'x');
     await sub.del(key('after-sub'));
-    return 'duplicate() subscriber: message + pmessage, back to commands';
+    return `duplicate() subscriber: message + pmessage, back to commands; PUBLISH counted ${receivers}`;
   },
 
   async blocking(track) {

@@ -404,12 +404,16 @@ static int feat_pubsub(void) {
     TRY(want_sub(u2, "punsubscribe", pat, 0));
     CMD(ping, sub, "PING");
     TRY(want_status(ping, "PONG", "PING after unsubscribing"));
-    const char *k = key("after-sub");
-    CMD(set, sub, "SET %s x", k);
-    TRY(want_status(set, "OK", "SET after unsubscribing"));
-    CMD(get, sub, "GET %s", k);
-    TRY(want_bulk(get, "x", "GET after unsubscribing"));
-    freeReplyObject(redisCommand(sub, "DEL %s", k));
+    /* Keys on many slots (every node of a cluster) on the connection that left subscriber mode. */
+    for (int i = 0; i < 10; i++) {
+        char v[16];
+        snprintf(v, sizeof v, "x%d", i);
+        CMD(set, sub, "SET %s:after-sub:%d %s", prefix, i, v);
+        TRY(want_status(set, "OK", "SET after unsubscribing"));
+        CMD(get, sub, "GET %s:after-sub:%d", prefix, i);
+        TRY(want_bulk(get, v, "GET after unsubscribing"));
+        freeReplyObject(redisCommand(sub, "DEL %s:after-sub:%d", prefix, i));
+    }
     snprintf(detail, sizeof detail, "message + pmessage, back to commands; PUBLISH counted %lld", receivers);
     return 0;
 }

@@ -357,19 +357,22 @@ func featPubsub(cs *conns) (string, error) {
 	if err := eq("PING after unsubscribing", pong, "PONG"); err != nil {
 		return "", err
 	}
-	// A connection out of subscriber mode serves keys again (redigo's Pool reuses it so).
-	k := key("after-sub")
-	if _, err := sc.Do("SET", k, "x"); err != nil {
-		return "", err
+	// A connection out of subscriber mode serves keys again (redigo's Pool reuses it so): keys
+	// on many slots (every node of a cluster).
+	for i := 0; i < 10; i++ {
+		k := fmt.Sprintf("%s:after-sub:%d", cfg.prefix, i)
+		if _, err := sc.Do("SET", k, i); err != nil {
+			return "", err
+		}
+		v, err := redis.Int(sc.Do("GET", k))
+		if err != nil {
+			return "", err
+		}
+		if err := eq("GET "+k+" after unsubscribing", v, i); err != nil {
+			return "", err
+		}
+		sc.Do("DEL", k)
 	}
-	v, err := redis.String(sc.Do("GET", k))
-	if err != nil {
-		return "", err
-	}
-	if err := eq("GET after unsubscribing", v, "x"); err != nil {
-		return "", err
-	}
-	sc.Do("DEL", k)
 	return fmt.Sprintf("PubSubConn: message + pmessage, back to commands; PUBLISH counted %d", n), nil
 }
 

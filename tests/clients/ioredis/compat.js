@@ -149,9 +149,13 @@ const features = {
     await sub.punsubscribe(pat);
     // Out of subscriber mode: ordinary commands again.
     expectEq('PING after unsubscribing', await sub.ping(), 'PONG');
-    expectEq('SET after unsubscribing', await sub.set(key('after-sub'), 'x'), 'OK');
-    expectEq('GET after unsubscribing', await sub.get(key('after-sub')), 'x');
-    await sub.del(key('after-sub'));
+    // Keys on many slots (every node of a cluster) on the connection that left subscriber mode.
+    for (let i = 0; i < 10; i++) {
+      const k = `${cfg.prefix}:after-sub:${i}`;
+      expectEq(`SET ${k} after unsubscribing`, await sub.set(k, `x${i}`), 'OK');
+      expectEq(`GET ${k} after unsubscribing`, await sub.get(k), `x${i}`);
+      await sub.del(k);
+    }
     return `duplicate() subscriber: message + pmessage, back to commands; PUBLISH counted ${receivers}`;
   },
 

@@ -28,6 +28,9 @@ var features = []string{
 
 const featureTimeout = 10 * time.Second
 
+// programBudget keeps the whole program under the contract's 60 s even if every feature hangs.
+const programBudget = 55 * time.Second
+
 type config struct {
 	addr, user, password, topology, mode, prefix string
 }
@@ -812,7 +815,7 @@ type result struct {
 	err    error
 }
 
-func run(name string) (status, detail string) {
+func run(name string, timeout time.Duration) (status, detail string) {
 	cs := &conns{}
 	done := make(chan result, 1)
 	go func() {
@@ -827,8 +830,8 @@ func run(name string) (status, detail string) {
 	var res result
 	select {
 	case res = <-done:
-	case <-time.After(featureTimeout):
-		res = result{"", fmt.Errorf("timeout after %v", featureTimeout)}
+	case <-time.After(timeout):
+		res = result{"", fmt.Errorf("timeout after %v", timeout)}
 	}
 	cs.closeAll()
 	var o outcome
@@ -871,9 +874,18 @@ func main() {
 			}
 		}
 	}
+	programStart := time.Now()
 	for _, name := range selected {
+		left := programBudget - time.Since(programStart)
+		if left < time.Second {
+			fmt.Printf("RESULT %s FAILED not run: earlier features spent the program's %v\n", name, programBudget)
+			continue
+		}
+		if left > featureTimeout {
+			left = featureTimeout
+		}
 		started := time.Now()
-		status, detail := run(name)
+		status, detail := run(name, left)
 		detail = strings.Join(strings.Fields(detail), " ")
 		fmt.Fprintf(os.Stderr, "[%s] %s in %d ms\n", name, status, time.Since(started).Milliseconds())
 		fmt.Printf("RESULT %s %s %s\n", name, status, detail)

@@ -1074,6 +1074,12 @@ impl Session {
             // The subscription is being restored on a new connection: wait for it.
             return Need::Barrier;
         }
+        let subscription = matches!(spec.map(|s| s.kind), Some(Kind::PubSub(_)));
+        if !subscription && self.state.pubsub.as_ref().is_some_and(|p| p.subs.leaving()) {
+            // Unsubscribed from everything, confirmations on their way: once they are in,
+            // the client is no subscriber and this command is routed like any other.
+            return Need::Barrier;
+        }
         let Some(cmd) = self.pop_command() else {
             return Need::Go;
         };

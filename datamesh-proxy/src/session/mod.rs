@@ -587,8 +587,29 @@ impl Session {
             // Everything else already there, in one write.
             next = match self.state.pubsub.as_mut().map(|p| p.rx.try_recv()) {
                 Some(Ok(m)) => Some(m),
-                _ => return,
+                _ => break,
             };
+        }
+        self.leave_pubsub_if_done();
+    }
+
+    /// Once the client has unsubscribed from everything and every confirmation is in, it is no
+    /// longer a subscriber (as on Redis): the subscription connection goes (with its
+    /// dedicated slot) and the next commands are routed like any other's. Kept, the client
+    /// would stay pinned to that one connection, and in a cluster to that one node (`MOVED`
+    /// for every other slot).
+    fn leave_pubsub_if_done(&mut self) {
+        if self
+            .state
+            .pubsub
+            .as_ref()
+            .is_some_and(|p| p.lost_at.is_none() && p.subs.left())
+        {
+            debug!(
+                id = self.state.id,
+                "unsubscribed from everything: leaving subscriber mode"
+            );
+            self.state.pubsub = None;
         }
     }
 

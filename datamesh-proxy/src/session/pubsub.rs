@@ -168,14 +168,19 @@ impl Subscriptions {
                 }
             }
         }
-        let matches = match (self.owed.front(), &frame) {
-            (Some(Owed::Confirm(k, c)), Frame::Confirm(fk, fc)) => k == fk && c == fc,
-            (Some(Owed::Pong(_)), Frame::Pong | Frame::Other) => true,
-            (Some(Owed::Reply { .. }), Frame::Other | Frame::Pong) => true,
-            _ => false,
+        let at = match (&frame, self.owed.front()) {
+            // An UNSUBSCRIBE without arguments is confirmed channel by channel in the server's
+            // own order, not ours: any confirmation of the run of them at the front.
+            (Frame::Confirm(fk, fc), _) => self
+                .owed
+                .iter()
+                .take_while(|o| matches!(o, Owed::Confirm(..)))
+                .position(|o| matches!(o, Owed::Confirm(k, c) if k == fk && c == fc)),
+            (Frame::Pong | Frame::Other, Some(Owed::Pong(_) | Owed::Reply { .. })) => Some(0),
+            _ => None,
         };
-        if matches {
-            self.owed.pop_front();
+        if let Some(i) = at {
+            self.owed.remove(i);
             return true;
         }
         // During a resync: a confirmation of a subscription the client made long ago.
@@ -265,6 +270,19 @@ impl Subscriptions {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Subscribed to nothing, with every confirmation and reply in and no resync under way:
+    /// the client has left subscriber mode (Redis's count reached 0), and its next commands
+    /// may go anywhere again.
+    pub fn left(&self) -> bool {
+        self.is_empty() && self.owed.is_empty() && self.resync.is_none()
+    }
+
+    /// Subscribed to nothing, but confirmations are still on their way: a command that is not
+    /// a subscription waits for them, then runs like any other (not on this connection).
+    pub fn leaving(&self) -> bool {
+        self.is_empty() && !self.owed.is_empty()
+    }
 }
 
 #[cfg(test)]
@@ -338,6 +356,22 @@ mod tests {
         );
         assert!(!s.resyncing());
         assert_eq!(s.len(), 2);
+    }
+
+    #[test]
+    fn the_client_leaves_once_every_unsubscription_is_confirmed() {
+        let mut s = Subscriptions::default();
+        s.sent(Some(Sub::Subscribe), &cmd("SUBSCRIBE a b"), false);
+        assert!(s.received(&frame("subscribe", "a", 1)));
+        assert!(s.received(&frame("subscribe", "b", 2)));
+        assert!(!s.left() && !s.leaving());
+        s.sent(Some(Sub::Unsubscribe), &cmd("UNSUBSCRIBE"), false);
+        assert!(s.leaving() && !s.left());
+        // The server confirms in its own order.
+        assert!(s.received(&frame("unsubscribe", "b", 1)));
+        assert!(s.leaving());
+        assert!(s.received(&frame("unsubscribe", "a", 0)));
+        assert!(s.left() && !s.leaving());
     }
 
     #[test]

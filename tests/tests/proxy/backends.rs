@@ -19,7 +19,7 @@ use datamesh_tests::agent::{BackendSpec, Endpoint};
 use datamesh_tests::cluster::{key_in_slot, RedisCluster};
 use datamesh_tests::env::{run_test, ENDPOINT_NAME};
 use datamesh_tests::proxy::{bulk, simple, RespConn};
-use datamesh_tests::resp::Reply;
+use datamesh_tests::resp::{self, Reply};
 use datamesh_tests::sentinel::{SentinelGroup, MASTER_NAME};
 use datamesh_tests::{wait_until, Env};
 
@@ -380,6 +380,81 @@ fn cluster_backend_splits_and_merges_multikey_commands() {
             }
             other => bail!("CLUSTER INFO answered {other:?}"),
         }
+        Ok(())
+    });
+}
+
+/// A client that unsubscribes from everything is no subscriber any more (Redis's count 0): its
+/// next commands reach every node, also when they were pipelined right behind the UNSUBSCRIBE,
+/// and its subscription connection is let go. (Found by the compatibility programs: the
+/// connection used to stay pinned to the node of its subscriptions, `-MOVED` for every other
+/// slot.)
+#[test]
+fn cluster_commands_after_leaving_subscriber_mode_reach_every_node() {
+    cluster_env(&[], |env, cluster| {
+        let proxy = proxy_addr(env)?;
+        let keys = cluster.keys_on_all_nodes("unsub:", 6)?;
+        let dedicated = |env: &Env| {
+            datamesh_tests::tenant::metric(
+                env,
+                "datamesh_proxy_backend_connections",
+                "kind=\"dedicated\"",
+            )
+        };
+        let mut c = RespConn::connect(proxy)?;
+        c.expect(&["PING"], simple("PONG"))?;
+        let warm = dedicated(env)?;
+        for round in 0..3 {
+            c.send_raw(&resp::encode(&[b"SUBSCRIBE", b"ch1", b"ch2"]))?;
+            for n in 1..=2 {
+                let r = c
+                    .read()
+                    .with_context(|| format!("round {round}: SUBSCRIBE confirmation {n}"))?;
+                ensure!(
+                    matches!(&r, Reply::Array(Some(v)) if v.len() == 3 && v[2] == Reply::Int(n)),
+                    "round {round}: SUBSCRIBE confirmation {n}: {r:?}"
+                );
+            }
+            // UNSUBSCRIBE, then at once (pipelined) a SET and a GET of every key.
+            let mut batch = resp::encode(&[b"UNSUBSCRIBE"]);
+            for k in &keys {
+                batch.extend(resp::encode(&[b"SET", k.as_bytes(), b"v"]));
+                batch.extend(resp::encode(&[b"GET", k.as_bytes()]));
+            }
+            c.send_raw(&batch)?;
+            for n in 0..2 {
+                let r = c
+                    .read()
+                    .with_context(|| format!("round {round}: UNSUBSCRIBE confirmation {n}"))?;
+                ensure!(
+                    matches!(&r, Reply::Array(Some(v)) if v.len() == 3),
+                    "round {round}: UNSUBSCRIBE confirmation: {r:?}"
+                );
+            }
+            for k in &keys {
+                let set = c
+                    .read()
+                    .with_context(|| format!("round {round}: SET {k} after UNSUBSCRIBE"))?;
+                let get = c
+                    .read()
+                    .with_context(|| format!("round {round}: GET {k}"))?;
+                ensure!(
+                    set == simple("OK") && get == bulk("v"),
+                    "round {round}: after UNSUBSCRIBE, SET/GET {k} answered {set:?} / {get:?}"
+                );
+            }
+            c.expect(&["PING"], simple("PONG"))?;
+        }
+        // The subscription connections went with the subscriptions.
+        // The subscription connections went with the subscriptions: back to the warm spares.
+        wait_until(
+            "subscription connections released",
+            Duration::from_secs(5),
+            || {
+                let n = dedicated(env)?;
+                Ok((n <= warm).then_some(n))
+            },
+        )?;
         Ok(())
     });
 }

@@ -109,13 +109,14 @@ impl AclLog {
         // Bounded like the username the AUTH path passes: an object or name cannot grow the
         // log past a few KiB per entry.
         let bound = |s: &str| s.chars().take(128).collect::<String>();
+        let (object, username) = (bound(d.object), bound(d.username));
         let mut g = self.lock();
         let found = g.entries.iter().take(SCAN).position(|e| {
             e.reason == d.reason
                 && e.in_multi == d.in_multi
                 && e.pod == d.pod
-                && e.object == bound(d.object)
-                && e.username == bound(d.username)
+                && e.object == object
+                && e.username == username
                 && now.saturating_duration_since(e.updated) <= GROUPING
         });
         if let Some(i) = found {
@@ -134,8 +135,8 @@ impl AclLog {
             count: 1,
             reason: d.reason,
             in_multi: d.in_multi,
-            object: bound(d.object),
-            username: bound(d.username),
+            object,
+            username,
             pod: d.pod,
             client_info: d.client_info,
             entry_id,

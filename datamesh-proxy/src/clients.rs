@@ -33,14 +33,29 @@ use crate::resp::{Reply, ReplyKind};
 /// What a client is now, as others see it (republished by its session on change).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClientView {
-    pub name: Option<Bytes>,
+    /// CLIENT SETNAME / SETINFO (boxed: most clients set none, and every connection carries
+    /// a view).
+    pub names: Option<Box<Names>>,
     /// None until authenticated.
     pub user: Option<String>,
     pub db: u32,
     pub resp: u8,
+    pub flags: Flags,
+}
+
+/// What a client named itself (`name`, `lib-name`, `lib-ver`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Names {
+    pub name: Option<Bytes>,
     pub lib_name: Option<Bytes>,
     pub lib_ver: Option<Bytes>,
-    pub flags: Flags,
+}
+
+impl Names {
+    /// None when the client set none of them.
+    pub fn boxed(names: Names) -> Option<Box<Names>> {
+        (names != Names::default()).then(|| Box::new(names))
+    }
 }
 
 /// The state flags others see: pub/sub (`P`) and MULTI (`x`), with the subscription counts.
@@ -224,6 +239,8 @@ impl Line<'_> {
     /// The line in Redis 7's `CLIENT LIST` format, with its newline.
     pub fn render(&self, out: &mut String) {
         let v = self.view;
+        let none = Names::default();
+        let names = v.names.as_deref().unwrap_or(&none);
         let s = |b: &Option<Bytes>| {
             b.as_ref()
                 .map(|b| String::from_utf8_lossy(b).into_owned())
@@ -249,7 +266,7 @@ impl Line<'_> {
             self.id,
             self.peer,
             self.laddr,
-            s(&v.name),
+            s(&names.name),
             self.age,
             self.idle,
             flags,
@@ -265,8 +282,8 @@ impl Line<'_> {
             self.cmd,
             v.user.as_deref().unwrap_or("default"),
             v.resp,
-            s(&v.lib_name),
-            s(&v.lib_ver),
+            s(&names.lib_name),
+            s(&names.lib_ver),
         );
     }
 }
@@ -309,8 +326,9 @@ impl ListFilter {
             [t, ids @ ..] if t.eq_ignore_ascii_case(b"ID") && !ids.is_empty() => ids
                 .iter()
                 .map(|i| {
+                    // A negative id is no client's (ids start at 1), not an error.
                     parse_i64(i)
-                        .and_then(|n| u64::try_from(n).ok())
+                        .map(|n| u64::try_from(n).unwrap_or(0))
                         .ok_or_else(|| Reply::error("ERR Invalid client ID"))
                 })
                 .collect::<Result<Vec<_>, _>>()
@@ -491,6 +509,10 @@ mod tests {
             ListFilter::parse(&args("CLIENT LIST ID 3 4")),
             Ok(ListFilter::Ids(vec![3, 4]))
         );
+        assert_eq!(
+            ListFilter::parse(&args("CLIENT LIST ID -1")),
+            Ok(ListFilter::Ids(vec![0]))
+        );
         let e = |s| err(ListFilter::parse(&args(s)).expect_err("refused"));
         assert_eq!(e("CLIENT LIST TYPE foo"), "ERR Unknown client type 'foo'");
         assert_eq!(e("CLIENT LIST ID x"), "ERR Invalid client ID");
@@ -614,12 +636,14 @@ mod tests {
         let c = client(&b, 5, 1, Some("app"));
         let info = c.info().expect("info");
         info.publish(ClientView {
-            name: Some(Bytes::from("worker")),
+            names: Names::boxed(Names {
+                name: Some(Bytes::from("worker")),
+                lib_name: Some(Bytes::from("redis-py")),
+                lib_ver: None,
+            }),
             user: Some("app".into()),
             db: 2,
             resp: 3,
-            lib_name: Some(Bytes::from("redis-py")),
-            lib_ver: None,
             flags: Flags {
                 multi: true,
                 ..Flags::default()

@@ -13,7 +13,7 @@ use super::state::wrong_args;
 use super::Session;
 use crate::acl_log::{AclLog, Denial, Reason, DEFAULT_COUNT};
 use crate::budget::Closed;
-use crate::clients::{verbatim, ClientView, Flags, KillFilter, Line, ListFilter, Viewer};
+use crate::clients::{verbatim, ClientView, Flags, KillFilter, Line, ListFilter, Names, Viewer};
 use crate::commands::acl::{catalog, Catalog};
 use crate::commands::{refusal, ACL_REFUSED};
 use crate::resp::{Command, Reply, Value};
@@ -49,12 +49,14 @@ impl Session {
     pub(super) fn view_now(&self) -> ClientView {
         let s = &self.state;
         ClientView {
-            name: s.name.clone(),
+            names: Names::boxed(Names {
+                name: s.name.clone(),
+                lib_name: s.lib_name.clone(),
+                lib_ver: s.lib_ver.clone(),
+            }),
             user: s.user.clone(),
             db: s.db,
             resp: s.proto,
-            lib_name: s.lib_name.clone(),
-            lib_ver: s.lib_ver.clone(),
             flags: self.flags_now(),
         }
     }

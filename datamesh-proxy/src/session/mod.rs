@@ -252,7 +252,7 @@ impl Session {
         // Cluster-aware clients are told the address they dialled (the captured original
         // destination), so they keep coming back through the capture.
         let advertised = who.orig_dst.unwrap_or(local);
-        let state = ClientState::new(id, peer, local, advertised, &settings.users);
+        let state = ClientState::new(id, peer, advertised, &settings.users);
         let blocking = Arc::new(AtomicUsize::new(0));
         let view = ClientView {
             user: state.user.clone(),

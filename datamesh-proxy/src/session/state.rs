@@ -100,7 +100,6 @@ pub struct ServerFacts {
 pub struct ClientState {
     pub id: u64,
     pub peer: SocketAddr,
-    pub local: SocketAddr,
     /// Address shown to cluster-aware clients as the (only) cluster node: what they dialled.
     pub advertised: SocketAddr,
     /// None until authenticated (when users are configured).
@@ -175,17 +174,10 @@ fn check_user(users: &[User], user: &[u8], pass: &[u8]) -> Result<(), Reply> {
 }
 
 impl ClientState {
-    pub fn new(
-        id: u64,
-        peer: SocketAddr,
-        local: SocketAddr,
-        advertised: SocketAddr,
-        users: &[User],
-    ) -> Self {
+    pub fn new(id: u64, peer: SocketAddr, advertised: SocketAddr, users: &[User]) -> Self {
         Self {
             id,
             peer,
-            local,
             advertised,
             user: (!auth_required(users)).then(|| "default".to_string()),
             db: 0,
@@ -496,7 +488,7 @@ mod tests {
     #[test]
     fn auth_hello_and_reset() {
         let users = [user("app", Some("pw"))];
-        let mut s = ClientState::new(7, addr(), addr(), addr(), &users);
+        let mut s = ClientState::new(7, addr(), addr(), &users);
         assert!(!s.authenticated());
         let a = s.auth(&users, &[Bytes::from("app"), Bytes::from("bad")]);
         assert!(a.auth_failed && a.reply.is_error());
@@ -525,7 +517,7 @@ mod tests {
 
     #[test]
     fn select_and_client_subcommands() {
-        let mut s = ClientState::new(9, addr(), addr(), addr(), &[]);
+        let mut s = ClientState::new(9, addr(), addr(), &[]);
         assert!(s.select(&facts(), b"16").is_error());
         assert!(s.select(&facts(), b"x").is_error());
         assert!(s.select(&facts(), b"3").is_ok());
@@ -561,7 +553,7 @@ mod tests {
             })
         };
         let s1 = settings("-@all +get");
-        let mut s = ClientState::new(1, addr(), addr(), addr(), &users);
+        let mut s = ClientState::new(1, addr(), addr(), &users);
         s.refresh_acl(&s1);
         assert!(s.acl.is_none(), "not authenticated");
         s.auth(&users, &[Bytes::from("app"), Bytes::from("pw")]);
@@ -585,7 +577,7 @@ mod tests {
 
     #[test]
     fn reply_skip_is_consumed_once() {
-        let mut s = ClientState::new(1, addr(), addr(), addr(), &[]);
+        let mut s = ClientState::new(1, addr(), addr(), &[]);
         assert!(!s.reply_silenced());
         s.skip_next = true;
         assert!(s.reply_silenced());

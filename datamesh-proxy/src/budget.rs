@@ -84,7 +84,7 @@ impl std::fmt::Display for OutputLimit {
     }
 }
 
-/// Why a client was closed by a limit (also the metric's `reason` label).
+/// Why a client was closed by a limit or killed (also the metric's `reason` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Closed {
@@ -159,7 +159,7 @@ pub struct BudgetMetrics {
     /// Bytes buffered for clients now (as published; within [`PUBLISH_STEP`] per client).
     pub buffered: Gauge,
     pub limit: Gauge,
-    /// Clients closed by a limit, by kind ([`Closed::as_str`]).
+    /// Clients closed by a limit or by `CLIENT KILL`, by kind ([`Closed::as_str`]).
     pub closed: Family<ReasonLabels, Counter>,
 }
 

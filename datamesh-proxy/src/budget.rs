@@ -40,6 +40,7 @@ use tokio::time::Instant;
 use tracing::warn;
 
 use crate::accounting::PodStats;
+use crate::clients::ClientInfo;
 use crate::stopped;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
@@ -83,7 +84,7 @@ impl std::fmt::Display for OutputLimit {
     }
 }
 
-/// Why a client was closed by a limit (also the metric's `reason` label).
+/// Why a client was closed by a limit or killed (also the metric's `reason` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Closed {
@@ -97,6 +98,8 @@ pub enum Closed {
     Partial = 5,
     /// Input not yet processed passed `client_query_buffer_limit`.
     QueryBuffer = 6,
+    /// `CLIENT KILL` (closed without a last line, like Redis).
+    Killed = 7,
 }
 
 impl Closed {
@@ -108,6 +111,7 @@ impl Closed {
             4 => Closed::Idle,
             5 => Closed::Partial,
             6 => Closed::QueryBuffer,
+            7 => Closed::Killed,
             _ => return None,
         })
     }
@@ -120,10 +124,11 @@ impl Closed {
             Closed::Idle => "idle_timeout",
             Closed::Partial => "partial_command_timeout",
             Closed::QueryBuffer => "query_buffer_limit",
+            Closed::Killed => "killed",
         }
     }
 
-    /// The last line the client gets (when its socket takes it).
+    /// The last line the client gets (when its socket takes it); empty for a killed client.
     pub fn message(self) -> &'static str {
         match self {
             Closed::OutputHard => "-ERR datamesh proxy: closing the connection: its replies not read passed the output buffer hard limit (client_output_buffer_limit)\r\n",
@@ -132,6 +137,7 @@ impl Closed {
             Closed::Idle => "-ERR datamesh proxy: closing the idle connection (client_idle_timeout_s)\r\n",
             Closed::Partial => "-ERR datamesh proxy: closing the connection: a command was not complete in time (client_partial_timeout_ms)\r\n",
             Closed::QueryBuffer => "-ERR datamesh proxy: closing the connection: its input not yet processed passed the query buffer limit (client_query_buffer_limit)\r\n",
+            Closed::Killed => "",
         }
     }
 }
@@ -153,7 +159,7 @@ pub struct BudgetMetrics {
     /// Bytes buffered for clients now (as published; within [`PUBLISH_STEP`] per client).
     pub buffered: Gauge,
     pub limit: Gauge,
-    /// Clients closed by a limit, by kind ([`Closed::as_str`]).
+    /// Clients closed by a limit or by `CLIENT KILL`, by kind ([`Closed::as_str`]).
     pub closed: Family<ReasonLabels, Counter>,
 }
 
@@ -209,9 +215,23 @@ impl Budget {
         pod: Arc<PodStats>,
         limit: OutputLimit,
     ) -> Arc<ClientMem> {
+        self.register(id, pod, limit, None)
+    }
+
+    /// [`Budget::client`] with the connection's entry for `CLIENT LIST`/`KILL`
+    /// ([`crate::clients`]): sessions register this way, so the shedder's registry is also
+    /// the client list (one map, one insert per connection).
+    pub fn register(
+        self: &Arc<Self>,
+        id: u64,
+        pod: Arc<PodStats>,
+        limit: OutputLimit,
+        info: Option<ClientInfo>,
+    ) -> Arc<ClientMem> {
         let m = Arc::new(ClientMem {
             id,
             pod,
+            info,
             budget: self.clone(),
             input: AtomicU64::new(0),
             output: AtomicU64::new(0),
@@ -315,6 +335,28 @@ impl Budget {
     pub fn clients(&self) -> usize {
         self.lock().len()
     }
+
+    /// Every registered client with a [`ClientInfo`], by id (CLIENT LIST, CLIENT KILL).
+    pub fn snapshot(&self) -> Vec<Arc<ClientMem>> {
+        let mut v: Vec<Arc<ClientMem>> = self
+            .lock()
+            .values()
+            .filter(|m| m.info.is_some())
+            .cloned()
+            .collect();
+        v.sort_unstable_by_key(|m| m.id);
+        v
+    }
+
+    /// Counts a close by `why` (the metric; [`ClientMem::close`] does it for closes it makes).
+    pub fn count_closed(&self, why: Closed) {
+        self.metrics
+            .closed
+            .get_or_create(&ReasonLabels {
+                reason: why.as_str().to_string(),
+            })
+            .inc();
+    }
 }
 
 /// One client's buffered bytes and limits (see the module docs). Written by its session task,
@@ -322,6 +364,8 @@ impl Budget {
 pub struct ClientMem {
     pub id: u64,
     pub pod: Arc<PodStats>,
+    /// The connection as CLIENT LIST shows it (None for counters made without a session).
+    info: Option<ClientInfo>,
     budget: Arc<Budget>,
     input: AtomicU64,
     output: AtomicU64,
@@ -337,6 +381,10 @@ pub struct ClientMem {
 }
 
 impl ClientMem {
+    pub fn info(&self) -> Option<&ClientInfo> {
+        self.info.as_ref()
+    }
+
     pub fn input(&self) -> u64 {
         self.input.load(Ordering::Relaxed)
     }
@@ -430,13 +478,7 @@ impl ClientMem {
             .compare_exchange(0, why as u8, Ordering::AcqRel, Ordering::Acquire)
             .is_ok();
         if first {
-            self.budget
-                .metrics
-                .closed
-                .get_or_create(&ReasonLabels {
-                    reason: why.as_str().to_string(),
-                })
-                .inc();
+            self.budget.count_closed(why);
             self.waker.wake();
         }
         first

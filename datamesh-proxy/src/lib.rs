@@ -16,12 +16,16 @@
 //!   the backoff;
 //! - [`topology`]: standalone, Sentinel and Cluster, and their control-plane client;
 //! - [`resp`]: the one codec and value type; [`commands`]: the command table;
-//! - [`accounting`]: per-pod counts and the GCRA command-rate limit; [`metrics`].
+//! - [`accounting`]: per-pod counts and the GCRA command-rate limit; [`metrics`];
+//! - [`clients`]: the proxy's client connections as CLIENT LIST/KILL see them (the budget's
+//!   registry); [`acl_log`]: `ACL LOG`.
 
 pub mod accounting;
+pub mod acl_log;
 pub mod attribution;
 pub mod backend;
 pub mod budget;
+pub mod clients;
 pub mod commands;
 pub mod config;
 pub mod endpoint;

@@ -237,7 +237,7 @@ impl ProxyMetrics {
         );
         registry.register(
             "proxy_clients_closed",
-            "Clients closed by a limit (reason = output_hard_limit | output_soft_limit | memory_budget | idle_timeout | partial_command_timeout)",
+            "Clients closed by a limit or by CLIENT KILL (reason = output_hard_limit | output_soft_limit | memory_budget | idle_timeout | partial_command_timeout | query_buffer_limit | killed)",
             self.budget.metrics.closed.clone(),
         );
         registry.register(

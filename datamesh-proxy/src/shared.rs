@@ -1,6 +1,7 @@
 //! What the listeners and every session share: the attribution, the metrics, per-pod
-//! accounting, the session settings (swapped whole on reload), client ids, and the count of
-//! open connections that a drain waits on.
+//! accounting, the memory budget and its client registry, the ACL log, the session settings
+//! (swapped whole on reload), client ids, and the count of open connections that a drain
+//! waits on.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -9,6 +10,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 use crate::accounting::PodRegistry;
+use crate::acl_log::AclLog;
 use crate::attribution::Attribution;
 use crate::budget::Budget;
 use crate::config::SessionSettings;
@@ -19,8 +21,11 @@ pub struct Shared {
     pub attribution: Arc<dyn Attribution>,
     pub metrics: Arc<ProxyMetrics>,
     pub pod_limits: Arc<PodRegistry>,
-    /// The memory budget every client's buffered bytes count against.
+    /// The memory budget every client's buffered bytes count against; its registry of
+    /// clients is also the one CLIENT LIST and CLIENT KILL look at ([`crate::clients`]).
     pub budget: Arc<Budget>,
+    /// Failed AUTHs and policy refusals (`ACL LOG`).
+    pub acl_log: AclLog,
     settings: RwLock<Arc<SessionSettings>>,
     /// Bumped on every settings swap: sessions keep their copy and look only at this.
     generation: AtomicU64,
@@ -43,6 +48,7 @@ impl Shared {
             metrics,
             pod_limits,
             budget,
+            acl_log: AclLog::default(),
             settings: RwLock::new(Arc::new(settings)),
             generation: AtomicU64::new(0),
             client_ids: AtomicU64::new(0),

@@ -5,7 +5,8 @@
 //!
 //! Modules: `common` (helpers), `table` (the checked-in ACL category table against a live
 //! redis-server), `policy` (NOPERM refusals, operators, secrets, per-pod policy and reload),
-//! `scripts` (backend ACL bounds scripts; SCRIPT/FUNCTION KILL), `auth` (password guessing).
+//! `scripts` (backend ACL bounds scripts; SCRIPT/FUNCTION KILL), `auth` (password guessing),
+//! `admin` (CLIENT LIST/KILL and ACL WHOAMI/USERS/CAT/LOG answered by the proxy, per pod).
 
 #[path = "tenant/common.rs"]
 mod common;
@@ -21,3 +22,6 @@ mod scripts;
 
 #[path = "tenant/auth.rs"]
 mod auth;
+
+#[path = "tenant/admin.rs"]
+mod admin;

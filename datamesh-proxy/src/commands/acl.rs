@@ -67,12 +67,39 @@ pub const DEFAULT_TENANT_ACL: &str = "+@all -@admin -@dangerous +sort +sort_ro +
 
 const NONE: u16 = u16::MAX;
 
+/// Redis 7.0's ACL categories in the order `ACL CAT` lists them.
+const CATEGORIES: &[&str] = &[
+    "keyspace",
+    "read",
+    "write",
+    "set",
+    "sortedset",
+    "list",
+    "hash",
+    "string",
+    "bitmap",
+    "hyperloglog",
+    "geo",
+    "stream",
+    "pubsub",
+    "admin",
+    "fast",
+    "slow",
+    "blocking",
+    "dangerous",
+    "connection",
+    "transaction",
+    "scripting",
+];
+
 /// One command or subcommand of the table.
 #[derive(Debug)]
 struct Entry {
     /// `get`, or `config|get` for a subcommand.
     name: &'static str,
     cats: u64,
+    /// From [`NEWER`], not from redis-server 7.0.15's table.
+    newer: bool,
     /// Subcommands: slots `subs.0 .. subs.0 + subs.1` (right after the parent).
     subs: (u16, u16),
 }
@@ -119,8 +146,9 @@ impl Catalog {
             .map(str::trim)
             .filter(|l| !l.is_empty() && !l.starts_with('#'))
             .map(|l| l.split_once(' ').unwrap_or((l, "")));
-        let extra = newer.iter().copied();
-        for (name, cats) in lines.chain(extra) {
+        let extra = newer.iter().map(|(n, c)| (*n, *c, true));
+        let lines = lines.map(|(n, c)| (n, c, false));
+        for (name, cats, is_newer) in lines.chain(extra) {
             let mut mask = 0u64;
             for cat in cats.split_whitespace() {
                 let cat = cat
@@ -165,6 +193,7 @@ impl Catalog {
             c.entries.push(Entry {
                 name,
                 cats: mask,
+                newer: is_newer,
                 subs: (0, 0),
             });
         }
@@ -238,6 +267,34 @@ impl Catalog {
             .get(slot as usize)
             .map(|e| e.name)
             .unwrap_or("unknown")
+    }
+
+    /// `ACL CAT`: Redis 7.0's categories, in its order.
+    pub fn categories() -> &'static [&'static str] {
+        CATEGORIES
+    }
+
+    /// `ACL CAT <category>`: the commands and subcommands (`config|get`) of redis-server
+    /// 7.0.15 in the category, in table order; None for a category Redis does not have.
+    pub fn commands_in(&self, category: &str) -> Option<Vec<&'static str>> {
+        if !CATEGORIES.iter().any(|c| c.eq_ignore_ascii_case(category)) {
+            return None;
+        }
+        let Some(mask) = self.category(category) else {
+            return Some(Vec::new());
+        };
+        Some(
+            self.entries
+                .iter()
+                .filter(|e| !e.newer && e.cats & mask != 0)
+                .map(|e| e.name)
+                .collect(),
+        )
+    }
+
+    /// Whether `command` has the subcommand `sub` in the table (`acl`, `whoami`).
+    pub fn has_subcommand(&self, command: &str, sub: &[u8]) -> bool {
+        self.top(command).and_then(|t| self.sub(t, sub)).is_some()
     }
 
     /// Whether the slot's command is in `@category`.
@@ -624,6 +681,25 @@ mod tests {
                 spec.name
             );
         }
+    }
+
+    #[test]
+    fn acl_cat_lists_redis_categories_and_their_commands() {
+        let c = catalog();
+        assert_eq!(Catalog::categories().len(), 21);
+        for cat in Catalog::categories() {
+            assert!(
+                c.category(cat).is_some(),
+                "{cat} is in no command of the table"
+            );
+        }
+        let keyspace = c.commands_in("KEYSPACE").expect("a category");
+        assert_eq!(keyspace.len(), 34, "{keyspace:?}");
+        assert!(keyspace.contains(&"object|freq") && keyspace.contains(&"del"));
+        let hash = c.commands_in("hash").expect("a category");
+        assert!(hash.contains(&"hget") && !hash.contains(&"hexpire"));
+        assert_eq!(c.commands_in("nosuch"), None);
+        assert!(c.has_subcommand("acl", b"WHOAMI") && !c.has_subcommand("acl", b"nope"));
     }
 
     #[test]

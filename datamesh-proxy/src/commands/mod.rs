@@ -99,7 +99,13 @@ pub enum Local {
     Asking,
     /// Answered as a one-node cluster for cluster backends; forwarded to standalone ones.
     Cluster,
+    /// `ACL WHOAMI/USERS/CAT/LOG` from the proxy's users and log; the rest refused
+    /// ([`ACL_REFUSED`]).
+    Acl,
 }
+
+/// Why the ACL subcommands the proxy does not answer are refused.
+pub const ACL_REFUSED: &str = "users are configured at the proxy (users) and the backend credentials in the endpoint's backend config";
 
 /// Transaction commands (run on the client's dedicated connection).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -538,6 +544,7 @@ static TABLE: &[CommandSpec] = &[
     local("readwrite", 1, Local::ReadWrite, 0),
     local("asking", 1, Local::Asking, 0),
     local("cluster", -2, Local::Cluster, 0),
+    local("acl", -2, Local::Acl, 0),
     // server, forwarded
     c("command", -1, 0, N),
     c("info", -1, 0, N),
@@ -566,16 +573,9 @@ static TABLE: &[CommandSpec] = &[
         "monitor",
         "it streams every command of the backend, which is shared by all clients of the proxy",
     ),
-    refused(
-        "sync",
-        REPL,
-    ),
+    refused("sync", REPL),
     refused("psync", REPL),
     refused("replconf", REPL),
-    refused(
-        "acl",
-        "users are configured at the proxy (users) and the backend credentials in the endpoint's backend config",
-    ),
     refused(
         "migrate",
         "it moves keys between servers behind the proxy's routing",

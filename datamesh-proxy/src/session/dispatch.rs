@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use super::state::{attempted_user, unsubscribed_reply, wrong_args, PubSub, ServerFacts, Tx};
 use super::{Input, Lane, Session, StallDone};
 use crate::accounting::Throttle;
+use crate::acl_log::Reason;
 use crate::backend::Dedicated;
 use crate::commands::acl::{self, catalog};
 use crate::commands::{
@@ -58,6 +59,10 @@ impl Session {
         let rt = self.ep.current();
         self.dispatch_round(&rt);
         self.upstream.flush();
+        // CLIENT LIST's `cmd` and `idle`: two relaxed stores per round, not per command.
+        if let Some(info) = self.mem.info() {
+            info.touch(self.last_slot, self.last_command);
+        }
     }
 
     pub(super) fn stall_done(&mut self, done: StallDone) {
@@ -146,7 +151,7 @@ impl Session {
         }
     }
 
-    fn front(&self) -> Option<&Command> {
+    pub(super) fn front(&self) -> Option<&Command> {
         match self.inbox.front() {
             Some(Input::Command(c)) => Some(c),
             _ => None,
@@ -215,7 +220,9 @@ impl Session {
             let r = Reply::error(&commands::refusal(cmd.name(), reason));
             return self.deny(r);
         }
-        if let Some(r) = self.policy_refusal(spec) {
+        let slot = catalog().slot_of(spec, cmd);
+        self.last_slot = slot.or(self.last_slot);
+        if let Some(r) = self.policy_refusal(spec, slot) {
             return self.deny(r);
         }
         let Some(cmd) = self.front() else {
@@ -316,14 +323,17 @@ impl Session {
     /// RESET are never refused (a client can always change user or leave), nor what the proxy
     /// answers from the connection's own state (PING, SELECT, CLIENT ID/SETNAME/LIST ...): the
     /// policy guards the shared backend and the other tenants, which those never reach.
-    fn policy_refusal(&self, spec: Option<&'static CommandSpec>) -> Option<Reply> {
+    fn policy_refusal(
+        &self,
+        spec: Option<&'static CommandSpec>,
+        slot: Option<u16>,
+    ) -> Option<Reply> {
         let cmd = self.front()?;
         if spec.is_some_and(|s| {
             s.has(NO_AUTH) || matches!(s.kind, Kind::Local(l) if l != Local::Cluster)
         }) {
             return None;
         }
-        let slot = catalog().slot_of(spec, cmd);
         let user_ok = self
             .state
             .acl
@@ -343,15 +353,13 @@ impl Session {
             })
             .inc();
         let user = self.state.user.as_deref().unwrap_or("default");
-        Some(Reply::error(&acl::noperm(
-            user,
-            &pod,
-            &acl::display_name(slot, cmd),
-        )))
+        let name = acl::display_name(slot, cmd);
+        self.log_denial(Reason::Command, &name, user);
+        Some(Reply::error(&acl::noperm(user, &pod, &name)))
     }
 
     /// An operator: the user's and the pod's policies allow every `@admin` command.
-    fn is_operator(&self) -> bool {
+    pub(super) fn is_operator(&self) -> bool {
         self.state.acl.as_ref().is_some_and(|p| p.is_operator()) && self.pod.acl_operator()
     }
 
@@ -401,6 +409,7 @@ impl Session {
                         command: command.clone(),
                     })
                     .inc();
+                self.log_denial(Reason::Command, &command, &user);
                 return self.refuse(Reply::error(&format!(
                     "NOPERM User {user} (pod {pod}) has no script running on endpoint {} and may not run the '{command}' command on others' scripts (datamesh proxy policy)",
                     self.ep.name
@@ -432,6 +441,7 @@ impl Session {
     /// pod's delay (the session reads nothing meanwhile), and the connection closed after
     /// `proxy.auth_max_failures`.
     fn auth_failed(&mut self, reply: Reply, user: String) -> Need {
+        self.log_denial(Reason::Auth, &self.front_name(), &user);
         let pod = self.pod.name();
         self.shared.metrics.count_error(&self.ep.name, "auth");
         self.shared
@@ -1045,6 +1055,27 @@ impl Session {
                     return self.execute_local(rt, spec);
                 }
             }
+            // Answered by the proxy (the backend's answers would be about the backend).
+            Some(Kind::Local(l @ (Local::Client | Local::Acl))) if !cmd_is_reply(self.front()) => {
+                let Some(cmd) = self.pop_command() else {
+                    return Need::Go;
+                };
+                if let Some(r) = self.pubsub_local_error(&cmd.args[0], cmd.arg(1)) {
+                    self.write_now(r);
+                    return Need::Go;
+                }
+                if l == Local::Acl {
+                    let r = self.acl_command(&cmd);
+                    self.write_now(r);
+                } else {
+                    let k = self.client_command(&cmd);
+                    self.write_now(k.reply);
+                    if k.close_self {
+                        self.killed_self();
+                    }
+                }
+                return Need::Go;
+            }
             Some(Kind::Local(l @ (Local::Auth | Local::Hello))) => {
                 let name = if l == Local::Auth { "AUTH" } else { "HELLO" };
                 self.inbox.pop_front();
@@ -1129,6 +1160,7 @@ impl Session {
             Local::Reset if !self.pending.is_empty() => return Need::Barrier,
             Local::Reset => {
                 self.state.reset(&self.settings.users);
+                self.publish_view();
                 Reply::simple("RESET")
             }
             Local::Auth => {
@@ -1136,6 +1168,7 @@ impl Session {
                 if a.auth_failed {
                     return self.auth_failed(a.reply, attempted_user(&args[1..]));
                 }
+                self.publish_view();
                 a.reply
             }
             Local::Hello => {
@@ -1150,16 +1183,28 @@ impl Session {
                     let creds = args.get(at..(at + 2).min(args.len())).unwrap_or_default();
                     return self.auth_failed(a.reply, attempted_user(creds));
                 }
+                self.publish_view();
                 a.reply
             }
             Local::Select => {
                 let facts = self.facts(rt);
-                self.state.select(&facts, &args[1])
+                let r = self.state.select(&facts, &args[1]);
+                self.publish_view();
+                r
             }
             Local::Client if cmd.arg_is(1, "REPLY") => return self.client_reply(&cmd),
-            Local::Client => self
-                .state
-                .client(&cmd, (self.rbuf.len(), self.rbuf.capacity())),
+            Local::Client => {
+                let k = self.client_command(&cmd);
+                if k.close_self {
+                    // Like Redis: the reply, then the connection closes.
+                    self.inbox.pop_front();
+                    self.push_reply(k.reply);
+                    self.killed_self();
+                    return Need::Go;
+                }
+                k.reply
+            }
+            Local::Acl => self.acl_command(&cmd),
             Local::ReadOnly | Local::ReadWrite | Local::Asking => Reply {
                 raw: view::readonly_reply(),
                 kind: ReplyKind::Simple,
@@ -1202,6 +1247,11 @@ impl Session {
         }
         Need::Go
     }
+}
+
+/// `CLIENT REPLY` (which the dispatcher applies itself).
+fn cmd_is_reply(cmd: Option<&Command>) -> bool {
+    cmd.is_some_and(|c| c.arg_is(1, "REPLY"))
 }
 
 const EXECABORT: &str = "EXECABORT Transaction discarded because of previous errors.";

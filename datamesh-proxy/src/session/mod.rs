@@ -15,6 +15,7 @@
 //! earlier reply is in, so a pipelined `SET k v; MULTI; GET k; EXEC` or `LPUSH q x; BLPOP q 0`
 //! behaves as on Redis. While it waits, replies already in are still written.
 
+mod admin;
 mod dispatch;
 mod out;
 pub mod pubsub;
@@ -41,6 +42,7 @@ use crate::accounting::{PodStats, Slot};
 use crate::attribution::{ConnEvent, Identity};
 use crate::backend::{BackendError, Dedicated};
 use crate::budget::{ClientMem, Closed};
+use crate::clients::{ClientInfo, ClientView, Flags};
 use crate::config::SessionSettings;
 use crate::endpoint::EndpointHandle;
 use crate::metrics::EndpointLabels;
@@ -216,6 +218,10 @@ pub struct Session {
     /// for a backend (an idle client costs nothing for it).
     gate: Option<ClientGate>,
     resubscribe: Option<Resubscribe>,
+    /// The state flags others see (CLIENT LIST), as last published.
+    view_flags: Flags,
+    /// The ACL catalog slot of the last command the table knows (CLIENT LIST's `cmd`).
+    last_slot: Option<u16>,
 }
 
 impl Drop for Session {
@@ -243,17 +249,30 @@ impl Session {
         let id = shared.next_client_id();
         let settings_gen = shared.settings_generation();
         let settings = shared.settings();
+        // Cluster-aware clients are told the address they dialled (the captured original
+        // destination), so they keep coming back through the capture.
+        let advertised = who.orig_dst.unwrap_or(local);
+        let state = ClientState::new(id, peer, advertised, &settings.users);
+        let blocking = Arc::new(AtomicUsize::new(0));
+        let view = ClientView {
+            user: state.user.clone(),
+            resp: state.proto,
+            ..ClientView::default()
+        };
+        let info = ClientInfo::new(
+            Arc::as_ptr(&ep) as usize,
+            peer,
+            advertised,
+            blocking.clone(),
+            view,
+        );
         let mem = shared
             .budget
-            .client(id, pod.clone(), settings.output_normal);
+            .register(id, pod.clone(), settings.output_normal, Some(info));
         let commands_total = (*shared.metrics.commands.get_or_create(&EndpointLabels {
             endpoint: ep.name.clone(),
         }))
         .clone();
-        // Cluster-aware clients are told the address they dialled (the captured original
-        // destination), so they keep coming back through the capture.
-        let advertised = who.orig_dst.unwrap_or(local);
-        let state = ClientState::new(id, peer, local, advertised, &settings.users);
         let now = tokio::time::Instant::now();
         Self {
             mem,
@@ -288,7 +307,9 @@ impl Session {
             upstream: SharedLane::default(),
             seq: 0,
             arrival: now,
-            blocking: Arc::new(AtomicUsize::new(0)),
+            blocking,
+            view_flags: Flags::default(),
+            last_slot: None,
         }
     }
 
@@ -323,6 +344,7 @@ impl Session {
         loop {
             self.dispatch_ready();
             self.count_buffers();
+            self.publish_flags();
             if self.pubsub_class != self.state.pubsub.is_some() {
                 self.pubsub_class = !self.pubsub_class;
                 self.mem
@@ -498,7 +520,7 @@ impl Session {
             g.set_closed_by_limit();
         }
         debug!(id = self.state.id, pod = %self.pod.name(), reason = why.as_str(), input = self.mem.input(), output = self.mem.output(), "closing the client");
-        if self.wbuf.is_empty() {
+        if self.wbuf.is_empty() && !why.message().is_empty() {
             let _ = client.try_write(why.message().as_bytes());
         }
     }

@@ -262,6 +262,12 @@ impl Subscriptions {
         Some(out)
     }
 
+    /// Channels, patterns and shard channels subscribed now, apart (CLIENT LIST's `sub`,
+    /// `psub`, `ssub`).
+    pub fn counts(&self) -> (usize, usize, usize) {
+        (self.channels.len(), self.patterns.len(), self.shard.len())
+    }
+
     /// Channels, patterns and shard channels subscribed now.
     pub fn len(&self) -> usize {
         self.channels.len() + self.patterns.len() + self.shard.len()

@@ -100,7 +100,6 @@ pub struct ServerFacts {
 pub struct ClientState {
     pub id: u64,
     pub peer: SocketAddr,
-    pub local: SocketAddr,
     /// Address shown to cluster-aware clients as the (only) cluster node: what they dialled.
     pub advertised: SocketAddr,
     /// None until authenticated (when users are configured).
@@ -175,17 +174,10 @@ fn check_user(users: &[User], user: &[u8], pass: &[u8]) -> Result<(), Reply> {
 }
 
 impl ClientState {
-    pub fn new(
-        id: u64,
-        peer: SocketAddr,
-        local: SocketAddr,
-        advertised: SocketAddr,
-        users: &[User],
-    ) -> Self {
+    pub fn new(id: u64, peer: SocketAddr, advertised: SocketAddr, users: &[User]) -> Self {
         Self {
             id,
             peer,
-            local,
             advertised,
             user: (!auth_required(users)).then(|| "default".to_string()),
             db: 0,
@@ -357,9 +349,10 @@ impl ClientState {
         Reply::ok()
     }
 
-    /// `CLIENT <sub> ...` (except `REPLY`, which the dispatcher applies, since it decides
-    /// whether its own reply is written).
-    pub fn client(&mut self, cmd: &Command, rbuf: (usize, usize)) -> Reply {
+    /// `CLIENT <sub> ...` from the client's own state (`REPLY` is applied by the dispatcher,
+    /// since it decides whether its own reply is written; `LIST`, `INFO` and `KILL` are
+    /// answered from the client registry, `session/admin.rs`).
+    pub fn client(&mut self, cmd: &Command) -> Reply {
         let args = &cmd.args;
         let is = |w: &str| cmd.arg_is(1, w);
         if is("ID") {
@@ -381,8 +374,6 @@ impl ClientState {
                 Some(n) => Reply::bulk(n),
                 None => Reply::null(self.proto),
             }
-        } else if is("INFO") || is("LIST") {
-            Reply::bulk(self.info_line(rbuf).as_bytes())
         } else if is("SETINFO") && args.len() == 4 {
             if cmd.arg_is(2, "LIB-NAME") {
                 self.lib_name = Some(args[3].clone());
@@ -402,11 +393,9 @@ impl ClientState {
                 &client_sub(cmd),
                 "client-side caching needs invalidations for this client, but backend connections are shared",
             ))
-        } else if [
-            "KILL", "PAUSE", "UNPAUSE", "UNBLOCK", "NO-EVICT", "NO-TOUCH",
-        ]
-        .iter()
-        .any(|w| is(w))
+        } else if ["PAUSE", "UNPAUSE", "UNBLOCK", "NO-EVICT", "NO-TOUCH"]
+            .iter()
+            .any(|w| is(w))
         {
             Reply::error(&crate::commands::refusal(
                 &client_sub(cmd),
@@ -420,44 +409,6 @@ impl ClientState {
                 String::from_utf8_lossy(&args[1]).to_ascii_lowercase()
             ))
         }
-    }
-
-    /// A `CLIENT INFO` line for this client as the proxy sees it; `rbuf` = (query buffer
-    /// length, capacity).
-    pub fn info_line(&self, rbuf: (usize, usize)) -> String {
-        let s = |b: &Option<Bytes>| {
-            b.as_ref()
-                .map(|b| String::from_utf8_lossy(b).into_owned())
-                .unwrap_or_default()
-        };
-        let multi = if self.tx.in_multi() { 0 } else { -1 };
-        let mut flags = String::new();
-        if self.pubsub.is_some() {
-            flags.push('P');
-        }
-        if self.tx.in_multi() {
-            flags.push('x');
-        }
-        if flags.is_empty() {
-            flags.push('N');
-        }
-        format!(
-            "id={} addr={} laddr={} fd=-1 name={} age={} idle=0 flags={} db={} sub=0 psub=0 ssub=0 multi={} watch=0 qbuf={} qbuf-free=0 argv-mem=0 multi-mem=0 rbs={} rbp=0 obl=0 oll=0 omem=0 tot-mem=0 events=r cmd=client|info user={} redir=-1 resp={} lib-name={} lib-ver={}\n",
-            self.id,
-            self.peer,
-            self.local,
-            s(&self.name),
-            self.created.elapsed().as_secs(),
-            flags,
-            self.db,
-            multi,
-            rbuf.0,
-            rbuf.1,
-            self.user.as_deref().unwrap_or("default"),
-            self.proto,
-            s(&self.lib_name),
-            s(&self.lib_ver),
-        )
     }
 }
 
@@ -537,7 +488,7 @@ mod tests {
     #[test]
     fn auth_hello_and_reset() {
         let users = [user("app", Some("pw"))];
-        let mut s = ClientState::new(7, addr(), addr(), addr(), &users);
+        let mut s = ClientState::new(7, addr(), addr(), &users);
         assert!(!s.authenticated());
         let a = s.auth(&users, &[Bytes::from("app"), Bytes::from("bad")]);
         assert!(a.auth_failed && a.reply.is_error());
@@ -566,7 +517,7 @@ mod tests {
 
     #[test]
     fn select_and_client_subcommands() {
-        let mut s = ClientState::new(9, addr(), addr(), addr(), &[]);
+        let mut s = ClientState::new(9, addr(), addr(), &[]);
         assert!(s.select(&facts(), b"16").is_error());
         assert!(s.select(&facts(), b"x").is_error());
         assert!(s.select(&facts(), b"3").is_ok());
@@ -576,20 +527,15 @@ mod tests {
             ..facts()
         };
         assert!(s.select(&cluster, b"1").is_error());
-        assert_eq!(s.client(&cmd("CLIENT ID"), (0, 0)).integer(), Some(9));
-        assert!(s.client(&cmd("client setname a b"), (0, 0)).is_error());
-        assert!(s.client(&cmd("client setname w"), (0, 0)).is_ok());
-        assert_eq!(
-            &s.client(&cmd("CLIENT GETNAME"), (0, 0)).raw[..],
-            b"$1\r\nw\r\n"
-        );
-        let info = s.client(&cmd("client info"), (0, 0));
-        assert!(String::from_utf8_lossy(&info.raw).contains(" db=3 "));
-        let kill = s.client(&cmd("CLIENT KILL x"), (0, 0));
-        assert!(kill
+        assert_eq!(s.client(&cmd("CLIENT ID")).integer(), Some(9));
+        assert!(s.client(&cmd("client setname a b")).is_error());
+        assert!(s.client(&cmd("client setname w")).is_ok());
+        assert_eq!(&s.client(&cmd("CLIENT GETNAME")).raw[..], b"$1\r\nw\r\n");
+        let pause = s.client(&cmd("CLIENT PAUSE 10"));
+        assert!(pause
             .error_text()
-            .starts_with(b"ERR CLIENT KILL is not supported"));
-        assert!(s.client(&cmd("CLIENT NOPE"), (0, 0)).is_error());
+            .starts_with(b"ERR CLIENT PAUSE is not supported"));
+        assert!(s.client(&cmd("CLIENT NOPE")).is_error());
     }
 
     #[test]
@@ -607,7 +553,7 @@ mod tests {
             })
         };
         let s1 = settings("-@all +get");
-        let mut s = ClientState::new(1, addr(), addr(), addr(), &users);
+        let mut s = ClientState::new(1, addr(), addr(), &users);
         s.refresh_acl(&s1);
         assert!(s.acl.is_none(), "not authenticated");
         s.auth(&users, &[Bytes::from("app"), Bytes::from("pw")]);
@@ -631,7 +577,7 @@ mod tests {
 
     #[test]
     fn reply_skip_is_consumed_once() {
-        let mut s = ClientState::new(1, addr(), addr(), addr(), &[]);
+        let mut s = ClientState::new(1, addr(), addr(), &[]);
         assert!(!s.reply_silenced());
         s.skip_next = true;
         assert!(s.reply_silenced());

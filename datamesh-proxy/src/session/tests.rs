@@ -482,3 +482,163 @@ async fn a_transaction_whose_connection_died_is_aborted_and_exec_never_sent() {
     assert_eq!(c.reply().await, "+PONG\r\n");
     assert_eq!(peer.commands(), ["MULTI", "SET a 1"]);
 }
+
+/// The `id=` of every line of a CLIENT LIST/INFO reply frame.
+fn ids_of(list: &str) -> Vec<u64> {
+    list.lines()
+        .filter_map(|l| {
+            let at = l.find("id=")?;
+            l[at + 3..].split(' ').next()?.parse().ok()
+        })
+        .collect()
+}
+
+// CLIENT LIST shows the proxy's own connections; CLIENT KILL closes another one without a
+// last line (new form: a count; old form: +OK / No such client); a client may kill itself:
+// its reply comes first, then the close.
+#[tokio::test]
+async fn client_list_and_kill_act_on_the_proxys_own_connections() {
+    let peer = Peer::start(Script::new()).await;
+    let proxy = start_proxy(Backend::standalone(peer.addr()));
+    let mut a = Client::connect(&proxy).await;
+    let mut b = Client::connect(&proxy).await;
+    let mut c = Client::connect(&proxy).await;
+    a.send(&[&["CLIENT", "ID"], &["CLIENT", "SETNAME", "alpha"]])
+        .await;
+    let a_id: u64 = a.reply().await[1..].trim().parse().expect("an id");
+    assert_eq!(a.reply().await, "+OK\r\n");
+    b.send(&[&["CLIENT", "ID"], &["HELLO", "3"]]).await;
+    let b_id: u64 = b.reply().await[1..].trim().parse().expect("an id");
+    b.reply().await;
+    c.send(&[&["CLIENT", "ID"]]).await;
+    let c_id: u64 = c.reply().await[1..].trim().parse().expect("an id");
+
+    c.send(&[&["CLIENT", "LIST"]]).await;
+    let list = c.reply().await;
+    assert_eq!(ids_of(&list), [a_id, b_id, c_id], "{list}");
+    assert!(list.contains(&format!("id={a_id} ")) && list.contains(" name=alpha "));
+    assert!(list.contains(&format!("id={c_id} ")) && list.contains(" cmd=client|list "));
+    assert!(list.contains(" resp=3 "), "b's HELLO 3 is seen: {list}");
+    // RESP3: a verbatim string, like Redis.
+    b.send(&[&["CLIENT", "LIST", "ID", &a_id.to_string()]])
+        .await;
+    let one = b.reply().await;
+    assert!(one.starts_with('=') && one.contains("\r\ntxt:id="), "{one}");
+    assert_eq!(ids_of(&one), [a_id]);
+
+    // New form: a count; the killed client is closed with nothing written.
+    c.send(&[&["CLIENT", "KILL", "ID", &a_id.to_string()]])
+        .await;
+    assert_eq!(c.reply().await, ":1\r\n");
+    a.closed().await;
+    c.send(&[&["CLIENT", "KILL", "ID", &a_id.to_string()]])
+        .await;
+    assert_eq!(c.reply().await, ":0\r\n");
+    // Old form.
+    c.send(&[&["CLIENT", "KILL", "10.9.9.9:1"]]).await;
+    assert_eq!(c.reply().await, "-ERR No such client\r\n");
+    c.send(&[&["CLIENT", "KILL", "ID", "x"]]).await;
+    assert_eq!(
+        c.reply().await,
+        "-ERR client-id should be greater than 0\r\n"
+    );
+    // Self: SKIPME yes by default, and the reply comes before the close.
+    c.send(&[&["CLIENT", "KILL", "ID", &c_id.to_string()]])
+        .await;
+    assert_eq!(c.reply().await, ":0\r\n");
+    c.send(&[
+        &["CLIENT", "KILL", "ID", &c_id.to_string(), "SKIPME", "no"],
+        &["PING"],
+    ])
+    .await;
+    assert_eq!(c.reply().await, ":1\r\n");
+    c.closed().await;
+    // Who is left: b alone.
+    b.send(&[&["CLIENT", "LIST"]]).await;
+    let left = b.reply().await;
+    assert_eq!(ids_of(&left), [b_id], "{left}");
+    // Still refused: what acts on the shared backend.
+    b.send(&[&["CLIENT", "PAUSE", "10"]]).await;
+    assert!(b
+        .reply()
+        .await
+        .starts_with("-ERR CLIENT PAUSE is not supported"));
+}
+
+// ACL WHOAMI/USERS/CAT/LOG from the proxy's users and log; a failed AUTH is logged.
+#[tokio::test]
+async fn acl_subcommands_answer_from_the_proxy() {
+    let peer = Peer::start(Script::new()).await;
+    let proxy = start_proxy(Backend::standalone(peer.addr()));
+    let mut c = Client::connect(&proxy).await;
+    c.send(&[
+        &["ACL", "WHOAMI"],
+        &["ACL", "USERS"],
+        &["ACL", "CAT"],
+        &["ACL", "CAT", "nosuch"],
+        &["AUTH", "mallory", "guess"],
+        &["ACL", "LOG", "1"],
+        &["ACL", "LIST"],
+        &["ACL", "NOPE"],
+        &["ACL", "LOG", "RESET"],
+        &["ACL", "LOG"],
+    ])
+    .await;
+    assert_eq!(c.reply().await, "$7\r\ndefault\r\n");
+    assert_eq!(c.reply().await, "*1\r\n$7\r\ndefault\r\n");
+    assert!(c.reply().await.starts_with("*21\r\n$8\r\nkeyspace\r\n"));
+    assert_eq!(c.reply().await, "-ERR Unknown category 'nosuch'\r\n");
+    assert!(c.reply().await.starts_with("-WRONGPASS"));
+    let log = c.reply().await;
+    assert!(
+        log.starts_with("*1\r\n*20\r\n$5\r\ncount\r\n:1\r\n$6\r\nreason\r\n$4\r\nauth\r\n")
+            && log.contains("$6\r\nobject\r\n$4\r\nAUTH\r\n$8\r\nusername\r\n$7\r\nmallory\r\n")
+            && log.contains(" cmd=auth "),
+        "{log}"
+    );
+    assert!(c
+        .reply()
+        .await
+        .starts_with("-ERR ACL is not supported by the datamesh proxy"));
+    assert_eq!(
+        c.reply().await,
+        "-ERR unknown subcommand 'NOPE'. Try ACL HELP.\r\n"
+    );
+    assert_eq!(c.reply().await, "+OK\r\n");
+    assert_eq!(c.reply().await, "*0\r\n");
+}
+
+// A subscribed client: others see it as `flags=P sub=1` (TYPE pubsub), and in RESP2 its own
+// CLIENT command gets Redis's "only (P|S)SUBSCRIBE ..." error from the proxy: it never reaches
+// the subscription connection (whose backend would answer about itself).
+#[tokio::test]
+async fn a_subscribed_client_is_listed_as_pubsub_and_its_client_commands_stay_local() {
+    let peer = Peer::start(
+        Script::new().expect("SUBSCRIBE", b"*3\r\n$9\r\nsubscribe\r\n$1\r\nx\r\n:1\r\n"),
+    )
+    .await;
+    let proxy = start_proxy(Backend::standalone(peer.addr()));
+    let mut s = Client::connect(&proxy).await;
+    let mut o = Client::connect(&proxy).await;
+    s.send(&[&["SUBSCRIBE", "x"]]).await;
+    s.reply().await;
+    s.send(&[&["CLIENT", "LIST"]]).await;
+    assert_eq!(
+        s.reply().await,
+        "-ERR Can't execute 'client|list': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context\r\n"
+    );
+    o.send(&[&["CLIENT", "LIST", "TYPE", "pubsub"]]).await;
+    let list = o.reply().await;
+    assert_eq!(ids_of(&list).len(), 1, "{list}");
+    assert!(
+        list.contains(" flags=P ") && list.contains(" sub=1 psub=0 "),
+        "{list}"
+    );
+    o.send(&[&["CLIENT", "KILL", "TYPE", "pubsub"]]).await;
+    assert_eq!(o.reply().await, ":1\r\n");
+    s.closed().await;
+    let sub = peer
+        .conn_of("SUBSCRIBE x")
+        .expect("SUBSCRIBE reached the backend");
+    assert_eq!(peer.conn_commands(sub), ["SUBSCRIBE x"]);
+}

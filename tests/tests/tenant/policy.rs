@@ -131,13 +131,14 @@ fn default_tenant_policy_refuses_with_noperm_and_keeps_the_backend_password() {
             other => anyhow::bail!("EVAL of CONFIG GET answered {other:?}"),
         }
         // What tenants may run still works, and nothing was flushed. CLIENT LIST (`@admin` in
-        // Redis) is answered by the proxy with this connection only: not subject to the policy.
+        // Redis) is answered by the proxy with its own connections of this pod (this one and
+        // the bystander's): not subject to the policy.
         c.expect(&["GET", "tenant:k"], bulk("v"))?;
         ensure!(
             c.cmd(&["CLIENT", "LIST"])?
                 .as_bytes()
-                .is_some_and(|l| String::from_utf8_lossy(l).lines().count() == 1),
-            "CLIENT LIST shows more than this client"
+                .is_some_and(|l| String::from_utf8_lossy(l).lines().count() == 2),
+            "CLIENT LIST shows other than this client and the bystander"
         );
         ensure!(
             c.cmd(&["INFO", "server"])?.as_bytes().is_some(),

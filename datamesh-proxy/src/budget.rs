@@ -25,7 +25,7 @@
 //! each client's own counters are touched only by its session task (and read by the shedder).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -149,6 +149,8 @@ pub struct Budget {
     used: AtomicI64,
     clients: Mutex<HashMap<u64, Arc<ClientMem>>>,
     over: Notify,
+    /// Woken whenever a client's connection is closed ([`ClientMem::ended`]).
+    ended: Notify,
     epoch: Epoch,
     pub metrics: BudgetMetrics,
 }
@@ -172,6 +174,7 @@ impl Budget {
             used: AtomicI64::new(0),
             clients: Mutex::new(HashMap::new()),
             over: Notify::new(),
+            ended: Notify::new(),
             epoch: Epoch::default(),
             metrics,
         }
@@ -241,6 +244,7 @@ impl Budget {
             soft_ms: AtomicU64::new(limit.soft_seconds * 1000),
             soft_since: AtomicU64::new(0),
             closed: AtomicU8::new(0),
+            ended: AtomicBool::new(false),
             waker: AtomicWaker::new(),
         });
         self.lock().insert(id, m.clone());
@@ -332,6 +336,24 @@ impl Budget {
     }
 
     /// Clients registered now (tests, `/debug`).
+    /// Until every one of `clients` has its connection closed, or `bound` passed: `CLIENT
+    /// KILL` answers after its victims are gone, as on Redis (a client that checks its socket
+    /// before its next command, like phpredis, then reconnects instead of failing).
+    pub async fn wait_ended(&self, clients: &[Arc<ClientMem>], bound: Duration) {
+        let all = async {
+            loop {
+                let woken = self.ended.notified();
+                tokio::pin!(woken);
+                woken.as_mut().enable();
+                if clients.iter().all(|c| c.has_ended()) {
+                    return;
+                }
+                woken.await;
+            }
+        };
+        let _ = tokio::time::timeout(bound, all).await;
+    }
+
     pub fn clients(&self) -> usize {
         self.lock().len()
     }
@@ -377,6 +399,8 @@ pub struct ClientMem {
     /// When output went over the soft limit (ms since the budget's epoch; 0 = it is not).
     soft_since: AtomicU64,
     closed: AtomicU8,
+    /// Its connection is closed (after `closed`: the socket is shut down).
+    ended: AtomicBool,
     waker: AtomicWaker,
 }
 
@@ -507,6 +531,19 @@ impl ClientMem {
             self.budget.publish(-(published as i64));
         }
         self.budget.lock().remove(&self.id);
+        self.ended();
+    }
+
+    /// The client's connection is closed (its FIN is out): whoever waits for it
+    /// ([`Budget::wait_ended`]) goes on.
+    pub fn ended(&self) {
+        if !self.ended.swap(true, Ordering::AcqRel) {
+            self.budget.ended.notify_waiters();
+        }
+    }
+
+    pub fn has_ended(&self) -> bool {
+        self.ended.load(Ordering::Acquire)
     }
 }
 

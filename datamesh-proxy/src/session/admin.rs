@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use super::state::wrong_args;
 use super::Session;
 use crate::acl_log::{AclLog, Denial, Reason, DEFAULT_COUNT};
-use crate::budget::Closed;
+use crate::budget::{ClientMem, Closed};
 use crate::clients::{verbatim, ClientView, Flags, KillFilter, Line, ListFilter, Names, Viewer};
 use crate::commands::acl::{catalog, Catalog};
 use crate::commands::{refusal, ACL_REFUSED};
@@ -23,6 +23,9 @@ pub(super) struct Kill {
     pub reply: Reply,
     /// The caller matched: it is closed once the reply is written.
     pub close_self: bool,
+    /// Other clients it closed: the reply waits until their connections are (like Redis,
+    /// which frees them before it answers).
+    pub victims: Vec<Arc<ClientMem>>,
 }
 
 impl Session {
@@ -142,6 +145,7 @@ impl Session {
         Kill {
             reply,
             close_self: false,
+            victims: Vec::new(),
         }
     }
 
@@ -198,6 +202,7 @@ impl Session {
         let done = |reply| Kill {
             reply,
             close_self: false,
+            victims: Vec::new(),
         };
         let f = match KillFilter::parse(&cmd.args) {
             Ok(f) => f,
@@ -226,6 +231,7 @@ impl Session {
         }
         let mut killed = 0i64;
         let mut close_self = false;
+        let mut victims = Vec::new();
         for m in &clients {
             let Some(info) = m.info() else {
                 continue;
@@ -244,6 +250,7 @@ impl Session {
             } else if m.close(Closed::Killed) {
                 tracing::debug!(client_id = m.id, by = self.state.id, pod = %self.pod.name(), "CLIENT KILL");
                 killed += 1;
+                victims.push(m.clone());
             }
         }
         let reply = if !f.old_form {
@@ -253,7 +260,11 @@ impl Session {
         } else {
             Reply::error("ERR No such client")
         };
-        Kill { reply, close_self }
+        Kill {
+            reply,
+            close_self,
+            victims,
+        }
     }
 
     /// `ACL <sub> ...`: WHOAMI, USERS, CAT and LOG answered from the proxy's users and log; the

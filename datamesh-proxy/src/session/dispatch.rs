@@ -1195,6 +1195,21 @@ impl Session {
             Local::Client if cmd.arg_is(1, "REPLY") => return self.client_reply(&cmd),
             Local::Client => {
                 let k = self.client_command(&cmd);
+                if !k.victims.is_empty() {
+                    // Like Redis: the killed connections are closed before the reply.
+                    let budget = self.shared.budget.clone();
+                    let victims = k.victims;
+                    let reply = k.reply;
+                    self.inbox.pop_front();
+                    self.push(Call::boxed(async move {
+                        budget.wait_ended(&victims, KILL_WAIT).await;
+                        reply
+                    }));
+                    if k.close_self {
+                        self.killed_self();
+                    }
+                    return Need::Go;
+                }
                 if k.close_self {
                     // Like Redis: the reply, then the connection closes.
                     self.inbox.pop_front();
@@ -1253,6 +1268,10 @@ impl Session {
 fn cmd_is_reply(cmd: Option<&Command>) -> bool {
     cmd.is_some_and(|c| c.arg_is(1, "REPLY"))
 }
+
+/// How long a `CLIENT KILL` reply waits for its victims' connections to close (their sessions
+/// end on their own tasks, within a scheduling round unless the proxy is overloaded).
+const KILL_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 const EXECABORT: &str = "EXECABORT Transaction discarded because of previous errors.";
 

@@ -26,6 +26,7 @@ mod tests;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
@@ -523,6 +524,9 @@ impl Session {
         if self.wbuf.is_empty() && !why.message().is_empty() {
             let _ = client.try_write(why.message().as_bytes());
         }
+        // The FIN now, not when the task is done: a `CLIENT KILL` waits for it.
+        let _ = nix::sys::socket::shutdown(client.as_raw_fd(), nix::sys::socket::Shutdown::Write);
+        self.mem.ended();
     }
 
     /// Whether the next command may be dispatched: within the window, and the client's

@@ -26,7 +26,6 @@ use std::sync::{Arc, Mutex};
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::time::Instant;
 
-use crate::budget::ClientMem;
 use crate::commands::acl::catalog;
 use crate::resp::{Reply, ReplyKind};
 
@@ -71,6 +70,10 @@ pub struct Flags {
 /// One connection's entry in the registry (see the module docs).
 #[derive(Debug)]
 pub struct ClientInfo {
+    /// The client id (CLIENT ID).
+    pub id: u64,
+    /// Its pod's netns cookie ([`crate::accounting::PodStats::cookie`]).
+    pub pod: u64,
     /// Which endpoint (an opaque key: the address of its handle, which every session of the
     /// endpoint holds, so no two live endpoints share it).
     pub endpoint: usize,
@@ -89,6 +92,7 @@ pub struct ClientInfo {
 
 impl ClientInfo {
     pub fn new(
+        (id, pod): (u64, u64),
         endpoint: usize,
         peer: SocketAddr,
         laddr: SocketAddr,
@@ -96,6 +100,8 @@ impl ClientInfo {
         view: ClientView,
     ) -> Self {
         Self {
+            id,
+            pod,
             endpoint,
             peer,
             laddr,
@@ -206,14 +212,14 @@ pub struct Viewer<'a> {
 
 impl Viewer<'_> {
     /// Whether this viewer sees (and may kill) the client.
-    pub fn sees(&self, mem: &ClientMem, info: &ClientInfo, view: &ClientView) -> bool {
-        if self.operator || mem.id == self.id {
+    pub fn sees(&self, info: &ClientInfo, view: &ClientView) -> bool {
+        if self.operator || info.id == self.id {
             return true;
         }
         if info.endpoint != self.endpoint {
             return false;
         }
-        mem.pod.cookie == self.pod
+        info.pod == self.pod
             || self
                 .named_user
                 .is_some_and(|u| view.user.as_deref() == Some(u))
@@ -288,11 +294,16 @@ impl Line<'_> {
     }
 }
 
-/// Another client's line, from the registry.
-pub fn line_of(mem: &ClientMem, info: &ClientInfo, view: &ClientView, now: Instant) -> String {
+/// Another client's line, from the registry; `(omem, tot_mem)` from its memory counters.
+pub fn line_of(
+    info: &ClientInfo,
+    view: &ClientView,
+    (omem, tot_mem): (u64, u64),
+    now: Instant,
+) -> String {
     let mut out = String::new();
     Line {
-        id: mem.id,
+        id: info.id,
         peer: info.peer,
         laddr: info.laddr,
         age: now.saturating_duration_since(info.created).as_secs(),
@@ -300,8 +311,8 @@ pub fn line_of(mem: &ClientMem, info: &ClientInfo, view: &ClientView, now: Insta
         view,
         blocked: info.blocked(),
         qbuf: (0, 0),
-        omem: mem.output(),
-        tot_mem: mem.total(),
+        omem,
+        tot_mem,
         cmd: info.last_cmd(),
     }
     .render(&mut out);
@@ -416,18 +427,11 @@ impl KillFilter {
     }
 
     /// Whether the client matches (scope is checked by the caller).
-    pub fn matches(
-        &self,
-        me: u64,
-        mem: &ClientMem,
-        info: &ClientInfo,
-        view: &ClientView,
-        now: Instant,
-    ) -> bool {
-        if self.skip_me && mem.id == me {
+    pub fn matches(&self, me: u64, info: &ClientInfo, view: &ClientView, now: Instant) -> bool {
+        if self.skip_me && info.id == me {
             return false;
         }
-        if self.id.is_some_and(|id| id != mem.id) {
+        if self.id.is_some_and(|id| id != info.id) {
             return false;
         }
         if self
@@ -485,8 +489,6 @@ pub fn verbatim(text: &str, proto: u8) -> Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::accounting::PodStats;
-    use crate::budget::{Budget, BudgetMetrics, OutputLimit};
 
     fn args(s: &str) -> Vec<Bytes> {
         s.split(' ')
@@ -551,8 +553,9 @@ mod tests {
         assert_eq!(e("CLIENT KILL ID 1 ADDR"), "ERR syntax error");
     }
 
-    fn client(b: &Arc<Budget>, id: u64, pod: u64, user: Option<&str>) -> Arc<ClientMem> {
-        let info = ClientInfo::new(
+    fn client(id: u64, pod: u64, user: Option<&str>) -> ClientInfo {
+        ClientInfo::new(
+            (id, pod),
             1,
             format!("10.0.0.{id}:1000").parse().expect("addr"),
             "10.96.0.10:6379".parse().expect("addr"),
@@ -562,18 +565,15 @@ mod tests {
                 resp: 2,
                 ..ClientView::default()
             },
-        );
-        let pod = Arc::new(PodStats::new(pod, format!("pod-{pod}"), 0, 0));
-        b.register(id, pod, OutputLimit::NONE, Some(info))
+        )
     }
 
     #[test]
     fn scope_and_matching() {
-        let b = Arc::new(Budget::new(0, BudgetMetrics::default()));
-        let mine = client(&b, 1, 10, Some("app"));
-        let same_pod = client(&b, 2, 10, Some("other"));
-        let same_user = client(&b, 3, 20, Some("app"));
-        let stranger = client(&b, 4, 20, Some("other"));
+        let mine = client(1, 10, Some("app"));
+        let same_pod = client(2, 10, Some("other"));
+        let same_user = client(3, 20, Some("app"));
+        let stranger = client(4, 20, Some("other"));
         let tenant = Viewer {
             id: 1,
             endpoint: 1,
@@ -581,10 +581,7 @@ mod tests {
             named_user: Some("app"),
             operator: false,
         };
-        let seen = |v: &Viewer, m: &Arc<ClientMem>| {
-            let info = m.info().expect("registered with info");
-            v.sees(m, info, &info.view())
-        };
+        let seen = |v: &Viewer, info: &ClientInfo| v.sees(info, &info.view());
         assert!(seen(&tenant, &mine) && seen(&tenant, &same_pod) && seen(&tenant, &same_user));
         assert!(!seen(&tenant, &stranger));
         let unnamed = Viewer {
@@ -604,10 +601,7 @@ mod tests {
         assert!(seen(&operator, &stranger));
 
         let now = Instant::now();
-        let m = |f: &KillFilter, c: &Arc<ClientMem>| {
-            let info = c.info().expect("info");
-            f.matches(1, c, info, &info.view(), now)
-        };
+        let m = |f: &KillFilter, info: &ClientInfo| f.matches(1, info, &info.view(), now);
         let by_addr = KillFilter::parse(&args("CLIENT KILL 10.0.0.2:1000")).expect("parse");
         assert!(m(&by_addr, &same_pod) && !m(&by_addr, &mine));
         let me = KillFilter::parse(&args("CLIENT KILL ID 1")).expect("parse");
@@ -618,7 +612,7 @@ mod tests {
         assert!(m(&users, &same_user) && !m(&users, &stranger));
         let pubsub = KillFilter::parse(&args("CLIENT KILL TYPE pubsub")).expect("parse");
         assert!(!m(&pubsub, &same_pod));
-        same_pod.info().expect("info").publish_flags(Flags {
+        same_pod.publish_flags(Flags {
             pubsub: true,
             sub: 1,
             ..Flags::default()
@@ -632,9 +626,7 @@ mod tests {
 
     #[test]
     fn lines_look_like_redis() {
-        let b = Arc::new(Budget::new(0, BudgetMetrics::default()));
-        let c = client(&b, 5, 1, Some("app"));
-        let info = c.info().expect("info");
+        let info = &client(5, 1, Some("app"));
         info.publish(ClientView {
             names: Names::boxed(Names {
                 name: Some(Bytes::from("worker")),
@@ -653,7 +645,7 @@ mod tests {
             .slot_of(None, &crate::resp::Command::from_args(args("CLIENT LIST")))
             .expect("known");
         info.touch(Some(slot), info.created);
-        let line = line_of(&c, info, &info.view(), Instant::now());
+        let line = line_of(info, &info.view(), (0, 0), Instant::now());
         assert!(line.starts_with("id=5 addr=10.0.0.5:1000 laddr=10.96.0.10:6379 fd=-1 name=worker age=0 idle=0 flags=x db=2 sub=0 psub=0 ssub=0 multi=0 "), "{line}");
         assert!(
             line.ends_with(

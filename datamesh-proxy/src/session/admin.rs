@@ -174,7 +174,7 @@ impl Session {
                 return;
             }
             let view = info.view();
-            if m.closed().is_some() || !viewer.sees(m, info, &view) {
+            if m.closed().is_some() || !viewer.sees(info, &view) {
                 return;
             }
             if let ListFilter::Type(t) = &filter {
@@ -182,7 +182,12 @@ impl Session {
                     return;
                 }
             }
-            out.push_str(&crate::clients::line_of(m, info, &view, now));
+            out.push_str(&crate::clients::line_of(
+                info,
+                &view,
+                (m.output(), m.total()),
+                now,
+            ));
         };
         match &filter {
             ListFilter::Ids(ids) => {
@@ -221,7 +226,7 @@ impl Session {
                     || clients.iter().any(|m| {
                         m.info().is_some_and(|i| {
                             let v = i.view();
-                            v.user.as_deref() == Some(u.as_str()) && viewer.sees(m, i, &v)
+                            v.user.as_deref() == Some(u.as_str()) && viewer.sees(i, &v)
                         })
                     })
             };
@@ -241,7 +246,7 @@ impl Session {
             } else {
                 info.view()
             };
-            if !viewer.sees(m, info, &view) || !f.matches(self.state.id, m, info, &view, now) {
+            if !viewer.sees(info, &view) || !f.matches(self.state.id, info, &view, now) {
                 continue;
             }
             if m.id == self.state.id {

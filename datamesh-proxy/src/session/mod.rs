@@ -261,6 +261,7 @@ impl Session {
             ..ClientView::default()
         };
         let info = ClientInfo::new(
+            (id, pod.cookie),
             Arc::as_ptr(&ep) as usize,
             peer,
             advertised,

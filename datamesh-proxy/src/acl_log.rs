@@ -110,6 +110,15 @@ impl AclLog {
         // log past a few KiB per entry.
         let bound = |s: &str| s.chars().take(128).collect::<String>();
         let (object, username) = (bound(d.object), bound(d.username));
+        // The client line carries names the client chose (bounded when set, but two of them).
+        let mut client_info = d.client_info;
+        if client_info.len() > 4096 {
+            let mut end = 4096;
+            while !client_info.is_char_boundary(end) {
+                end -= 1;
+            }
+            client_info.truncate(end);
+        }
         let mut g = self.lock();
         let found = g.entries.iter().take(SCAN).position(|e| {
             e.reason == d.reason
@@ -122,7 +131,7 @@ impl AclLog {
         if let Some(i) = found {
             if let Some(mut e) = g.entries.remove(i) {
                 e.count += 1;
-                e.client_info = d.client_info;
+                e.client_info = client_info;
                 e.updated = now;
                 e.updated_unix_ms = unix_ms;
                 g.entries.push_front(e);
@@ -138,7 +147,7 @@ impl AclLog {
             object,
             username,
             pod: d.pod,
-            client_info: d.client_info,
+            client_info,
             entry_id,
             created_unix_ms: unix_ms,
             updated_unix_ms: unix_ms,

@@ -150,11 +150,26 @@ pub fn wrong_args(name: &[u8]) -> Reply {
     ))
 }
 
+/// The longest client or library name kept: they are held for the connection's life and shown
+/// in every CLIENT LIST (Redis bounds them only by the bulk length).
+pub const MAX_CLIENT_NAME: usize = 1024;
+
 fn check_client_name(name: &[u8]) -> Result<(), Reply> {
-    if name.iter().any(|b| *b <= b' ' || *b > b'~') {
-        return Err(Reply::error(
-            "ERR Client names cannot contain spaces, newlines or special characters.",
-        ));
+    check_client_attr("Client names", name)
+}
+
+/// Redis 7.2's rule for names and `CLIENT SETINFO` values (so no value can break a CLIENT
+/// LIST line into two), plus a length bound.
+fn check_client_attr(what: &str, value: &[u8]) -> Result<(), Reply> {
+    if value.iter().any(|b| *b <= b' ' || *b > b'~') {
+        return Err(Reply::error(&format!(
+            "ERR {what} cannot contain spaces, newlines or special characters."
+        )));
+    }
+    if value.len() > MAX_CLIENT_NAME {
+        return Err(Reply::error(&format!(
+            "ERR {what} longer than {MAX_CLIENT_NAME} bytes are not supported by the datamesh proxy"
+        )));
     }
     Ok(())
 }
@@ -375,6 +390,14 @@ impl ClientState {
                 None => Reply::null(self.proto),
             }
         } else if is("SETINFO") && args.len() == 4 {
+            let what = if cmd.arg_is(2, "LIB-NAME") {
+                "lib-name"
+            } else {
+                "lib-ver"
+            };
+            if let Err(r) = check_client_attr(what, &args[3]) {
+                return r;
+            }
             if cmd.arg_is(2, "LIB-NAME") {
                 self.lib_name = Some(args[3].clone());
             } else if cmd.arg_is(2, "LIB-VER") {
@@ -536,6 +559,35 @@ mod tests {
             .error_text()
             .starts_with(b"ERR CLIENT PAUSE is not supported"));
         assert!(s.client(&cmd("CLIENT NOPE")).is_error());
+    }
+
+    #[test]
+    fn names_cannot_break_a_client_list_line_or_grow_without_bound() {
+        let mut s = ClientState::new(1, addr(), addr(), &[]);
+        let with =
+            |parts: &[&[u8]]| Command::from_args(parts.iter().map(|p| Bytes::copy_from_slice(p)));
+        // A newline would forge a second line in another client's CLIENT LIST.
+        let forged: &[u8] = b"x\nid=1";
+        for c in [
+            with(&[b"CLIENT", b"SETNAME", forged]),
+            with(&[b"CLIENT", b"SETINFO", b"LIB-NAME", forged]),
+            with(&[b"CLIENT", b"SETINFO", b"LIB-VER", b"1 2"]),
+        ] {
+            assert!(s
+                .client(&c)
+                .error_text()
+                .ends_with(b"cannot contain spaces, newlines or special characters."));
+        }
+        let long = vec![b'n'; MAX_CLIENT_NAME + 1];
+        assert!(s.client(&with(&[b"CLIENT", b"SETNAME", &long])).is_error());
+        assert!(s
+            .client(&with(&[b"CLIENT", b"SETINFO", b"LIB-NAME", &long]))
+            .is_error());
+        let fine = vec![b'n'; MAX_CLIENT_NAME];
+        assert!(!s.client(&with(&[b"CLIENT", b"SETNAME", &fine])).is_error());
+        assert!(!s
+            .client(&with(&[b"CLIENT", b"SETINFO", b"LIB-NAME", b"redis-py"]))
+            .is_error());
     }
 
     #[test]

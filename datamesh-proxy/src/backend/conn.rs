@@ -71,6 +71,11 @@ pub enum FlightState {
 /// Delivered reply bytes past which a reader yields before it reads more.
 const YIELD_AFTER_BYTES: usize = 256 * 1024;
 
+/// A backend read buffer that grew past this for a big reply is dropped once it is drained, so a
+/// pooled connection does not keep its largest reply's allocation for its whole life (pool size
+/// x the largest reply ever, outside the memory budget).
+const READ_BUF_KEEP: usize = 256 * 1024;
+
 /// How often a reader paused at the memory budget looks again.
 const BUDGET_RECHECK: Duration = Duration::from_millis(10);
 
@@ -756,6 +761,8 @@ impl Conn {
         let limits = Limits::backend();
         let mut dec = ReplyDecoder::default();
         let mut replies: Vec<Reply> = Vec::new();
+        // Whether rbuf (or the allocation it is a view of) grew past READ_BUF_KEEP.
+        let mut grown = false;
         // The deadline watchdog: one coarse tick per connection, only with a command timeout.
         let mut tick = self.command_timeout.map(|t| {
             let period = (t / 4).clamp(Duration::from_millis(5), Duration::from_millis(250));
@@ -777,6 +784,14 @@ impl Conn {
             let delivered: usize = replies.iter().map(|r| r.raw.len()).sum();
             if !replies.is_empty() && !self.deliver(gen, &mut replies) {
                 return;
+            }
+            // The replies own their bytes now; a drained buffer that grew for a big one is
+            // let go (its allocation is freed with the last reply). A view's capacity can hide
+            // the allocation behind it (`reserve` reclaims all of it), hence the flag.
+            grown |= rbuf.capacity() > READ_BUF_KEEP;
+            if grown && rbuf.is_empty() {
+                rbuf = BytesMut::new();
+                grown = false;
             }
             if delivered >= YIELD_AFTER_BYTES {
                 // Let the sessions take (and count) what was just delivered before reading

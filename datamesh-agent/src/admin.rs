@@ -1,7 +1,8 @@
 //! The admin HTTP endpoint (plain HTTP/1.1 GET, `Connection: close`): `/ready`, `/live`,
 //! `/metrics` (Prometheus text), `/config_dump` (the effective config, passwords redacted),
-//! `/connections` (the last 1024 accepted proxy connections) and `/backends` (per endpoint:
-//! topology nodes, pools, each backend connection's phase and in-flight commands). The request line is parsed by hand: a few fixed GET routes do not
+//! `/connections` (the last 1024 accepted proxy connections), `/backends` (per endpoint:
+//! topology nodes, pools, each backend connection's phase and in-flight commands) and
+//! `/bigkeys` (per endpoint, the keys with big replies). The request line is parsed by hand: a few fixed GET routes do not
 //! need an HTTP stack.
 //!
 //! Access: loopback by default (config validation refuses another `admin_listen` unless
@@ -21,6 +22,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
+use datamesh_proxy::bigkeys::BigKeys;
 use datamesh_proxy::config::Secret;
 use datamesh_proxy::endpoint::{backends_snapshot, EndpointHandle};
 use datamesh_proxy::stopped;
@@ -55,6 +57,8 @@ pub struct AdminState {
     /// Bearer token required on every route but the probes (from `admin_token_file`, replaced
     /// on reload); `None` = no token.
     pub token: RwLock<Option<Secret>>,
+    /// Keys with big replies, for `/bigkeys` (the proxy's table).
+    pub bigkeys: Arc<BigKeys>,
 }
 
 /// Routes that answer without a token: the kubelet's probes, which reveal nothing else.
@@ -208,6 +212,11 @@ fn route(req: &Request<'_>, state: &AdminState) -> Response {
                 body: backends_snapshot(&eps).to_string(),
             }
         }
+        "/bigkeys" => Response {
+            status: "200 OK",
+            content_type: "application/json",
+            body: bigkeys_json(&state.bigkeys).to_string(),
+        },
         "/connections" => {
             let snap = state.log.snapshot(&state.maps);
             match serde_json::to_string(&snap) {
@@ -221,6 +230,21 @@ fn route(req: &Request<'_>, state: &AdminState) -> Response {
         }
         _ => text("404 Not Found", "not found\n"),
     }
+}
+
+/// `/bigkeys`: `{"endpoints": {"<name>": [{key, command, count, max_bytes, max_elements,
+/// last_seen, top_pods: [{pod, count}]}]}}`, each endpoint's keys by count.
+fn bigkeys_json(t: &BigKeys) -> serde_json::Value {
+    let mut eps = serde_json::Map::new();
+    for k in t.snapshot() {
+        let rows = eps
+            .entry(k.endpoint.clone())
+            .or_insert_with(|| serde_json::Value::Array(Vec::new()));
+        if let (serde_json::Value::Array(a), Ok(v)) = (rows, serde_json::to_value(&k)) {
+            a.push(v);
+        }
+    }
+    serde_json::json!({ "endpoints": eps })
 }
 
 async fn serve(mut sock: TcpStream, state: &AdminState) -> std::io::Result<()> {

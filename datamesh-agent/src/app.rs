@@ -24,6 +24,7 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use datamesh_proxy::accounting::{PodRate, PodRegistry, PolicySource};
+use datamesh_proxy::bigkeys::BigKeySettings;
 use datamesh_proxy::config::{AclSettings, EndpointSpec, SessionSettings};
 use datamesh_proxy::endpoint::{EndpointHandle, EndpointRuntime};
 use datamesh_proxy::listener::{self, Bound, ListenError, Listener, Shared};
@@ -103,6 +104,12 @@ fn session_settings(cfg: &Config) -> SessionSettings {
         // Validated with the config: a failure here cannot happen (the default policy then).
         acl: Arc::new(AclSettings::build(&cfg.users, &p.default_acl).unwrap_or_default()),
         auth_max_failures: p.auth_max_failures,
+        bigkeys: BigKeySettings {
+            max_value_bytes: p.max_value_bytes,
+            reply_bytes: cfg.bigkeys.reply_bytes,
+            reply_elements: cfg.bigkeys.reply_elements,
+            key_display: cfg.bigkeys.key_display,
+        },
     }
 }
 
@@ -357,6 +364,7 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
         maps: maps.clone(),
         endpoints: RwLock::new(handles(&listeners)),
         token: RwLock::new(cfg.admin_token.clone()),
+        bigkeys: shared.bigkeys.clone(),
     });
     // The admin endpoint has its own stop: it keeps answering (/ready = 503) while we drain.
     let (admin_stop_tx, admin_stop_rx) = watch::channel(false);

@@ -10,6 +10,7 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
+use datamesh_proxy::bigkeys::KeyDisplay;
 use serde::{Deserialize, Serialize};
 
 use crate::identity::{Cidr, UncapturedMode};
@@ -113,6 +114,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub proxy: RawProxy,
     #[serde(default)]
+    pub bigkeys: RawBigKeys,
+    #[serde(default)]
     pub users: Vec<RawUser>,
     #[serde(default)]
     pub pods: Vec<RawPodPolicy>,
@@ -214,6 +217,17 @@ pub struct RawProxy {
     pub worker_threads: Option<u32>,
     pub default_acl: Option<String>,
     pub auth_max_failures: Option<u32>,
+    pub max_value_bytes: Option<u64>,
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
+/// `bigkeys:`: big-reply detection.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawBigKeys {
+    pub reply_bytes: Option<u64>,
+    pub reply_elements: Option<u64>,
+    pub key_display: Option<String>,
     #[serde(flatten)]
     pub unknown: Unknown,
 }
@@ -263,6 +277,8 @@ pub struct Config {
     pub default_max_connections: u32,
     pub default_max_dedicated: u32,
     pub proxy: ProxySettings,
+    /// Big-reply detection (`/bigkeys`).
+    pub bigkeys: BigKeysConfig,
     /// Users clients authenticate as at the proxy; empty = no AUTH needed.
     pub users: Vec<User>,
     pub pods: Vec<PodPolicyConfig>,
@@ -310,6 +326,27 @@ pub struct ProxySettings {
     pub default_acl: String,
     /// Failed AUTH attempts on one connection before it is closed (0 = never).
     pub auth_max_failures: u32,
+    /// Largest value argument of a write (SET's value, HSET's field values, RPUSH's
+    /// elements ...); 0 = no guard.
+    pub max_value_bytes: u64,
+}
+
+/// `bigkeys:`: which replies are big (0 = that check off), and how their keys are shown.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct BigKeysConfig {
+    pub reply_bytes: u64,
+    pub reply_elements: u64,
+    pub key_display: KeyDisplay,
+}
+
+impl Default for BigKeysConfig {
+    fn default() -> Self {
+        Self {
+            reply_bytes: datamesh_proxy::bigkeys::DEFAULT_REPLY_BYTES,
+            reply_elements: datamesh_proxy::bigkeys::DEFAULT_REPLY_ELEMENTS,
+            key_display: KeyDisplay::default(),
+        }
+    }
 }
 
 /// One worker by default (a current-thread runtime): a command's hops (session, backend
@@ -385,6 +422,7 @@ impl Default for ProxySettings {
             worker_threads: DEFAULT_WORKER_THREADS,
             default_acl: datamesh_proxy::commands::acl::DEFAULT_TENANT_ACL.to_string(),
             auth_max_failures: datamesh_proxy::config::DEFAULT_AUTH_MAX_FAILURES,
+            max_value_bytes: 0,
         }
     }
 }
@@ -657,6 +695,9 @@ impl RawConfig {
         }
         for k in self.proxy.unknown.keys() {
             err(&format!("proxy.{k}"), "unknown field".into());
+        }
+        for k in self.bigkeys.unknown.keys() {
+            err(&format!("bigkeys.{k}"), "unknown field".into());
         }
         for (i, u) in self.users.iter().enumerate() {
             for k in u.unknown.keys() {
@@ -990,6 +1031,7 @@ impl RawConfig {
             );
         }
         let proxy = validate_proxy(&self.proxy, &mut err);
+        let bigkeys = validate_bigkeys(&self.bigkeys, &mut err);
         let mut users = Vec::new();
         let mut user_names = HashSet::new();
         for (i, u) in self.users.iter().enumerate() {
@@ -1054,6 +1096,7 @@ impl RawConfig {
                         .default_max_dedicated
                         .unwrap_or(DEFAULT_POD_MAX_DEDICATED),
                     proxy,
+                    bigkeys,
                     users,
                     pods,
                     endpoints,
@@ -1063,6 +1106,44 @@ impl RawConfig {
             _ => Err(errs),
         }
     }
+}
+
+/// `bigkeys:` (0 turns a threshold off; a low one would list ordinary replies as big).
+fn validate_bigkeys(b: &RawBigKeys, err: &mut impl FnMut(&str, String)) -> BigKeysConfig {
+    let d = BigKeysConfig::default();
+    let out = BigKeysConfig {
+        reply_bytes: b.reply_bytes.unwrap_or(d.reply_bytes),
+        reply_elements: b.reply_elements.unwrap_or(d.reply_elements),
+        key_display: match b.key_display.as_deref() {
+            None => d.key_display,
+            Some(s) => KeyDisplay::parse(s).unwrap_or_else(|| {
+                err(
+                    "bigkeys.key_display",
+                    format!("{s:?} must be raw, truncated or hashed"),
+                );
+                d.key_display
+            }),
+        },
+    };
+    if out.reply_bytes != 0 && out.reply_bytes < 1024 {
+        err(
+            "bigkeys.reply_bytes",
+            format!(
+                "{} is below 1 KiB: ordinary replies would be listed as big (0 = no byte threshold)",
+                out.reply_bytes
+            ),
+        );
+    }
+    if out.reply_elements != 0 && out.reply_elements < 16 {
+        err(
+            "bigkeys.reply_elements",
+            format!(
+                "{} is below 16: ordinary replies would be listed as big (0 = no element threshold)",
+                out.reply_elements
+            ),
+        );
+    }
+    out
 }
 
 fn validate_proxy(p: &RawProxy, err: &mut impl FnMut(&str, String)) -> ProxySettings {
@@ -1124,7 +1205,19 @@ fn validate_proxy(p: &RawProxy, err: &mut impl FnMut(&str, String)) -> ProxySett
         worker_threads: p.worker_threads.unwrap_or(d.worker_threads),
         default_acl: p.default_acl.clone().unwrap_or(d.default_acl),
         auth_max_failures: p.auth_max_failures.unwrap_or(d.auth_max_failures),
+        max_value_bytes: p.max_value_bytes.unwrap_or(d.max_value_bytes),
     };
+    if let Some(b) = out.max_bulk_len {
+        if out.max_value_bytes > b {
+            err(
+                "proxy.max_value_bytes",
+                format!(
+                    "{} is above max_bulk_len ({b}): larger bulks are refused by the decoder already (and close the connection), so this guard would never apply",
+                    out.max_value_bytes
+                ),
+            );
+        }
+    }
     if out.worker_threads == 0 || out.worker_threads > 256 {
         err(
             "proxy.worker_threads",
@@ -1672,6 +1765,36 @@ endpoints:
             cfg.proxy_bind(&cfg.endpoints[1]).ip(),
             "198.18.3.1".parse::<IpAddr>().expect("ip")
         );
+    }
+
+    #[test]
+    fn bigkeys_settings() {
+        let base = "proxy_address: 198.18.3.1\ncgroup_path: /x\nendpoints:\n  - name: a\n    address: 198.19.3.1:6379\n";
+        let cfg = check_ok(base);
+        assert_eq!(cfg.proxy.max_value_bytes, 0);
+        assert_eq!(cfg.bigkeys, BigKeysConfig::default());
+        assert_eq!(cfg.bigkeys.reply_bytes, 1024 * 1024);
+        assert_eq!(cfg.bigkeys.reply_elements, 10_000);
+        assert_eq!(cfg.bigkeys.key_display, KeyDisplay::Truncated);
+        let cfg = check_ok(&format!(
+            "{base}proxy:\n  max_value_bytes: 65536\nbigkeys:\n  reply_bytes: 0\n  reply_elements: 100\n  key_display: hashed\n"
+        ));
+        assert_eq!(cfg.proxy.max_value_bytes, 65536);
+        assert_eq!(cfg.bigkeys.reply_bytes, 0);
+        assert_eq!(cfg.bigkeys.key_display, KeyDisplay::Hashed);
+        // Every bad field at once.
+        let errs = check(&format!(
+            "{base}proxy:\n  max_bulk_len: 1048576\n  max_value_bytes: 2097152\nbigkeys:\n  reply_bytes: 10\n  reply_elements: 3\n  key_display: md5\n  top: 5\n"
+        ));
+        for f in [
+            "proxy.max_value_bytes: 2097152 is above max_bulk_len (1048576)",
+            "bigkeys.reply_bytes: 10 is below 1 KiB",
+            "bigkeys.reply_elements: 3 is below 16",
+            "bigkeys.key_display: \"md5\" must be raw, truncated or hashed",
+            "bigkeys.top: unknown field",
+        ] {
+            assert!(errs.iter().any(|e| e.starts_with(f)), "{f}: {errs:?}");
+        }
     }
 
     #[test]

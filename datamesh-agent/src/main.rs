@@ -3,6 +3,7 @@
 
 mod admin;
 mod app;
+mod bigkeys_cli;
 mod config;
 mod conns;
 mod dataplane;
@@ -67,6 +68,17 @@ enum Command {
     CheckConfig {
         #[arg(long)]
         config: PathBuf,
+    },
+    /// Keys with big replies (the running agent's admin `/bigkeys`).
+    Bigkeys {
+        /// The agent's admin_listen.
+        #[arg(long, default_value = "127.0.0.1:15090")]
+        admin: std::net::SocketAddr,
+        /// The admin_token_file, when the agent has one.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -176,6 +188,19 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             }
             for p in removed {
                 println!("removed {}", p.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bigkeys {
+            admin,
+            token_file,
+            json,
+        } => {
+            let doc = bigkeys_cli::fetch(admin, token_file.as_deref())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                print!("{}", bigkeys_cli::format_table(&doc));
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -24,6 +24,7 @@ pub mod accounting;
 pub mod acl_log;
 pub mod attribution;
 pub mod backend;
+pub mod bigkeys;
 pub mod budget;
 pub mod clients;
 pub mod commands;

@@ -139,6 +139,10 @@ pub struct ProxyMetrics {
     pub policy_denied: Family<PolicyLabels, Counter>,
     /// Failed AUTH (and HELLO AUTH) attempts.
     pub auth_failures: Family<PodEndpointLabels, Counter>,
+    /// Writes refused for a value over `proxy.max_value_bytes`.
+    pub big_value_refused: Family<PolicyLabels, Counter>,
+    /// Replies over `bigkeys.reply_bytes` or `bigkeys.reply_elements`.
+    pub big_replies: Family<PodEndpointLabels, Counter>,
 }
 
 impl ProxyMetrics {
@@ -160,6 +164,16 @@ impl ProxyMetrics {
     }
 
     pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "proxy_big_value_refused",
+            "Writes refused for a value over proxy.max_value_bytes, by endpoint, pod and command",
+            self.big_value_refused.clone(),
+        );
+        registry.register(
+            "proxy_big_replies",
+            "Replies over bigkeys.reply_bytes or bigkeys.reply_elements, by endpoint and pod (keys at /bigkeys)",
+            self.big_replies.clone(),
+        );
         registry.register(
             "proxy_policy_denied",
             "Commands refused by the command policy (users[].acl, pods[].acl, proxy.default_acl), by endpoint, pod and command",

@@ -26,6 +26,8 @@ pub struct Shared {
     pub budget: Arc<Budget>,
     /// Failed AUTHs and policy refusals (`ACL LOG`).
     pub acl_log: AclLog,
+    /// Keys with big replies (`/bigkeys`).
+    pub bigkeys: Arc<crate::bigkeys::BigKeys>,
     settings: RwLock<Arc<SessionSettings>>,
     /// Bumped on every settings swap: sessions keep their copy and look only at this.
     generation: AtomicU64,
@@ -49,6 +51,7 @@ impl Shared {
             pod_limits,
             budget,
             acl_log: AclLog::default(),
+            bigkeys: Arc::default(),
             settings: RwLock::new(Arc::new(settings)),
             generation: AtomicU64::new(0),
             client_ids: AtomicU64::new(0),

@@ -18,6 +18,7 @@ use super::{Input, Lane, Session, StallDone};
 use crate::accounting::Throttle;
 use crate::acl_log::Reason;
 use crate::backend::Dedicated;
+use crate::bigkeys::{self, BigTag};
 use crate::commands::acl::{self, catalog};
 use crate::commands::{
     self, is_blocking, key_indices, Broadcast, CommandSpec, Kind, Local, MultiKey, PubSub as Sub,
@@ -253,6 +254,9 @@ impl Session {
             let r = Reply::error(&commands::refusal(cmd.name(), reason));
             return self.refuse(r);
         }
+        if let Some(r) = self.big_value_refusal(spec) {
+            return self.refuse(r);
+        }
         if config_get {
             if self.state.tx.in_multi() {
                 // EXEC's array would carry the reply past the secret filter.
@@ -356,6 +360,29 @@ impl Session {
         let name = acl::display_name(slot, cmd);
         self.log_denial(Reason::Command, &name, user);
         Some(Reply::error(&acl::noperm(user, &pod, &name)))
+    }
+
+    /// The refusal of a write whose value is over `proxy.max_value_bytes` (before it is
+    /// forwarded, after the arity check); counted per endpoint, pod and command.
+    fn big_value_refusal(&self, spec: &'static CommandSpec) -> Option<Reply> {
+        let max = self.settings.bigkeys.max_value_bytes;
+        if max == 0 {
+            return None;
+        }
+        let n = bigkeys::largest_value(spec, self.front()?)?;
+        if n as u64 <= max {
+            return None;
+        }
+        self.shared
+            .metrics
+            .big_value_refused
+            .get_or_create(&PolicyLabels {
+                endpoint: self.ep.name.clone(),
+                pod: self.pod.name(),
+                command: spec.name.to_string(),
+            })
+            .inc();
+        Some(Reply::error(&bigkeys::refusal(n, spec.name, max)))
     }
 
     /// An operator: the user's and the pod's policies allow every `@admin` command.
@@ -623,7 +650,7 @@ impl Session {
         if !self.lane_ok(lane) {
             return Need::Barrier;
         }
-        let Some(cmd) = self.pop_command() else {
+        let Some(mut cmd) = self.pop_command() else {
             return Need::Go;
         };
         let class = spec.map(|s| s.replay).unwrap_or(ReplayClass::Write);
@@ -678,6 +705,18 @@ impl Session {
                 return Need::Go;
             }
         };
+        if self.big_floor != usize::MAX {
+            if let Some(s) = spec {
+                // For the big-reply check when the reply is in (the key is not used further).
+                let key = bigkeys::first_key(s)
+                    .and_then(|i| cmd.args.get_mut(i))
+                    .map(std::mem::take);
+                self.next_big = Some(BigTag {
+                    key,
+                    command: s.name,
+                });
+            }
+        }
         let req = self.request(cmd.raw, class);
         let mut call = self.upstream.send(&rt.router, target, req, self.state.id);
         if spec.is_some_and(|s| s.has(SCRIPT)) {

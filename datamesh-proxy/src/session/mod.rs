@@ -42,11 +42,12 @@ use tracing::debug;
 use crate::accounting::{PodStats, Slot};
 use crate::attribution::{ConnEvent, Identity};
 use crate::backend::{BackendError, Dedicated};
+use crate::bigkeys::BigTag;
 use crate::budget::{ClientMem, Closed};
 use crate::clients::{ClientInfo, ClientView, Flags};
 use crate::config::SessionSettings;
 use crate::endpoint::EndpointHandle;
-use crate::metrics::EndpointLabels;
+use crate::metrics::{EndpointLabels, PodEndpointLabels};
 use crate::request::ClientGate;
 use crate::resp::{Command, CommandDecoder, Limits, ProtocolError, Reply};
 use crate::shared::Shared;
@@ -111,11 +112,13 @@ struct Pending {
     mem: Arc<ClientMem>,
     /// The bytes of its request(s) on their way to a backend.
     req_bytes: u64,
+    /// Its command and key, for the big-reply check (forwarded keyed commands only).
+    big: Option<BigTag>,
 }
 
 impl Future for Pending {
-    type Output = (Reply, bool);
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<(Reply, bool)> {
+    type Output = (Reply, bool, Option<BigTag>);
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let silent = self.silent;
         let r = std::task::ready!(self.call.poll_unpin(cx));
         let req = std::mem::take(&mut self.req_bytes);
@@ -123,7 +126,7 @@ impl Future for Pending {
         if !silent {
             self.mem.add_output(r.raw.len() as u64);
         }
-        Poll::Ready((r, silent))
+        Poll::Ready((r, silent, self.big.take()))
     }
 }
 
@@ -223,6 +226,10 @@ pub struct Session {
     view_flags: Flags,
     /// The ACL catalog slot of the last command the table knows (CLIENT LIST's `cmd`).
     last_slot: Option<u16>,
+    /// Replies shorter than this are not big ([`crate::bigkeys::BigKeySettings::floor`]).
+    big_floor: usize,
+    /// The big-reply tag of the next reply slot (set by the forwarding path).
+    next_big: Option<BigTag>,
 }
 
 impl Drop for Session {
@@ -250,6 +257,7 @@ impl Session {
         let id = shared.next_client_id();
         let settings_gen = shared.settings_generation();
         let settings = shared.settings();
+        let settings_floor = settings.bigkeys.floor();
         // Cluster-aware clients are told the address they dialled (the captured original
         // destination), so they keep coming back through the capture.
         let advertised = who.orig_dst.unwrap_or(local);
@@ -312,6 +320,8 @@ impl Session {
             blocking,
             view_flags: Flags::default(),
             last_slot: None,
+            big_floor: settings_floor,
+            next_big: None,
         }
     }
 
@@ -424,9 +434,12 @@ impl Session {
                 why = std::future::poll_fn(|cx| self.mem.poll_closed(cx)) => {
                     return self.end(client, why);
                 }
-                Some((reply, silent)) = self.pending.next(), if !self.pending.is_empty() => {
+                Some((reply, silent, big)) = self.pending.next(), if !self.pending.is_empty() => {
                     if !silent {
                         self.wbuf.push(&reply.raw);
+                    }
+                    if reply.raw.len() >= self.big_floor {
+                        self.big_reply(&reply, big);
                     }
                     let n = 1 + self.gather_ready();
                     self.replies_taken(n);
@@ -562,6 +575,7 @@ impl Session {
         if g != self.settings_gen {
             self.settings = self.shared.settings();
             self.settings_gen = g;
+            self.big_floor = self.settings.bigkeys.floor();
         }
     }
 
@@ -574,9 +588,12 @@ impl Session {
     /// Appends every reply that is already in (one write for all of them); returns how many.
     fn gather_ready(&mut self) -> usize {
         let mut n = 0;
-        while let Some(Some((r, silent))) = self.pending.next().now_or_never() {
+        while let Some(Some((r, silent, big))) = self.pending.next().now_or_never() {
             if !silent {
                 self.wbuf.push(&r.raw);
+            }
+            if r.raw.len() >= self.big_floor {
+                self.big_reply(&r, big);
             }
             n += 1;
         }
@@ -831,7 +848,41 @@ impl Session {
             silent,
             mem: self.mem.clone(),
             req_bytes,
+            big: self.next_big.take(),
         });
+    }
+
+    /// A reply at least [`Self::big_floor`] long: counted per pod, and per key at `/bigkeys`,
+    /// when it is over a threshold.
+    fn big_reply(&self, r: &Reply, big: Option<BigTag>) {
+        let Some(tag) = big else {
+            return;
+        };
+        let s = &self.settings.bigkeys;
+        let Some(elements) = s.big(&r.raw) else {
+            return;
+        };
+        let pod = self.pod.name();
+        self.shared
+            .metrics
+            .big_replies
+            .get_or_create(&PodEndpointLabels {
+                endpoint: self.ep.name.clone(),
+                pod: pod.clone(),
+            })
+            .inc();
+        let key = match &tag.key {
+            Some(k) => s.key_display.show(k),
+            None => crate::bigkeys::NO_KEY.to_string(),
+        };
+        self.shared.bigkeys.record(
+            &self.ep.name,
+            &key,
+            tag.command,
+            &pod,
+            r.raw.len() as u64,
+            elements,
+        );
     }
 
     fn push_reply(&mut self, r: Reply) {

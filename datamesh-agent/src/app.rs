@@ -26,6 +26,7 @@ use tracing::{error, info, warn};
 use datamesh_proxy::accounting::{PodRate, PodRegistry, PolicySource};
 use datamesh_proxy::config::{AclSettings, EndpointSpec, SessionSettings};
 use datamesh_proxy::endpoint::{EndpointHandle, EndpointRuntime};
+use datamesh_proxy::hotkeys::{HotKeysCollector, HotKeysView};
 use datamesh_proxy::listener::{self, Bound, ListenError, Listener, Shared};
 use datamesh_proxy::metrics::{ProxyMetrics, ResultLabels};
 use datamesh_proxy::resp::Limits;
@@ -103,6 +104,7 @@ fn session_settings(cfg: &Config) -> SessionSettings {
         // Validated with the config: a failure here cannot happen (the default policy then).
         acl: Arc::new(AclSettings::build(&cfg.users, &p.default_acl).unwrap_or_default()),
         auth_max_failures: p.auth_max_failures,
+        hotkeys: cfg.hotkeys.clone(),
     }
 }
 
@@ -335,6 +337,9 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
         pod_limits.clone(),
         settings,
     ));
+    // `/hotkeys` and `datamesh_proxy_hotkey_ops_per_second` (made at each scrape).
+    let hotkeys = HotKeysView::new(shared.clone());
+    registry.register_collector(Box::new(HotKeysCollector(hotkeys.clone())));
     // Sheds the biggest clients when the memory budget is reached; stops with the flusher.
     let shedder = shared.budget.clone().spawn_shedder(flush_stop_rx.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -349,6 +354,7 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
         );
     }
 
+    hotkeys.set_endpoints(handles(&listeners));
     let admin_state = Arc::new(AdminState {
         ready: std::sync::atomic::AtomicBool::new(false),
         registry,
@@ -356,6 +362,7 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
         log,
         maps: maps.clone(),
         endpoints: RwLock::new(handles(&listeners)),
+        hotkeys,
         token: RwLock::new(cfg.admin_token.clone()),
     });
     // The admin endpoint has its own stop: it keeps answering (/ready = 503) while we drain.
@@ -735,6 +742,7 @@ async fn reload(ctx: &ReloadCtx<'_>, running: &mut Running) {
         .endpoints
         .write()
         .unwrap_or_else(|p| p.into_inner()) = handles(&running.listeners);
+    ctx.admin.hotkeys.set_endpoints(handles(&running.listeners));
     *ctx.admin
         .config_json
         .write()

@@ -159,6 +159,8 @@ pub struct SessionSettings {
     pub acl: Arc<AclSettings>,
     /// Failed AUTH attempts on one connection before it is closed (0 = never closed).
     pub auth_max_failures: u32,
+    /// Hot-key detection (`hotkeys:`).
+    pub hotkeys: crate::hotkeys::HotKeySettings,
 }
 
 pub const DEFAULT_MEMORY_BUDGET: u64 = 1024 * 1024 * 1024;
@@ -193,6 +195,7 @@ impl Default for SessionSettings {
             tcp_keepalive: Duration::from_secs(DEFAULT_TCP_KEEPALIVE_S),
             acl: Arc::new(AclSettings::default()),
             auth_max_failures: DEFAULT_AUTH_MAX_FAILURES,
+            hotkeys: Default::default(),
         }
     }
 }

@@ -223,6 +223,8 @@ pub struct Session {
     view_flags: Flags,
     /// The ACL catalog slot of the last command the table knows (CLIENT LIST's `cmd`).
     last_slot: Option<u16>,
+    /// Hot-key samples of this round (handed to the endpoint once per round).
+    hot: crate::hotkeys::Sampler,
 }
 
 impl Drop for Session {
@@ -312,6 +314,7 @@ impl Session {
             blocking,
             view_flags: Flags::default(),
             last_slot: None,
+            hot: Default::default(),
         }
     }
 

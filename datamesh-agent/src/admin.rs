@@ -1,8 +1,10 @@
 //! The admin HTTP endpoint (plain HTTP/1.1 GET, `Connection: close`): `/ready`, `/live`,
 //! `/metrics` (Prometheus text), `/config_dump` (the effective config, passwords redacted),
 //! `/connections` (the last 1024 accepted proxy connections), `/backends` (per endpoint:
-//! topology nodes, pools, each backend connection's phase and in-flight commands) and
-//! `/bigkeys` (per endpoint, the keys with big replies). The request line is parsed by hand: a few fixed GET routes do not
+//! topology nodes, pools, each backend connection's phase and in-flight commands), `/bigkeys`
+//! (per endpoint, the keys with big replies) and `/hotkeys` (per endpoint, the hottest keys over
+//! `hotkeys.window_s`: ops/s, reads, writes, top pods; keys shown as `hotkeys.key_display`).
+//! The request line is parsed by hand: a few fixed GET routes do not
 //! need an HTTP stack.
 //!
 //! Access: loopback by default (config validation refuses another `admin_listen` unless
@@ -25,6 +27,7 @@ use tracing::{debug, warn};
 use datamesh_proxy::bigkeys::BigKeys;
 use datamesh_proxy::config::Secret;
 use datamesh_proxy::endpoint::{backends_snapshot, EndpointHandle};
+use datamesh_proxy::hotkeys::HotKeysView;
 use datamesh_proxy::stopped;
 
 use crate::conns::ConnLog;
@@ -54,6 +57,8 @@ pub struct AdminState {
     pub maps: Arc<Maps>,
     /// The endpoints served, for `/backends`.
     pub endpoints: RwLock<Vec<Arc<EndpointHandle>>>,
+    /// `/hotkeys`: every endpoint's hottest keys.
+    pub hotkeys: Arc<HotKeysView>,
     /// Bearer token required on every route but the probes (from `admin_token_file`, replaced
     /// on reload); `None` = no token.
     pub token: RwLock<Option<Secret>>,
@@ -216,6 +221,11 @@ fn route(req: &Request<'_>, state: &AdminState) -> Response {
             status: "200 OK",
             content_type: "application/json",
             body: bigkeys_json(&state.bigkeys).to_string(),
+        },
+        "/hotkeys" => Response {
+            status: "200 OK",
+            content_type: "application/json",
+            body: state.hotkeys.json(None).to_string(),
         },
         "/connections" => {
             let snap = state.log.snapshot(&state.maps);

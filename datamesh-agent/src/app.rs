@@ -27,6 +27,7 @@ use datamesh_proxy::accounting::{PodRate, PodRegistry, PolicySource};
 use datamesh_proxy::bigkeys::BigKeySettings;
 use datamesh_proxy::config::{AclSettings, EndpointSpec, SessionSettings};
 use datamesh_proxy::endpoint::{EndpointHandle, EndpointRuntime};
+use datamesh_proxy::hotkeys::{HotKeysCollector, HotKeysView};
 use datamesh_proxy::listener::{self, Bound, ListenError, Listener, Shared};
 use datamesh_proxy::metrics::{ProxyMetrics, ResultLabels};
 use datamesh_proxy::resp::Limits;
@@ -110,6 +111,7 @@ fn session_settings(cfg: &Config) -> SessionSettings {
             reply_elements: cfg.bigkeys.reply_elements,
             key_display: cfg.bigkeys.key_display,
         },
+        hotkeys: cfg.hotkeys.clone(),
     }
 }
 
@@ -342,6 +344,9 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
         pod_limits.clone(),
         settings,
     ));
+    // `/hotkeys` and `datamesh_proxy_hotkey_ops_per_second` (made at each scrape).
+    let hotkeys = HotKeysView::new(shared.clone());
+    registry.register_collector(Box::new(HotKeysCollector(hotkeys.clone())));
     // Sheds the biggest clients when the memory budget is reached; stops with the flusher.
     let shedder = shared.budget.clone().spawn_shedder(flush_stop_rx.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -356,6 +361,7 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
         );
     }
 
+    hotkeys.set_endpoints(handles(&listeners));
     let admin_state = Arc::new(AdminState {
         ready: std::sync::atomic::AtomicBool::new(false),
         registry,
@@ -363,6 +369,7 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
         log,
         maps: maps.clone(),
         endpoints: RwLock::new(handles(&listeners)),
+        hotkeys,
         token: RwLock::new(cfg.admin_token.clone()),
         bigkeys: shared.bigkeys.clone(),
     });
@@ -743,6 +750,7 @@ async fn reload(ctx: &ReloadCtx<'_>, running: &mut Running) {
         .endpoints
         .write()
         .unwrap_or_else(|p| p.into_inner()) = handles(&running.listeners);
+    ctx.admin.hotkeys.set_endpoints(handles(&running.listeners));
     *ctx.admin
         .config_json
         .write()

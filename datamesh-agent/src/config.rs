@@ -10,7 +10,6 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
-use datamesh_proxy::bigkeys::KeyDisplay;
 use serde::{Deserialize, Serialize};
 
 use crate::identity::{Cidr, UncapturedMode};
@@ -21,6 +20,7 @@ pub use datamesh_proxy::config::{
     DEFAULT_HOLD_MAX_BYTES, DEFAULT_HOLD_MAX_CLIENT_BYTES, DEFAULT_MAX_DEDICATED,
     DEFAULT_POOL_SIZE, DEFAULT_STANDBY_AFTER_MS, DEFAULT_WARM_DEDICATED,
 };
+use datamesh_proxy::hotkeys::{HotKeySettings, KeyDisplay};
 
 /// Environment variable that overrides `proxy_address` (in Kubernetes: `status.hostIP`).
 pub const PROXY_ADDRESS_ENV: &str = "DATAMESH_PROXY_ADDRESS";
@@ -115,6 +115,7 @@ pub struct RawConfig {
     pub proxy: RawProxy,
     #[serde(default)]
     pub bigkeys: RawBigKeys,
+    pub hotkeys: RawHotKeys,
     #[serde(default)]
     pub users: Vec<RawUser>,
     #[serde(default)]
@@ -232,6 +233,20 @@ pub struct RawBigKeys {
     pub unknown: Unknown,
 }
 
+/// `hotkeys:`: hot-key detection (see `datamesh_proxy::hotkeys`).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawHotKeys {
+    pub enabled: Option<bool>,
+    pub sample_rate: Option<u32>,
+    pub top_k: Option<u32>,
+    pub capacity: Option<u32>,
+    pub window_s: Option<u32>,
+    pub key_display: Option<String>,
+    pub metrics_top: Option<u32>,
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
 /// A user clients authenticate as at the proxy (`AUTH [name] password`).
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct RawUser {
@@ -279,6 +294,8 @@ pub struct Config {
     pub proxy: ProxySettings,
     /// Big-reply detection (`/bigkeys`).
     pub bigkeys: BigKeysConfig,
+    /// Hot-key detection.
+    pub hotkeys: HotKeySettings,
     /// Users clients authenticate as at the proxy; empty = no AUTH needed.
     pub users: Vec<User>,
     pub pods: Vec<PodPolicyConfig>,
@@ -699,6 +716,9 @@ impl RawConfig {
         for k in self.bigkeys.unknown.keys() {
             err(&format!("bigkeys.{k}"), "unknown field".into());
         }
+        for k in self.hotkeys.unknown.keys() {
+            err(&format!("hotkeys.{k}"), "unknown field".into());
+        }
         for (i, u) in self.users.iter().enumerate() {
             for k in u.unknown.keys() {
                 err(&format!("users[{i}].{k}"), "unknown field".into());
@@ -1032,6 +1052,7 @@ impl RawConfig {
         }
         let proxy = validate_proxy(&self.proxy, &mut err);
         let bigkeys = validate_bigkeys(&self.bigkeys, &mut err);
+        let hotkeys = validate_hotkeys(&self.hotkeys, &mut err);
         let mut users = Vec::new();
         let mut user_names = HashSet::new();
         for (i, u) in self.users.iter().enumerate() {
@@ -1097,6 +1118,7 @@ impl RawConfig {
                         .unwrap_or(DEFAULT_POD_MAX_DEDICATED),
                     proxy,
                     bigkeys,
+                    hotkeys,
                     users,
                     pods,
                     endpoints,
@@ -1144,6 +1166,66 @@ fn validate_bigkeys(b: &RawBigKeys, err: &mut impl FnMut(&str, String)) -> BigKe
         );
     }
     out
+}
+
+/// Largest `hotkeys.capacity` (each counter holds up to 512 key bytes, twice: two epochs).
+pub const MAX_HOTKEYS_CAPACITY: u32 = 4096;
+
+fn validate_hotkeys(h: &RawHotKeys, err: &mut impl FnMut(&str, String)) -> HotKeySettings {
+    let d = HotKeySettings::default();
+    let out = HotKeySettings {
+        enabled: h.enabled.unwrap_or(d.enabled),
+        sample_rate: h.sample_rate.unwrap_or(d.sample_rate),
+        top_k: h.top_k.unwrap_or(d.top_k),
+        capacity: h.capacity.unwrap_or(d.capacity.max(h.top_k.unwrap_or(0))),
+        window_s: h.window_s.unwrap_or(d.window_s),
+        key_display: d.key_display,
+        metrics_top: h.metrics_top.unwrap_or(d.metrics_top),
+    };
+    let key_display = match h.key_display.as_deref() {
+        None => d.key_display,
+        Some(s) => KeyDisplay::parse(s).unwrap_or_else(|| {
+            err(
+                "hotkeys.key_display",
+                format!("{s:?} is not raw, truncated or hashed"),
+            );
+            d.key_display
+        }),
+    };
+    if out.sample_rate == 0 {
+        err(
+            "hotkeys.sample_rate",
+            "0: sample one command in N (1 = every command); use hotkeys.enabled: false to turn detection off".into(),
+        );
+    }
+    if out.top_k == 0 {
+        err("hotkeys.top_k", "0: show at least one key".into());
+    }
+    if out.capacity < out.top_k || out.capacity > MAX_HOTKEYS_CAPACITY {
+        err(
+            "hotkeys.capacity",
+            format!(
+                "{}: must be between hotkeys.top_k ({}) and {MAX_HOTKEYS_CAPACITY} (the sketch's counters; about 4 times top_k keeps the top keys exact)",
+                out.capacity, out.top_k
+            ),
+        );
+    }
+    if !(2..=3600).contains(&out.window_s) {
+        err(
+            "hotkeys.window_s",
+            format!("{}: must be 2 to 3600 seconds", out.window_s),
+        );
+    }
+    if out.metrics_top > out.top_k {
+        err(
+            "hotkeys.metrics_top",
+            format!(
+                "{}: above hotkeys.top_k ({}); each exported key is a time series",
+                out.metrics_top, out.top_k
+            ),
+        );
+    }
+    HotKeySettings { key_display, ..out }
 }
 
 fn validate_proxy(p: &RawProxy, err: &mut impl FnMut(&str, String)) -> ProxySettings {
@@ -1708,6 +1790,35 @@ endpoints:
             errs.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
             ["bogus: unknown field"]
         );
+    }
+
+    #[test]
+    fn hotkeys_settings_defaults_and_every_bad_field() {
+        let cfg = check_ok(GOOD);
+        assert_eq!(cfg.hotkeys, HotKeySettings::default());
+        assert!(cfg.hotkeys.enabled && cfg.hotkeys.key_display == KeyDisplay::Truncated);
+        let cfg = check_ok(&format!(
+            "{GOOD}hotkeys: {{enabled: false, sample_rate: 8, window_s: 4, top_k: 5, key_display: hashed, metrics_top: 3}}\n"
+        ));
+        assert!(!cfg.hotkeys.enabled);
+        assert_eq!(cfg.hotkeys.sample_rate, 8);
+        assert_eq!(cfg.hotkeys.capacity, 128);
+        assert_eq!(cfg.hotkeys.key_display, KeyDisplay::Hashed);
+        let dump = serde_json::to_value(&cfg).expect("serializes");
+        assert_eq!(dump["hotkeys"]["key_display"], "hashed");
+        let errs = check(&format!(
+            "{GOOD}hotkeys: {{sample_rate: 0, window_s: 1, top_k: 8, capacity: 4, key_display: plain, metrics_top: 9, bogus: 1}}\n"
+        ));
+        for f in [
+            "hotkeys.sample_rate: 0",
+            "hotkeys.window_s: 1",
+            "hotkeys.capacity: 4",
+            "hotkeys.key_display: \"plain\"",
+            "hotkeys.metrics_top: 9",
+            "hotkeys.bogus: unknown field",
+        ] {
+            assert!(errs.iter().any(|e| e.starts_with(f)), "{f} not in {errs:?}");
+        }
     }
 
     #[test]

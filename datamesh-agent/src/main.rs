@@ -7,6 +7,7 @@ mod bigkeys_cli;
 mod config;
 mod conns;
 mod dataplane;
+mod hotkeys_cli;
 mod identity;
 mod pod_counters;
 mod pods;
@@ -50,6 +51,21 @@ enum Command {
         #[arg(long, default_value = datamesh_common::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
         /// JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The hottest keys per endpoint, from the running agent's admin endpoint (`/hotkeys`).
+    Hotkeys {
+        /// Only this endpoint.
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// The agent's admin_listen.
+        #[arg(long, default_value = config::DEFAULT_ADMIN_LISTEN)]
+        admin: std::net::SocketAddr,
+        /// The admin bearer token (admin_token_file), when the agent requires one.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// The JSON reply instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -167,6 +183,22 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
                 print!("{}", pods::format_table(&rows, dataplane::monotonic_ns()));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Hotkeys {
+            endpoint,
+            admin,
+            token_file,
+            json,
+        } => {
+            let body = hotkeys_cli::admin_get(admin, "/hotkeys", token_file.as_deref())?;
+            let v: serde_json::Value =
+                serde_json::from_str(&body).context("the agent's /hotkeys is not JSON")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", hotkeys_cli::format_table(&v, endpoint.as_deref()));
             }
             Ok(ExitCode::SUCCESS)
         }

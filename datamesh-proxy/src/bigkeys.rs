@@ -26,6 +26,7 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use crate::commands::{CommandSpec, Keys};
+pub use crate::keydisplay::KeyDisplay;
 use crate::resp::Command;
 
 /// Keys the big-reply table holds at most.
@@ -33,59 +34,8 @@ pub const MAX_KEYS: usize = 256;
 /// Pods counted per key at most (the rest are summed under `other`).
 pub const MAX_PODS: usize = 8;
 /// Key bytes shown with `key_display: truncated`.
-pub const TRUNCATE_AT: usize = 64;
 pub const DEFAULT_REPLY_BYTES: u64 = 1024 * 1024;
 pub const DEFAULT_REPLY_ELEMENTS: u64 = 10_000;
-
-/// How keys are shown at `/bigkeys` (they can be personal data).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum KeyDisplay {
-    /// As they are (non-UTF-8 bytes escaped).
-    Raw,
-    /// The first [`TRUNCATE_AT`] bytes, then `...(N bytes)`.
-    #[default]
-    Truncated,
-    /// `#` and a 64-bit FNV-1a hash in hex: the same key shows the same everywhere.
-    Hashed,
-}
-
-impl KeyDisplay {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "raw" => Some(Self::Raw),
-            "truncated" => Some(Self::Truncated),
-            "hashed" => Some(Self::Hashed),
-            _ => None,
-        }
-    }
-
-    pub fn show(self, key: &[u8]) -> String {
-        match self {
-            Self::Raw => escape(key),
-            Self::Truncated if key.len() > TRUNCATE_AT => {
-                format!(
-                    "{}...({} bytes)",
-                    escape(key.get(..TRUNCATE_AT).unwrap_or(key)),
-                    key.len()
-                )
-            }
-            Self::Truncated => escape(key),
-            Self::Hashed => {
-                let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-                for b in key {
-                    h ^= u64::from(*b);
-                    h = h.wrapping_mul(0x0100_0000_01b3);
-                }
-                format!("#{h:016x}")
-            }
-        }
-    }
-}
-
-fn escape(b: &[u8]) -> String {
-    b.escape_ascii().to_string()
-}
 
 /// The big-key settings every session reads (part of the session settings, swapped on
 /// reload).
@@ -404,22 +354,6 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(off.floor(), usize::MAX);
-    }
-
-    #[test]
-    fn key_display() {
-        let long = "k".repeat(100);
-        assert_eq!(KeyDisplay::Truncated.show(b"user:1"), "user:1");
-        assert_eq!(
-            KeyDisplay::Truncated.show(long.as_bytes()),
-            format!("{}...(100 bytes)", "k".repeat(64))
-        );
-        assert_eq!(KeyDisplay::Raw.show(b"a\nb"), "a\\nb");
-        let h = KeyDisplay::Hashed.show(b"user:1");
-        assert!(h.starts_with('#') && h.len() == 17, "{h}");
-        assert_eq!(h, KeyDisplay::Hashed.show(b"user:1"));
-        assert_eq!(KeyDisplay::parse("hashed"), Some(KeyDisplay::Hashed));
-        assert_eq!(KeyDisplay::parse("md5"), None);
     }
 
     #[test]

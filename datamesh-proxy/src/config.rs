@@ -161,6 +161,8 @@ pub struct SessionSettings {
     pub auth_max_failures: u32,
     /// The request-size guard and the big-reply thresholds ([`crate::bigkeys`]).
     pub bigkeys: crate::bigkeys::BigKeySettings,
+    /// Hot-key detection (`hotkeys:`).
+    pub hotkeys: crate::hotkeys::HotKeySettings,
 }
 
 pub const DEFAULT_MEMORY_BUDGET: u64 = 1024 * 1024 * 1024;
@@ -196,6 +198,7 @@ impl Default for SessionSettings {
             acl: Arc::new(AclSettings::default()),
             auth_max_failures: DEFAULT_AUTH_MAX_FAILURES,
             bigkeys: crate::bigkeys::BigKeySettings::default(),
+            hotkeys: Default::default(),
         }
     }
 }

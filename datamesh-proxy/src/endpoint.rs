@@ -218,6 +218,8 @@ async fn maintain(router: std::sync::Weak<Router>, endpoint: String, prewarm: bo
 /// sessions pick up the new one for their next command.
 pub struct EndpointHandle {
     pub name: String,
+    /// The endpoint's hot keys (kept across backend swaps).
+    pub hotkeys: crate::hotkeys::HotKeys,
     current: RwLock<Arc<EndpointRuntime>>,
 }
 
@@ -225,6 +227,7 @@ impl EndpointHandle {
     pub fn new(rt: Arc<EndpointRuntime>) -> Self {
         Self {
             name: rt.spec.name.clone(),
+            hotkeys: Default::default(),
             current: RwLock::new(rt),
         }
     }

@@ -18,7 +18,8 @@
 //! - [`resp`]: the one codec and value type; [`commands`]: the command table;
 //! - [`accounting`]: per-pod counts and the GCRA command-rate limit; [`metrics`];
 //! - [`clients`]: the proxy's client connections as CLIENT LIST/KILL see them (the budget's
-//!   registry); [`acl_log`]: `ACL LOG`.
+//!   registry); [`acl_log`]: `ACL LOG`;
+//! - [`hotkeys`]: per-endpoint top keys by operations over a sliding window (space-saving).
 
 pub mod accounting;
 pub mod acl_log;
@@ -30,6 +31,8 @@ pub mod clients;
 pub mod commands;
 pub mod config;
 pub mod endpoint;
+pub mod hotkeys;
+pub mod keydisplay;
 pub mod listener;
 pub mod metrics;
 pub mod ratelog;

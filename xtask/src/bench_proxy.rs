@@ -94,6 +94,10 @@ pub struct ProxyArgs {
     /// Free text printed in the header (what is being measured, e.g. "before" or a commit).
     #[arg(long, value_name = "TEXT")]
     pub label: Option<String>,
+    /// Top-level YAML appended to the agent's config, e.g. `hotkeys: {enabled: false}` to
+    /// measure a feature's cost (on/off runs).
+    #[arg(long, value_name = "YAML")]
+    pub agent_config: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -343,6 +347,10 @@ pub fn run(a: &ProxyArgs) -> Result<()> {
         "uncaptured_allow: [\"{}/32\"]\n",
         env.pod(PHP_POD).ip()
     ));
+    if let Some(y) = &a.agent_config {
+        cfg.extra_yaml.push_str(y);
+        cfg.extra_yaml.push('\n');
+    }
     env.start_agent(cfg)?;
     let twem = PeerProxy::twemproxy(&env, backend, a.pool_size)?;
     let (envoy, envoy_version) = PeerProxy::envoy(&env, backend)?;

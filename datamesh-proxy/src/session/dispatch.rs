@@ -64,6 +64,9 @@ impl Session {
         if let Some(info) = self.mem.info() {
             info.touch(self.last_slot, self.last_command);
         }
+        // Hot keys: one short lock per round, not per command.
+        self.hot
+            .flush(&self.ep.hotkeys, &self.pod, &self.settings.hotkeys);
     }
 
     pub(super) fn stall_done(&mut self, done: StallDone) {
@@ -101,6 +104,14 @@ impl Session {
                 }
             }
             self.state.refresh_acl(&self.settings);
+            let hk = &self.settings.hotkeys;
+            if hk.enabled {
+                if let Some(Input::Command(c)) = self.inbox.front() {
+                    if self.hot.consider(c, hk.sample_rate) {
+                        self.hot.flush(&self.ep.hotkeys, &self.pod, hk);
+                    }
+                }
+            }
             match self.execute_front(rt) {
                 Need::Go => {
                     self.front_admitted = false;

@@ -230,6 +230,8 @@ pub struct Session {
     big_floor: usize,
     /// The big-reply tag of the next reply slot (set by the forwarding path).
     next_big: Option<BigTag>,
+    /// Hot-key samples of this round (handed to the endpoint once per round).
+    hot: crate::hotkeys::Sampler,
 }
 
 impl Drop for Session {
@@ -322,6 +324,7 @@ impl Session {
             last_slot: None,
             big_floor: settings_floor,
             next_big: None,
+            hot: Default::default(),
         }
     }
 

@@ -115,6 +115,7 @@ pub struct RawConfig {
     pub proxy: RawProxy,
     #[serde(default)]
     pub bigkeys: RawBigKeys,
+    #[serde(default)]
     pub hotkeys: RawHotKeys,
     #[serde(default)]
     pub users: Vec<RawUser>,

@@ -1,50 +1,15 @@
-//! `datamesh-agent bigkeys`: the running agent's `/bigkeys` as a table (or its JSON). It asks
-//! the admin endpoint (loopback by default) with a plain HTTP/1.0 GET, sending the bearer
-//! token when given one.
+//! `datamesh-agent bigkeys`: the running agent's `/bigkeys` as a table (or its JSON), read from
+//! the admin endpoint like `datamesh-agent hotkeys` ([`crate::hotkeys_cli::admin_get`]).
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Duration;
 
-use anyhow::{bail, Context as _};
-
-const TIMEOUT: Duration = Duration::from_secs(5);
+use anyhow::Context as _;
 
 /// The `/bigkeys` document of the agent whose admin endpoint is `admin`.
 pub fn fetch(admin: SocketAddr, token_file: Option<&Path>) -> anyhow::Result<serde_json::Value> {
-    let token = match token_file {
-        Some(p) => Some(
-            std::fs::read_to_string(p)
-                .with_context(|| format!("reading the admin token file {}", p.display()))?
-                .trim_end_matches('\n')
-                .to_string(),
-        ),
-        None => None,
-    };
-    let mut sock = TcpStream::connect_timeout(&admin, TIMEOUT).with_context(|| {
-        format!("connecting to the agent's admin endpoint {admin}: is the agent running, and is this its admin_listen (--admin)?")
-    })?;
-    sock.set_read_timeout(Some(TIMEOUT))?;
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        sock,
-        "GET /bigkeys HTTP/1.0\r\nHost: {admin}\r\n{auth}Connection: close\r\n\r\n"
-    )?;
-    let mut resp = Vec::new();
-    sock.read_to_end(&mut resp)
-        .context("reading /bigkeys from the admin endpoint")?;
-    let text = String::from_utf8_lossy(&resp);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head.lines().next().unwrap_or("");
-    if !status.contains(" 200 ") {
-        bail!(
-            "GET /bigkeys at {admin}: {status} (401: pass --token-file with the admin_token_file)"
-        );
-    }
-    serde_json::from_str(body).context("decoding /bigkeys")
+    let body = crate::hotkeys_cli::admin_get(admin, "/bigkeys", token_file)?;
+    serde_json::from_str(&body).context("decoding /bigkeys")
 }
 
 /// One line per key: endpoint, key, command, count, largest reply, most elements, top pods.

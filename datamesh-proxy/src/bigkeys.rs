@@ -25,7 +25,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use serde::Serialize;
 
-use crate::commands::{CommandSpec, Keys};
+use crate::commands::CommandSpec;
 pub use crate::keydisplay::KeyDisplay;
 use crate::resp::Command;
 
@@ -146,17 +146,6 @@ pub fn largest_value(spec: &CommandSpec, cmd: &Command) -> Option<usize> {
         .step_by(step)
         .map(Bytes::len)
         .max()
-}
-
-/// The position of `cmd`'s first key, from the command table (None: keyless, or a layout
-/// whose keys need parsing: counted keys, streams).
-pub fn first_key(spec: &CommandSpec) -> Option<usize> {
-    match spec.keys {
-        Keys::Range { first, .. } => Some(first),
-        Keys::DestCounted => Some(1),
-        Keys::Sub => Some(2),
-        Keys::None | Keys::Counted { .. } | Keys::Streams => None,
-    }
 }
 
 /// The refusal's text.

@@ -35,7 +35,7 @@ use prometheus_client::metrics::MetricType;
 use serde::Serialize;
 
 use crate::accounting::PodStats;
-use crate::commands::{self, CommandSpec, Keys, READONLY, WRITE};
+use crate::commands::{self, first_key, CommandSpec, READONLY, WRITE};
 use crate::endpoint::EndpointHandle;
 pub use crate::keydisplay::{key_hash, show_key, KeyDisplay, TRUNCATED_BYTES};
 use crate::resp::Command;
@@ -87,25 +87,6 @@ impl Default for HotKeySettings {
             metrics_top: DEFAULT_METRICS_TOP,
         }
     }
-}
-
-/// The index of the first key of `cmd` (no allocation; `commands::key_indices` allocates).
-pub fn first_key(spec: &CommandSpec, cmd: &Command) -> Option<usize> {
-    let argc = cmd.args.len();
-    let i = match spec.keys {
-        Keys::None => return None,
-        Keys::Range { first, .. } => first,
-        Keys::Counted { at } => {
-            let n: usize = std::str::from_utf8(cmd.args.get(at)?).ok()?.parse().ok()?;
-            if n == 0 {
-                return None;
-            }
-            at + 1
-        }
-        Keys::DestCounted => 1,
-        Keys::Streams | Keys::Sub => *commands::key_indices(spec, cmd).first()?,
-    };
-    (i < argc).then_some(i)
 }
 
 /// Whether an operation reads, writes, or neither (by the command table's flags).

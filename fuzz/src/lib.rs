@@ -8,6 +8,7 @@
 //! error), and every frame must hold the properties the proxy relies on. A failed property
 //! panics, which libFuzzer reports as a crash with the input saved under `fuzz/artifacts/`.
 
+pub mod lists;
 pub mod session;
 
 use bytes::{Bytes, BytesMut};

@@ -23,6 +23,8 @@ mod attack;
 mod bystander;
 #[path = "fuzz/gen.rs"]
 mod gen;
+#[path = "../../fuzz/src/lists.rs"]
+mod lists;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

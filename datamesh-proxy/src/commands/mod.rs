@@ -628,6 +628,26 @@ fn parse_count(b: &[u8]) -> Option<usize> {
     std::str::from_utf8(b).ok()?.parse::<usize>().ok()
 }
 
+/// The index of the first key of `cmd` (what hot-key and big-key accounting name a command
+/// by; no allocation but for stream layouts, unlike [`key_indices`]).
+pub fn first_key(spec: &CommandSpec, cmd: &Command) -> Option<usize> {
+    let argc = cmd.args.len();
+    let i = match spec.keys {
+        Keys::None => return None,
+        Keys::Range { first, .. } => first,
+        Keys::Counted { at } => {
+            let n: usize = std::str::from_utf8(cmd.args.get(at)?).ok()?.parse().ok()?;
+            if n == 0 {
+                return None;
+            }
+            at + 1
+        }
+        Keys::DestCounted => 1,
+        Keys::Streams | Keys::Sub => *key_indices(spec, cmd).first()?,
+    };
+    (i < argc).then_some(i)
+}
+
 /// Indices of the key arguments of `cmd` (empty for keyless commands or malformed counts).
 pub fn key_indices(spec: &CommandSpec, cmd: &Command) -> Vec<usize> {
     let argc = cmd.args.len();

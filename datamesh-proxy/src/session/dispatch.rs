@@ -719,7 +719,7 @@ impl Session {
         if self.big_floor != usize::MAX {
             if let Some(s) = spec {
                 // For the big-reply check when the reply is in (the key is not used further).
-                let key = bigkeys::first_key(s)
+                let key = commands::first_key(s, &cmd)
                     .and_then(|i| cmd.args.get_mut(i))
                     .map(std::mem::take);
                 self.next_big = Some(BigTag {

@@ -12,32 +12,7 @@ use datamesh_proxy::resp::{CommandDecoder, Limits, Reply, ReplyDecoder};
 
 use crate::gen::{Input, Rng};
 
-/// Commands after which the number of replies is not one per command (or none at all, or
-/// not before a timeout): connection state, pub/sub, blocking.
-const IRREGULAR: &[&str] = &[
-    "QUIT",
-    "RESET",
-    "CLIENT",
-    "SUBSCRIBE",
-    "PSUBSCRIBE",
-    "SSUBSCRIBE",
-    "UNSUBSCRIBE",
-    "PUNSUBSCRIBE",
-    "SUNSUBSCRIBE",
-    "MONITOR",
-    "BLPOP",
-    "BRPOP",
-    "BLMOVE",
-    "BRPOPLPUSH",
-    "BZPOPMIN",
-    "BZPOPMAX",
-    "BLMPOP",
-    "BZMPOP",
-    "XREAD",
-    "XREADGROUP",
-    "WAIT",
-    "WAITAOF",
-];
+use crate::lists::IRREGULAR;
 
 /// What the proxy must do with an input, from its own decoder under its own limits.
 #[derive(Debug)]

@@ -129,43 +129,7 @@ const FRAGMENTS: &[&[u8]] = &[
     b" ",
 ];
 
-/// Commands whose effects reach other clients or the server itself: never sent (what tenants
-/// may run is the command policy's business, not the codec's).
-const DENIED: &[&str] = &[
-    "FLUSHALL",
-    "FLUSHDB",
-    "SWAPDB",
-    "DEBUG",
-    "SHUTDOWN",
-    "CONFIG",
-    "SCRIPT",
-    "FUNCTION",
-    "EVAL",
-    "EVALSHA",
-    "EVAL_RO",
-    "EVALSHA_RO",
-    "FCALL",
-    "FCALL_RO",
-    "MIGRATE",
-    "SAVE",
-    "BGSAVE",
-    "BGREWRITEAOF",
-    "REPLICAOF",
-    "SLAVEOF",
-    "FAILOVER",
-    "ACL",
-    "MONITOR",
-    "SYNC",
-    "PSYNC",
-    "CLUSTER",
-    "MODULE",
-    "SETRANGE",
-    "SETBIT",
-    "BITFIELD",
-    "RESTORE",
-    "KEYS",
-    "LATENCY",
-];
+use crate::lists::DENIED;
 
 /// True when a command may be sent (its name and, for CLIENT, its subcommand).
 pub fn allowed(args: &[bytes::Bytes]) -> bool {

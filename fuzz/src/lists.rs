@@ -1,0 +1,67 @@
+//! The command lists the fuzz targets and the session fuzz test (`tests/tests/fuzz/`, which
+//! includes this file) share.
+
+/// Commands whose effects reach other clients or the server itself: never sent (what tenants
+/// may run is the command policy's business, not the codec's).
+pub const DENIED: &[&str] = &[
+    "FLUSHALL",
+    "FLUSHDB",
+    "SWAPDB",
+    "DEBUG",
+    "SHUTDOWN",
+    "CONFIG",
+    "SCRIPT",
+    "FUNCTION",
+    "EVAL",
+    "EVALSHA",
+    "EVAL_RO",
+    "EVALSHA_RO",
+    "FCALL",
+    "FCALL_RO",
+    "MIGRATE",
+    "SAVE",
+    "BGSAVE",
+    "BGREWRITEAOF",
+    "REPLICAOF",
+    "SLAVEOF",
+    "FAILOVER",
+    "ACL",
+    "MONITOR",
+    "SYNC",
+    "PSYNC",
+    "CLUSTER",
+    "MODULE",
+    "SETRANGE",
+    "SETBIT",
+    "BITFIELD",
+    "RESTORE",
+    "KEYS",
+    "LATENCY",
+];
+
+/// Commands after which the number of replies is not one per command (or none at all, or
+/// not before a timeout): connection state, pub/sub, blocking.
+pub const IRREGULAR: &[&str] = &[
+    "QUIT",
+    "RESET",
+    "CLIENT",
+    "SUBSCRIBE",
+    "PSUBSCRIBE",
+    "SSUBSCRIBE",
+    "UNSUBSCRIBE",
+    "PUNSUBSCRIBE",
+    "SUNSUBSCRIBE",
+    "MONITOR",
+    "BLPOP",
+    "BRPOP",
+    "BLMOVE",
+    "BRPOPLPUSH",
+    "BZPOPMIN",
+    "BZPOPMAX",
+    "BLMPOP",
+    "BZMPOP",
+    "XREAD",
+    "XREADGROUP",
+    "WAIT",
+    "WAITAOF",
+];

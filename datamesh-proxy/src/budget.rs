@@ -8,7 +8,10 @@
 //!   its commands on their way to a backend until their reply is in (in a backend queue, in
 //!   flight, or in the hold queue: a request is kept for replay until answered);
 //! - output: replies that are in but not written to the client yet (also those parked behind
-//!   an earlier, slower reply), and pub/sub messages waiting to be written.
+//!   an earlier, slower reply; a big one until it is written in full, as its allocation is
+//!   held until then), and pub/sub messages waiting to be written;
+//! - assembling: a big reply to it that a backend connection is still reading (counted for
+//!   the budget and the shedder's choice, not for the output limits).
 //!
 //! Limits, with Redis's semantics (`client-output-buffer-limit`, `client-query-buffer-limit`,
 //! `maxmemory-clients`):
@@ -238,12 +241,14 @@ impl Budget {
             budget: self.clone(),
             input: AtomicU64::new(0),
             output: AtomicU64::new(0),
+            assembling: AtomicU64::new(0),
             published: AtomicU64::new(0),
             hard: AtomicU64::new(limit.hard),
             soft: AtomicU64::new(limit.soft),
             soft_ms: AtomicU64::new(limit.soft_seconds * 1000),
             soft_since: AtomicU64::new(0),
             closed: AtomicU8::new(0),
+            released: AtomicBool::new(false),
             ended: AtomicBool::new(false),
             waker: AtomicWaker::new(),
         });
@@ -391,6 +396,7 @@ pub struct ClientMem {
     budget: Arc<Budget>,
     input: AtomicU64,
     output: AtomicU64,
+    assembling: AtomicU64,
     /// What this client has added to the global counter.
     published: AtomicU64,
     hard: AtomicU64,
@@ -399,6 +405,9 @@ pub struct ClientMem {
     /// When output went over the soft limit (ms since the budget's epoch; 0 = it is not).
     soft_since: AtomicU64,
     closed: AtomicU8,
+    /// Its session ended: nothing more is published (a backend reader may still count a
+    /// reply it assembles for it, until it sees the client gone).
+    released: AtomicBool,
     /// Its connection is closed (after `closed`: the socket is shut down).
     ended: AtomicBool,
     waker: AtomicWaker,
@@ -417,8 +426,13 @@ impl ClientMem {
         self.output.load(Ordering::Relaxed)
     }
 
+    /// A reply to it a backend connection is still assembling.
+    pub fn assembling(&self) -> u64 {
+        self.assembling.load(Ordering::Relaxed)
+    }
+
     pub fn total(&self) -> u64 {
-        self.input() + self.output()
+        self.input() + self.output() + self.assembling()
     }
 
     /// The output class now in force (normal or pub/sub).
@@ -457,6 +471,22 @@ impl ClientMem {
         self.sync();
     }
 
+    /// A backend reader counts (`add`) or stops counting (`!add`) `n` bytes of a reply to
+    /// this client it is still assembling: they count for the global budget (and make this
+    /// client the one to shed when they are the most), not for the output limits, which
+    /// apply to replies produced, as on Redis.
+    pub fn assembling_bytes(&self, n: u64, add: bool) {
+        if n == 0 {
+            return;
+        }
+        if add {
+            self.assembling.fetch_add(n, Ordering::Relaxed);
+        } else {
+            self.assembling.fetch_sub(n, Ordering::Relaxed);
+        }
+        self.sync();
+    }
+
     /// Bytes written to the client (or dropped).
     pub fn sub_output(&self, n: u64) {
         if n == 0 {
@@ -484,13 +514,40 @@ impl ClientMem {
         }
     }
 
-    /// Publishes the client's total to the global counter when it moved enough.
+    /// Publishes the client's total to the global counter when it moved enough. Safe from
+    /// two threads at once (the session, and a backend reader counting a reply it is still
+    /// assembling): each publish moves `published` by a compare-and-swap and publishes exactly
+    /// that move, and the total is looked at again after it, so the last caller leaves the
+    /// global count matching the final total.
     fn sync(&self) {
-        let total = self.total();
-        let published = self.published.load(Ordering::Relaxed);
-        if total.abs_diff(published) >= PUBLISH_STEP || (total == 0 && published != 0) {
-            self.published.store(total, Ordering::Relaxed);
-            self.budget.publish(total as i64 - published as i64);
+        loop {
+            if self.released.load(Ordering::SeqCst) {
+                return;
+            }
+            let total = self.total();
+            let published = self.published.load(Ordering::Relaxed);
+            if total.abs_diff(published) < PUBLISH_STEP && (total != 0 || published == 0) {
+                return;
+            }
+            if self
+                .published
+                .compare_exchange(published, total, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+            {
+                self.budget.publish(total as i64 - published as i64);
+                if self.released.load(Ordering::SeqCst) {
+                    // Released meanwhile: what this call published is taken back.
+                    self.unpublish();
+                    return;
+                }
+            }
+        }
+    }
+
+    fn unpublish(&self) {
+        let published = self.published.swap(0, Ordering::Relaxed);
+        if published != 0 {
+            self.budget.publish(-(published as i64));
         }
     }
 
@@ -526,10 +583,8 @@ impl ClientMem {
 
     /// The session ended: its bytes leave the global count and the shedder forgets it.
     pub fn release(&self) {
-        let published = self.published.swap(0, Ordering::Relaxed);
-        if published != 0 {
-            self.budget.publish(-(published as i64));
-        }
+        self.released.store(true, Ordering::SeqCst);
+        self.unpublish();
         self.budget.lock().remove(&self.id);
         self.ended();
     }

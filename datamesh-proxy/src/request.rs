@@ -9,6 +9,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
 
+use crate::budget::ClientMem;
+
 /// What resending a command after its connection died could do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -95,17 +97,30 @@ struct GateInner {
     gone: AtomicBool,
     closed_by_limit: AtomicBool,
     unknown_outcomes: Counter,
+    /// The client's memory counters: a backend reply to it still being assembled is counted
+    /// there ([`crate::backend`]'s reader).
+    mem: Option<Arc<ClientMem>>,
 }
 
 impl ClientGate {
     pub fn new(unknown_outcomes: Counter) -> Self {
+        Self::with_mem(unknown_outcomes, None)
+    }
+
+    pub fn with_mem(unknown_outcomes: Counter, mem: Option<Arc<ClientMem>>) -> Self {
         Self(Arc::new(GateInner {
             held: AtomicUsize::new(0),
             held_bytes: AtomicUsize::new(0),
             gone: AtomicBool::new(false),
             closed_by_limit: AtomicBool::new(false),
             unknown_outcomes,
+            mem,
         }))
+    }
+
+    /// The client's memory counters (None for gates made without a session).
+    pub fn mem(&self) -> Option<&Arc<ClientMem>> {
+        self.0.mem.as_ref()
     }
 
     /// Commands of this client in the hold queue now.

@@ -379,15 +379,13 @@ fn large_structures_are_byte_exact_and_memory_stays_bounded() {
 /// asked for at once, twice the budget. The agent must stay under its limit (shedding clients
 /// for the budget if it must), and every reply that completes must be exact.
 ///
-/// Open bug, reproduced here: the agent's RSS peaks at 176-185 MiB, over its 17 MiB start plus
-/// the 128 MiB budget (3 clients at once peak at ~113 MiB); run after the values test's cases on
-/// the same agent, the same 8 x 2 GETs got it OOM-killed in its 256 MiB cgroup three times out
-/// of three (anon RSS ~220 MB). A reply being assembled in a backend connection's read
-/// buffer is not counted against the budget until it is complete, and readers pause only once
-/// the budget is already reached, so each pooled connection can add a whole max-size reply on
-/// top of the budget. Run with `--ignored` once fixed, then drop the `ignore`.
+/// This was an open bug (peaks of 176-185 MiB, OOM kills in the 256 MiB cgroup): a reply being
+/// assembled in a backend connection's read buffer was counted only once complete, and a big
+/// reply being written to its client left the count byte by byte while its allocation stayed
+/// whole. Now the first is counted against its client as it arrives (and dropped as it arrives
+/// once the shedder closed that client), the second leaves the count when it is freed: peaks of
+/// 114-127 MiB, 4-5 of the 8 clients shed, every completed reply exact.
 #[test]
-#[ignore = "open bug: concurrent max-size GETs get the agent OOM-killed (see the doc comment)"]
 fn concurrent_max_size_gets_stay_within_the_memory_limit() {
     run_test(builder(), |env| {
         check_resolved(env)?;
@@ -402,6 +400,11 @@ fn concurrent_max_size_gets_stay_within_the_memory_limit() {
         ensure!(
             w["replies"] == 3 && w["sha256"] == one[0]["sha256"],
             "warm-up: {w}"
+        );
+        eprintln!(
+            "agent RSS {} MiB before the warm-up, {} MiB after it",
+            base / MIB,
+            rss(env)? / MIB
         );
         let shed_before = metric(env, "datamesh_proxy_clients_closed_total", "memory_budget")?;
         let (g, peak) = concurrent_gets(env, &key, 8, 2)?;

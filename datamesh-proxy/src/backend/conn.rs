@@ -54,8 +54,9 @@ use super::outcome::{Returned, Returns};
 use super::{
     connect, handshake, BackendError, Backoff, Cause, ConnectSpec, Outcome, PoolKey, Unanswered,
 };
+use crate::budget::ClientMem;
 use crate::metrics::GroupMetrics;
-use crate::request::Request;
+use crate::request::{ClientGate, Request};
 use crate::resp::{Limits, Reply, ReplyDecoder, ReplyKind};
 
 /// Where an in-flight command stands.
@@ -76,8 +77,58 @@ const YIELD_AFTER_BYTES: usize = 256 * 1024;
 /// x the largest reply ever, outside the memory budget).
 const READ_BUF_KEEP: usize = 256 * 1024;
 
+/// A reply being assembled is counted against its client once the read buffer holding it is
+/// this big (smaller ones are bounded per connection by this plus one read).
+const CHARGE_FROM: usize = READ_BUF_KEEP;
+
 /// How often a reader paused at the memory budget looks again.
 const BUDGET_RECHECK: Duration = Duration::from_millis(10);
+
+/// A reply still being assembled in a connection's read buffer, counted against the client it
+/// answers ([`ClientMem::assembling_bytes`]): the global memory budget sees it while it
+/// arrives, and the shedder can close that client for it, not only once it is complete.
+#[derive(Default)]
+struct Assembling {
+    mem: Option<Arc<ClientMem>>,
+    bytes: u64,
+}
+
+impl Assembling {
+    /// Counts `bytes` against `mem` (and nothing against anyone else).
+    fn set(&mut self, mem: Option<&Arc<ClientMem>>, bytes: u64) {
+        let same = match (&self.mem, mem) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if !same {
+            self.clear();
+            self.mem = mem.cloned();
+        }
+        let Some(m) = &self.mem else {
+            return;
+        };
+        if bytes > self.bytes {
+            m.assembling_bytes(bytes - self.bytes, true);
+        } else {
+            m.assembling_bytes(self.bytes - bytes, false);
+        }
+        self.bytes = bytes;
+    }
+
+    fn clear(&mut self) {
+        if let Some(m) = self.mem.take() {
+            m.assembling_bytes(self.bytes, false);
+        }
+        self.bytes = 0;
+    }
+}
+
+impl Drop for Assembling {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
 
 /// The way back to the router that sent a command.
 pub type ReplyTx = oneshot::Sender<Outcome>;
@@ -763,6 +814,7 @@ impl Conn {
         let mut replies: Vec<Reply> = Vec::new();
         // Whether rbuf (or the allocation it is a view of) grew past READ_BUF_KEEP.
         let mut grown = false;
+        let mut assembling = Assembling::default();
         // The deadline watchdog: one coarse tick per connection, only with a command timeout.
         let mut tick = self.command_timeout.map(|t| {
             let period = (t / 4).clamp(Duration::from_millis(5), Duration::from_millis(250));
@@ -782,8 +834,13 @@ impl Conn {
                 }
             }
             let delivered: usize = replies.iter().map(|r| r.raw.len()).sum();
-            if !replies.is_empty() && !self.deliver(gen, &mut replies) {
-                return;
+            if !replies.is_empty() {
+                // The reply it counted is complete: its session counts it from now on (counting
+                // it twice could push its client over its output limit).
+                assembling.clear();
+                if !self.deliver(gen, &mut replies) {
+                    return;
+                }
             }
             // The replies own their bytes now; a drained buffer that grew for a big one is
             // let go (its allocation is freed with the last reply). A view's capacity can hide
@@ -800,7 +857,8 @@ impl Conn {
                 // before the budget is seen to be reached.
                 tokio::task::yield_now().await;
             }
-            if self.metrics.budget.exhausted() {
+            self.count_assembling(&mut dec, &mut rbuf, &mut assembling, &mut grown);
+            if self.metrics.budget.exhausted() && !dec.is_discarding() {
                 // Back-pressure: while clients' buffered bytes are at the proxy's memory
                 // budget, replies stay in the backend's socket and output buffer instead of
                 // the agent's memory, until the shedder closed the biggest clients.
@@ -832,6 +890,61 @@ impl Conn {
                 }
             }
         }
+    }
+
+    /// Counts a big reply still being assembled in `rbuf` against the client it answers, or,
+    /// once that client is gone or closed (by the memory shedder, say), drops the rest of it as
+    /// it arrives ([`ReplyDecoder::discard`]): the connection stays in step with the backend
+    /// and no memory is held for a reply nobody will read.
+    fn count_assembling(
+        &self,
+        dec: &mut ReplyDecoder,
+        rbuf: &mut BytesMut,
+        assembling: &mut Assembling,
+        grown: &mut bool,
+    ) {
+        if dec.is_discarding() || !dec.in_frame(rbuf) {
+            assembling.clear();
+            return;
+        }
+        if rbuf.capacity() < CHARGE_FROM && assembling.bytes == 0 {
+            return;
+        }
+        // A RESP3 push frame answers no command (and pub/sub connections deliver frames, not
+        // replies): not counted here.
+        if rbuf.first() == Some(&b'>') {
+            return;
+        }
+        let Some(gate) = self.front_gate() else {
+            return;
+        };
+        let Some(mem) = gate.mem() else {
+            return;
+        };
+        if gate.is_gone() || mem.closed().is_some() {
+            debug!(backend = %self.key.addr, client = mem.id, buffered = rbuf.len(), "the client of a reply being assembled is gone: discarding the rest of the reply");
+            assembling.clear();
+            dec.discard(rbuf);
+            // The next decode drops what is buffered; the allocation goes once it is empty.
+            *grown = true;
+            return;
+        }
+        assembling.set(Some(mem), rbuf.capacity() as u64);
+    }
+
+    /// The gate of the client whose reply is next to come (the oldest written command's), on a
+    /// connection that delivers replies (not a subscriber's).
+    fn front_gate(&self) -> Option<ClientGate> {
+        let sink = self.push_sink.lock().unwrap_or_else(|p| p.into_inner());
+        if sink.is_some() {
+            return None;
+        }
+        drop(sink);
+        let st = self.lock();
+        if st.written == 0 {
+            return None;
+        }
+        st.queue.front()?.request.gate.clone()
     }
 
     /// The command timeout in ms when the oldest written command is past its deadline.

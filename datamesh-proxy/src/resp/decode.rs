@@ -323,15 +323,62 @@ pub struct ReplyDecoder {
     /// Elements still expected per open aggregate; `true` marks an attribute (a prefix that
     /// does not count as an element of its parent).
     stack: Vec<(u64, bool)>,
+    /// Discard mode ([`ReplyDecoder::discard`]): the frame in progress is consumed as it
+    /// arrives and its bytes dropped.
+    discarding: bool,
+    /// Discard mode: bytes of a bulk body (and its CRLF) still to drop.
+    skip: u64,
 }
 
 impl ReplyDecoder {
+    /// True while a frame has begun but not ended in `buf` (its bytes are at the front).
+    pub fn in_frame(&self, buf: &BytesMut) -> bool {
+        self.discarding || !buf.is_empty()
+    }
+
+    /// Discard mode: the rest of the frame now in progress is dropped as it arrives instead
+    /// of being kept (its client is gone, or it was over a limit); the bytes already in `buf`
+    /// are dropped now. [`ReplyDecoder::decode`] then consumes the frame and returns
+    /// [`ReplyDecoder::discarded`] in its place, and decodes normally after it.
+    pub fn discard(&mut self, buf: &mut BytesMut) {
+        buf.advance(self.pos);
+        self.pos = 0;
+        self.discarding = true;
+    }
+
+    pub fn is_discarding(&self) -> bool {
+        self.discarding
+    }
+
+    /// What a discarded frame is delivered as (to the command it answered, whose client is
+    /// gone).
+    pub fn discarded() -> Reply {
+        Reply::error("ERR reply discarded by the proxy: its client was closed")
+    }
+
     pub fn decode(
         &mut self,
         buf: &mut BytesMut,
         limits: &Limits,
     ) -> Result<Option<Reply>, ProtocolError> {
         loop {
+            if self.discarding {
+                if self.skip > 0 {
+                    let n = self.skip.min(buf.len() as u64);
+                    buf.advance(n as usize);
+                    self.skip -= n;
+                    if self.skip > 0 {
+                        return Ok(None);
+                    }
+                    if self.complete_element() {
+                        return Ok(Some(self.end_discard()));
+                    }
+                    continue;
+                }
+                // Parsed header lines are dropped as soon as they are read.
+                buf.advance(self.pos);
+                self.pos = 0;
+            }
             if self.pos >= buf.len() {
                 return Ok(None);
             }
@@ -360,6 +407,13 @@ impl ReplyDecoder {
                             });
                         }
                         let stop = end + 2 + len as usize;
+                        if self.discarding {
+                            // The body is dropped as it arrives, never buffered.
+                            buf.advance(end + 2);
+                            self.pos = 0;
+                            self.skip = len as u64 + 2;
+                            continue;
+                        }
                         if buf.len() < stop + 2 {
                             // The length is the peer's word: room for at most
                             // REPLY_RESERVE_MAX at once (`$999999999999` from a confused
@@ -412,6 +466,10 @@ impl ReplyDecoder {
                 b => return Err(ProtocolError::InvalidType { byte: b }),
             };
             if completed && self.complete_element() {
+                if self.discarding {
+                    buf.advance(self.pos);
+                    return Ok(Some(self.end_discard()));
+                }
                 let raw = buf.split_to(self.pos).freeze();
                 self.pos = 0;
                 let first = if raw[0] == b'|' { b'|' } else { raw[0] };
@@ -421,6 +479,12 @@ impl ReplyDecoder {
                 }));
             }
         }
+    }
+
+    fn end_discard(&mut self) -> Reply {
+        self.pos = 0;
+        self.discarding = false;
+        Self::discarded()
     }
 
     /// An element finished: count it in the open aggregates. True when the frame is complete.
@@ -646,6 +710,39 @@ mod tests {
             );
             let joined: Vec<u8> = got.iter().flat_map(|r| r.raw.to_vec()).collect();
             assert_eq!(joined, input);
+        }
+    }
+
+    /// Discard mode, started at every point of a nested frame (and fed in two parts split at
+    /// every byte): the frame is consumed and answered as discarded, nothing of it is kept,
+    /// and the next frame decodes intact.
+    #[test]
+    fn a_discarded_frame_is_consumed_and_the_next_one_decodes() {
+        let limits = Limits::backend();
+        let big: Vec<u8> =
+            b"*3\r\n$10\r\n0123456789\r\n%1\r\n+k\r\n|1\r\n+a\r\n:1\r\n:2\r\n$-1\r\n".to_vec();
+        let next = b"$3\r\nabc\r\n";
+        let input: Vec<u8> = big.iter().chain(next.iter()).copied().collect();
+        for start in 1..big.len() {
+            for split in start..=input.len() {
+                let mut buf = BytesMut::new();
+                let mut d = ReplyDecoder::default();
+                let mut got = Vec::new();
+                buf.extend_from_slice(&input[..start]);
+                assert!(d.decode(&mut buf, &limits).expect("valid").is_none());
+                assert!(d.in_frame(&buf));
+                d.discard(&mut buf);
+                for part in [&input[start..split], &input[split..]] {
+                    buf.extend_from_slice(part);
+                    while let Some(r) = d.decode(&mut buf, &limits).expect("valid") {
+                        got.push(r);
+                    }
+                }
+                assert_eq!(got.len(), 2, "start {start} split {split}");
+                assert_eq!(got[0], ReplyDecoder::discarded());
+                assert_eq!(&got[1].raw[..], next);
+                assert!(buf.is_empty() && !d.in_frame(&buf));
+            }
         }
     }
 

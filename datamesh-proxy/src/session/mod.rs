@@ -749,8 +749,8 @@ impl Session {
     fn flush(&mut self, client: &TcpStream) -> bool {
         while !self.wbuf.is_empty() {
             match self.wbuf.write_to(client) {
-                Ok(0) => return false,
-                Ok(n) => self.mem.sub_output(n as u64),
+                Ok((0, _)) => return false,
+                Ok((_, freed)) => self.mem.sub_output(freed as u64),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
                 Err(_) => return false,
             }
@@ -833,7 +833,10 @@ impl Session {
         self.gate
             .get_or_insert_with(|| {
                 let pod = self.pod.name();
-                ClientGate::new(self.shared.metrics.unknown_outcomes(&self.ep.name, &pod))
+                ClientGate::with_mem(
+                    self.shared.metrics.unknown_outcomes(&self.ep.name, &pod),
+                    Some(self.mem.clone()),
+                )
             })
             .clone()
     }

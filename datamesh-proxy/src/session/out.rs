@@ -1,7 +1,9 @@
 //! A client's unwritten output. Small replies are copied into one contiguous tail, so many of
 //! them leave in one write; large ones are kept as the backend reader produced them (no copy,
 //! no doubling of a growing buffer) and written with the tail in one `writev`. What is held
-//! here is exactly what the client's output count says ([`crate::budget`]).
+//! here is exactly what the client's output count says ([`crate::budget`]): a large reply's
+//! bytes leave the count when the whole reply is written (its allocation is freed then, not
+//! as its bytes go out).
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
@@ -16,8 +18,9 @@ const MAX_SLICES: usize = 32;
 
 #[derive(Default)]
 pub(crate) struct OutBuf {
-    /// Large replies and sealed tails, in order; all of them before `tail`.
-    chunks: VecDeque<Bytes>,
+    /// Large replies and sealed tails, in order; all of them before `tail`; each with its
+    /// length when it was pushed (what its allocation holds until it is written in full).
+    chunks: VecDeque<(Bytes, usize)>,
     tail: BytesMut,
     len: usize,
 }
@@ -44,46 +47,58 @@ impl OutBuf {
             return self.extend_from_slice(b);
         }
         if !self.tail.is_empty() {
-            self.chunks.push_back(self.tail.split().freeze());
+            let t = self.tail.split().freeze();
+            let n = t.len();
+            self.chunks.push_back((t, n));
         }
-        self.chunks.push_back(b.clone());
+        self.chunks.push_back((b.clone(), b.len()));
         self.len += b.len();
     }
 
-    /// One non-blocking write of what the socket takes; returns the bytes written.
-    pub(crate) fn write_to(&mut self, s: &TcpStream) -> io::Result<usize> {
+    /// One non-blocking write of what the socket takes. Returns the bytes written and the
+    /// bytes let go (a large reply's when its last byte is written).
+    pub(crate) fn write_to(&mut self, s: &TcpStream) -> io::Result<(usize, usize)> {
         let n = if self.chunks.is_empty() {
             s.try_write(&self.tail)?
         } else {
             let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(MAX_SLICES + 1);
-            slices.extend(self.chunks.iter().take(MAX_SLICES).map(|c| IoSlice::new(c)));
+            slices.extend(
+                self.chunks
+                    .iter()
+                    .take(MAX_SLICES)
+                    .map(|(c, _)| IoSlice::new(c)),
+            );
             if self.chunks.len() <= MAX_SLICES && !self.tail.is_empty() {
                 slices.push(IoSlice::new(&self.tail));
             }
             s.try_write_vectored(&slices)?
         };
-        self.consume(n);
-        Ok(n)
+        let freed = self.consume(n);
+        Ok((n, freed))
     }
 
-    fn consume(&mut self, mut n: usize) {
+    /// Drops `n` written bytes; returns the bytes let go.
+    fn consume(&mut self, mut n: usize) -> usize {
         self.len -= n;
+        let mut freed = 0;
         while n > 0 {
             match self.chunks.front_mut() {
-                Some(c) if c.len() <= n => {
+                Some((c, size)) if c.len() <= n => {
                     n -= c.len();
+                    freed += *size;
                     self.chunks.pop_front();
                 }
-                Some(c) => {
+                Some((c, _)) => {
                     c.advance(n);
-                    return;
+                    return freed;
                 }
                 None => {
                     self.tail.advance(n);
-                    return;
+                    return freed + n;
                 }
             }
         }
+        freed
     }
 
     /// Gives back a large tail's memory once everything is written.
@@ -106,13 +121,13 @@ mod tests {
         o.push(&big);
         o.push(&Bytes::from_static(b"+b\r\n"));
         assert_eq!(o.len(), 8 + big.len());
-        // Consume across the boundaries.
-        o.consume(2);
-        o.consume(2 + big.len() - 1);
+        // Consume across the boundaries: the big reply is let go only once written in full.
+        assert_eq!(o.consume(2), 0);
+        assert_eq!(o.consume(2 + big.len() - 1), 4);
         assert_eq!(o.len(), 5);
-        o.consume(1);
+        assert_eq!(o.consume(1), big.len());
         assert_eq!(&o.tail[..], b"+b\r\n");
-        o.consume(4);
+        assert_eq!(o.consume(4), 4);
         assert!(o.is_empty() && o.chunks.is_empty());
     }
 }

@@ -339,6 +339,9 @@ pub struct Agent {
     child: Option<Child>,
     ready: Option<Ready>,
     starts: u32,
+    /// The admin bearer token [`Agent::http_get`] sends (set when the config names an
+    /// `admin_token_file`: [`Agent::set_admin_token`]).
+    admin_token: Option<String>,
 }
 
 /// How long the harness waits for the ready file.
@@ -384,6 +387,7 @@ impl Agent {
             child: None,
             ready: None,
             starts: 0,
+            admin_token: None,
         };
         agent.spawn()?;
         Ok(agent)
@@ -545,7 +549,17 @@ impl Agent {
 
     /// Plain HTTP/1.1 GET on the admin listener; returns (status, body).
     pub fn http_get(&self, path: &str) -> Result<(u16, String)> {
-        http_get(self.ready()?.admin, path)
+        http_get_auth(self.ready()?.admin, path, self.admin_token.as_deref())
+    }
+
+    /// The token to send with every admin request of the harness (the content of the
+    /// config's `admin_token_file`).
+    pub fn set_admin_token(&mut self, token: Option<&str>) {
+        self.admin_token = token.map(str::to_string);
+    }
+
+    pub fn admin_token(&self) -> Option<&str> {
+        self.admin_token.as_deref()
     }
 
     /// `/connections` as JSON values.

@@ -25,6 +25,7 @@ pub mod cluster;
 pub mod drill;
 pub mod env;
 pub mod instance;
+pub mod keydrill;
 pub mod net;
 pub mod pod;
 pub mod proc;

@@ -1,6 +1,9 @@
 //! `cargo xtask drill tenant`: the hostile-tenant attacks of `datamesh_tests::tenant` against
 //! the release agent under a 256 MiB memory limit, one table of what each did.
 //!
+//! `cargo xtask drill hot-key` and `cargo xtask drill key-attack`: the key drills of
+//! `datamesh_tests::keydrill` (phases of `--seconds` each) with the release agent.
+//!
 //! `cargo xtask drill failover`: the failover drills of `datamesh_tests::drill` with the release
 //! agent and longer loads, every scenario (or those named with `--scenario`) in its own test
 //! instance, one after the other, printing the side-by-side table (direct redis-py vs the
@@ -18,8 +21,8 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Result};
 use datamesh_tests::agent::{check_config, yaml_list, BackendSpec};
 use datamesh_tests::drill::{self, DrillOptions, DrillReport, LoadOptions, Scenario};
-use datamesh_tests::tenant;
 use datamesh_tests::Env;
+use datamesh_tests::{keydrill, tenant};
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 pub enum Drill {
@@ -30,6 +33,13 @@ pub enum Drill {
     /// a connection flood, blocked clients that break the protocol) from one pod while another
     /// works, the agent under a 256 MiB memory limit: peak RSS against the budget.
     Tenant,
+    /// One pod hammers one key among two pods' ordinary traffic: time to detect, the key and
+    /// pod named, backend load and p99 with the local cache off and on, the automatic key
+    /// throttle applied, the bystanders' p99 in every phase.
+    HotKey,
+    /// One pod floods random missing keys (cache penetration): time to detect, the automatic
+    /// throttle of the pod, a runtime deny rule, the bystanders' p99 in every phase.
+    KeyAttack,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -55,8 +65,10 @@ pub struct Args {
 
 pub fn run(a: &Args) -> Result<()> {
     ensure!(a.seconds > 0, "--seconds must be positive");
-    if let Drill::Tenant = a.drill {
-        return run_tenant(a);
+    match a.drill {
+        Drill::Tenant => return run_tenant(a),
+        Drill::HotKey | Drill::KeyAttack => return run_key_drill(a),
+        Drill::Failover => {}
     }
     let scenarios: Vec<Scenario> = if a.scenarios.is_empty() {
         Scenario::ALL.to_vec()
@@ -138,6 +150,39 @@ fn run_tenant(a: &Args) -> Result<()> {
     };
     let report = tenant::run(&env, LIMIT, &opts)?;
     println!("{}", tenant::table(&report));
+    Ok(())
+}
+
+/// `cargo xtask drill hot-key|key-attack`: the release agent, `--seconds` per phase.
+fn run_key_drill(a: &Args) -> Result<()> {
+    let bin = match &a.agent_bin {
+        None => crate::demo::build_agent(true)?,
+        Some(bin) => crate::util::prebuilt_agent(bin)?,
+    };
+    let opts = keydrill::KeyDrillOptions {
+        seconds: a.seconds as f64,
+        ..Default::default()
+    };
+    let builder = Env::builder().agent_bin(bin);
+    if let Drill::HotKey = a.drill {
+        let mut env = keydrill::hot_key_env(builder).build()?;
+        let r = keydrill::hot_key(&mut env, &opts)?;
+        println!(
+            "hot-key drill ({} s per phase, pod {}):\n{}",
+            a.seconds,
+            r.hammer_pod,
+            keydrill::hot_key_table(&r)
+        );
+    } else {
+        let mut env = keydrill::key_attack_env(builder).build()?;
+        let r = keydrill::key_attack(&mut env, &opts)?;
+        println!(
+            "key-attack drill ({} s per phase, pod {}):\n{}",
+            a.seconds,
+            r.attacker_pod,
+            keydrill::key_attack_table(&r)
+        );
+    }
     Ok(())
 }
 

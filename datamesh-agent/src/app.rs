@@ -656,7 +656,10 @@ async fn reload(ctx: &ReloadCtx<'_>, running: &mut Running) {
     if new.key_rules != old.key_rules {
         // Runtime and automatic rules stay (they are not the file's).
         ctx.shared.keyrules.set_config(&new.key_rules);
-        info!(rules = new.key_rules.len(), "config reload: key rules replaced");
+        info!(
+            rules = new.key_rules.len(),
+            "config reload: key rules replaced"
+        );
     }
     ctx.attribution.set_policy(uncaptured_policy(&new));
     *ctx.admin.token.write().unwrap_or_else(|p| p.into_inner()) = new.admin_token.clone();

@@ -1143,11 +1143,7 @@ impl RawConfig {
 impl RawConfig {
     /// `key_rules:`: every bad field of every rule, ids unique (default `rule-N`, N from 1).
     fn validate_key_rules(&self, err: &mut impl FnMut(&str, String)) -> Vec<RuleSpec> {
-        let names: Vec<&str> = self
-            .endpoints
-            .iter()
-            .map(|e| e.name.as_str())
-            .collect();
+        let names: Vec<&str> = self.endpoints.iter().map(|e| e.name.as_str()).collect();
         let mut out: Vec<RuleSpec> = Vec::new();
         let mut ids = HashSet::new();
         for (i, r) in self.key_rules.iter().enumerate() {

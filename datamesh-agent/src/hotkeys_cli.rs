@@ -88,7 +88,11 @@ fn admin_request(
         .split_once("\r\n\r\n")
         .with_context(|| format!("{admin} did not answer HTTP"))?;
     let status = head.lines().next().unwrap_or_default();
-    if !status.split_whitespace().nth(1).is_some_and(|c| c.starts_with('2')) {
+    if !status
+        .split_whitespace()
+        .nth(1)
+        .is_some_and(|c| c.starts_with('2'))
+    {
         bail!("{admin}{path}: {status}: {}", body.trim());
     }
     Ok(body.to_string())

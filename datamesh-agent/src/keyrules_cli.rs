@@ -217,6 +217,9 @@ mod tests {
         assert!(t.contains("shop.web-1: 3/2/0"), "{t}");
         assert!(t.contains("auto 42s"), "{t}");
         assert!(t.contains("ns:shop") && t.contains("keys"), "{t}");
-        assert_eq!(format_table(&serde_json::json!({"rules": []})), "no key rules\n");
+        assert_eq!(
+            format_table(&serde_json::json!({"rules": []})),
+            "no key rules\n"
+        );
     }
 }

@@ -182,6 +182,12 @@ pub fn validate_rule(
     let mut commands = Vec::new();
     for (i, c) in raw.commands.iter().enumerate() {
         match commands::lookup(c.as_bytes()) {
+            Some(spec) if spec.has(commands::NO_AUTH) => bad(
+                &format!("commands[{i}]"),
+                format!(
+                    "{c:?} is never refused (a client can always authenticate, reset or leave)"
+                ),
+            ),
             Some(spec) => commands.push(spec.name.to_ascii_lowercase()),
             None => bad(
                 &format!("commands[{i}]"),
@@ -335,7 +341,9 @@ fn single(pat: &[u8], p: usize, c: u8) -> Option<usize> {
 
 /// The namespace of a pod name by the netns fallback: the part before the first `.`.
 pub fn namespace_of(pod: &str) -> Option<&str> {
-    pod.split_once('.').map(|(ns, _)| ns).filter(|ns| !ns.is_empty())
+    pod.split_once('.')
+        .map(|(ns, _)| ns)
+        .filter(|ns| !ns.is_empty())
 }
 
 /// One pod's counts under a rule.
@@ -416,7 +424,10 @@ impl Rule {
             return false;
         }
         pod.with_name(|name| {
-            (s.pods.is_empty() || s.pods.iter().any(|g| glob_match(g.as_bytes(), name.as_bytes())))
+            (s.pods.is_empty()
+                || s.pods
+                    .iter()
+                    .any(|g| glob_match(g.as_bytes(), name.as_bytes())))
                 && (s.namespaces.is_empty()
                     || namespace_of(name).is_some_and(|ns| {
                         s.namespaces
@@ -428,10 +439,12 @@ impl Rule {
 
     /// The index (in `cmd.args`) of the key that matches, `Some(None)` for a match of a rule
     /// without a key, `None` for no match.
+    /// `keys`: the command's key indices (taken once per command for all rules).
     fn matches(
         &self,
         spec: &CommandSpec,
         cmd: &Command,
+        keys: &[usize],
         pod: &PodStats,
     ) -> Option<Option<usize>> {
         let s = &self.spec;
@@ -441,8 +454,8 @@ impl Rule {
         let key = match &self.pattern {
             None => None,
             Some(_) => Some(
-                key_indices(spec, cmd)
-                    .into_iter()
+                keys.iter()
+                    .copied()
                     .find(|&i| cmd.args.get(i).is_some_and(|k| self.key_matches(k)))?,
             ),
         };
@@ -551,13 +564,19 @@ pub fn check<'a>(
     now_ns: u64,
     max_delay: Duration,
 ) -> Verdict<'a> {
+    // One look at the command's keys for every rule (none for keyless commands).
+    let keys = if rules.iter().any(|r| r.pattern.is_some()) {
+        key_indices(spec, cmd)
+    } else {
+        Vec::new()
+    };
     for r in rules.iter().filter(|r| r.spec.action == Action::Deny) {
-        if let Some(k) = r.matches(spec, cmd, pod) {
+        if let Some(k) = r.matches(spec, cmd, &keys, pod) {
             return Verdict::Deny(r, k);
         }
     }
     for r in rules.iter().filter(|r| r.spec.action == Action::Throttle) {
-        if let Some(k) = r.matches(spec, cmd, pod) {
+        if let Some(k) = r.matches(spec, cmd, &keys, pod) {
             return Verdict::Throttle(r, k, r.take(now_ns, max_delay));
         }
     }
@@ -917,7 +936,8 @@ mod tests {
         let s = rule("{id: hot, endpoint: cache, key: 'user:*', action: throttle, rate: 100}")
             .expect("valid");
         assert_eq!((s.rate, s.burst), (100, 100));
-        let s = rule("{commands: [keys, FLUSHALL], namespaces: [shop], action: deny}").expect("valid");
+        let s =
+            rule("{commands: [keys, FLUSHALL], namespaces: [shop], action: deny}").expect("valid");
         assert_eq!(s.id, "r1");
         assert_eq!(s.commands, ["keys", "flushall"]);
         let errs = rule(
@@ -936,10 +956,25 @@ mod tests {
             assert!(errs.iter().any(|e| e.starts_with(f)), "{f} not in {errs:?}");
         }
         let errs = rule("{action: deny, rate: 5}").expect_err("invalid");
-        assert!(errs.iter().any(|e| e.starts_with("r.key: missing")), "{errs:?}");
-        assert!(errs.iter().any(|e| e.starts_with("r.rate: only")), "{errs:?}");
+        assert!(
+            errs.iter().any(|e| e.starts_with("r.key: missing")),
+            "{errs:?}"
+        );
+        assert!(
+            errs.iter().any(|e| e.starts_with("r.rate: only")),
+            "{errs:?}"
+        );
+        let errs = rule("{commands: [auth], action: deny}").expect_err("invalid");
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("r.commands[0]: \"auth\" is never refused")),
+            "{errs:?}"
+        );
         let errs = rule("{key: x, action: block}").expect_err("invalid");
-        assert!(errs.iter().any(|e| e.starts_with("r.action: \"block\"")), "{errs:?}");
+        assert!(
+            errs.iter().any(|e| e.starts_with("r.action: \"block\"")),
+            "{errs:?}"
+        );
     }
 
     #[test]
@@ -971,23 +1006,60 @@ mod tests {
         assert!(!denied(&ok, &web));
         assert!(!denied(&get, &other), "another namespace");
         assert!(!denied(&get, &plain), "no namespace");
-        assert!(!denied(&get, &node), "node-local clients match no pod selector");
+        assert!(
+            !denied(&get, &node),
+            "node-local clients match no pod selector"
+        );
         // By command only, for pods by name.
         let rules = vec![Arc::new(Rule::new(
             rule("{commands: [keys], pods: ['*web-1'], action: deny}").expect("valid"),
             Origin::Config,
         ))];
         let keys = cmd(&["KEYS", "*"]);
-        assert!(matches!(check(&rules, spec_of(&keys), &keys, &web, 1, d), Verdict::Deny(_, None)));
-        assert!(matches!(check(&rules, spec_of(&get), &get, &web, 1, d), Verdict::Pass));
-        assert!(matches!(check(&rules, spec_of(&keys), &keys, &plain, 1, d), Verdict::Pass));
+        assert!(matches!(
+            check(&rules, spec_of(&keys), &keys, &web, 1, d),
+            Verdict::Deny(_, None)
+        ));
+        assert!(matches!(
+            check(&rules, spec_of(&get), &get, &web, 1, d),
+            Verdict::Pass
+        ));
+        assert!(matches!(
+            check(&rules, spec_of(&keys), &keys, &plain, 1, d),
+            Verdict::Pass
+        ));
         // No pod selector: node-local clients too.
         let rules = vec![Arc::new(Rule::new(
             rule("{commands: [flushall], action: deny}").expect("valid"),
             Origin::Config,
         ))];
         let fa = cmd(&["FLUSHALL"]);
-        assert!(matches!(check(&rules, spec_of(&fa), &fa, &node, 1, d), Verdict::Deny(..)));
+        assert!(matches!(
+            check(&rules, spec_of(&fa), &fa, &node, 1, d),
+            Verdict::Deny(..)
+        ));
+    }
+
+    #[test]
+    fn the_sketch_names_whole_keys_over_a_rate() {
+        use crate::hotkeys::{HotKeySettings, HotKeys, Op};
+        let hk = HotKeys::default();
+        let s = HotKeySettings {
+            sample_rate: 1,
+            ..Default::default()
+        };
+        let pod = Arc::new(PodStats::new(1, "p".into(), 0, 0));
+        let now = Instant::now();
+        let long = Bytes::from(vec![b'k'; crate::hotkeys::MAX_STORED_KEY + 1]);
+        let mut samples = vec![(Bytes::from_static(b"hot"), Op::Read); 500];
+        samples.extend(vec![(long, Op::Read); 500]);
+        samples.extend(vec![(Bytes::from_static(b"cool"), Op::Read); 5]);
+        hk.record(&pod, &samples, &s, now);
+        // 500 operations over the 0.1 s floor of the covered time: 5000 ops/s.
+        let over = hk.over(1000.0, &s, now);
+        assert_eq!(over.len(), 1, "only the whole key over the rate");
+        assert_eq!(over[0].0, b"hot");
+        assert!(over[0].1 > 1000.0);
     }
 
     #[test]
@@ -1017,7 +1089,10 @@ mod tests {
         let c = r.counts();
         assert_eq!(c.len(), MAX_POD_ROWS);
         assert!(c.iter().any(|p| p.pod == "other" && p.refused >= 5));
-        assert_eq!(c.iter().map(|p| p.refused).sum::<u64>(), (MAX_POD_ROWS + 5) as u64);
+        assert_eq!(
+            c.iter().map(|p| p.refused).sum::<u64>(),
+            (MAX_POD_ROWS + 5) as u64
+        );
     }
 
     #[test]
@@ -1050,12 +1125,17 @@ mod tests {
         let id = k
             .add_auto("cache", b"user:42", 50, ttl, KeyDisplay::Hashed, now)
             .expect("installed");
-        assert!(k.add_auto("cache", b"user:42", 50, ttl, KeyDisplay::Hashed, now).is_none());
+        assert!(k
+            .add_auto("cache", b"user:42", 50, ttl, KeyDisplay::Hashed, now)
+            .is_none());
         let v = k.json();
         let auto = &v["rules"][1];
         assert_eq!(auto["origin"], "auto");
         assert_eq!(auto["id"], id.as_str());
-        assert!(auto["key"].as_str().is_some_and(|s| s.starts_with("h:")), "{auto}");
+        assert!(
+            auto["key"].as_str().is_some_and(|s| s.starts_with("h:")),
+            "{auto}"
+        );
         let rules = k.for_endpoint("cache");
         let hot = cmd(&["GET", "user:42"]);
         let pod = PodStats::new(1, "p".into(), 0, 0);

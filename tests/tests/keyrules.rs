@@ -19,7 +19,7 @@ use anyhow::{anyhow, ensure, Context, Result};
 use datamesh_tests::agent::{http_get_auth, yaml_str};
 use datamesh_tests::env::run_test;
 use datamesh_tests::pod::Pod;
-use datamesh_tests::proc::run_with_timeout;
+use datamesh_tests::proc::{run_with_input, run_with_timeout};
 use datamesh_tests::{wait_until, Env};
 use serde_json::Value;
 
@@ -59,7 +59,11 @@ fn pipeline(env: &Env, pod: &Pod, n: usize, args: &[&str]) -> Result<(Vec<String
         .lines()
         .map(str::to_string)
         .collect();
-    ensure!(lines.len() == n, "{} replies of {n}: {lines:?}", lines.len());
+    ensure!(
+        lines.len() == n,
+        "{} replies of {n}: {lines:?}",
+        lines.len()
+    );
     Ok((lines, took))
 }
 
@@ -246,6 +250,20 @@ fn deny_rules_by_command_and_by_key_for_one_namespace() {
             ensure!(out.contains(&denied("secrets")), "MGET with a secret key: {out:?}");
             let out = cli(env, shop, &["GET", "public"])?;
             ensure!(out.trim() == "p", "GET public from shop: {out:?}");
+            // Inside MULTI the denial aborts the transaction (like a policy refusal).
+            let svc = env.service_addr();
+            let mut cmd = shop.cmd("redis-cli");
+            cmd.args(["-h", &svc.ip().to_string(), "-p", &svc.port().to_string()]);
+            let out = run_with_input(
+                &mut cmd,
+                b"MULTI\nSET public q\nGET secret:1\nEXEC\nGET public\n",
+                Duration::from_secs(20),
+            )?;
+            let out = String::from_utf8_lossy(&out.stdout).into_owned();
+            ensure!(
+                out.contains(&denied("secrets")) && out.contains("EXECABORT") && out.trim_end().ends_with('p'),
+                "MULTI with a denied key: {out:?}"
+            );
             // Another namespace: nothing denied.
             let out = cli(env, blog, &["SCAN", "0", "MATCH", "secret:*", "COUNT", "100"])?;
             ensure!(out.contains("secret:1"), "SCAN from blog: {out:?}");
@@ -256,7 +274,7 @@ fn deny_rules_by_command_and_by_key_for_one_namespace() {
             ensure!(log.contains("secret:1") && log.contains("key"), "ACL LOG: {log}");
             let v = keyrules(env)?;
             let r = rule(&v, "secrets").context("rule secrets")?;
-            ensure!(count(r, &shop_pod, "denied") == 2, "{r}");
+            ensure!(count(r, &shop_pod, "denied") == 3, "{r}");
             let m = metric(
                 env,
                 &format!("datamesh_proxy_key_denied_total{{endpoint=\"cache\",rule=\"no-scan\",pod=\"{shop_pod}\"}}"),
@@ -288,9 +306,11 @@ fn runtime_rules_through_the_admin_api_need_the_token() {
         ));
         env.agent_mut().write_config(cfg)?;
         env.agent().sighup()?;
-        wait_until("the reload to require the token", Duration::from_secs(10), || {
-            Ok((http_get_auth(admin, "/keyrules", None)?.0 == 401).then_some(()))
-        })?;
+        wait_until(
+            "the reload to require the token",
+            Duration::from_secs(10),
+            || Ok((http_get_auth(admin, "/keyrules", None)?.0 == 401).then_some(())),
+        )?;
         let (st, _) = admin_req(admin, "POST", "/keyrules", body, None)?;
         ensure!(st == 401, "POST without the token: {st}");
         let (st, msg) = admin_req(admin, "POST", "/keyrules", body, Some("tok-2"))?;
@@ -326,18 +346,22 @@ fn runtime_rules_through_the_admin_api_need_the_token() {
         let (_, list) = http_get_auth(admin, "/keyrules", Some("tok-1"))?;
         let v: Value = serde_json::from_str(&list)?;
         let r = rule(&v, "block-x").context("listed")?;
-        ensure!(r["origin"] == "runtime" && count(r, &pod_a, "denied") == 1, "{r}");
+        ensure!(
+            r["origin"] == "runtime" && count(r, &pod_a, "denied") == 1,
+            "{r}"
+        );
 
         // Through the CLI: add (id chosen by the agent), list, remove.
         let adm = admin.to_string();
         let tf = token_file.display().to_string();
         let cli_run = |args: &[&str]| -> Result<String> {
             let out = datamesh_tests::proc::run_ok(
-                env.agent()
-                    .cli()
-                    .arg("keyrules")
-                    .args(args)
-                    .args(["--admin", &adm, "--token-file", &tf]),
+                env.agent().cli().arg("keyrules").args(args).args([
+                    "--admin",
+                    &adm,
+                    "--token-file",
+                    &tf,
+                ]),
                 Duration::from_secs(10),
             )?;
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
@@ -345,7 +369,10 @@ fn runtime_rules_through_the_admin_api_need_the_token() {
         let out = cli_run(&["add", "--action", "throttle", "--key", "y", "--rate", "5"])?;
         ensure!(out.contains("added key rule rt-1"), "{out}");
         ensure!(cli_run(&["list"])?.contains("rt-1"), "rt-1 listed");
-        ensure!(cli_run(&["rm", "rt-1"])?.contains("removed key rule rt-1"), "rm");
+        ensure!(
+            cli_run(&["rm", "rt-1"])?.contains("removed key rule rt-1"),
+            "rm"
+        );
 
         // Removed through the API: pod a reads x:1 again.
         let (st, msg) = admin_req(admin, "DELETE", "/keyrules/block-x", "", Some("tok-1"))?;

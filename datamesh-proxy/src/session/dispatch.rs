@@ -335,7 +335,7 @@ impl Session {
 
     /// [`Self::refuse`], also while subscribed (where replies do not go through the ordered
     /// queue).
-    fn deny(&mut self, r: Reply) -> Need {
+    pub(super) fn deny(&mut self, r: Reply) -> Need {
         if self.state.pubsub.is_some() {
             self.inbox.pop_front();
             self.write_now(r);

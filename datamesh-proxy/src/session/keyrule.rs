@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use super::dispatch::Admit;
 use super::{Input, Session, StallDone};
-use crate::acl_log::Reason;
 use crate::accounting::Throttle;
+use crate::acl_log::Reason;
 use crate::commands;
 use crate::keyrules::{self, Counted, Verdict};
 use crate::metrics::KeyRuleLabels;
@@ -28,7 +28,9 @@ impl Session {
         let Some(Input::Command(cmd)) = self.inbox.front() else {
             return Admit::Go;
         };
-        let Some(spec) = commands::lookup(cmd.name()) else {
+        // AUTH, HELLO, QUIT, RESET: a client can always authenticate or leave.
+        let Some(spec) = commands::lookup(cmd.name()).filter(|s| !s.has(commands::NO_AUTH)) else {
+            self.key_admitted = true;
             return Admit::Go;
         };
         let max_delay = self.settings.throttle_max_delay;
@@ -64,7 +66,9 @@ impl Session {
                             let pod = self.pod.name();
                             r.count(&pod, Counted::Delayed);
                             self.key_throttled_metric(r.metric_id(), pod);
-                            let wait = Duration::from_nanos((at + d.as_nanos() as u64).saturating_sub(now_ns));
+                            let wait = Duration::from_nanos(
+                                (at + d.as_nanos() as u64).saturating_sub(now_ns),
+                            );
                             let until = tokio::time::Instant::now() + wait;
                             self.stall = Some(Box::pin(async move {
                                 tokio::time::sleep_until(until).await;
@@ -105,11 +109,12 @@ impl Session {
         } else {
             self.key_throttled_metric(rule.metric_id(), pod);
         }
-        self.inbox.pop_front();
+        // Like a policy refusal: inside MULTI it aborts the transaction, while subscribed it
+        // is written at once.
+        self.deny(reply);
         self.front_admitted = false;
         self.pod.commands(1);
         self.commands_total.inc();
-        self.push_reply(reply);
         Admit::Refused
     }
 

@@ -220,6 +220,19 @@ fn a_throttle_rule_delays_then_refuses_one_key_for_one_pod() {
                 table.lines().any(|l| l.starts_with("hot ") && l.contains("hot:*") && l.contains(&pod_a)),
                 "datamesh-agent keyrules:\n{table}"
             );
+            // A reload without the rule: pod a's pipeline goes through whole.
+            let mut cfg = env.agent().config().clone();
+            cfg.extra_yaml = String::new();
+            env.agent_mut().write_config(cfg)?;
+            env.agent().sighup()?;
+            wait_until("the reload to drop rule hot", Duration::from_secs(10), || {
+                Ok(rule(&keyrules(env)?, "hot").is_none().then_some(()))
+            })?;
+            let (replies, _) = pipeline(env, env.pod("a"), 30, &["GET", "hot:1"])?;
+            ensure!(
+                replies.iter().all(|r| r == "$-1"),
+                "after the reload: {replies:?}"
+            );
             Ok(())
         },
     );
@@ -350,6 +363,27 @@ fn runtime_rules_through_the_admin_api_need_the_token() {
             r["origin"] == "runtime" && count(r, &pod_a, "denied") == 1,
             "{r}"
         );
+        // A config reload (a rule of the file added) keeps the runtime rule.
+        let mut cfg = env.agent().config().clone();
+        cfg.extra_yaml
+            .push_str("key_rules:\n  - {id: from-file, commands: [flushall], action: deny}\n");
+        env.agent_mut().write_config(cfg)?;
+        env.agent().sighup()?;
+        let v = wait_until(
+            "the reload to add rule from-file",
+            Duration::from_secs(10),
+            || {
+                let (_, list) = http_get_auth(admin, "/keyrules", Some("tok-1"))?;
+                let v: Value = serde_json::from_str(&list)?;
+                Ok(rule(&v, "from-file").is_some().then_some(v))
+            },
+        )?;
+        ensure!(rule(&v, "block-x").is_some(), "runtime rule kept: {v}");
+        let (st, msg) = admin_req(admin, "DELETE", "/keyrules/from-file", "", Some("tok-1"))?;
+        ensure!(
+            st == 409 && msg.contains("config"),
+            "config rules stay: {st} {msg}"
+        );
 
         // Through the CLI: add (id chosen by the agent), list, remove.
         let adm = admin.to_string();
@@ -379,7 +413,7 @@ fn runtime_rules_through_the_admin_api_need_the_token() {
         ensure!(st == 200, "{st} {msg}");
         let (st, _) = admin_req(admin, "DELETE", "/keyrules/block-x", "", Some("tok-1"))?;
         ensure!(st == 404, "removed twice: {st}");
-        let out = cli(env, a, &["GET", "x:1"])?;
+        let out = cli(env, env.pod("a"), &["GET", "x:1"])?;
         ensure!(out.trim() == "v", "pod a after the removal: {out:?}");
         Ok(())
     });

@@ -45,7 +45,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::accounting::{PodStats, Throttle};
-use crate::commands::{self, key_indices, CommandSpec};
+use crate::commands::{self, first_key, key_indices, CommandSpec, Keys};
 use crate::keydisplay::KeyDisplay;
 use crate::resp::Command;
 
@@ -564,19 +564,26 @@ pub fn check<'a>(
     now_ns: u64,
     max_delay: Duration,
 ) -> Verdict<'a> {
-    // One look at the command's keys for every rule (none for keyless commands).
-    let keys = if rules.iter().any(|r| r.pattern.is_some()) {
-        key_indices(spec, cmd)
+    // One look at the command's keys for every rule: none without a key rule, no allocation
+    // for a single-key command (GET, SET, HGET ...), the key list for the others.
+    let one;
+    let many;
+    let keys: &[usize] = if !rules.iter().any(|r| r.pattern.is_some()) {
+        &[]
+    } else if matches!(spec.keys, Keys::Range { first, last, .. } if last == first as isize) {
+        one = first_key(spec, cmd).filter(|&i| i < cmd.args.len());
+        one.as_slice()
     } else {
-        Vec::new()
+        many = key_indices(spec, cmd);
+        &many
     };
     for r in rules.iter().filter(|r| r.spec.action == Action::Deny) {
-        if let Some(k) = r.matches(spec, cmd, &keys, pod) {
+        if let Some(k) = r.matches(spec, cmd, keys, pod) {
             return Verdict::Deny(r, k);
         }
     }
     for r in rules.iter().filter(|r| r.spec.action == Action::Throttle) {
-        if let Some(k) = r.matches(spec, cmd, &keys, pod) {
+        if let Some(k) = r.matches(spec, cmd, keys, pod) {
             return Verdict::Throttle(r, k, r.take(now_ns, max_delay));
         }
     }

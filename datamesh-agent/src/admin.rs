@@ -242,7 +242,7 @@ fn mutate(req: &Request<'_>, state: &AdminState, body: &[u8], token_set: bool) -
             }
         }
         ("DELETE", p) if p.starts_with("/keyrules/") => {
-            let id = &p["/keyrules/".len()..];
+            let id = p.strip_prefix("/keyrules/").unwrap_or_default();
             match state.keyrules.remove(id) {
                 Ok(origin) => json(
                     "200 OK",

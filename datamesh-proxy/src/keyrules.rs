@@ -269,14 +269,14 @@ pub fn validate_rule(
 pub fn glob_match(pat: &[u8], s: &[u8]) -> bool {
     let (mut p, mut i) = (0usize, 0usize);
     let mut star: Option<(usize, usize)> = None;
-    while i < s.len() {
+    while let Some(&b) = s.get(i) {
         if let Some(&c) = pat.get(p) {
             if c == b'*' {
                 star = Some((p, i));
                 p += 1;
                 continue;
             }
-            if let Some(next) = single(pat, p, s[i]) {
+            if let Some(next) = single(pat, p, b) {
                 p = next;
                 i += 1;
                 continue;
@@ -291,7 +291,8 @@ pub fn glob_match(pat: &[u8], s: &[u8]) -> bool {
             None => return false,
         }
     }
-    pat[p..].iter().all(|&c| c == b'*')
+    pat.get(p..)
+        .is_none_or(|rest| rest.iter().all(|&c| c == b'*'))
 }
 
 /// Whether the one-byte token of `pat` at `p` matches `c`; the position after the token.
@@ -317,12 +318,12 @@ fn single(pat: &[u8], p: usize, c: u8) -> Option<usize> {
                         q += 1;
                         break;
                     }
-                    Some(b'\\') if q + 1 < pat.len() => {
-                        hit |= pat[q + 1] == c;
+                    Some(b'\\') if pat.get(q + 1).is_some() => {
+                        hit |= pat.get(q + 1) == Some(&c);
                         q += 2;
                     }
-                    Some(&a) if pat.get(q + 1) == Some(&b'-') && q + 2 < pat.len() => {
-                        let b = pat[q + 2];
+                    Some(&a) if pat.get(q + 1) == Some(&b'-') && pat.get(q + 2).is_some() => {
+                        let b = pat.get(q + 2).copied().unwrap_or(a);
                         let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
                         hit |= (lo..=hi).contains(&c);
                         q += 3;
@@ -514,8 +515,10 @@ impl Rule {
                 Some(i) => i,
                 None => {
                     // The last row makes room for `other` (its counts stay, under `other`).
-                    let last = rows.len() - 1;
-                    rows[last].pod = OTHER_POD.to_string();
+                    let last = rows.len().saturating_sub(1);
+                    if let Some(r) = rows.get_mut(last) {
+                        r.pod = OTHER_POD.to_string();
+                    }
                     last
                 }
             },

@@ -4,13 +4,17 @@
 //! topology nodes, pools, each backend connection's phase and in-flight commands), `/bigkeys`
 //! (per endpoint, the keys with big replies) and `/hotkeys` (per endpoint, the hottest keys over
 //! `hotkeys.window_s`: ops/s, reads, writes, top pods; keys shown as `hotkeys.key_display`).
-//! The request line is parsed by hand: a few fixed GET routes do not
-//! need an HTTP stack.
+//! `/keyrules` lists the key rules (throttle, deny) with their origin (config, runtime, auto)
+//! and counts per pod; `POST /keyrules` (a JSON rule, body at most 64 KiB) adds a runtime rule
+//! and answers its id, `DELETE /keyrules/<id>` removes a runtime or automatic one.
+//! The request line is parsed by hand: a few fixed routes do not need an HTTP stack.
 //!
 //! Access: loopback by default (config validation refuses another `admin_listen` unless
 //! `admin_allow_remote`). When `admin_token_file` is set, every request but the probes
 //! (`/ready`, `/live`: they tell only "ready" or "alive", and the kubelet sends no header)
-//! must carry `Authorization: Bearer <token>`, compared in constant time; else 401.
+//! must carry `Authorization: Bearer <token>`, compared in constant time; else 401. Changes
+//! (POST, DELETE) need the token: without `admin_token_file` they are refused (403), since
+//! anything that reaches the admin port could otherwise deny or throttle any tenant.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,12 +32,15 @@ use datamesh_proxy::bigkeys::BigKeys;
 use datamesh_proxy::config::Secret;
 use datamesh_proxy::endpoint::{backends_snapshot, EndpointHandle};
 use datamesh_proxy::hotkeys::HotKeysView;
+use datamesh_proxy::keyrules::{validate_rule, KeyRules, RawKeyRule, RuleError};
 use datamesh_proxy::stopped;
 
 use crate::conns::ConnLog;
 use crate::dataplane::Maps;
 
 const MAX_REQUEST: usize = 8192;
+/// Largest request body (`POST /keyrules`).
+const MAX_BODY: usize = 64 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +71,8 @@ pub struct AdminState {
     pub token: RwLock<Option<Secret>>,
     /// Keys with big replies, for `/bigkeys` (the proxy's table).
     pub bigkeys: Arc<BigKeys>,
+    /// Key rules: `GET /keyrules`, `POST /keyrules`, `DELETE /keyrules/<id>`.
+    pub keyrules: Arc<KeyRules>,
 }
 
 /// Routes that answer without a token: the kubelet's probes, which reveal nothing else.
@@ -167,14 +176,98 @@ struct Response {
     body: String,
 }
 
-fn route(req: &Request<'_>, state: &AdminState) -> Response {
-    let text = |status, body: &str| Response {
+fn text(status: &'static str, body: &str) -> Response {
+    Response {
         status,
         content_type: "text/plain; charset=utf-8",
         body: body.to_string(),
-    };
+    }
+}
+
+fn json(status: &'static str, v: &serde_json::Value) -> Response {
+    Response {
+        status,
+        content_type: "application/json",
+        body: format!("{v}\n"),
+    }
+}
+
+/// `POST /keyrules` and `DELETE /keyrules/<id>` (the request is authorized already;
+/// `token_set`: the admin endpoint has a token at all).
+fn mutate(req: &Request<'_>, state: &AdminState, body: &[u8], token_set: bool) -> Response {
+    let keyrules = req.path == "/keyrules" || req.path.starts_with("/keyrules/");
+    if !keyrules {
+        return text("405 Method Not Allowed", "only GET here\n");
+    }
+    if !token_set {
+        return text(
+            "403 Forbidden",
+            "changing key rules needs authentication: set admin_token_file in the agent's config (reload with SIGHUP) and send Authorization: Bearer <token>\n",
+        );
+    }
+    match (req.method, req.path) {
+        ("POST", "/keyrules") => {
+            let raw: RawKeyRule = match serde_json::from_slice(body) {
+                Ok(r) => r,
+                Err(e) => {
+                    return text(
+                        "400 Bad Request",
+                        &format!("the body is not a JSON key rule: {e}\n"),
+                    )
+                }
+            };
+            let names: Vec<String> = state
+                .endpoints
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|h| h.name.clone())
+                .collect();
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            let mut errs = Vec::new();
+            let spec = validate_rule(&raw, "", &names, "rt-0", &mut |f: &str, m: String| {
+                errs.push(format!("{f}: {m}"))
+            });
+            let Some(mut spec) = spec else {
+                return json("400 Bad Request", &serde_json::json!({ "errors": errs }));
+            };
+            if raw.id.is_none() {
+                // The proxy names it (rt-N).
+                spec.id.clear();
+            }
+            match state.keyrules.add_runtime(spec) {
+                Ok(id) => json("201 Created", &serde_json::json!({ "id": id })),
+                Err(e @ RuleError::Exists(_)) => text("409 Conflict", &format!("{e}\n")),
+                Err(e) => text("400 Bad Request", &format!("{e}\n")),
+            }
+        }
+        ("DELETE", p) if p.starts_with("/keyrules/") => {
+            let id = p.strip_prefix("/keyrules/").unwrap_or_default();
+            match state.keyrules.remove(id) {
+                Ok(origin) => json(
+                    "200 OK",
+                    &serde_json::json!({ "removed": id, "origin": origin }),
+                ),
+                Err(e @ RuleError::NotFound(_)) => text("404 Not Found", &format!("{e}\n")),
+                Err(e) => text("409 Conflict", &format!("{e}\n")),
+            }
+        }
+        _ => text(
+            "405 Method Not Allowed",
+            "POST /keyrules (a JSON rule) or DELETE /keyrules/<id>\n",
+        ),
+    }
+}
+
+fn route(req: &Request<'_>, state: &AdminState, body: &[u8], token_set: bool) -> Response {
+    if req.method == "POST" || req.method == "DELETE" {
+        return mutate(req, state, body, token_set);
+    }
     if req.method != "GET" && req.method != "HEAD" {
-        return text("405 Method Not Allowed", "only GET\n");
+        return text(
+            "405 Method Not Allowed",
+            "only GET (and POST, DELETE on /keyrules)\n",
+        );
     }
     match req.path {
         "/live" => text("200 OK", "alive"),
@@ -227,6 +320,7 @@ fn route(req: &Request<'_>, state: &AdminState) -> Response {
             content_type: "application/json",
             body: state.hotkeys.json(None).to_string(),
         },
+        "/keyrules" => json("200 OK", &state.keyrules.json()),
         "/connections" => {
             let snap = state.log.snapshot(&state.maps);
             match serde_json::to_string(&snap) {
@@ -257,6 +351,19 @@ fn bigkeys_json(t: &BigKeys) -> serde_json::Value {
     serde_json::json!({ "endpoints": eps })
 }
 
+/// The `Content-Length` of a request head (0 when none or unreadable).
+fn content_length(head: &str) -> usize {
+    head.lines()
+        .skip(1)
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.trim()
+                .eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .unwrap_or(0)
+}
+
 async fn serve(mut sock: TcpStream, state: &AdminState) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
@@ -271,16 +378,42 @@ async fn serve(mut sock: TcpStream, state: &AdminState) -> std::io::Result<()> {
             break;
         }
     }
-    let head = String::from_utf8_lossy(&buf);
+    let (head_end, sep) = match buf.windows(4).position(|w| w == b"\r\n\r\n") {
+        Some(i) => (i, 4),
+        None => (
+            buf.windows(2)
+                .position(|w| w == b"\n\n")
+                .unwrap_or(buf.len()),
+            2,
+        ),
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut body = buf.get(head_end + sep..).unwrap_or_default().to_vec();
     let resp = match parse_request_line(&head) {
+        Some(req) if req.method == "POST" && content_length(&head) > MAX_BODY => Response {
+            status: "413 Payload Too Large",
+            content_type: "text/plain; charset=utf-8",
+            body: format!("the body is over {MAX_BODY} bytes\n"),
+        },
         Some(req) => {
+            if req.method == "POST" {
+                let want = content_length(&head);
+                while body.len() < want {
+                    let n = sock.read(&mut chunk).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    body.extend_from_slice(&chunk[..n]);
+                }
+                body.truncate(want);
+            }
             let token = state
                 .token
                 .read()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone();
             let mut r = if authorized(&head, req.path, token.as_ref()) {
-                route(&req, state)
+                route(&req, state, &body, token.is_some())
             } else {
                 Response {
                     status: "401 Unauthorized",
@@ -337,6 +470,19 @@ mod tests {
         );
         assert_eq!(parse_request_line("garbage"), None);
         assert_eq!(parse_request_line(""), None);
+    }
+
+    #[test]
+    fn content_lengths() {
+        assert_eq!(
+            content_length("POST /keyrules HTTP/1.1\r\ncontent-length: 42\r\n"),
+            42
+        );
+        assert_eq!(content_length("POST /keyrules HTTP/1.1\r\nHost: x\r\n"), 0);
+        assert_eq!(
+            content_length("POST /keyrules HTTP/1.1\r\nContent-Length: x\r\n"),
+            0
+        );
     }
 
     #[test]

@@ -349,6 +349,8 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
     registry.register_collector(Box::new(HotKeysCollector(hotkeys.clone())));
     // Sheds the biggest clients when the memory budget is reached; stops with the flusher.
     let shedder = shared.budget.clone().spawn_shedder(flush_stop_rx.clone());
+    // Key rules: the file's now; runtime ones come through the admin API.
+    shared.keyrules.set_config(&cfg.key_rules);
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut listeners: ListenerMap = ListenerMap::new();
     for (ep, b) in bound {
@@ -362,6 +364,13 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
     }
 
     hotkeys.set_endpoints(handles(&listeners));
+    // The automatic key throttle (hotkeys.auto_throttle_ops); stops with the flusher.
+    let auto_throttle = datamesh_proxy::keyrules::spawn_auto(
+        shared.keyrules.clone(),
+        hotkeys.clone(),
+        shared.clone(),
+        flush_stop_rx.clone(),
+    );
     let admin_state = Arc::new(AdminState {
         ready: std::sync::atomic::AtomicBool::new(false),
         registry,
@@ -372,6 +381,7 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
         hotkeys,
         token: RwLock::new(cfg.admin_token.clone()),
         bigkeys: shared.bigkeys.clone(),
+        keyrules: shared.keyrules.clone(),
     });
     // The admin endpoint has its own stop: it keeps answering (/ready = 503) while we drain.
     let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
@@ -462,6 +472,7 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
     let _ = flush_stop_tx.send(true);
     let _ = flusher.await;
     let _ = shedder.await;
+    let _ = auto_throttle.await;
     drop(pods_stop_tx);
     let _ = tokio::task::spawn_blocking(move || discovery.join()).await;
     if let Some(path) = &opts.ready_file {
@@ -642,6 +653,14 @@ async fn reload(ctx: &ReloadCtx<'_>, running: &mut Running) {
     let settings = session_settings(&new);
     log_sizes(&settings);
     ctx.shared.set_settings(settings);
+    if new.key_rules != old.key_rules {
+        // Runtime and automatic rules stay (they are not the file's).
+        ctx.shared.keyrules.set_config(&new.key_rules);
+        info!(
+            rules = new.key_rules.len(),
+            "config reload: key rules replaced"
+        );
+    }
     ctx.attribution.set_policy(uncaptured_policy(&new));
     *ctx.admin.token.write().unwrap_or_else(|p| p.into_inner()) = new.admin_token.clone();
     ctx.shared.pod_limits.set_policy(policy_source(&new));

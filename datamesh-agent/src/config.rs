@@ -21,6 +21,7 @@ pub use datamesh_proxy::config::{
     DEFAULT_POOL_SIZE, DEFAULT_STANDBY_AFTER_MS, DEFAULT_WARM_DEDICATED,
 };
 use datamesh_proxy::hotkeys::{HotKeySettings, KeyDisplay};
+use datamesh_proxy::keyrules::{validate_rule, RawKeyRule, RuleSpec};
 
 /// Environment variable that overrides `proxy_address` (in Kubernetes: `status.hostIP`).
 pub const PROXY_ADDRESS_ENV: &str = "DATAMESH_PROXY_ADDRESS";
@@ -117,6 +118,8 @@ pub struct RawConfig {
     pub bigkeys: RawBigKeys,
     #[serde(default)]
     pub hotkeys: RawHotKeys,
+    #[serde(default)]
+    pub key_rules: Vec<RawKeyRule>,
     #[serde(default)]
     pub users: Vec<RawUser>,
     #[serde(default)]
@@ -244,6 +247,8 @@ pub struct RawHotKeys {
     pub window_s: Option<u32>,
     pub key_display: Option<String>,
     pub metrics_top: Option<u32>,
+    pub auto_throttle_ops: Option<u32>,
+    pub auto_throttle_s: Option<u32>,
     #[serde(flatten)]
     pub unknown: Unknown,
 }
@@ -295,8 +300,10 @@ pub struct Config {
     pub proxy: ProxySettings,
     /// Big-reply detection (`/bigkeys`).
     pub bigkeys: BigKeysConfig,
-    /// Hot-key detection.
+    /// Hot-key detection (and the automatic key throttle).
     pub hotkeys: HotKeySettings,
+    /// Key rules (throttle, deny) from the file; runtime ones are kept by the proxy.
+    pub key_rules: Vec<RuleSpec>,
     /// Users clients authenticate as at the proxy; empty = no AUTH needed.
     pub users: Vec<User>,
     pub pods: Vec<PodPolicyConfig>,
@@ -1054,6 +1061,7 @@ impl RawConfig {
         let proxy = validate_proxy(&self.proxy, &mut err);
         let bigkeys = validate_bigkeys(&self.bigkeys, &mut err);
         let hotkeys = validate_hotkeys(&self.hotkeys, &mut err);
+        let key_rules = self.validate_key_rules(&mut err);
         let mut users = Vec::new();
         let mut user_names = HashSet::new();
         for (i, u) in self.users.iter().enumerate() {
@@ -1120,6 +1128,7 @@ impl RawConfig {
                     proxy,
                     bigkeys,
                     hotkeys,
+                    key_rules,
                     users,
                     pods,
                     endpoints,
@@ -1128,6 +1137,38 @@ impl RawConfig {
             }
             _ => Err(errs),
         }
+    }
+}
+
+impl RawConfig {
+    /// `key_rules:`: every bad field of every rule, ids unique (default `rule-N`, N from 1).
+    fn validate_key_rules(&self, err: &mut impl FnMut(&str, String)) -> Vec<RuleSpec> {
+        let names: Vec<&str> = self.endpoints.iter().map(|e| e.name.as_str()).collect();
+        let mut out: Vec<RuleSpec> = Vec::new();
+        let mut ids = HashSet::new();
+        for (i, r) in self.key_rules.iter().enumerate() {
+            let at = format!("key_rules[{i}]");
+            let default_id = format!("rule-{}", i + 1);
+            let id = r.id.clone().unwrap_or_else(|| default_id.clone());
+            if !ids.insert(id.clone()) {
+                err(&format!("{at}.id"), format!("duplicate rule id {id:?}"));
+            }
+            let spec = validate_rule(r, &at, &names, &default_id, &mut |f: &str, m: String| {
+                err(f, m)
+            });
+            out.extend(spec);
+        }
+        if out.len() > datamesh_proxy::keyrules::MAX_RULES {
+            err(
+                "key_rules",
+                format!(
+                    "{} rules: at most {}",
+                    out.len(),
+                    datamesh_proxy::keyrules::MAX_RULES
+                ),
+            );
+        }
+        out
     }
 }
 
@@ -1182,7 +1223,24 @@ fn validate_hotkeys(h: &RawHotKeys, err: &mut impl FnMut(&str, String)) -> HotKe
         window_s: h.window_s.unwrap_or(d.window_s),
         key_display: d.key_display,
         metrics_top: h.metrics_top.unwrap_or(d.metrics_top),
+        auto_throttle_ops: h.auto_throttle_ops.unwrap_or(d.auto_throttle_ops),
+        auto_throttle_s: h.auto_throttle_s.unwrap_or(d.auto_throttle_s),
     };
+    if out.auto_throttle_ops > 0 && !out.enabled {
+        err(
+            "hotkeys.auto_throttle_ops",
+            "set while hotkeys.enabled is false: the automatic throttle acts on what detection sees".into(),
+        );
+    }
+    if !(1..=86_400).contains(&out.auto_throttle_s) {
+        err(
+            "hotkeys.auto_throttle_s",
+            format!(
+                "{}: must be 1 to 86400 seconds (how long an automatic throttle rule lasts)",
+                out.auto_throttle_s
+            ),
+        );
+    }
     let key_display = match h.key_display.as_deref() {
         None => d.key_display,
         Some(s) => KeyDisplay::parse(s).unwrap_or_else(|| {
@@ -1820,6 +1878,39 @@ endpoints:
         ] {
             assert!(errs.iter().any(|e| e.starts_with(f)), "{f} not in {errs:?}");
         }
+    }
+
+    #[test]
+    fn key_rules_and_auto_throttle_every_bad_field() {
+        let cfg = check_ok(GOOD);
+        assert!(cfg.key_rules.is_empty());
+        assert_eq!(cfg.hotkeys.auto_throttle_ops, 0);
+        assert_eq!(cfg.hotkeys.auto_throttle_s, 60);
+        let cfg = check_ok(&format!(
+            "{GOOD}hotkeys: {{auto_throttle_ops: 500, auto_throttle_s: 30}}\nkey_rules:\n  - {{id: hot, endpoint: cache, key: 'user:*', action: throttle, rate: 100, burst: 10}}\n  - {{commands: [keys, flushall], namespaces: [shop], action: deny}}\n"
+        ));
+        assert_eq!(cfg.hotkeys.auto_throttle_ops, 500);
+        assert_eq!(cfg.key_rules.len(), 2);
+        assert_eq!(cfg.key_rules[0].id, "hot");
+        assert_eq!(cfg.key_rules[1].id, "rule-2");
+        let dump = serde_json::to_value(&cfg).expect("serializes");
+        assert_eq!(dump["key_rules"][1]["action"], "deny");
+        let errs = check(&format!(
+            "{GOOD}hotkeys: {{enabled: false, auto_throttle_ops: 5, auto_throttle_s: 0}}\nkey_rules:\n  - {{id: a, endpoint: nope, key: x, action: throttle}}\n  - {{id: a, key: y, action: deny}}\n  - {{commands: [nosuch], action: deny, rate: 3, typo: 1}}\n"
+        ));
+        assert_errors(
+            &errs,
+            &[
+                "hotkeys.auto_throttle_ops: set while hotkeys.enabled is false",
+                "hotkeys.auto_throttle_s: 0",
+                "key_rules[0].endpoint: \"nope\" is not a configured endpoint",
+                "key_rules[0].rate: a throttle rule needs rate",
+                "key_rules[1].id: duplicate rule id \"a\"",
+                "key_rules[2].typo: unknown field",
+                "key_rules[2].commands[0]: \"nosuch\"",
+                "key_rules[2].rate: only for action: throttle",
+            ],
+        );
     }
 
     #[test]

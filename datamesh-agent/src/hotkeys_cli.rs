@@ -22,6 +22,36 @@ pub fn admin_get(
     path: &str,
     token_file: Option<&Path>,
 ) -> anyhow::Result<String> {
+    admin_request(admin, "GET", path, None, token_file)
+}
+
+/// POSTs the JSON `body` to `path` (`/keyrules`); the body of a 2xx reply.
+pub fn admin_post(
+    admin: SocketAddr,
+    path: &str,
+    body: &str,
+    token_file: Option<&Path>,
+) -> anyhow::Result<String> {
+    admin_request(admin, "POST", path, Some(body), token_file)
+}
+
+/// DELETEs `path` (`/keyrules/<id>`); the body of a 2xx reply.
+pub fn admin_delete(
+    admin: SocketAddr,
+    path: &str,
+    token_file: Option<&Path>,
+) -> anyhow::Result<String> {
+    admin_request(admin, "DELETE", path, None, token_file)
+}
+
+/// One request to the admin endpoint (the one client of the CLIs); the body of a 2xx reply.
+fn admin_request(
+    admin: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    token_file: Option<&Path>,
+) -> anyhow::Result<String> {
     let token = match token_file {
         Some(f) => Some(
             crate::config::read_secret_file(f)
@@ -38,9 +68,16 @@ pub fn admin_get(
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
+    let payload = match body {
+        Some(b) => format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
+            b.len()
+        ),
+        None => "\r\n".to_string(),
+    };
     write!(
         sock,
-        "GET {path} HTTP/1.1\r\nHost: {admin}\r\n{auth}Connection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {admin}\r\n{auth}Connection: close\r\n{payload}"
     )?;
     let mut reply = Vec::new();
     sock.take(MAX_REPLY)
@@ -51,7 +88,11 @@ pub fn admin_get(
         .split_once("\r\n\r\n")
         .with_context(|| format!("{admin} did not answer HTTP"))?;
     let status = head.lines().next().unwrap_or_default();
-    if !status.contains(" 200 ") {
+    if !status
+        .split_whitespace()
+        .nth(1)
+        .is_some_and(|c| c.starts_with('2'))
+    {
         bail!("{admin}{path}: {status}: {}", body.trim());
     }
     Ok(body.to_string())

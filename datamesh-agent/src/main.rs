@@ -9,6 +9,7 @@ mod conns;
 mod dataplane;
 mod hotkeys_cli;
 mod identity;
+mod keyrules_cli;
 mod pod_counters;
 mod pods;
 mod preflight;
@@ -67,6 +68,21 @@ enum Command {
         token_file: Option<PathBuf>,
         /// The JSON reply instead of a table.
         #[arg(long)]
+        json: bool,
+    },
+    /// Key rules (throttle, deny) of the running agent: list, add or remove runtime ones
+    /// (admin `/keyrules`; changes need the admin token).
+    Keyrules {
+        #[command(subcommand)]
+        cmd: Option<keyrules_cli::KeyRulesCmd>,
+        /// The agent's admin_listen.
+        #[arg(long, default_value = config::DEFAULT_ADMIN_LISTEN, global = true)]
+        admin: std::net::SocketAddr,
+        /// The admin bearer token (admin_token_file): required to add or remove rules.
+        #[arg(long, global = true)]
+        token_file: Option<PathBuf>,
+        /// The JSON reply instead of a table (list).
+        #[arg(long, global = true)]
         json: bool,
     },
     /// Turn the sockmap fast path on or off in the pinned settings.
@@ -200,6 +216,19 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             } else {
                 print!("{}", hotkeys_cli::format_table(&v, endpoint.as_deref()));
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keyrules {
+            cmd,
+            admin,
+            token_file,
+            json,
+        } => {
+            let cmd = cmd.unwrap_or(keyrules_cli::KeyRulesCmd::List);
+            print!(
+                "{}",
+                keyrules_cli::run(cmd, admin, token_file.as_deref(), json)?
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Fastpath { state, pin_dir } => {

@@ -300,6 +300,11 @@ impl PodStats {
         self.name.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// `f` of the pod's name, without a copy (key rules' pod selectors).
+    pub fn with_name<R>(&self, f: impl FnOnce(&str) -> R) -> R {
+        f(&self.name.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
     pub fn commands(&self, n: u64) {
         self.commands.fetch_add(n, Ordering::Relaxed);
     }

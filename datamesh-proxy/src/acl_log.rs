@@ -32,8 +32,10 @@ pub const DEFAULT_COUNT: usize = 10;
 pub enum Reason {
     /// A failed AUTH or HELLO AUTH.
     Auth,
-    /// A command refused by the command policy.
+    /// A command refused by the command policy (or a key rule by command).
     Command,
+    /// A command refused by a key rule for its key.
+    Key,
 }
 
 impl Reason {
@@ -41,6 +43,7 @@ impl Reason {
         match self {
             Reason::Auth => "auth",
             Reason::Command => "command",
+            Reason::Key => "key",
         }
     }
 }

@@ -63,6 +63,11 @@ pub struct HotKeySettings {
     pub key_display: KeyDisplay,
     /// Keys exported as `datamesh_proxy_hotkey_ops_per_second`, per endpoint.
     pub metrics_top: u32,
+    /// Automatic key throttle: a key above this many ops/s gets a throttle rule at this rate
+    /// ([`crate::keyrules`]); 0 = off.
+    pub auto_throttle_ops: u32,
+    /// How long an automatic throttle rule lasts, in seconds.
+    pub auto_throttle_s: u32,
 }
 
 /// 1 in 8: a key not tracked yet costs the sketch about 300 ns (a scan of the counts and two
@@ -85,6 +90,8 @@ impl Default for HotKeySettings {
             window_s: DEFAULT_WINDOW_S,
             key_display: KeyDisplay::Truncated,
             metrics_top: DEFAULT_METRICS_TOP,
+            auto_throttle_ops: 0,
+            auto_throttle_s: crate::keyrules::DEFAULT_AUTO_THROTTLE_S,
         }
     }
 }
@@ -516,6 +523,36 @@ impl HotKeys {
         }
     }
 
+    /// The keys above `min_ops_per_s` over the window as of `now`, whole (keys longer than
+    /// [`MAX_STORED_KEY`] are not kept whole and are left out), with their rate: what the
+    /// automatic key throttle acts on ([`crate::keyrules::auto_round`]).
+    pub fn over(
+        &self,
+        min_ops_per_s: f64,
+        s: &HotKeySettings,
+        now: Instant,
+    ) -> Vec<(Vec<u8>, f64)> {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.rotate(now);
+        let covered = (g.half() + now.saturating_duration_since(g.epoch_start))
+            .min(g.window)
+            .min(now.saturating_duration_since(g.since));
+        let covered_s = covered.as_secs_f64().max(0.1);
+        let mut merged: HashMap<u64, (u64, &Counter)> = HashMap::new();
+        for e in &g.epochs {
+            for c in &e.counters {
+                merged.entry(c.hash).or_insert((0, c)).0 += c.count;
+            }
+        }
+        let rate = s.sample_rate.max(1) as f64;
+        merged
+            .into_values()
+            .filter(|(_, c)| c.len == c.key.len())
+            .map(|(n, c)| (c.key.clone(), n as f64 * rate / covered_s))
+            .filter(|(_, r)| *r > min_ops_per_s)
+            .collect()
+    }
+
     /// Counters held in both epochs (bounded by twice the capacity).
     pub fn tracked(&self) -> usize {
         let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
@@ -546,6 +583,14 @@ impl HotKeysView {
     /// The endpoints served now (replaced on reload).
     pub fn set_endpoints(&self, eps: Vec<Arc<EndpointHandle>>) {
         *self.endpoints.write().unwrap_or_else(|p| p.into_inner()) = eps;
+    }
+
+    /// The endpoints served now.
+    pub fn endpoints(&self) -> Vec<Arc<EndpointHandle>> {
+        self.endpoints
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Every endpoint's top `top_k` keys (`endpoint`: only that one).

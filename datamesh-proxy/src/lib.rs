@@ -19,7 +19,8 @@
 //! - [`accounting`]: per-pod counts and the GCRA command-rate limit; [`metrics`];
 //! - [`clients`]: the proxy's client connections as CLIENT LIST/KILL see them (the budget's
 //!   registry); [`acl_log`]: `ACL LOG`;
-//! - [`hotkeys`]: per-endpoint top keys by operations over a sliding window (space-saving).
+//! - [`hotkeys`]: per-endpoint top keys by operations over a sliding window (space-saving);
+//!   [`keyrules`]: throttle and deny rules by key, command and pod (config, runtime, auto).
 
 pub mod accounting;
 pub mod acl_log;
@@ -33,6 +34,7 @@ pub mod config;
 pub mod endpoint;
 pub mod hotkeys;
 pub mod keydisplay;
+pub mod keyrules;
 pub mod listener;
 pub mod metrics;
 pub mod ratelog;

@@ -51,6 +51,15 @@ pub struct PolicyLabels {
     pub command: String,
 }
 
+/// A key rule's action: its endpoint, the rule's id (`auto` for every automatic rule: bounded
+/// by the rules written, never by keys) and the pod.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KeyRuleLabels {
+    pub endpoint: String,
+    pub rule: String,
+    pub pod: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PodEndpointLabels {
     pub endpoint: String,
@@ -143,6 +152,10 @@ pub struct ProxyMetrics {
     pub big_value_refused: Family<PolicyLabels, Counter>,
     /// Replies over `bigkeys.reply_bytes` or `bigkeys.reply_elements`.
     pub big_replies: Family<PodEndpointLabels, Counter>,
+    /// Commands a key rule's throttle delayed or refused.
+    pub key_throttled: Family<KeyRuleLabels, Counter>,
+    /// Commands a key rule denied.
+    pub key_denied: Family<KeyRuleLabels, Counter>,
 }
 
 impl ProxyMetrics {
@@ -173,6 +186,16 @@ impl ProxyMetrics {
             "proxy_big_replies",
             "Replies over bigkeys.reply_bytes or bigkeys.reply_elements, by endpoint and pod (keys at /bigkeys)",
             self.big_replies.clone(),
+        );
+        registry.register(
+            "proxy_key_throttled",
+            "Commands delayed or refused by a key rule's throttle, by endpoint, rule id (auto: the automatic ones) and pod",
+            self.key_throttled.clone(),
+        );
+        registry.register(
+            "proxy_key_denied",
+            "Commands refused by a key rule's deny, by endpoint, rule id and pod",
+            self.key_denied.clone(),
         );
         registry.register(
             "proxy_policy_denied",

@@ -28,6 +28,8 @@ pub struct Shared {
     pub acl_log: AclLog,
     /// Keys with big replies (`/bigkeys`).
     pub bigkeys: Arc<crate::bigkeys::BigKeys>,
+    /// Key rules (throttle, deny): config, runtime and automatic ones.
+    pub keyrules: Arc<crate::keyrules::KeyRules>,
     settings: RwLock<Arc<SessionSettings>>,
     /// Bumped on every settings swap: sessions keep their copy and look only at this.
     generation: AtomicU64,
@@ -52,6 +54,7 @@ impl Shared {
             budget,
             acl_log: AclLog::default(),
             bigkeys: Arc::default(),
+            keyrules: Arc::default(),
             settings: RwLock::new(Arc::new(settings)),
             generation: AtomicU64::new(0),
             client_ids: AtomicU64::new(0),

@@ -354,7 +354,7 @@ impl Session {
     /// Logs a failed AUTH or a policy refusal of the front command (`ACL LOG`).
     pub(super) fn log_denial(&self, reason: Reason, object: &str, username: &str) {
         let cmd = match reason {
-            Reason::Auth => self
+            Reason::Auth | Reason::Key => self
                 .front()
                 .map(|c| String::from_utf8_lossy(c.name()).to_ascii_lowercase())
                 .unwrap_or_default(),

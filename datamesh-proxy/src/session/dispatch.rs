@@ -31,8 +31,8 @@ use crate::topology::cluster::{common_slot, crossslot_error, split, view};
 use crate::upstream::replay::error_reply;
 use crate::upstream::{proxy_error, Call, Order, ReplayClass, Request, Router, Target};
 
-/// The rate limit's verdict on the front command.
-enum Admit {
+/// The rate limit's (and the key rules') verdict on the front command.
+pub(super) enum Admit {
     /// Run it now.
     Go,
     /// It waits its delay (a stall).
@@ -73,11 +73,13 @@ impl Session {
         match done {
             StallDone::Throttled => self.front_admitted = true,
             StallDone::AuthDelay => {}
+            StallDone::KeyThrottled => self.key_admitted = true,
             StallDone::Dedicated(Ok(d)) => self.acquired = Some(d),
             StallDone::Dedicated(Err(e)) => {
                 // The front command is answered with the error.
                 self.inbox.pop_front();
                 self.front_admitted = false;
+                self.key_admitted = false;
                 self.push_reply(error_reply(&e, e.never_sent()));
                 self.state.tx.fail();
             }
@@ -103,6 +105,14 @@ impl Session {
                     Admit::Refused => continue,
                 }
             }
+            // Key rules (throttle, deny): one branch when the endpoint has none.
+            if !self.key_rules.is_empty() && !self.key_admitted {
+                match self.key_rules_admit() {
+                    Admit::Go => {}
+                    Admit::Wait => return,
+                    Admit::Refused => continue,
+                }
+            }
             self.state.refresh_acl(&self.settings);
             let hk = &self.settings.hotkeys;
             if hk.enabled {
@@ -115,6 +125,7 @@ impl Session {
             match self.execute_front(rt) {
                 Need::Go => {
                     self.front_admitted = false;
+                    self.key_admitted = false;
                     self.pod.commands(1);
                     self.commands_total.inc();
                 }
@@ -324,7 +335,7 @@ impl Session {
 
     /// [`Self::refuse`], also while subscribed (where replies do not go through the ordered
     /// queue).
-    fn deny(&mut self, r: Reply) -> Need {
+    pub(super) fn deny(&mut self, r: Reply) -> Need {
         if self.state.pubsub.is_some() {
             self.inbox.pop_front();
             self.write_now(r);

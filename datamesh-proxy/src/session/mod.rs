@@ -17,6 +17,7 @@
 
 mod admin;
 mod dispatch;
+mod keyrule;
 mod out;
 pub mod pubsub;
 pub mod state;
@@ -150,6 +151,8 @@ enum StallDone {
     Dedicated(Result<Dedicated, BackendError>),
     /// A failed AUTH's delay is over (its reply was due now): read and dispatch again.
     AuthDelay,
+    /// A key rule's throttle delay is over: dispatch the front command (already admitted).
+    KeyThrottled,
 }
 
 type Stall = Pin<Box<dyn Future<Output = StallDone> + Send>>;
@@ -232,6 +235,11 @@ pub struct Session {
     next_big: Option<BigTag>,
     /// Hot-key samples of this round (handed to the endpoint once per round).
     hot: crate::hotkeys::Sampler,
+    /// The key rules of this endpoint (empty: none, the one test per command) as of
+    /// `key_rules_gen`; `key_admitted`: the front command passed them (it waited its delay).
+    key_rules: Vec<Arc<crate::keyrules::Rule>>,
+    key_rules_gen: u64,
+    key_admitted: bool,
 }
 
 impl Drop for Session {
@@ -325,6 +333,10 @@ impl Session {
             big_floor: settings_floor,
             next_big: None,
             hot: Default::default(),
+            key_rules: Vec::new(),
+            // Not a generation the rule set has: the first round takes the rules.
+            key_rules_gen: u64::MAX,
+            key_admitted: false,
         }
     }
 
@@ -580,6 +592,7 @@ impl Session {
             self.settings_gen = g;
             self.big_floor = self.settings.bigkeys.floor();
         }
+        self.refresh_key_rules();
     }
 
     /// True while a blocking command waits, or the client is subscribed: nothing more will

@@ -34,6 +34,7 @@ pub mod endpoint;
 pub mod hotkeys;
 pub mod keydisplay;
 pub mod listener;
+pub mod localcache;
 pub mod metrics;
 pub mod ratelog;
 pub mod request;

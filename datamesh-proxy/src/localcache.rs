@@ -73,8 +73,10 @@ pub const DEFAULT_MAX_VALUE_BYTES: u64 = 64 * 1024;
 pub const ENTRY_OVERHEAD: usize = 96;
 /// Fill requests waiting for the tracker at most (more are dropped: the next miss asks again).
 const MAX_REQUESTS: usize = 256;
-/// Keys remembered as too big to cache (cleared with the cache).
-const MAX_TOO_BIG: usize = 1024;
+/// Keys remembered as not cacheable (missing, not a string, too big): not read again for the
+/// cache until Redis invalidates them (it tracks them: the fill GET read them), so a hot GET
+/// of a missing key does not cost Redis a second GET per miss. Cleared with the cache.
+const MAX_UNCACHEABLE: usize = 1024;
 /// The tracker's tick: settings, topology and PING checks.
 const TICK: Duration = Duration::from_millis(100);
 /// A PING on the tracking connection this often when nothing else is outstanding.
@@ -185,7 +187,7 @@ struct State {
     writing: HashMap<Bytes, u32>,
     /// Keyless writes (FLUSHALL, EXEC...) not answered yet: nothing is inserted meanwhile.
     writing_all: u32,
-    too_big: HashSet<Bytes>,
+    uncacheable: HashSet<Bytes>,
 }
 
 impl State {
@@ -208,7 +210,7 @@ impl State {
     fn clear(&mut self) {
         self.entries.clear();
         self.bytes = 0;
-        self.too_big.clear();
+        self.uncacheable.clear();
         for p in self.filling.values_mut() {
             *p = true;
         }
@@ -305,7 +307,7 @@ impl LocalCache {
         if !g.live
             || g.requests.len() >= MAX_REQUESTS
             || g.filling.contains_key(key)
-            || g.too_big.contains(key)
+            || g.uncacheable.contains(key)
             || g.requests.contains(key)
         {
             return;
@@ -369,7 +371,7 @@ impl LocalCache {
                 self.metrics.invalidations.inc();
             }
             g.poison(k);
-            g.too_big.remove(k);
+            g.uncacheable.remove(k);
         }
         self.publish(&g);
     }
@@ -421,7 +423,13 @@ impl LocalCache {
             return;
         }
         // A bulk reply (`$-1` is RESP2's nil: never cached; RESP3 nil is `_`, kind Other).
+        // A nil is remembered (Redis tracks a missing key it was asked for, so its creation
+        // is pushed); an error is not (whether a failed read is tracked is not something to
+        // rely on).
         if reply.kind != ReplyKind::Bulk || reply.raw.starts_with(b"$-") {
+            if reply.kind != ReplyKind::Error && g.uncacheable.len() < MAX_UNCACHEABLE {
+                g.uncacheable.insert(key.clone());
+            }
             return;
         }
         // `$<n>\r\n<value>\r\n`: the value is what is left after the header and the CRLF.
@@ -432,8 +440,8 @@ impl LocalCache {
             .map_or(reply.raw.len(), |i| i + 2);
         let value_len = reply.raw.len().saturating_sub(header + 2);
         if value_len as u64 > s.max_value_bytes {
-            if g.too_big.len() < MAX_TOO_BIG {
-                g.too_big.insert(key.clone());
+            if g.uncacheable.len() < MAX_UNCACHEABLE {
+                g.uncacheable.insert(key.clone());
             }
             return;
         }
@@ -791,8 +799,10 @@ mod tests {
         let t0 = Instant::now();
         for raw in [&b"$-1\r\n"[..], b"_\r\n", b"-WRONGTYPE x\r\n"] {
             let k = Bytes::from_static(b"k");
+            // Forgotten as uncacheable once Redis says the key changed.
+            c.invalidate(std::slice::from_ref(&k));
             c.miss(&k);
-            c.take_requests();
+            assert_eq!(c.take_requests(), vec![k.clone()]);
             c.filled(
                 &k,
                 &Reply {
@@ -803,6 +813,11 @@ mod tests {
                 t0,
             );
             assert!(c.get(b"k", t0).is_none());
+            // A nil is not read again for the cache (a hot missing key costs Redis no second
+            // GET per miss); an error is.
+            c.miss(&k);
+            assert_eq!(c.take_requests().is_empty(), raw[0] != b'-');
+            c.take_requests();
         }
         fill(&c, "big", "12345", &s, t0);
         assert!(c.get(b"big", t0).is_none());

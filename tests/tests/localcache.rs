@@ -241,6 +241,22 @@ fn hot_keys_are_served_from_the_cache_and_never_stale() {
             "RESP3 nil: {via:?} vs {want:?}"
         );
 
+        // A hot missing key: every GET is forwarded (nil is not cached), but it is read for
+        // the cache once, not once per miss (Redis pushes its creation).
+        let g0 = gets(env)?;
+        for _ in 0..1000 {
+            c.expect(&["GET", "hot:missing"], Reply::Bulk(None))?;
+        }
+        let n = gets(env)? - g0;
+        ensure!(
+            n <= 1002,
+            "1000 GETs of a missing hot key cost Redis {n} GETs"
+        );
+        d.expect(&["SET", "hot:missing", "now"], simple("OK"))?;
+        wait_until("the created key to be read", Duration::from_secs(3), || {
+            Ok((c.cmd(&["GET", "hot:missing"])? == bulk("now")).then_some(()))
+        })?;
+
         // TTL: no reads, and the entry is gone after ttl_ms (plus the tracker's tick).
         std::thread::sleep(Duration::from_millis(TTL_MS + 300));
         let (summary, _) = cache_state(env)?;

@@ -379,12 +379,14 @@ impl LocalCache {
     /// Drops everything at once; `down`: and serves nothing until [`Self::set_live`].
     pub fn flush(&self, cause: FlushCause, down: bool) {
         let mut g = self.lock();
+        // Counted when something was dropped or a serving cache stops serving.
+        let counted = !g.entries.is_empty() || (down && g.live) || cause == FlushCause::Server;
         if down {
             g.live = false;
             self.live.store(false, Ordering::Release);
             g.requests.clear();
         }
-        if !g.entries.is_empty() || cause == FlushCause::Server {
+        if counted {
             self.metrics.flushes.inc();
             debug!(?cause, keys = g.entries.len(), "local cache flushed");
         }
@@ -619,8 +621,16 @@ async fn tracking(
     info!(endpoint = %handle.name, %node, "local cache: tracking, serving hot keys");
     let mut tick = tokio::time::interval(TICK);
     let mut last_ping = Instant::now();
+    // A new topology generation (Sentinel +switch-master, a standby switch) is acted on at
+    // once, not at the next tick.
+    let mut changes = rt.topology().changes();
     loop {
         tokio::select! {
+            r = changes.changed() => {
+                if r.is_err() || rt.topology().masters().first() != Some(&node) {
+                    return End::Backend;
+                }
+            }
             r = conn.next() => {
                 let reply = match r {
                     Ok(r) => r,

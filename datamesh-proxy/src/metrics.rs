@@ -188,7 +188,7 @@ impl ProxyMetrics {
         );
         registry.register(
             "proxy_local_cache_flushes",
-            "Whole node-local cache flushes (tracking connection lost, node changed, turned off, FLUSHALL, EXEC, keyless writes)",
+            "Whole node-local cache flushes (tracking connection lost, node changed, turned off, FLUSHALL pushed, and EXEC or keyless writes that dropped entries)",
             self.local_cache_flushes.clone(),
         );
         registry.register(

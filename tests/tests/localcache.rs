@@ -6,7 +6,8 @@
 //! tracking connection on the server or restarting redis-server flushes the cache and nothing
 //! stale is served; entries expire after `ttl_ms`; a user whose ACL has no read permission
 //! gets NOPERM, not the cached value; a RESP3 client gets the bytes redis-server sends; a
-//! reload turning the cache off flushes it. Clients are node-local (the proxy's listener
+//! reload turning the cache off flushes it; behind Sentinel, a failover moves the tracking
+//! connection to the new master and a write there is seen. Clients are node-local (the proxy's listener
 //! address) and, for the direct writes, the test process straight at redis-server.
 
 use std::io::{Read, Write};
@@ -14,9 +15,11 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Result};
+use datamesh_tests::agent::BackendSpec;
 use datamesh_tests::env::{run_test, ENDPOINT_NAME};
 use datamesh_tests::proxy::{bulk, simple, RespConn};
 use datamesh_tests::resp::Reply;
+use datamesh_tests::sentinel::{SentinelGroup, MASTER_NAME};
 use datamesh_tests::{wait_until, Env};
 use serde_json::Value;
 
@@ -349,6 +352,69 @@ fn losing_the_tracking_connection_flushes_and_a_reload_turns_it_off() {
                 .iter()
                 .all(|c| !c.get("flags").is_some_and(|f| f.contains('t'))),
             "the tracking connection stayed open with the cache off"
+        );
+        Ok(())
+    });
+}
+
+/// The tracking connection's owner on `server`: the client flagged `t`.
+fn tracking_clients(server: &datamesh_tests::redis::RedisServer) -> Result<usize> {
+    Ok(server
+        .client_list()?
+        .iter()
+        .filter(|c| c.get("flags").is_some_and(|f| f.contains('t')))
+        .count())
+}
+
+#[test]
+fn a_sentinel_failover_moves_tracking_to_the_new_master() {
+    run_test(Env::builder().agent(false), |env| {
+        let ip = std::net::IpAddr::V4(env.service_ip());
+        let group = SentinelGroup::start(ip, 6400, 26400, env.outside_cgroup(), env.run_dir())?;
+        let mut cfg = env.base_agent_config()?;
+        cfg.endpoints[0].backend = BackendSpec::sentinel(&group.sentinel_addrs(), MASTER_NAME);
+        cfg.extra_yaml = config();
+        env.start_agent(cfg)?;
+        let addr = proxy(env)?;
+        let old = group.master_per_sentinel(0)?;
+        let mut m = RespConn::connect(old)?;
+        m.expect(&["SET", KEY, "v1"], simple("OK"))?;
+        let mut c = login(addr, "app", "app-pw")?;
+        warm(env, &mut c, "v1")?;
+        ensure!(
+            tracking_clients(group.server(old)?)? == 1,
+            "no tracking connection on the master {old}"
+        );
+
+        let f0 = metric(env, "datamesh_proxy_local_cache_flushes_total")?;
+        let new = group.failover(Duration::from_secs(30))?;
+        let mut n = RespConn::connect(new)?;
+        n.expect(&["SET", KEY, "v2"], simple("OK"))?;
+        let t0 = Instant::now();
+        loop {
+            match c.cmd(&["GET", KEY])? {
+                r if r == bulk("v2") => break,
+                r if r == bulk("v1") && t0.elapsed() < Duration::from_secs(5) => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                other => bail!(
+                    "GET after the failover answered {other:?} ({:?} after the write)",
+                    t0.elapsed()
+                ),
+            }
+        }
+        eprintln!(
+            "failover {old} -> {new}: the new master's write seen after {:?}",
+            t0.elapsed()
+        );
+        warm(env, &mut c, "v2")?;
+        ensure!(
+            tracking_clients(group.server(new)?)? == 1,
+            "no tracking connection on the new master {new}"
+        );
+        ensure!(
+            metric(env, "datamesh_proxy_local_cache_flushes_total")? > f0,
+            "the switch did not flush the cache"
         );
         Ok(())
     });

@@ -192,9 +192,22 @@ fn hot_keys_are_served_from_the_cache_and_never_stale() {
         );
         ensure!(h1 - h0 >= 1900.0, "hits grew by {} only", h1 - h0);
 
-        // A write through the proxy: the very next GET (another connection) sees it.
-        let mut w = login(addr, "app", "app-pw")?;
-        w.expect(&["SET", KEY, "v2"], simple("OK"))?;
+        // A write through the proxy, pipelined with a GET behind it: the GET sees the write
+        // (the cached v1 was fenced at dispatch); and the very next GET of another connection.
+        ensure!(cache_state(env)?.1, "the key left the cache");
+        let mut w = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        w.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let enc = datamesh_tests::resp::encode;
+        let mut pipeline = enc(&[b"AUTH", b"app", b"app-pw"]);
+        pipeline.extend(enc(&[b"SET", KEY.as_bytes(), b"v2"]));
+        pipeline.extend(enc(&[b"GET", KEY.as_bytes()]));
+        let want = b"+OK\r\n+OK\r\n$2\r\nv2\r\n";
+        let got = raw_exchange(&mut w, &pipeline, want.len())?;
+        ensure!(
+            got == want,
+            "pipelined SET + GET: {:?}",
+            String::from_utf8_lossy(&got)
+        );
         c.expect(&["GET", KEY], bulk("v2"))?;
         warm(env, &mut c, "v2")?;
 

@@ -316,10 +316,20 @@ impl Session {
 
     /// Answers the front `GET key` from the endpoint's local cache when it holds the key
     /// (see [`crate::localcache`]: database 0, not in MULTI or subscribed (earlier branches),
-    /// after the command policy allowed it); on a miss of a hot read-mostly key, asks for a
-    /// fill. False: the GET is forwarded.
+    /// not behind a command on a dedicated connection, after the command policy allowed it);
+    /// on a miss of a hot read-mostly key, asks for a fill. False: the GET is forwarded.
+    /// The reply goes in the client's order like any other; the value is the one cached when
+    /// the GET is read (behind earlier shared-lane commands still in flight, but never behind
+    /// an earlier write of this client to the key: that write fenced it).
     fn serve_cached(&mut self, rt: &Arc<EndpointRuntime>) -> bool {
         if self.state.db != 0 || !rt.cache.is_live() || !self.settings.local_cache.enabled {
+            return false;
+        }
+        // Not past a command of this client on a dedicated connection (a blocking command, a
+        // transaction's connection): the GET would then run after it in Redis, so it waits
+        // (forwarded) like any shared-lane command.
+        let lane = self.shared_lane();
+        if !self.lane_ok(lane) {
             return false;
         }
         let Some(key) = self.front().and_then(|c| c.args.get(1)).cloned() else {

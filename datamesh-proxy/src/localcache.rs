@@ -490,7 +490,7 @@ impl LocalCache {
         g.live && g.entries.contains_key(key)
     }
 
-    /// `/local_cache` and `/hotkeys`: the cache's state.
+    /// `/hotkeys`: the cache's state (per endpoint, with the cache on).
     pub fn json(&self) -> serde_json::Value {
         let g = self.lock();
         serde_json::json!({

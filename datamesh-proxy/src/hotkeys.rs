@@ -916,6 +916,20 @@ mod tests {
     }
 
     #[test]
+    fn sampler_counts_a_waiting_command_once_and_every_next_one() {
+        let cmd = Command::from_args(["GET", "k"]);
+        // The same bytes again, as a client sending one command per round trip gets them
+        // from its reused read buffer.
+        let again = cmd.clone();
+        let mut s = Sampler::default();
+        s.consider(&cmd, 1);
+        s.consider(&cmd, 1); // still at the front (a barrier): not counted again
+        s.next();
+        s.consider(&again, 1);
+        assert_eq!(s.buf.len(), 2);
+    }
+
+    #[test]
     fn sampler_samples_one_in_n() {
         let mut s = Sampler::default();
         let n = (0..100).filter(|_| s.due(10)).count();

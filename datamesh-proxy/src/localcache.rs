@@ -542,6 +542,9 @@ enum End {
 /// connection to the node in use and fills the cache through it.
 pub async fn track(handle: Arc<EndpointHandle>, shared: Arc<Shared>) {
     let mut backoff = Duration::from_millis(50);
+    // A backend that keeps refusing (an ACL without CLIENT, a wrong password) is retried
+    // every 2 s at most, and logged every 30 s at most.
+    let failures = crate::ratelog::RateLimited::new(Duration::from_secs(30));
     loop {
         let s = shared.settings();
         let rt = handle.current();
@@ -560,7 +563,9 @@ pub async fn track(handle: Arc<EndpointHandle>, shared: Arc<Shared>) {
                 info!(endpoint = %handle.name, %node, "local cache: the node in use changed: flushed")
             }
             End::Failed(e) => {
-                warn!(endpoint = %handle.name, %node, error = %e, "local cache: tracking connection lost: flushed, reconnecting")
+                if let Some(skipped) = failures.check() {
+                    warn!(endpoint = %handle.name, %node, error = %e, skipped, "local cache: no tracking connection (flushed, not serving; retrying; logged at most every 30 s, skipped = failures since the last line)");
+                }
             }
         }
         if started.elapsed() > Duration::from_secs(5) {

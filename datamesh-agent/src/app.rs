@@ -112,6 +112,7 @@ fn session_settings(cfg: &Config) -> SessionSettings {
             key_display: cfg.bigkeys.key_display,
         },
         hotkeys: cfg.hotkeys.clone(),
+        local_cache: cfg.local_cache.clone(),
     }
 }
 

@@ -22,6 +22,7 @@ pub use datamesh_proxy::config::{
 };
 use datamesh_proxy::hotkeys::{HotKeySettings, KeyDisplay};
 use datamesh_proxy::keyrules::{validate_rule, RawKeyRule, RuleSpec};
+use datamesh_proxy::localcache::LocalCacheSettings;
 
 /// Environment variable that overrides `proxy_address` (in Kubernetes: `status.hostIP`).
 pub const PROXY_ADDRESS_ENV: &str = "DATAMESH_PROXY_ADDRESS";
@@ -120,6 +121,8 @@ pub struct RawConfig {
     pub hotkeys: RawHotKeys,
     #[serde(default)]
     pub key_rules: Vec<RawKeyRule>,
+    #[serde(default)]
+    pub local_cache: RawLocalCache,
     #[serde(default)]
     pub users: Vec<RawUser>,
     #[serde(default)]
@@ -253,6 +256,22 @@ pub struct RawHotKeys {
     pub unknown: Unknown,
 }
 
+/// `local_cache:`: the node-local cache of hot read-mostly keys (see
+/// `datamesh_proxy::localcache`).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawLocalCache {
+    pub enabled: Option<bool>,
+    pub endpoints: Option<Vec<String>>,
+    pub min_ops: Option<u32>,
+    pub min_read_ratio: Option<f64>,
+    pub ttl_ms: Option<u64>,
+    pub max_bytes: Option<u64>,
+    pub max_keys: Option<u32>,
+    pub max_value_bytes: Option<u64>,
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
 /// A user clients authenticate as at the proxy (`AUTH [name] password`).
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct RawUser {
@@ -304,6 +323,8 @@ pub struct Config {
     pub hotkeys: HotKeySettings,
     /// Key rules (throttle, deny) from the file; runtime ones are kept by the proxy.
     pub key_rules: Vec<RuleSpec>,
+    /// The node-local cache of hot read-mostly keys (off by default).
+    pub local_cache: LocalCacheSettings,
     /// Users clients authenticate as at the proxy; empty = no AUTH needed.
     pub users: Vec<User>,
     pub pods: Vec<PodPolicyConfig>,
@@ -727,6 +748,9 @@ impl RawConfig {
         for k in self.hotkeys.unknown.keys() {
             err(&format!("hotkeys.{k}"), "unknown field".into());
         }
+        for k in self.local_cache.unknown.keys() {
+            err(&format!("local_cache.{k}"), "unknown field".into());
+        }
         for (i, u) in self.users.iter().enumerate() {
             for k in u.unknown.keys() {
                 err(&format!("users[{i}].{k}"), "unknown field".into());
@@ -1062,6 +1086,7 @@ impl RawConfig {
         let bigkeys = validate_bigkeys(&self.bigkeys, &mut err);
         let hotkeys = validate_hotkeys(&self.hotkeys, &mut err);
         let key_rules = self.validate_key_rules(&mut err);
+        let local_cache = validate_local_cache(&self.local_cache, &hotkeys, &endpoints, &mut err);
         let mut users = Vec::new();
         let mut user_names = HashSet::new();
         for (i, u) in self.users.iter().enumerate() {
@@ -1129,6 +1154,7 @@ impl RawConfig {
                     bigkeys,
                     hotkeys,
                     key_rules,
+                    local_cache,
                     users,
                     pods,
                     endpoints,
@@ -1208,6 +1234,102 @@ fn validate_bigkeys(b: &RawBigKeys, err: &mut impl FnMut(&str, String)) -> BigKe
         );
     }
     out
+}
+
+/// Longest `local_cache.ttl_ms`: the TTL bounds how stale a value can be if every
+/// invalidation path failed, so it stays short.
+pub const MAX_LOCAL_CACHE_TTL_MS: u64 = 60_000;
+
+fn validate_local_cache(
+    c: &RawLocalCache,
+    hotkeys: &HotKeySettings,
+    endpoints: &[Endpoint],
+    err: &mut impl FnMut(&str, String),
+) -> LocalCacheSettings {
+    let d = LocalCacheSettings::default();
+    let out = LocalCacheSettings {
+        enabled: c.enabled.unwrap_or(d.enabled),
+        endpoints: c.endpoints.clone().unwrap_or_default(),
+        min_ops: c.min_ops.unwrap_or(d.min_ops),
+        min_read_ratio: c.min_read_ratio.unwrap_or(d.min_read_ratio),
+        ttl_ms: c.ttl_ms.unwrap_or(d.ttl_ms),
+        max_bytes: c.max_bytes.unwrap_or(d.max_bytes),
+        max_keys: c.max_keys.unwrap_or(d.max_keys),
+        max_value_bytes: c.max_value_bytes.unwrap_or(d.max_value_bytes),
+    };
+    if out.enabled && !hotkeys.enabled {
+        err(
+            "local_cache.enabled",
+            "true while hotkeys.enabled is false: the cache holds only keys the hot-key detector finds; turn hotkeys on".into(),
+        );
+    }
+    for (i, name) in out.endpoints.iter().enumerate() {
+        match endpoints.iter().find(|e| &e.name == name) {
+            None => err(
+                &format!("local_cache.endpoints[{i}]"),
+                format!("{name:?} is not an endpoint name"),
+            ),
+            Some(e) if e.backend.kind_name() == "cluster" => err(
+                &format!("local_cache.endpoints[{i}]"),
+                format!("{name:?} has a cluster backend: the local cache serves standalone and Sentinel endpoints only"),
+            ),
+            Some(_) => {}
+        }
+    }
+    if out.min_ops == 0 {
+        err(
+            "local_cache.min_ops",
+            "0: a key must be hot to be cached (ops/s as /hotkeys shows them)".into(),
+        );
+    }
+    if !(0.0..=1.0).contains(&out.min_read_ratio) {
+        err(
+            "local_cache.min_read_ratio",
+            format!(
+                "{}: must be between 0 and 1 (the share of reads among a key's reads and writes)",
+                out.min_read_ratio
+            ),
+        );
+    }
+    if !(1..=MAX_LOCAL_CACHE_TTL_MS).contains(&out.ttl_ms) {
+        err(
+            "local_cache.ttl_ms",
+            format!(
+                "{}: must be 1 to {MAX_LOCAL_CACHE_TTL_MS} (the bound on staleness if invalidation fails)",
+                out.ttl_ms
+            ),
+        );
+    }
+    if out.max_keys == 0 {
+        err(
+            "local_cache.max_keys",
+            "0: use local_cache.enabled: false to turn the cache off".into(),
+        );
+    }
+    if out.max_bytes == 0 {
+        err(
+            "local_cache.max_bytes",
+            "0: use local_cache.enabled: false to turn the cache off".into(),
+        );
+    }
+    if out.max_value_bytes == 0 || out.max_value_bytes > out.max_bytes {
+        err(
+            "local_cache.max_value_bytes",
+            format!(
+                "{}: must be 1 to local_cache.max_bytes ({})",
+                out.max_value_bytes, out.max_bytes
+            ),
+        );
+    }
+    LocalCacheSettings {
+        // NaN never reaches the proxy (Eq relies on it).
+        min_read_ratio: if out.min_read_ratio.is_nan() {
+            d.min_read_ratio
+        } else {
+            out.min_read_ratio
+        },
+        ..out
+    }
 }
 
 /// Largest `hotkeys.capacity` (each counter holds up to 512 key bytes, twice: two epochs).
@@ -1909,6 +2031,37 @@ endpoints:
                 "key_rules[2].typo: unknown field",
                 "key_rules[2].commands[0]: \"nosuch\"",
                 "key_rules[2].rate: only for action: throttle",
+            ],
+        );
+    }
+
+    #[test]
+    fn local_cache_defaults_and_every_bad_field() {
+        let cfg = check_ok(GOOD);
+        assert_eq!(cfg.local_cache, LocalCacheSettings::default());
+        assert!(!cfg.local_cache.enabled, "off by default");
+        let cfg = check_ok(&format!(
+            "{GOOD}local_cache: {{enabled: true, endpoints: [cache], min_ops: 50, min_read_ratio: 0.8, ttl_ms: 500}}\n"
+        ));
+        assert!(cfg.local_cache.applies_to("cache") && !cfg.local_cache.applies_to("other"));
+        assert_eq!((cfg.local_cache.min_ops, cfg.local_cache.ttl_ms), (50, 500));
+        assert_eq!(cfg.local_cache.max_bytes, 64 * 1024 * 1024);
+        let dump = serde_json::to_value(&cfg).expect("serializes");
+        assert_eq!(dump["local_cache"]["min_read_ratio"], 0.8);
+        let errs = check(&format!(
+            "{GOOD}hotkeys: {{enabled: false}}\nlocal_cache: {{enabled: true, endpoints: [nope], min_ops: 0, min_read_ratio: 1.5, ttl_ms: 0, max_keys: 0, max_bytes: 10, max_value_bytes: 11, bogus: 1}}\n"
+        ));
+        assert_errors(
+            &errs,
+            &[
+                "local_cache.bogus: unknown field",
+                "local_cache.enabled: true while hotkeys.enabled is false",
+                "local_cache.endpoints[0]: \"nope\" is not an endpoint name",
+                "local_cache.min_ops: 0",
+                "local_cache.min_read_ratio: 1.5",
+                "local_cache.ttl_ms: 0",
+                "local_cache.max_keys: 0",
+                "local_cache.max_value_bytes: 11",
             ],
         );
     }

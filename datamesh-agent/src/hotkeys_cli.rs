@@ -124,6 +124,19 @@ pub fn format_table(v: &Value, endpoint: Option<&str>) -> String {
             num(ep, "sample_rate"),
             num(ep, "ops") / num(ep, "covered_s").max(0.001),
         );
+        if let Some(lc) = ep.get("local_cache").filter(|l| l.is_object()) {
+            let _ = writeln!(
+                out,
+                "  local cache {}: {} keys, {} bytes; hits {}, misses {}, invalidations {}, flushes {} (cached keys marked [cached])",
+                if lc.get("live").and_then(Value::as_bool) == Some(true) { "serving" } else { "not serving (no tracking connection)" },
+                num(lc, "keys"),
+                num(lc, "bytes"),
+                num(lc, "hits"),
+                num(lc, "misses"),
+                num(lc, "invalidations"),
+                num(lc, "flushes"),
+            );
+        }
         let _ = writeln!(
             out,
             "  {:>4}  {:<40}  {:>10}  {:>10}  {:>10}  TOP PODS (ops/s)",
@@ -147,15 +160,17 @@ pub fn format_table(v: &Value, endpoint: Option<&str>) -> String {
                     )
                 })
                 .collect();
+            let cached = k.get("cached").and_then(Value::as_bool) == Some(true);
             let _ = writeln!(
                 out,
-                "  {:>4}  {:<40}  {:>10.1}  {:>10}  {:>10}  {}",
+                "  {:>4}  {:<40}  {:>10.1}  {:>10}  {:>10}  {}{}",
                 num(k, "rank"),
                 k.get("key").and_then(Value::as_str).unwrap_or("?"),
                 num(k, "ops_per_s"),
                 num(k, "reads"),
                 num(k, "writes"),
-                pods.join(", ")
+                pods.join(", "),
+                if cached { "  [cached]" } else { "" }
             );
         }
     }
@@ -186,6 +201,18 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("(no keyed commands in the window)"), "{t}");
+        assert!(!t.contains("local cache") && !t.contains("[cached]"), "{t}");
+        let v = serde_json::json!({"enabled": true, "endpoints": [
+            {"endpoint": "cache", "window_s": 10, "covered_s": 5.0, "sample_rate": 1, "ops": 1000,
+             "local_cache": {"live": true, "keys": 1, "bytes": 120, "hits": 900, "misses": 3, "invalidations": 1, "flushes": 0},
+             "keys": [{"rank": 1, "key": "flags", "ops_per_s": 150.0, "reads": 700, "writes": 0, "cached": true,
+                       "pods": [{"pod": "web-1", "ops_per_s": 140.0}]}]}]});
+        let t = format_table(&v, None);
+        assert!(
+            t.contains("local cache serving: 1 keys, 120 bytes; hits 900"),
+            "{t}"
+        );
+        assert!(t.contains("web-1 (140)  [cached]"), "{t}");
         let t = format_table(&v, Some("other"));
         assert!(!t.contains("user:1"), "{t}");
         assert!(format_table(&v, Some("nope")).contains("no endpoint named"));

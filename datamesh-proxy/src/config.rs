@@ -163,6 +163,8 @@ pub struct SessionSettings {
     pub bigkeys: crate::bigkeys::BigKeySettings,
     /// Hot-key detection (`hotkeys:`).
     pub hotkeys: crate::hotkeys::HotKeySettings,
+    /// The node-local cache of hot read-mostly keys (`local_cache:`).
+    pub local_cache: crate::localcache::LocalCacheSettings,
 }
 
 pub const DEFAULT_MEMORY_BUDGET: u64 = 1024 * 1024 * 1024;
@@ -199,6 +201,7 @@ impl Default for SessionSettings {
             auth_max_failures: DEFAULT_AUTH_MAX_FAILURES,
             bigkeys: crate::bigkeys::BigKeySettings::default(),
             hotkeys: Default::default(),
+            local_cache: Default::default(),
         }
     }
 }

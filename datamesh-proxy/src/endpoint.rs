@@ -30,6 +30,9 @@ use crate::upstream::{HoldSettings, Router};
 pub struct EndpointRuntime {
     pub spec: EndpointSpec,
     pub router: Arc<Router>,
+    /// The node-local cache of this backend ([`crate::localcache`]): a new runtime (another
+    /// backend) starts with an empty one that serves nothing until it tracks.
+    pub cache: Arc<crate::localcache::LocalCache>,
     /// Stops with the runtime.
     _maintenance: AbortOnDropHandle<()>,
 }
@@ -141,6 +144,9 @@ impl EndpointRuntime {
         Arc::new(Self {
             spec: spec.clone(),
             router,
+            cache: Arc::new(crate::localcache::LocalCache::new(
+                crate::localcache::CacheMetrics::resolve(metrics, &spec.name),
+            )),
             _maintenance: AbortOnDropHandle::new(maintenance),
         })
     }

@@ -120,9 +120,11 @@ impl Op {
 #[derive(Default)]
 pub struct Sampler {
     tick: u32,
-    /// The command last considered (by its bytes' address): a command that waits at the
-    /// front of the inbox (a barrier) is looked at again next round but counted once.
-    last: usize,
+    /// The front command was considered already: a command that waits at the front of the
+    /// inbox (a barrier) is looked at again next round but counted once. (Not by its bytes'
+    /// address: a client that sends one command per round trip gets every command at the
+    /// same address of its reused read buffer, and only its first would count.)
+    seen: bool,
     buf: Vec<(Bytes, Op)>,
 }
 
@@ -131,12 +133,17 @@ impl Sampler {
     /// now).
     #[inline]
     pub fn consider(&mut self, cmd: &Command, rate: u32) -> bool {
-        let at = cmd.raw.as_ptr() as usize;
-        if at == self.last {
+        if self.seen {
             return false;
         }
-        self.last = at;
+        self.seen = true;
         self.due(rate) && self.sample(cmd)
+    }
+
+    /// The front command left the inbox: the next one is considered.
+    #[inline]
+    pub fn next(&mut self) {
+        self.seen = false;
     }
 
     /// True when the next command is to be sampled (`rate` 0 or 1: every one).
@@ -360,6 +367,28 @@ impl Inner {
 /// One endpoint's hot keys (see the module docs).
 pub struct HotKeys {
     inner: Mutex<Inner>,
+    /// The hashes of the keys the local cache may hold, recomputed at most every
+    /// [`ELIGIBLE_REFRESH`] by the first session that asks (see [`HotKeys::cache_eligible`]).
+    eligible: RwLock<Eligible>,
+}
+
+/// How often the local cache's eligible set is recomputed from the sketch.
+pub const ELIGIBLE_REFRESH: Duration = Duration::from_millis(250);
+
+/// One key's counts over both epochs.
+#[derive(Default)]
+struct Merged {
+    count: u64,
+    reads: u64,
+    writes: u64,
+    /// The key, when it is stored whole.
+    key: Option<Vec<u8>>,
+}
+
+#[derive(Default)]
+struct Eligible {
+    at: Option<Instant>,
+    hashes: std::collections::HashSet<u64>,
 }
 
 impl Default for HotKeys {
@@ -373,6 +402,7 @@ impl Default for HotKeys {
                 capacity: s.capacity as usize,
                 window: Duration::from_secs(s.window_s.into()),
             }),
+            eligible: RwLock::default(),
         }
     }
 }
@@ -392,6 +422,8 @@ pub struct HotKey {
     /// The space-saving over-estimate bound of `ops` (scaled).
     pub error: u64,
     pub pods: Vec<HotPod>,
+    /// In the endpoint's local cache now (`local_cache`).
+    pub cached: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -412,6 +444,9 @@ pub struct EndpointHotKeys {
     /// Sampled keyed operations in the window, scaled back.
     pub ops: u64,
     pub keys: Vec<HotKey>,
+    /// The endpoint's local cache (`local_cache`): live, keys, bytes, hits...
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub local_cache: Option<serde_json::Value>,
 }
 
 impl HotKeys {
@@ -449,6 +484,19 @@ impl HotKeys {
         s: &HotKeySettings,
         top: usize,
         now: Instant,
+    ) -> EndpointHotKeys {
+        self.snapshot_with(endpoint, s, top, now, &|_| false)
+    }
+
+    /// [`Self::snapshot`], with `cached` telling which keys the local cache holds (by their
+    /// stored bytes: a key longer than [`MAX_STORED_KEY`] never shows as cached).
+    pub fn snapshot_with(
+        &self,
+        endpoint: &str,
+        s: &HotKeySettings,
+        top: usize,
+        now: Instant,
+        cached: &dyn Fn(&[u8]) -> bool,
     ) -> EndpointHotKeys {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         g.rotate(now);
@@ -493,6 +541,7 @@ impl HotKeys {
                 c.pods.sort_by_key(|p| std::cmp::Reverse(p.count));
                 c.pods.truncate(POD_SLOTS);
                 HotKey {
+                    cached: c.len == c.key.len() && cached(&c.key),
                     rank: i + 1,
                     key: show_key(&c.key, c.len, c.hash, s.key_display),
                     key_bytes: c.len,
@@ -520,7 +569,32 @@ impl HotKeys {
             sample_rate: s.sample_rate,
             ops: total * rate,
             keys,
+            local_cache: None,
         }
+    }
+
+    /// Every key counted in either epoch, merged by hash, and the seconds the counts cover.
+    fn merged(&self, now: Instant) -> (HashMap<u64, Merged>, f64) {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.rotate(now);
+        let covered = (g.half() + now.saturating_duration_since(g.epoch_start))
+            .min(g.window)
+            .min(now.saturating_duration_since(g.since));
+        let covered_s = covered.as_secs_f64().max(0.1);
+        let mut merged: HashMap<u64, Merged> = HashMap::new();
+        for e in &g.epochs {
+            for c in &e.counters {
+                let m = merged.entry(c.hash).or_insert_with(|| Merged {
+                    // Keys longer than MAX_STORED_KEY are not kept whole.
+                    key: (c.len == c.key.len()).then(|| c.key.clone()),
+                    ..Merged::default()
+                });
+                m.count += c.count;
+                m.reads += c.reads;
+                m.writes += c.writes;
+            }
+        }
+        (merged, covered_s)
     }
 
     /// The keys above `min_ops_per_s` over the window as of `now`, whole (keys longer than
@@ -532,24 +606,70 @@ impl HotKeys {
         s: &HotKeySettings,
         now: Instant,
     ) -> Vec<(Vec<u8>, f64)> {
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        g.rotate(now);
-        let covered = (g.half() + now.saturating_duration_since(g.epoch_start))
-            .min(g.window)
-            .min(now.saturating_duration_since(g.since));
-        let covered_s = covered.as_secs_f64().max(0.1);
-        let mut merged: HashMap<u64, (u64, &Counter)> = HashMap::new();
-        for e in &g.epochs {
-            for c in &e.counters {
-                merged.entry(c.hash).or_insert((0, c)).0 += c.count;
-            }
-        }
+        let (merged, covered_s) = self.merged(now);
         let rate = s.sample_rate.max(1) as f64;
         merged
             .into_values()
-            .filter(|(_, c)| c.len == c.key.len())
-            .map(|(n, c)| (c.key.clone(), n as f64 * rate / covered_s))
+            .filter_map(|m| Some((m.key?, m.count as f64 * rate / covered_s)))
             .filter(|(_, r)| *r > min_ops_per_s)
+            .collect()
+    }
+
+    /// Whether `key` is hot and read-mostly: at least `min_ops` operations per second over the
+    /// window (scaled by the sample rate) and at least `min_read_ratio` of its reads and
+    /// writes are reads. A set lookup on the command path; the set is recomputed from the
+    /// sketch at most every [`ELIGIBLE_REFRESH`] (by whichever session asks first).
+    pub fn cache_eligible(
+        &self,
+        key: &[u8],
+        s: &HotKeySettings,
+        min_ops: u32,
+        min_read_ratio: f64,
+        now: Instant,
+    ) -> bool {
+        if !s.enabled {
+            return false;
+        }
+        let h = key_hash(key);
+        {
+            let g = self.eligible.read().unwrap_or_else(|p| p.into_inner());
+            if g.at
+                .is_some_and(|t| now.saturating_duration_since(t) < ELIGIBLE_REFRESH)
+            {
+                return g.hashes.contains(&h);
+            }
+        }
+        let hashes = self.eligible_hashes(s, min_ops, min_read_ratio, now);
+        let found = hashes.contains(&h);
+        // Another session refreshing at the same time: its set is as good.
+        if let Ok(mut g) = self.eligible.try_write() {
+            *g = Eligible {
+                at: Some(now),
+                hashes,
+            };
+        }
+        found
+    }
+
+    /// The hashes of the keys at or over `min_ops`/s with at least `min_read_ratio` reads.
+    fn eligible_hashes(
+        &self,
+        s: &HotKeySettings,
+        min_ops: u32,
+        min_read_ratio: f64,
+        now: Instant,
+    ) -> std::collections::HashSet<u64> {
+        let (merged, covered_s) = self.merged(now);
+        let rate = f64::from(s.sample_rate.max(1));
+        merged
+            .into_iter()
+            .filter(|(_, m)| {
+                let rw = m.reads + m.writes;
+                m.count as f64 * rate / covered_s >= f64::from(min_ops)
+                    && rw > 0
+                    && m.reads as f64 >= min_read_ratio * rw as f64
+            })
+            .map(|(h, _)| h)
             .collect()
     }
 
@@ -603,7 +723,20 @@ impl HotKeysView {
             .unwrap_or_else(|p| p.into_inner())
             .iter()
             .filter(|h| endpoint.is_none_or(|e| e == h.name))
-            .map(|h| h.hotkeys.snapshot(&h.name, hk, hk.top_k as usize, now))
+            .map(|h| {
+                let rt = h.current();
+                let on = s.local_cache.applies_to(&h.name);
+                let cache = &rt.cache;
+                let mut snap = h
+                    .hotkeys
+                    .snapshot_with(&h.name, hk, hk.top_k as usize, now, &|k| {
+                        on && cache.contains(k)
+                    });
+                if on {
+                    snap.local_cache = Some(cache.json());
+                }
+                snap
+            })
             .collect()
     }
 
@@ -793,6 +926,58 @@ mod tests {
         let op = |n: &str| Op::of(commands::lookup(n.as_bytes()).expect("known"));
         assert_eq!(op("get"), Op::Read);
         assert_eq!(op("set"), Op::Write);
+    }
+
+    #[test]
+    fn cache_eligible_keys_are_hot_and_read_mostly() {
+        let hk = HotKeys::default();
+        let s = HotKeySettings {
+            sample_rate: 1,
+            ..settings()
+        };
+        let p = pod(1, "p");
+        let t0 = Instant::now();
+        let mut batch = Vec::new();
+        for i in 0..1000 {
+            batch.push((Bytes::from_static(b"hot-read"), Op::Read));
+            // 1 write in 5: 80 % reads.
+            let op = if i % 5 == 0 { Op::Write } else { Op::Read };
+            batch.push((Bytes::from_static(b"hot-mixed"), op));
+        }
+        for _ in 0..10 {
+            batch.push((Bytes::from_static(b"cold"), Op::Read));
+        }
+        hk.record(&p, &batch, &s, t0);
+        // 5 s later: the counts cover 5 s: 200 ops/s for the hot keys, 2 for the cold one.
+        let t = t0 + Duration::from_secs(5);
+        assert!(hk.cache_eligible(b"hot-read", &s, 100, 0.9, t));
+        assert!(!hk.cache_eligible(b"hot-mixed", &s, 100, 0.9, t));
+        assert!(!hk.cache_eligible(b"cold", &s, 100, 0.9, t));
+        assert!(!hk.cache_eligible(b"never-seen", &s, 100, 0.9, t));
+        // The set is kept for ELIGIBLE_REFRESH, then recomputed with the new thresholds.
+        let later = t + ELIGIBLE_REFRESH;
+        assert!(hk.cache_eligible(b"hot-mixed", &s, 100, 0.8, later));
+        assert!(!hk.cache_eligible(b"hot-read", &s, 1000, 0.9, later + ELIGIBLE_REFRESH));
+        // Detection off: nothing is eligible.
+        let off = HotKeySettings {
+            enabled: false,
+            ..s
+        };
+        assert!(!hk.cache_eligible(b"hot-read", &off, 1, 0.0, later));
+    }
+
+    #[test]
+    fn sampler_counts_a_waiting_command_once_and_every_next_one() {
+        let cmd = Command::from_args(["GET", "k"]);
+        // The same bytes again, as a client sending one command per round trip gets them
+        // from its reused read buffer.
+        let again = cmd.clone();
+        let mut s = Sampler::default();
+        s.consider(&cmd, 1);
+        s.consider(&cmd, 1); // still at the front (a barrier): not counted again
+        s.next();
+        s.consider(&again, 1);
+        assert_eq!(s.buf.len(), 2);
     }
 
     #[test]

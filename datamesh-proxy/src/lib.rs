@@ -36,6 +36,7 @@ pub mod hotkeys;
 pub mod keydisplay;
 pub mod keyrules;
 pub mod listener;
+pub mod localcache;
 pub mod metrics;
 pub mod ratelog;
 pub mod request;

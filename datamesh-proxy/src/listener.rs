@@ -119,7 +119,14 @@ pub fn spawn(
     let mut shutdown = shutdown;
     let h = handle.clone();
     let local = b.local;
+    // The local cache's tracker lives as long as the accept loop (aborted with it; aborting
+    // flushes the cache).
+    let tracker = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(crate::localcache::track(
+        handle.clone(),
+        shared.clone(),
+    )));
     let task = tokio::spawn(async move {
+        let _tracker = tracker;
         let name = h.name.clone();
         // One descriptor kept in reserve: when the process is out of descriptors, it is
         // given up to accept the waiting connection and tell it why it is closed, instead of

@@ -156,6 +156,13 @@ pub struct ProxyMetrics {
     pub key_throttled: Family<KeyRuleLabels, Counter>,
     /// Commands a key rule denied.
     pub key_denied: Family<KeyRuleLabels, Counter>,
+    /// The node-local cache ([`crate::localcache`]).
+    pub local_cache_hits: Family<EndpointLabels, Counter>,
+    pub local_cache_misses: Family<EndpointLabels, Counter>,
+    pub local_cache_invalidations: Family<EndpointLabels, Counter>,
+    pub local_cache_flushes: Family<EndpointLabels, Counter>,
+    pub local_cache_bytes: Family<EndpointLabels, Gauge>,
+    pub local_cache_keys: Family<EndpointLabels, Gauge>,
 }
 
 impl ProxyMetrics {
@@ -177,6 +184,36 @@ impl ProxyMetrics {
     }
 
     pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "proxy_local_cache_hits",
+            "GETs answered from the node-local cache (local_cache)",
+            self.local_cache_hits.clone(),
+        );
+        registry.register(
+            "proxy_local_cache_misses",
+            "GETs of hot read-mostly keys not in the node-local cache (forwarded; a fill is requested)",
+            self.local_cache_misses.clone(),
+        );
+        registry.register(
+            "proxy_local_cache_invalidations",
+            "Cached keys dropped by a Redis invalidation or a write through the proxy",
+            self.local_cache_invalidations.clone(),
+        );
+        registry.register(
+            "proxy_local_cache_flushes",
+            "Whole node-local cache flushes (tracking connection lost, node changed, turned off, FLUSHALL pushed, and EXEC or keyless writes that dropped entries)",
+            self.local_cache_flushes.clone(),
+        );
+        registry.register(
+            "proxy_local_cache_bytes",
+            "Bytes held by the node-local cache (keys, values and a fixed overhead per entry)",
+            self.local_cache_bytes.clone(),
+        );
+        registry.register(
+            "proxy_local_cache_keys",
+            "Keys held by the node-local cache",
+            self.local_cache_keys.clone(),
+        );
         registry.register(
             "proxy_big_value_refused",
             "Writes refused for a value over proxy.max_value_bytes, by endpoint, pod and command",

@@ -1,7 +1,8 @@
 //! `cargo xtask bench datapath`: pod-to-Redis round trips direct, through the proxy with the
 //! fast path off, and with it on, in the same run; prints ops/s, p50, p99 and the ratios.
 //! (`cargo xtask bench proxy`, the RESP proxy against twemproxy and Envoy, lives in
-//! `bench_proxy.rs`.)
+//! `bench_proxy.rs`; `cargo xtask bench hot-key-cache`, the node-local cache off and on, in
+//! `bench_cache.rs`.)
 //!
 //! Setup (the test harness): one pod, the real agent (fast path off at start), redis-server on
 //! the service address. redis-benchmark runs inside the pod's network namespace for every case:
@@ -30,6 +31,9 @@ pub enum Bench {
     /// The RESP proxy vs twemproxy vs Envoy vs direct: GET/SET throughput and CPU time per
     /// request, connection storm, idle memory.
     Proxy(crate::bench_proxy::ProxyArgs),
+    /// A hot-key read load through the proxy with the node-local cache off and on: client
+    /// ops/s, p50, p99 and the GETs per second redis-server executed.
+    HotKeyCache(crate::bench_cache::CacheArgs),
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -49,6 +53,7 @@ pub fn run(b: &Bench) -> Result<()> {
     match b {
         Bench::Datapath(a) => datapath(a),
         Bench::Proxy(a) => crate::bench_proxy::run(a),
+        Bench::HotKeyCache(a) => crate::bench_cache::run(a),
     }
 }
 

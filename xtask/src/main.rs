@@ -5,6 +5,7 @@
 //! a fresh machine.
 
 mod bench;
+mod bench_cache;
 mod bench_proxy;
 mod build_ebpf;
 mod demo;

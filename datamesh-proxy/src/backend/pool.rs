@@ -396,6 +396,12 @@ impl BackendGroup {
     }
 
     /// The server version learned from a backend handshake, or Redis 7.0.15.
+    /// How this group's connections are made (the local cache's tracking connection uses
+    /// the same mark, credentials and timeout).
+    pub fn connect_spec(&self) -> &ConnectSpec {
+        &self.spec
+    }
+
     pub fn server_version(&self) -> String {
         self.version
             .get()

@@ -9,6 +9,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -22,9 +23,10 @@ use crate::bigkeys::{self, BigTag};
 use crate::commands::acl::{self, catalog};
 use crate::commands::{
     self, is_blocking, key_indices, Broadcast, CommandSpec, Kind, Local, MultiKey, PubSub as Sub,
-    Tx as TxCmd, NO_AUTH, READONLY, SCRIPT,
+    Tx as TxCmd, NO_AUTH, READONLY, SCRIPT, WRITE,
 };
 use crate::endpoint::EndpointRuntime;
+use crate::localcache::WriteGuard;
 use crate::metrics::{PodEndpointLabels, PolicyLabels};
 use crate::resp::{Command, Reply, ReplyKind, Value};
 use crate::topology::cluster::{common_slot, crossslot_error, split, view};
@@ -78,6 +80,7 @@ impl Session {
             StallDone::Dedicated(Err(e)) => {
                 // The front command is answered with the error.
                 self.inbox.pop_front();
+                self.hot.next();
                 self.front_admitted = false;
                 self.key_admitted = false;
                 self.push_reply(error_reply(&e, e.never_sent()));
@@ -124,6 +127,7 @@ impl Session {
             }
             match self.execute_front(rt) {
                 Need::Go => {
+                    self.hot.next();
                     self.front_admitted = false;
                     self.key_admitted = false;
                     self.pod.commands(1);
@@ -316,8 +320,82 @@ impl Session {
             Kind::Local(_) => self.execute_local(rt, spec),
             Kind::PubSub(p) => self.enter_pubsub(rt, spec, p),
             _ if is_blocking(spec, cmd) => self.execute_blocking(rt, spec),
+            _ if spec.name == "get" && argc == 2 && self.serve_cached(rt) => Need::Go,
             _ => self.forward_front(rt, Some(spec)),
         }
+    }
+
+    /// Answers the front `GET key` from the endpoint's local cache when it holds the key
+    /// (see [`crate::localcache`]: database 0, not in MULTI or subscribed (earlier branches),
+    /// not behind a command on a dedicated connection, after the command policy allowed it);
+    /// on a miss of a hot read-mostly key, asks for a fill. False: the GET is forwarded.
+    /// The reply goes in the client's order like any other; the value is the one cached when
+    /// the GET is read (behind earlier shared-lane commands still in flight, but never behind
+    /// an earlier write of this client to the key: that write fenced it).
+    fn serve_cached(&mut self, rt: &Arc<EndpointRuntime>) -> bool {
+        if self.state.db != 0 || !rt.cache.is_live() || !self.settings.local_cache.enabled {
+            return false;
+        }
+        // Not past a command of this client on a dedicated connection (a blocking command, a
+        // transaction's connection): the GET would then run after it in Redis, so it waits
+        // (forwarded) like any shared-lane command.
+        let lane = self.shared_lane();
+        if !self.lane_ok(lane) {
+            return false;
+        }
+        let Some(key) = self.front().and_then(|c| c.args.get(1)).cloned() else {
+            return false;
+        };
+        let now = Instant::now();
+        if let Some(raw) = rt.cache.get(&key, now) {
+            self.inbox.pop_front();
+            self.push_reply(Reply {
+                raw,
+                kind: ReplyKind::Bulk,
+            });
+            return true;
+        }
+        let lc = &self.settings.local_cache;
+        if self.ep.hotkeys.cache_eligible(
+            &key,
+            &self.settings.hotkeys,
+            lc.min_ops,
+            lc.min_read_ratio,
+            now,
+        ) {
+            rt.cache.miss(&key);
+        }
+        false
+    }
+
+    /// While the local cache tracks: the guard of a command that may write (its keys by the
+    /// command table; every key for a keyless write, an unknown command or a script without
+    /// declared keys), held until its reply is in.
+    fn cache_guard(
+        &self,
+        rt: &Arc<EndpointRuntime>,
+        spec: Option<&CommandSpec>,
+        cmd: &Command,
+    ) -> Option<WriteGuard> {
+        if !rt.cache.is_active() {
+            return None;
+        }
+        let keys = match spec {
+            Some(s) if s.has(WRITE) || s.has(SCRIPT) => key_indices(s, cmd)
+                .into_iter()
+                .filter_map(|i| cmd.args.get(i).cloned())
+                .collect(),
+            Some(_) => return None,
+            None => Vec::new(),
+        };
+        Some(rt.cache.write_begin(keys))
+    }
+
+    /// [`Self::cache_guard`] for every key (EXEC: the transaction's writes).
+    fn cache_guard_all(&self, rt: &Arc<EndpointRuntime>) -> Option<WriteGuard> {
+        rt.cache
+            .is_active()
+            .then(|| rt.cache.write_begin(Vec::new()))
     }
 
     /// Answers the front command with `r` (it never reaches a backend).
@@ -675,6 +753,7 @@ impl Session {
         let Some(mut cmd) = self.pop_command() else {
             return Need::Go;
         };
+        let cache_guard = self.cache_guard(rt, spec, &cmd);
         let class = spec.map(|s| s.replay).unwrap_or(ReplayClass::Write);
         if rt.router.is_cluster() {
             if let Some(s) = spec {
@@ -755,6 +834,9 @@ impl Session {
                 drop(guard);
                 r
             });
+        }
+        if let Some(guard) = cache_guard {
+            call = guarded(call, guard);
         }
         self.push(call);
         Need::Go
@@ -854,7 +936,12 @@ impl Session {
                         let req = self.request(raw, spec.replay);
                         // EXEC/DISCARD end MULTI and every WATCH: the connection is clean (a
                         // lost one is not up, so it is closed anyway).
-                        let call = release_after(rt.router.call_on(&d, req, true), d, |_| true);
+                        let mut call = release_after(rt.router.call_on(&d, req, true), d, |_| true);
+                        if !abort {
+                            if let Some(g) = self.cache_guard_all(rt) {
+                                call = guarded(call, g);
+                            }
+                        }
                         self.push(if abort {
                             Call::boxed(async move {
                                 call.await;
@@ -1027,8 +1114,12 @@ impl Session {
                     else {
                         return Need::Go;
                     };
-                    let call = rt.router.call_on(&d, req, true);
-                    self.push(release_after(call, d, |_| true));
+                    let mut call = release_after(rt.router.call_on(&d, req, true), d, |_| true);
+                    // The transaction's writes: every key fenced until EXEC's reply is in.
+                    if let Some(g) = self.cache_guard_all(rt) {
+                        call = guarded(call, g);
+                    }
+                    self.push(call);
                 } else if let Tx::Multi { conn: Some(d), .. } = &self.state.tx {
                     let call = rt.router.call_on(d, req, true);
                     self.push(call);
@@ -1462,4 +1553,13 @@ async fn broadcast(
             Value::Array(items).into_reply(target.proto)
         }
     }
+}
+
+/// `call`, holding the local cache's write guard until its reply is in (or it is dropped).
+fn guarded(call: Call, guard: WriteGuard) -> Call {
+    Call::boxed(async move {
+        let r = call.await;
+        drop(guard);
+        r
+    })
 }

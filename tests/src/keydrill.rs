@@ -45,6 +45,9 @@ use crate::Env;
 /// The hot key of phases 2 and 3, and the one of the auto-throttle phase (not hot before it).
 pub const HOT_KEY: &str = "hot:item:42";
 pub const HOT_KEY_2: &str = "hot:item:43";
+/// A key counts as detected once `/hotkeys` shows it at this rate or more (the top key of the
+/// bystanders' spread traffic is at a few ops/s).
+const DETECT_OPS: f64 = 1000.0;
 /// Keys of the bystanders' traffic: `k:0` .. `k:999`.
 const KEYS: u32 = 1000;
 /// The admin token of the drills' agents (runtime rules need one).
@@ -149,8 +152,11 @@ pub struct HotKeyReport {
     pub detect_ms: Option<f64>,
     /// What `/hotkeys` named (key, top pod, ops/s).
     pub named: Option<(String, String, f64)>,
-    /// From the auto-throttle phase's start until the hammer's first `throttled` reply.
+    /// From the auto-throttle phase's start until `/keyrules` listed an automatic rule for its
+    /// key (the hammer's commands are delayed, then refused, from then on).
     pub throttle_ms: Option<f64>,
+    /// That rule at the end of the phase, with its counts per pod.
+    pub auto_rule: Option<Value>,
     /// Local-cache hits during the cache phase.
     pub cache_hits: f64,
     pub hammer_pod: String,
@@ -379,7 +385,9 @@ fn top_key(env: &Env) -> Result<Option<(String, String, f64)>> {
 /// Reloads the agent with `yaml` as the drill's sections of the config (the base config and
 /// the admin token stay), and waits until the reload was applied.
 fn reload(env: &mut Env, yaml: &str) -> Result<()> {
-    let before = metric(env, "datamesh_agent_config_reloads_total", "ok")?;
+    const RELOADS: &str = "datamesh_proxy_config_reloads_total";
+    let ok0 = metric(env, RELOADS, "result=\"ok\"")?;
+    let bad0 = metric(env, RELOADS, "result=\"invalid\"")?;
     let mut cfg = env.agent().config().clone();
     let keep: String = cfg
         .extra_yaml
@@ -395,7 +403,13 @@ fn reload(env: &mut Env, yaml: &str) -> Result<()> {
     env.agent_mut().write_config(cfg)?;
     env.agent().sighup()?;
     crate::wait_until("the config reload", Duration::from_secs(10), || {
-        Ok((metric(env, "datamesh_agent_config_reloads_total", "ok")? > before).then_some(()))
+        if metric(env, RELOADS, "result=\"invalid\"")? > bad0 {
+            bail!(
+                "the agent refused the drill's config:\n{yaml}\n{}",
+                env.agent().log_tail(20)
+            );
+        }
+        Ok((metric(env, RELOADS, "result=\"ok\"")? > ok0).then_some(()))
     })
 }
 
@@ -444,7 +458,8 @@ pub fn hot_key(env: &mut Env, o: &KeyDrillOptions) -> Result<HotKeyReport> {
     );
     let (p, seen) = phase(env, "hot-key", what, secs, Some(hot(HOT_KEY)), |start| {
         poll(start, start + secs, || {
-            Ok(top_key(env)?.filter(|(k, pod, _)| k == HOT_KEY && *pod == hammer_pod))
+            Ok(top_key(env)?
+                .filter(|(k, pod, ops)| k == HOT_KEY && *pod == hammer_pod && *ops >= DETECT_OPS))
         })
     })?;
     phases.push(p);
@@ -477,14 +492,24 @@ pub fn hot_key(env: &mut Env, o: &KeyDrillOptions) -> Result<HotKeyReport> {
         "pod hammer GETs {HOT_KEY_2}, hotkeys.auto_throttle_ops {}",
         o.auto_throttle_ops
     );
-    let (p, start) = phase(env, "auto-throttle", what, secs, Some(hot(HOT_KEY_2)), Ok)?;
-    let throttle_ms = first_error_ms(&p, "throttled", start);
+    let (p, seen) = phase(
+        env,
+        "auto-throttle",
+        what,
+        secs,
+        Some(hot(HOT_KEY_2)),
+        |start| poll(start, start + secs, || auto_rule(env, HOT_KEY_2)),
+    )?;
     phases.push(p);
+    let throttle_ms = seen.map(|(_, ms)| ms);
+    // The rule with its counts as the phase left it.
+    let auto_rule = auto_rule(env, HOT_KEY_2)?;
     Ok(HotKeyReport {
         phases,
         detect_ms,
         named,
         throttle_ms,
+        auto_rule,
         cache_hits,
         hammer_pod,
     })
@@ -555,6 +580,17 @@ pub fn key_attack(env: &mut Env, o: &KeyDrillOptions) -> Result<KeyAttackReport>
         block_ms,
         attacker_pod,
     })
+}
+
+/// The automatic throttle rule of `key` at `/keyrules`, if there is one.
+fn auto_rule(env: &Env, key: &str) -> Result<Option<Value>> {
+    let v = get_json(env, "/keyrules")?;
+    Ok(v["rules"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|r| r["origin"] == "auto" && r["key"].as_str() == Some(key))
+        .cloned())
 }
 
 /// The pod's entry at `/attacks` when it is suspected.
@@ -646,9 +682,13 @@ pub fn hot_key_table(r: &HotKeyReport) -> String {
     };
     let _ = writeln!(
         t,
-        "\ntime to detect: {} ({named}); time to throttle (auto, new key): {}; local cache: {:.0} hits, backend GET/s {:.0} off -> {:.0} on",
+        "\ntime to detect (top key, top pod, >= {DETECT_OPS} ops/s): {} ({named}); time to throttle (auto rule installed for a new hot key): {} ({}); local cache: {:.0} hits, backend GET/s {:.0} off -> {:.0} on",
         ms(r.detect_ms),
         ms(r.throttle_ms),
+        r.auto_rule
+            .as_ref()
+            .map(|v| format!("rule {} rate {} counts {}", v["id"], v["rate"], v["counts"]))
+            .unwrap_or_else(|| "no rule".into()),
         r.cache_hits,
         gets("hot-key"),
         gets("local-cache")

@@ -3,7 +3,8 @@
 //! `/connections` (the last 1024 accepted proxy connections), `/backends` (per endpoint:
 //! topology nodes, pools, each backend connection's phase and in-flight commands), `/bigkeys`
 //! (per endpoint, the keys with big replies) and `/hotkeys` (per endpoint, the hottest keys over
-//! `hotkeys.window_s`: ops/s, reads, writes, top pods; keys shown as `hotkeys.key_display`).
+//! `hotkeys.window_s`: ops/s, reads, writes, top pods; keys shown as `hotkeys.key_display`)
+//! and `/attacks` (per endpoint, the pods suspected of cache penetration or key scanning).
 //! The request line is parsed by hand: a few fixed GET routes do not
 //! need an HTTP stack.
 //!
@@ -64,6 +65,8 @@ pub struct AdminState {
     pub token: RwLock<Option<Secret>>,
     /// Keys with big replies, for `/bigkeys` (the proxy's table).
     pub bigkeys: Arc<BigKeys>,
+    /// Pods suspected of key attacks, for `/attacks`.
+    pub attacks: Arc<datamesh_proxy::attacks::Attacks>,
 }
 
 /// Routes that answer without a token: the kubelet's probes, which reveal nothing else.
@@ -221,6 +224,11 @@ fn route(req: &Request<'_>, state: &AdminState) -> Response {
             status: "200 OK",
             content_type: "application/json",
             body: bigkeys_json(&state.bigkeys).to_string(),
+        },
+        "/attacks" => Response {
+            status: "200 OK",
+            content_type: "application/json",
+            body: state.attacks.json().to_string(),
         },
         "/hotkeys" => Response {
             status: "200 OK",

@@ -112,6 +112,7 @@ fn session_settings(cfg: &Config) -> SessionSettings {
             key_display: cfg.bigkeys.key_display,
         },
         hotkeys: cfg.hotkeys.clone(),
+        attacks: cfg.attacks,
     }
 }
 
@@ -349,6 +350,9 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
     registry.register_collector(Box::new(HotKeysCollector(hotkeys.clone())));
     // Sheds the biggest clients when the memory budget is reached; stops with the flusher.
     let shedder = shared.budget.clone().spawn_shedder(flush_stop_rx.clone());
+    // Key-attack windows, alerts and automatic throttles: once a second.
+    let attacks_ticker =
+        datamesh_proxy::attacks::spawn_ticker(shared.clone(), flush_stop_rx.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut listeners: ListenerMap = ListenerMap::new();
     for (ep, b) in bound {
@@ -372,6 +376,7 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
         hotkeys,
         token: RwLock::new(cfg.admin_token.clone()),
         bigkeys: shared.bigkeys.clone(),
+        attacks: shared.attacks.clone(),
     });
     // The admin endpoint has its own stop: it keeps answering (/ready = 503) while we drain.
     let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
@@ -462,6 +467,7 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
     let _ = flush_stop_tx.send(true);
     let _ = flusher.await;
     let _ = shedder.await;
+    let _ = attacks_ticker.await;
     drop(pods_stop_tx);
     let _ = tokio::task::spawn_blocking(move || discovery.join()).await;
     if let Some(path) = &opts.ready_file {

@@ -163,6 +163,8 @@ pub struct SessionSettings {
     pub bigkeys: crate::bigkeys::BigKeySettings,
     /// Hot-key detection (`hotkeys:`).
     pub hotkeys: crate::hotkeys::HotKeySettings,
+    /// Cache-penetration and key-scan detection (`attacks:`).
+    pub attacks: crate::attacks::AttackSettings,
 }
 
 pub const DEFAULT_MEMORY_BUDGET: u64 = 1024 * 1024 * 1024;
@@ -199,6 +201,7 @@ impl Default for SessionSettings {
             auth_max_failures: DEFAULT_AUTH_MAX_FAILURES,
             bigkeys: crate::bigkeys::BigKeySettings::default(),
             hotkeys: Default::default(),
+            attacks: Default::default(),
         }
     }
 }

@@ -23,6 +23,7 @@
 
 pub mod accounting;
 pub mod acl_log;
+pub mod attacks;
 pub mod attribution;
 pub mod backend;
 pub mod bigkeys;

@@ -143,6 +143,8 @@ pub struct ProxyMetrics {
     pub big_value_refused: Family<PolicyLabels, Counter>,
     /// Replies over `bigkeys.reply_bytes` or `bigkeys.reply_elements`.
     pub big_replies: Family<PodEndpointLabels, Counter>,
+    /// Key-attack detection ([`crate::attacks`]).
+    pub attacks: Arc<crate::attacks::AttackMetrics>,
 }
 
 impl ProxyMetrics {
@@ -164,6 +166,7 @@ impl ProxyMetrics {
     }
 
     pub fn register(&self, registry: &mut Registry) {
+        self.attacks.register(registry);
         registry.register(
             "proxy_big_value_refused",
             "Writes refused for a value over proxy.max_value_bytes, by endpoint, pod and command",

@@ -28,6 +28,8 @@ pub struct Shared {
     pub acl_log: AclLog,
     /// Keys with big replies (`/bigkeys`).
     pub bigkeys: Arc<crate::bigkeys::BigKeys>,
+    /// Cache-penetration and key-scan detection per pod and endpoint (`/attacks`).
+    pub attacks: Arc<crate::attacks::Attacks>,
     settings: RwLock<Arc<SessionSettings>>,
     /// Bumped on every settings swap: sessions keep their copy and look only at this.
     generation: AtomicU64,
@@ -45,6 +47,10 @@ impl Shared {
     ) -> Self {
         let budget = metrics.budget.clone();
         budget.set_limit(settings.memory_budget);
+        let attacks = Arc::new(crate::attacks::Attacks::new(
+            pod_limits.clone(),
+            metrics.attacks.clone(),
+        ));
         Self {
             attribution,
             metrics,
@@ -52,6 +58,7 @@ impl Shared {
             budget,
             acl_log: AclLog::default(),
             bigkeys: Arc::default(),
+            attacks,
             settings: RwLock::new(Arc::new(settings)),
             generation: AtomicU64::new(0),
             client_ids: AtomicU64::new(0),

@@ -19,7 +19,9 @@
 //! - [`accounting`]: per-pod counts and the GCRA command-rate limit; [`metrics`];
 //! - [`clients`]: the proxy's client connections as CLIENT LIST/KILL see them (the budget's
 //!   registry); [`acl_log`]: `ACL LOG`;
-//! - [`hotkeys`]: per-endpoint top keys by operations over a sliding window (space-saving).
+//! - [`hotkeys`]: per-endpoint top keys by operations over a sliding window (space-saving);
+//! - [`attacks`]: cache-penetration and key-scan detection per pod and endpoint, alerts and the
+//!   optional automatic throttle of a suspected pod.
 
 pub mod accounting;
 pub mod acl_log;

@@ -311,6 +311,8 @@ struct Window {
     /// Unix seconds since when suspected, per kind (penetration, scan).
     since: [Option<u64>; 2],
     warn: [RateLimited; 2],
+    /// The same bound for "no longer suspected" (a pod hovering at a threshold).
+    cleared: [RateLimited; 2],
     /// The window's counts as of the last tick.
     last: [u64; 3],
 }
@@ -429,6 +431,7 @@ impl Attacks {
                         flushed: [0; 3],
                         since: [None, None],
                         warn: [RateLimited::new(WARN_EVERY), RateLimited::new(WARN_EVERY)],
+                        cleared: [RateLimited::new(WARN_EVERY), RateLimited::new(WARN_EVERY)],
                         last: [0; 3],
                     }),
                 })
@@ -518,7 +521,9 @@ impl Attacks {
                     (true, false) => {
                         w.since[i] = None;
                         gauge().set(0);
-                        info!(endpoint = %e.endpoint, pod = %name, kind = kind.as_str(), "pod no longer suspected of a key attack");
+                        if let Some(skipped) = w.cleared[i].check() {
+                            info!(endpoint = %e.endpoint, pod = %name, kind = kind.as_str(), not_logged = skipped, "pod no longer suspected of a key attack");
+                        }
                     }
                     _ => {}
                 }

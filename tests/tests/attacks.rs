@@ -248,6 +248,29 @@ fn a_scan_flood_is_detected() {
                 )? > 40.0,
                 "scans counted"
             );
+
+            // Hot reload: detection off clears the suspicion; /config_dump shows the section.
+            let mut cfg = env.agent().config().clone();
+            cfg.extra_yaml = cfg
+                .extra_yaml
+                .replace("attacks:\n", "attacks:\n  enabled: false\n");
+            env.agent_mut().write_config(cfg)?;
+            env.agent().sighup()?;
+            wait_until(
+                "the reload to turn detection off",
+                Duration::from_secs(10),
+                || {
+                    let v = attacks(env)?;
+                    Ok((v["enabled"] == false && !named(&v, &pod_b)).then_some(()))
+                },
+            )?;
+            let (_, dump) = env.agent().http_get("/config_dump")?;
+            let dump: Value = serde_json::from_str(&dump)?;
+            ensure!(
+                dump["attacks"]["enabled"] == false && dump["attacks"]["scan_max_per_s"] == 20,
+                "config_dump: {}",
+                dump["attacks"]
+            );
             Ok(())
         },
     );

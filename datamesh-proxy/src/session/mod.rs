@@ -463,6 +463,11 @@ impl Session {
                     }
                     let n = 1 + self.gather_ready();
                     self.replies_taken(n);
+                    if self.pending.is_empty() {
+                        // Nothing in flight: the last replies' lookups count now, not at the
+                        // client's next command.
+                        self.tally.flush(&self.attacks);
+                    }
                 }
                 done = next_stall(&mut self.stall), if has_stall => {
                     self.stall = None;

@@ -186,11 +186,28 @@ fn int_reply(raw: &[u8]) -> Option<u64> {
 }
 
 /// The number before the `\r\n` at the start of `rest`, and the bytes after it.
+#[inline]
 fn header_num(rest: &[u8]) -> Option<(i64, &[u8])> {
-    let end = rest.iter().take(21).position(|b| *b == b'\r')?;
-    let digits = std::str::from_utf8(rest.get(..end)?).ok()?;
-    let n = digits.parse::<i64>().ok()?;
-    Some((n, rest.get(end + 2..).unwrap_or(&[])))
+    let (neg, digits) = match rest.first() {
+        Some(b'-') => (true, rest.get(1..)?),
+        _ => (false, rest),
+    };
+    let mut n: i64 = 0;
+    let mut len = 0;
+    for &b in digits.iter().take(19) {
+        if !b.is_ascii_digit() {
+            break;
+        }
+        n = n.checked_mul(10)?.checked_add(i64::from(b - b'0'))?;
+        len += 1;
+    }
+    if len == 0 || digits.get(len) != Some(&b'\r') {
+        return None;
+    }
+    Some((
+        if neg { -n } else { n },
+        digits.get(len + 2..).unwrap_or(&[]),
+    ))
 }
 
 /// Walks an array of bulk strings and nils (MGET, HMGET replies in RESP2 and RESP3) by their
@@ -743,6 +760,15 @@ mod tests {
         assert_eq!(misses(Look::Exists(1), b":1\r\n"), (1, 0));
         assert_eq!(misses(Look::Exists(1), b"-ERR\r\n"), (0, 0));
         assert_eq!(misses(Look::Exists(1), b":-5\r\n"), (0, 0));
+        // Headers too long, without digits or without their CR: nothing counted, no panic.
+        assert_eq!(misses(Look::Many, b"*9999999999999999999\r\n"), (0, 0));
+        assert_eq!(misses(Look::Many, b"*\r\n"), (0, 0));
+        assert_eq!(misses(Look::Many, b"*2"), (0, 0));
+        assert_eq!(misses(Look::Many, b"*1\r\n$-\r\n"), (0, 0));
+        assert_eq!(
+            misses(Look::Exists(2), b":99999999999999999999999\r\n"),
+            (0, 0)
+        );
     }
 
     #[test]
@@ -759,6 +785,35 @@ mod tests {
         assert_eq!(judge(&s, [1000, 899, 0]), [false, false]);
         assert_eq!(judge(&s, [0, 0, 500]), [false, false]);
         assert_eq!(judge(&s, [0, 0, 501]), [false, true]);
+    }
+
+    /// What detection costs a command (run in release: `cargo test --release -p datamesh-proxy
+    /// --lib attacks::tests::cost -- --ignored --nocapture`).
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn cost() {
+        let cases: [(&[&str], &[u8]); 4] = [
+            (&["GET", "user:1"], b"$5\r\nhello\r\n"),
+            (&["GET", "user:1"], b"$-1\r\n"),
+            (&["SET", "k", "v"], b"+OK\r\n"),
+            (&["MGET", "a", "b"], b"*2\r\n$-1\r\n$1\r\nx\r\n"),
+        ];
+        for (args, reply) in cases {
+            let c = Command::from_args(args.iter().map(|x| Bytes::copy_from_slice(x.as_bytes())));
+            let spec = lookup(c.name()).expect("known");
+            let mut t = Tally::default();
+            let n = 20_000_000u32;
+            let start = std::time::Instant::now();
+            for _ in 0..n {
+                match look_of(std::hint::black_box(spec), &c) {
+                    Class::Lookup(l) => t.reply(l, std::hint::black_box(reply)),
+                    Class::Scan => t.scans += 1,
+                    Class::Other => {}
+                }
+            }
+            let ns = start.elapsed().as_nanos() as f64 / f64::from(n);
+            eprintln!("{:<5} {ns:.1} ns per command; {t:?}", args[0]);
+        }
     }
 
     fn attacks() -> (Arc<PodRegistry>, Attacks) {

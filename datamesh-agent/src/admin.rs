@@ -1,9 +1,10 @@
-//! The admin HTTP endpoint (plain HTTP/1.1 GET, `Connection: close`): `/ready`, `/live`,
+//! The admin HTTP endpoint (plain HTTP/1.1, `Connection: close`): `/ready`, `/live`,
 //! `/metrics` (Prometheus text), `/config_dump` (the effective config, passwords redacted),
 //! `/connections` (the last 1024 accepted proxy connections), `/backends` (per endpoint:
 //! topology nodes, pools, each backend connection's phase and in-flight commands), `/bigkeys`
 //! (per endpoint, the keys with big replies) and `/hotkeys` (per endpoint, the hottest keys over
-//! `hotkeys.window_s`: ops/s, reads, writes, top pods; keys shown as `hotkeys.key_display`).
+//! `hotkeys.window_s`: ops/s, reads, writes, top pods; keys shown as `hotkeys.key_display`)
+//! and `/attacks` (per endpoint, the pods suspected of cache penetration or key scanning).
 //! `/keyrules` lists the key rules (throttle, deny) with their origin (config, runtime, auto)
 //! and counts per pod; `POST /keyrules` (a JSON rule, body at most 64 KiB) adds a runtime rule
 //! and answers its id, `DELETE /keyrules/<id>` removes a runtime or automatic one.
@@ -73,6 +74,8 @@ pub struct AdminState {
     pub bigkeys: Arc<BigKeys>,
     /// Key rules: `GET /keyrules`, `POST /keyrules`, `DELETE /keyrules/<id>`.
     pub keyrules: Arc<KeyRules>,
+    /// Pods suspected of key attacks, for `/attacks`.
+    pub attacks: Arc<datamesh_proxy::attacks::Attacks>,
 }
 
 /// Routes that answer without a token: the kubelet's probes, which reveal nothing else.
@@ -314,6 +317,11 @@ fn route(req: &Request<'_>, state: &AdminState, body: &[u8], token_set: bool) ->
             status: "200 OK",
             content_type: "application/json",
             body: bigkeys_json(&state.bigkeys).to_string(),
+        },
+        "/attacks" => Response {
+            status: "200 OK",
+            content_type: "application/json",
+            body: state.attacks.json().to_string(),
         },
         "/hotkeys" => Response {
             status: "200 OK",

@@ -113,6 +113,7 @@ fn session_settings(cfg: &Config) -> SessionSettings {
         },
         hotkeys: cfg.hotkeys.clone(),
         local_cache: cfg.local_cache.clone(),
+        attacks: cfg.attacks,
     }
 }
 
@@ -352,6 +353,9 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
     let shedder = shared.budget.clone().spawn_shedder(flush_stop_rx.clone());
     // Key rules: the file's now; runtime ones come through the admin API.
     shared.keyrules.set_config(&cfg.key_rules);
+    // Key-attack windows, alerts and automatic throttles: once a second.
+    let attacks_ticker =
+        datamesh_proxy::attacks::spawn_ticker(shared.clone(), flush_stop_rx.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut listeners: ListenerMap = ListenerMap::new();
     for (ep, b) in bound {
@@ -383,6 +387,7 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
         token: RwLock::new(cfg.admin_token.clone()),
         bigkeys: shared.bigkeys.clone(),
         keyrules: shared.keyrules.clone(),
+        attacks: shared.attacks.clone(),
     });
     // The admin endpoint has its own stop: it keeps answering (/ready = 503) while we drain.
     let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
@@ -474,6 +479,7 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
     let _ = flusher.await;
     let _ = shedder.await;
     let _ = auto_throttle.await;
+    let _ = attacks_ticker.await;
     drop(pods_stop_tx);
     let _ = tokio::task::spawn_blocking(move || discovery.join()).await;
     if let Some(path) = &opts.ready_file {

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::identity::{Cidr, UncapturedMode};
+use datamesh_proxy::attacks::AttackSettings;
 pub use datamesh_proxy::budget::{parse_output_limit, OutputLimit};
 pub use datamesh_proxy::config::{
     Backend, BackendKind, Secret, User, DEFAULT_CONNECT_TIMEOUT_MS, DEFAULT_DATABASES,
@@ -123,6 +124,8 @@ pub struct RawConfig {
     pub key_rules: Vec<RawKeyRule>,
     #[serde(default)]
     pub local_cache: RawLocalCache,
+    #[serde(default)]
+    pub attacks: RawAttacks,
     #[serde(default)]
     pub users: Vec<RawUser>,
     #[serde(default)]
@@ -272,6 +275,21 @@ pub struct RawLocalCache {
     pub unknown: Unknown,
 }
 
+/// `attacks:`: cache-penetration and key-scan detection (see `datamesh_proxy::attacks`).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawAttacks {
+    pub enabled: Option<bool>,
+    pub window_s: Option<u32>,
+    pub penetration_min_reads: Option<u64>,
+    pub penetration_miss_ratio: Option<f64>,
+    pub scan_max_per_s: Option<u32>,
+    pub auto_throttle: Option<bool>,
+    pub auto_throttle_rate: Option<u32>,
+    pub auto_throttle_s: Option<u32>,
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
 /// A user clients authenticate as at the proxy (`AUTH [name] password`).
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct RawUser {
@@ -325,6 +343,8 @@ pub struct Config {
     pub key_rules: Vec<RuleSpec>,
     /// The node-local cache of hot read-mostly keys (off by default).
     pub local_cache: LocalCacheSettings,
+    /// Cache-penetration and key-scan detection (`/attacks`).
+    pub attacks: AttackSettings,
     /// Users clients authenticate as at the proxy; empty = no AUTH needed.
     pub users: Vec<User>,
     pub pods: Vec<PodPolicyConfig>,
@@ -751,6 +771,9 @@ impl RawConfig {
         for k in self.local_cache.unknown.keys() {
             err(&format!("local_cache.{k}"), "unknown field".into());
         }
+        for k in self.attacks.unknown.keys() {
+            err(&format!("attacks.{k}"), "unknown field".into());
+        }
         for (i, u) in self.users.iter().enumerate() {
             for k in u.unknown.keys() {
                 err(&format!("users[{i}].{k}"), "unknown field".into());
@@ -1087,6 +1110,7 @@ impl RawConfig {
         let hotkeys = validate_hotkeys(&self.hotkeys, &mut err);
         let key_rules = self.validate_key_rules(&mut err);
         let local_cache = validate_local_cache(&self.local_cache, &hotkeys, &endpoints, &mut err);
+        let attacks = validate_attacks(&self.attacks, &mut err);
         let mut users = Vec::new();
         let mut user_names = HashSet::new();
         for (i, u) in self.users.iter().enumerate() {
@@ -1155,6 +1179,7 @@ impl RawConfig {
                     hotkeys,
                     key_rules,
                     local_cache,
+                    attacks,
                     users,
                     pods,
                     endpoints,
@@ -1407,6 +1432,72 @@ fn validate_hotkeys(h: &RawHotKeys, err: &mut impl FnMut(&str, String)) -> HotKe
         );
     }
     HotKeySettings { key_display, ..out }
+}
+
+/// Largest `attacks.window_s` (the window keeps one total per second per pod and endpoint).
+pub const MAX_ATTACKS_WINDOW_S: u32 = 3600;
+
+fn validate_attacks(a: &RawAttacks, err: &mut impl FnMut(&str, String)) -> AttackSettings {
+    let d = AttackSettings::default();
+    let out = AttackSettings {
+        enabled: a.enabled.unwrap_or(d.enabled),
+        window_s: a.window_s.unwrap_or(d.window_s),
+        penetration_min_reads: a.penetration_min_reads.unwrap_or(d.penetration_min_reads),
+        penetration_miss_ratio: a.penetration_miss_ratio.unwrap_or(d.penetration_miss_ratio),
+        scan_max_per_s: a.scan_max_per_s.unwrap_or(d.scan_max_per_s),
+        auto_throttle: a.auto_throttle.unwrap_or(d.auto_throttle),
+        auto_throttle_rate: a.auto_throttle_rate.unwrap_or(d.auto_throttle_rate),
+        auto_throttle_s: a.auto_throttle_s.unwrap_or(d.auto_throttle_s),
+    };
+    if !(1..=MAX_ATTACKS_WINDOW_S).contains(&out.window_s) {
+        err(
+            "attacks.window_s",
+            format!(
+                "{}: must be 1 to {MAX_ATTACKS_WINDOW_S} seconds",
+                out.window_s
+            ),
+        );
+    }
+    if out.penetration_min_reads == 0 {
+        err(
+            "attacks.penetration_min_reads",
+            "0: a single missed GET would make a pod suspected; use attacks.enabled: false to turn detection off".into(),
+        );
+    }
+    let r = out.penetration_miss_ratio;
+    if !(r.is_finite() && r > 0.0 && r <= 1.0) {
+        err(
+            "attacks.penetration_miss_ratio",
+            format!("{r}: must be a fraction above 0 and at most 1 (0.9 = 90 % of lookups miss)"),
+        );
+    }
+    if out.scan_max_per_s == 0 {
+        err(
+            "attacks.scan_max_per_s",
+            "0: every SCAN would make a pod suspected; use attacks.enabled: false to turn detection off".into(),
+        );
+    }
+    if out.auto_throttle_rate == 0 {
+        err(
+            "attacks.auto_throttle_rate",
+            "0: a throttled pod could run no command at all; give its commands/s (use attacks.auto_throttle: false to not throttle)".into(),
+        );
+    }
+    if !(1..=86_400).contains(&out.auto_throttle_s) {
+        err(
+            "attacks.auto_throttle_s",
+            format!("{}: must be 1 to 86400 seconds", out.auto_throttle_s),
+        );
+    }
+    AttackSettings {
+        // An invalid ratio is reported above; keep a comparable value meanwhile.
+        penetration_miss_ratio: if r.is_finite() {
+            r
+        } else {
+            d.penetration_miss_ratio
+        },
+        ..out
+    }
 }
 
 fn validate_proxy(p: &RawProxy, err: &mut impl FnMut(&str, String)) -> ProxySettings {
@@ -2064,6 +2155,35 @@ endpoints:
                 "local_cache.max_value_bytes: 11",
             ],
         );
+    }
+
+    #[test]
+    fn attacks_settings_defaults_and_every_bad_field() {
+        let cfg = check_ok(GOOD);
+        assert_eq!(cfg.attacks, AttackSettings::default());
+        assert!(cfg.attacks.enabled && !cfg.attacks.auto_throttle);
+        let cfg = check_ok(&format!(
+            "{GOOD}attacks: {{window_s: 2, penetration_min_reads: 50, penetration_miss_ratio: 0.5, scan_max_per_s: 5, auto_throttle: true, auto_throttle_rate: 20, auto_throttle_s: 3}}\n"
+        ));
+        assert_eq!(cfg.attacks.window_s, 2);
+        assert_eq!(cfg.attacks.penetration_miss_ratio, 0.5);
+        assert!(cfg.attacks.auto_throttle);
+        let dump = serde_json::to_value(&cfg).expect("serializes");
+        assert_eq!(dump["attacks"]["auto_throttle_rate"], 20);
+        let errs = check(&format!(
+            "{GOOD}attacks: {{window_s: 0, penetration_min_reads: 0, penetration_miss_ratio: 1.5, scan_max_per_s: 0, auto_throttle_rate: 0, auto_throttle_s: 0, bogus: 1}}\n"
+        ));
+        for f in [
+            "attacks.window_s: 0",
+            "attacks.penetration_min_reads: 0",
+            "attacks.penetration_miss_ratio: 1.5",
+            "attacks.scan_max_per_s: 0",
+            "attacks.auto_throttle_rate: 0",
+            "attacks.auto_throttle_s: 0",
+            "attacks.bogus: unknown field",
+        ] {
+            assert!(errs.iter().any(|e| e.starts_with(f)), "{f} not in {errs:?}");
+        }
     }
 
     #[test]

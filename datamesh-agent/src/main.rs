@@ -3,6 +3,7 @@
 
 mod admin;
 mod app;
+mod attacks_cli;
 mod bigkeys_cli;
 mod config;
 mod conns;
@@ -100,6 +101,19 @@ enum Command {
     CheckConfig {
         #[arg(long)]
         config: PathBuf,
+    },
+    /// Pods suspected of cache penetration or key scanning (the running agent's admin
+    /// `/attacks`).
+    Attacks {
+        /// The agent's admin_listen.
+        #[arg(long, default_value = config::DEFAULT_ADMIN_LISTEN)]
+        admin: std::net::SocketAddr,
+        /// The admin bearer token (admin_token_file), when the agent requires one.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// The JSON reply instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Keys with big replies (the running agent's admin `/bigkeys`).
     Bigkeys {
@@ -262,6 +276,19 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&doc)?);
             } else {
                 print!("{}", bigkeys_cli::format_table(&doc));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Attacks {
+            admin,
+            token_file,
+            json,
+        } => {
+            let doc = attacks_cli::fetch(admin, token_file.as_deref())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                print!("{}", attacks_cli::format_table(&doc));
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -18,7 +18,7 @@
 //!
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -167,6 +167,11 @@ pub struct PodStats {
     auth: AuthFailures,
     /// Entries stay (count 0) once made: a user's next script costs no allocation.
     scripts: Mutex<Vec<ScriptRun>>,
+    /// A temporary command rate set by the key-attack detection ([`crate::attacks`]): in force
+    /// (tightening the configured one) until `auto_until_ns` (0 = none); `auto_kind` says why.
+    auto_rate: AtomicU32,
+    auto_until_ns: AtomicU64,
+    auto_kind: AtomicU8,
 }
 
 impl PodStats {
@@ -189,6 +194,66 @@ impl PodStats {
             has_acl: AtomicBool::new(false),
             auth: AuthFailures::default(),
             scripts: Mutex::new(Vec::new()),
+            auto_rate: AtomicU32::new(0),
+            auto_until_ns: AtomicU64::new(0),
+            auto_kind: AtomicU8::new(0),
+        }
+    }
+
+    /// Limits the pod to `rate` commands/s (or its configured rate, if lower) until `until_ns`
+    /// (the registry's clock), because it is suspected of `kind`.
+    pub fn set_auto_throttle(&self, rate: u32, until_ns: u64, kind: crate::attacks::Kind) {
+        self.auto_rate.store(rate.max(1), Ordering::Relaxed);
+        self.auto_kind.store(
+            match kind {
+                crate::attacks::Kind::Penetration => 1,
+                crate::attacks::Kind::Scan => 2,
+            },
+            Ordering::Relaxed,
+        );
+        self.auto_until_ns.store(until_ns, Ordering::Release);
+    }
+
+    /// The automatic throttle in force at `now_ns`: (rate, until_ns, why).
+    pub fn auto_throttle(&self, now_ns: u64) -> Option<(u32, u64, crate::attacks::Kind)> {
+        let until = self.auto_until_ns.load(Ordering::Acquire);
+        if until == 0 || now_ns >= until {
+            return None;
+        }
+        let kind = match self.auto_kind.load(Ordering::Relaxed) {
+            2 => crate::attacks::Kind::Scan,
+            _ => crate::attacks::Kind::Penetration,
+        };
+        Some((self.auto_rate.load(Ordering::Relaxed), until, kind))
+    }
+
+    /// Ends an automatic throttle whose time is up; true when there was one.
+    pub fn clear_expired_auto_throttle(&self, now_ns: u64) -> bool {
+        let until = self.auto_until_ns.load(Ordering::Acquire);
+        until != 0
+            && now_ns >= until
+            && self
+                .auto_until_ns
+                .compare_exchange(until, 0, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+    }
+
+    /// What the throttle error adds while an automatic throttle is in force ("" otherwise).
+    pub fn throttle_note(&self, now_ns: u64) -> &'static str {
+        match self.auto_throttle(now_ns) {
+            Some((_, _, kind)) => kind.throttle_note(),
+            None => "",
+        }
+    }
+
+    /// The rate and burst in force at `now_ns` (an automatic throttle tightens the configured
+    /// ones; its burst is a tenth of a second of commands).
+    fn effective(&self, now_ns: u64) -> (u32, u32) {
+        let rate = self.rate.load(Ordering::Relaxed);
+        let burst = self.burst.load(Ordering::Relaxed);
+        match self.auto_throttle(now_ns) {
+            Some((auto, _, _)) if rate == 0 || auto < rate => (auto, (auto / 10).max(1)),
+            _ => (rate, burst),
         }
     }
 
@@ -320,9 +385,10 @@ impl PodStats {
         )
     }
 
-    /// True when the pod has a command-rate limit (checked before anything else per command).
+    /// True when the pod has a command-rate limit (checked before anything else per command),
+    /// or had an automatic one not cleared yet ([`PodStats::check`] knows whether it is over).
     pub fn limited(&self) -> bool {
-        self.rate.load(Ordering::Relaxed) != 0
+        self.rate.load(Ordering::Relaxed) != 0 || self.auto_until_ns.load(Ordering::Relaxed) != 0
     }
 
     pub fn set_policy(&self, rate: u32, burst: u32) {
@@ -373,11 +439,10 @@ impl PodStats {
 
     /// GCRA check of one command at `now_ns`, delaying up to `max_delay`.
     pub fn check(&self, now_ns: u64, max_delay: Duration) -> Throttle {
-        let rate = self.rate.load(Ordering::Relaxed);
+        let (rate, burst) = self.effective(now_ns);
         if rate == 0 {
             return Throttle::Allow;
         }
-        let burst = self.burst.load(Ordering::Relaxed);
         let interval = 1_000_000_000u64 / rate as u64;
         let burst_ns = burst.max(1) as u64 * interval;
         loop {

@@ -165,6 +165,8 @@ pub struct SessionSettings {
     pub hotkeys: crate::hotkeys::HotKeySettings,
     /// The node-local cache of hot read-mostly keys (`local_cache:`).
     pub local_cache: crate::localcache::LocalCacheSettings,
+    /// Cache-penetration and key-scan detection (`attacks:`).
+    pub attacks: crate::attacks::AttackSettings,
 }
 
 pub const DEFAULT_MEMORY_BUDGET: u64 = 1024 * 1024 * 1024;
@@ -202,6 +204,7 @@ impl Default for SessionSettings {
             bigkeys: crate::bigkeys::BigKeySettings::default(),
             hotkeys: Default::default(),
             local_cache: Default::default(),
+            attacks: Default::default(),
         }
     }
 }

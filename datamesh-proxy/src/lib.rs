@@ -21,9 +21,12 @@
 //!   registry); [`acl_log`]: `ACL LOG`;
 //! - [`hotkeys`]: per-endpoint top keys by operations over a sliding window (space-saving);
 //!   [`keyrules`]: throttle and deny rules by key, command and pod (config, runtime, auto).
+//! - [`attacks`]: cache-penetration and key-scan detection per pod and endpoint, alerts and the
+//!   optional automatic throttle of a suspected pod.
 
 pub mod accounting;
 pub mod acl_log;
+pub mod attacks;
 pub mod attribution;
 pub mod backend;
 pub mod bigkeys;

@@ -163,6 +163,8 @@ pub struct ProxyMetrics {
     pub local_cache_flushes: Family<EndpointLabels, Counter>,
     pub local_cache_bytes: Family<EndpointLabels, Gauge>,
     pub local_cache_keys: Family<EndpointLabels, Gauge>,
+    /// Key-attack detection ([`crate::attacks`]).
+    pub attacks: Arc<crate::attacks::AttackMetrics>,
 }
 
 impl ProxyMetrics {
@@ -184,6 +186,7 @@ impl ProxyMetrics {
     }
 
     pub fn register(&self, registry: &mut Registry) {
+        self.attacks.register(registry);
         registry.register(
             "proxy_local_cache_hits",
             "GETs answered from the node-local cache (local_cache)",

@@ -30,6 +30,8 @@ pub struct Shared {
     pub bigkeys: Arc<crate::bigkeys::BigKeys>,
     /// Key rules (throttle, deny): config, runtime and automatic ones.
     pub keyrules: Arc<crate::keyrules::KeyRules>,
+    /// Cache-penetration and key-scan detection per pod and endpoint (`/attacks`).
+    pub attacks: Arc<crate::attacks::Attacks>,
     settings: RwLock<Arc<SessionSettings>>,
     /// Bumped on every settings swap: sessions keep their copy and look only at this.
     generation: AtomicU64,
@@ -47,6 +49,10 @@ impl Shared {
     ) -> Self {
         let budget = metrics.budget.clone();
         budget.set_limit(settings.memory_budget);
+        let attacks = Arc::new(crate::attacks::Attacks::new(
+            pod_limits.clone(),
+            metrics.attacks.clone(),
+        ));
         Self {
             attribution,
             metrics,
@@ -55,6 +61,7 @@ impl Shared {
             acl_log: AclLog::default(),
             bigkeys: Arc::default(),
             keyrules: Arc::default(),
+            attacks,
             settings: RwLock::new(Arc::new(settings)),
             generation: AtomicU64::new(0),
             client_ids: AtomicU64::new(0),

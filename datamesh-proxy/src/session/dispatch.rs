@@ -18,6 +18,7 @@ use super::state::{attempted_user, unsubscribed_reply, wrong_args, PubSub, Serve
 use super::{Input, Lane, Session, StallDone};
 use crate::accounting::Throttle;
 use crate::acl_log::Reason;
+use crate::attacks;
 use crate::backend::Dedicated;
 use crate::bigkeys::{self, BigTag};
 use crate::commands::acl::{self, catalog};
@@ -69,6 +70,8 @@ impl Session {
         // Hot keys: one short lock per round, not per command.
         self.hot
             .flush(&self.ep.hotkeys, &self.pod, &self.settings.hotkeys);
+        // Key-attack counts: three relaxed adds per round at most.
+        self.tally.flush(&self.attacks);
     }
 
     pub(super) fn stall_done(&mut self, done: StallDone) {
@@ -169,8 +172,9 @@ impl Session {
                 self.commands_total.inc();
                 self.shared.metrics.throttled.inc();
                 let r = Reply::error(&format!(
-                    "ERR throttled: pod {} is over its command rate limit",
-                    self.pod.name()
+                    "ERR throttled: pod {} is over its command rate limit{}",
+                    self.pod.name(),
+                    self.pod.throttle_note(limits.now_ns())
                 ));
                 self.push_reply(r);
                 Admit::Refused
@@ -754,6 +758,15 @@ impl Session {
             return Need::Go;
         };
         let cache_guard = self.cache_guard(rt, spec, &cmd);
+        if let Some(s) = spec.filter(|_| self.settings.attacks.enabled) {
+            // Key attacks: lookups tag their reply slot (pushed below on every path), scans
+            // are counted.
+            match attacks::look_of(s, &cmd) {
+                attacks::Class::Lookup(l) => self.next_look = l,
+                attacks::Class::Scan => self.tally.scans += 1,
+                attacks::Class::Other => {}
+            }
+        }
         let class = spec.map(|s| s.replay).unwrap_or(ReplayClass::Write);
         if rt.router.is_cluster() {
             if let Some(s) = spec {

@@ -41,6 +41,7 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::accounting::{PodStats, Slot};
+use crate::attacks::{Look, Tally};
 use crate::attribution::{ConnEvent, Identity};
 use crate::backend::{BackendError, Dedicated};
 use crate::bigkeys::BigTag;
@@ -115,10 +116,12 @@ struct Pending {
     req_bytes: u64,
     /// Its command and key, for the big-reply check (forwarded keyed commands only).
     big: Option<BigTag>,
+    /// Whether its reply is a lookup's, for the key-attack detection.
+    look: Look,
 }
 
 impl Future for Pending {
-    type Output = (Reply, bool, Option<BigTag>);
+    type Output = (Reply, bool, Option<BigTag>, Look);
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let silent = self.silent;
         let r = std::task::ready!(self.call.poll_unpin(cx));
@@ -127,7 +130,7 @@ impl Future for Pending {
         if !silent {
             self.mem.add_output(r.raw.len() as u64);
         }
-        Poll::Ready((r, silent, self.big.take()))
+        Poll::Ready((r, silent, self.big.take(), self.look))
     }
 }
 
@@ -240,6 +243,12 @@ pub struct Session {
     key_rules: Vec<Arc<crate::keyrules::Rule>>,
     key_rules_gen: u64,
     key_admitted: bool,
+    /// Key-attack detection: the lookup tag of the next reply slot (set by the forwarding
+    /// path), this session's counts since the last round, and where they go (this pod on this
+    /// endpoint).
+    next_look: Look,
+    tally: Tally,
+    attacks: Arc<crate::attacks::Entry>,
 }
 
 impl Drop for Session {
@@ -249,6 +258,7 @@ impl Drop for Session {
             g.set_gone();
         }
         self.mem.release();
+        self.tally.flush(&self.attacks);
     }
 }
 
@@ -294,6 +304,7 @@ impl Session {
         }))
         .clone();
         let now = tokio::time::Instant::now();
+        let attacks = shared.attacks.entry(&ep.name, &pod);
         Self {
             mem,
             counted: 0,
@@ -337,6 +348,9 @@ impl Session {
             // Not a generation the rule set has: the first round takes the rules.
             key_rules_gen: u64::MAX,
             key_admitted: false,
+            next_look: Look::None,
+            tally: Tally::default(),
+            attacks,
         }
     }
 
@@ -449,15 +463,23 @@ impl Session {
                 why = std::future::poll_fn(|cx| self.mem.poll_closed(cx)) => {
                     return self.end(client, why);
                 }
-                Some((reply, silent, big)) = self.pending.next(), if !self.pending.is_empty() => {
+                Some((reply, silent, big, look)) = self.pending.next(), if !self.pending.is_empty() => {
                     if !silent {
                         self.wbuf.push(&reply.raw);
+                    }
+                    if look.is_some() {
+                        self.tally.reply(look, &reply.raw);
                     }
                     if reply.raw.len() >= self.big_floor {
                         self.big_reply(&reply, big);
                     }
                     let n = 1 + self.gather_ready();
                     self.replies_taken(n);
+                    if self.pending.is_empty() {
+                        // Nothing in flight: the last replies' lookups count now, not at the
+                        // client's next command.
+                        self.tally.flush(&self.attacks);
+                    }
                 }
                 done = next_stall(&mut self.stall), if has_stall => {
                     self.stall = None;
@@ -604,9 +626,12 @@ impl Session {
     /// Appends every reply that is already in (one write for all of them); returns how many.
     fn gather_ready(&mut self) -> usize {
         let mut n = 0;
-        while let Some(Some((r, silent, big))) = self.pending.next().now_or_never() {
+        while let Some(Some((r, silent, big, look))) = self.pending.next().now_or_never() {
             if !silent {
                 self.wbuf.push(&r.raw);
+            }
+            if look.is_some() {
+                self.tally.reply(look, &r.raw);
             }
             if r.raw.len() >= self.big_floor {
                 self.big_reply(&r, big);
@@ -868,6 +893,7 @@ impl Session {
             mem: self.mem.clone(),
             req_bytes,
             big: self.next_big.take(),
+            look: std::mem::take(&mut self.next_look),
         });
     }
 

@@ -473,7 +473,7 @@ pub fn hot_key(env: &mut Env, o: &KeyDrillOptions) -> Result<HotKeyReport> {
     let (p, ()) = phase(
         env,
         "local-cache",
-        format!("the same, local_cache on"),
+        "the same, local_cache on".to_string(),
         secs,
         Some(hot(HOT_KEY)),
         |_| Ok(()),
@@ -593,14 +593,15 @@ fn auto_rule(env: &Env, key: &str) -> Result<Option<Value>> {
         .cloned())
 }
 
-/// The pod's entry at `/attacks` when it is suspected.
+/// The pod's entry at `/attacks` (`endpoints: {name: [{pod, kind, ...}]}`) when it is
+/// suspected.
 fn suspected(env: &Env, pod: &str) -> Result<Option<Value>> {
     let v = get_json(env, "/attacks")?;
     let found = v["endpoints"]
-        .as_array()
+        .as_object()
         .into_iter()
-        .flatten()
-        .flat_map(|e| e["suspected"].as_array().cloned().unwrap_or_default())
+        .flat_map(|m| m.values())
+        .flat_map(|list| list.as_array().cloned().unwrap_or_default())
         .find(|s| s["pod"].as_str() == Some(pod));
     Ok(found)
 }

@@ -440,36 +440,49 @@ impl PodStats {
     /// GCRA check of one command at `now_ns`, delaying up to `max_delay`.
     pub fn check(&self, now_ns: u64, max_delay: Duration) -> Throttle {
         let (rate, burst) = self.effective(now_ns);
-        if rate == 0 {
-            return Throttle::Allow;
-        }
-        let interval = 1_000_000_000u64 / rate as u64;
-        let burst_ns = burst.max(1) as u64 * interval;
-        loop {
-            let tat = self.tat_ns.load(Ordering::Acquire);
-            let (new_tat, wait) = match gcra_allow(tat, now_ns, rate, burst) {
-                Some(t) => (t, 0),
-                None => {
-                    // Allowed once `new_tat - t <= burst * interval`.
-                    let new_tat = tat.max(now_ns) + interval;
-                    let wait = new_tat.saturating_sub(burst_ns).saturating_sub(now_ns);
-                    if wait > max_delay.as_nanos() as u64 {
-                        return Throttle::Refuse;
-                    }
-                    (new_tat, wait)
+        gcra_take(&self.tat_ns, now_ns, rate, burst, max_delay)
+    }
+}
+
+/// One command through the GCRA bucket whose theoretical arrival time is `tat_ns` (`rate`
+/// per second, `burst`; 0 = no limit) at `now_ns`: allowed, delayed up to `max_delay` (the
+/// bucket is charged now, the command waits its turn), or refused past it. Lock-free: the pod
+/// limit and the key rules' buckets ([`crate::keyrules`]) share it.
+pub fn gcra_take(
+    tat_ns: &AtomicU64,
+    now_ns: u64,
+    rate: u32,
+    burst: u32,
+    max_delay: Duration,
+) -> Throttle {
+    if rate == 0 {
+        return Throttle::Allow;
+    }
+    let interval = 1_000_000_000u64 / u64::from(rate);
+    let burst_ns = u64::from(burst.max(1)) * interval;
+    loop {
+        let tat = tat_ns.load(Ordering::Acquire);
+        let (new_tat, wait) = match gcra_allow(tat, now_ns, rate, burst) {
+            Some(t) => (t, 0),
+            None => {
+                // Allowed once `new_tat - t <= burst * interval`.
+                let new_tat = tat.max(now_ns) + interval;
+                let wait = new_tat.saturating_sub(burst_ns).saturating_sub(now_ns);
+                if wait > max_delay.as_nanos() as u64 {
+                    return Throttle::Refuse;
                 }
-            };
-            if self
-                .tat_ns
-                .compare_exchange(tat, new_tat, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-            {
-                return if wait == 0 {
-                    Throttle::Allow
-                } else {
-                    Throttle::Delay(Duration::from_nanos(wait))
-                };
+                (new_tat, wait)
             }
+        };
+        if tat_ns
+            .compare_exchange(tat, new_tat, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            return if wait == 0 {
+                Throttle::Allow
+            } else {
+                Throttle::Delay(Duration::from_nanos(wait))
+            };
         }
     }
 }

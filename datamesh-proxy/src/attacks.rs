@@ -456,16 +456,20 @@ impl Attacks {
             .clone()
     }
 
-    /// One look at every window (once a second): metrics, suspicion, alerts, throttles.
-    pub fn tick(&self, s: &AttackSettings) {
-        *self.settings.lock().unwrap_or_else(|p| p.into_inner()) = *s;
-        let entries: Vec<Arc<Entry>> = self
-            .entries
+    /// Every pod-and-endpoint entry now (a snapshot: the lock is held only to copy it).
+    fn entries(&self) -> Vec<Arc<Entry>> {
+        self.entries
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .values()
             .cloned()
-            .collect();
+            .collect()
+    }
+
+    /// One look at every window (once a second): metrics, suspicion, alerts, throttles.
+    pub fn tick(&self, s: &AttackSettings) {
+        *self.settings.lock().unwrap_or_else(|p| p.into_inner()) = *s;
+        let entries = self.entries();
         let now_ns = self.pods.now_ns();
         let wall = unix_now();
         // Per pod (its throttle covers all its endpoints): its name, whether throttled now.
@@ -599,13 +603,7 @@ impl Attacks {
     /// The suspected pods, by endpoint then pod.
     pub fn suspects(&self) -> Vec<Suspect> {
         let s = *self.settings.lock().unwrap_or_else(|p| p.into_inner());
-        let entries: Vec<Arc<Entry>> = self
-            .entries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let entries = self.entries();
         let now_ns = self.pods.now_ns();
         let wall = unix_now();
         let mut out = Vec::new();

@@ -8,10 +8,11 @@
 //!   its commands on their way to a backend until their reply is in (in a backend queue, in
 //!   flight, or in the hold queue: a request is kept for replay until answered);
 //! - output: replies that are in but not written to the client yet (also those parked behind
-//!   an earlier, slower reply; a big one until it is written in full, as its allocation is
-//!   held until then), and pub/sub messages waiting to be written;
-//! - assembling: a big reply to it that a backend connection is still reading (counted for
-//!   the budget and the shedder's choice, not for the output limits).
+//!   an earlier, slower reply), and pub/sub messages waiting to be written;
+//! - held: memory kept for it outside those counts: a big reply a backend connection is still
+//!   reading for it, and the written part of a big reply whose allocation is freed only once
+//!   it is written in full (counted for the budget and the shedder's choice, not for the
+//!   output limits, which count unwritten reply bytes as Redis does).
 //!
 //! Limits, with Redis's semantics (`client-output-buffer-limit`, `client-query-buffer-limit`,
 //! `maxmemory-clients`):
@@ -241,7 +242,7 @@ impl Budget {
             budget: self.clone(),
             input: AtomicU64::new(0),
             output: AtomicU64::new(0),
-            assembling: AtomicU64::new(0),
+            held: AtomicU64::new(0),
             published: AtomicU64::new(0),
             hard: AtomicU64::new(limit.hard),
             soft: AtomicU64::new(limit.soft),
@@ -396,7 +397,8 @@ pub struct ClientMem {
     budget: Arc<Budget>,
     input: AtomicU64,
     output: AtomicU64,
-    assembling: AtomicU64,
+    /// Bytes held outside `input` and `output` (see the module docs).
+    held: AtomicU64,
     /// What this client has added to the global counter.
     published: AtomicU64,
     hard: AtomicU64,
@@ -426,13 +428,13 @@ impl ClientMem {
         self.output.load(Ordering::Relaxed)
     }
 
-    /// A reply to it a backend connection is still assembling.
-    pub fn assembling(&self) -> u64 {
-        self.assembling.load(Ordering::Relaxed)
+    /// Bytes held for it outside its input and output counts (see the module docs).
+    pub fn held(&self) -> u64 {
+        self.held.load(Ordering::Relaxed)
     }
 
     pub fn total(&self) -> u64 {
-        self.input() + self.output() + self.assembling()
+        self.input() + self.output() + self.held()
     }
 
     /// The output class now in force (normal or pub/sub).
@@ -471,18 +473,18 @@ impl ClientMem {
         self.sync();
     }
 
-    /// A backend reader counts (`add`) or stops counting (`!add`) `n` bytes of a reply to
-    /// this client it is still assembling: they count for the global budget (and make this
-    /// client the one to shed when they are the most), not for the output limits, which
-    /// apply to replies produced, as on Redis.
-    pub fn assembling_bytes(&self, n: u64, add: bool) {
+    /// Counts (`add`) or stops counting (`!add`) `n` bytes held for this client outside its
+    /// input and output (a backend reader's reply still being assembled; a big reply's written
+    /// part, until it is freed): they count for the global budget (and make this client the
+    /// one to shed when they are the most), not for the output limits.
+    pub fn held_bytes(&self, n: u64, add: bool) {
         if n == 0 {
             return;
         }
         if add {
-            self.assembling.fetch_add(n, Ordering::Relaxed);
+            self.held.fetch_add(n, Ordering::Relaxed);
         } else {
-            self.assembling.fetch_sub(n, Ordering::Relaxed);
+            self.held.fetch_sub(n, Ordering::Relaxed);
         }
         self.sync();
     }
@@ -516,7 +518,7 @@ impl ClientMem {
 
     /// Publishes the client's total to the global counter when it moved enough. Safe from
     /// two threads at once (the session, and a backend reader counting a reply it is still
-    /// assembling): each publish moves `published` by a compare-and-swap and publishes exactly
+    /// holding): each publish moves `published` by a compare-and-swap and publishes exactly
     /// that move, and the total is looked at again after it, so the last caller leaves the
     /// global count matching the final total.
     fn sync(&self) {

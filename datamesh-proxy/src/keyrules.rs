@@ -466,37 +466,13 @@ impl Rule {
     /// GCRA check of one command at `now_ns`, waiting up to `max_delay` (the pod limit's
     /// algorithm, one bucket per rule).
     pub fn take(&self, now_ns: u64, max_delay: Duration) -> Throttle {
-        let (rate, burst) = (self.spec.rate, self.spec.burst);
-        if rate == 0 {
-            return Throttle::Allow;
-        }
-        let interval = 1_000_000_000u64 / u64::from(rate);
-        let burst_ns = u64::from(burst.max(1)) * interval;
-        loop {
-            let tat = self.tat_ns.load(Ordering::Acquire);
-            let (new_tat, wait) = match datamesh_common::gcra_allow(tat, now_ns, rate, burst) {
-                Some(t) => (t, 0),
-                None => {
-                    let new_tat = tat.max(now_ns) + interval;
-                    let wait = new_tat.saturating_sub(burst_ns).saturating_sub(now_ns);
-                    if wait > max_delay.as_nanos() as u64 {
-                        return Throttle::Refuse;
-                    }
-                    (new_tat, wait)
-                }
-            };
-            if self
-                .tat_ns
-                .compare_exchange(tat, new_tat, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-            {
-                return if wait == 0 {
-                    Throttle::Allow
-                } else {
-                    Throttle::Delay(Duration::from_nanos(wait))
-                };
-            }
-        }
+        crate::accounting::gcra_take(
+            &self.tat_ns,
+            now_ns,
+            self.spec.rate,
+            self.spec.burst,
+            max_delay,
+        )
     }
 
     /// Counts an action on `pod` (one short lock; only when the rule acts).

@@ -552,6 +552,17 @@ impl Agent {
         http_get_auth(self.ready()?.admin, path, self.admin_token.as_deref())
     }
 
+    /// [`http_request`] on the admin listener with the harness's admin token.
+    pub fn http_request(&self, method: &str, path: &str, body: &str) -> Result<(u16, String)> {
+        http_request(
+            self.ready()?.admin,
+            method,
+            path,
+            body,
+            self.admin_token.as_deref(),
+        )
+    }
+
     /// The token to send with every admin request of the harness (the content of the
     /// config's `admin_token_file`).
     pub fn set_admin_token(&mut self, token: Option<&str>) {
@@ -764,19 +775,39 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
 /// [`http_get`] with `Authorization: Bearer <token>` when `token` is given (the admin
 /// endpoint with `admin_token_file`).
 pub fn http_get_auth(addr: SocketAddr, path: &str, token: Option<&str>) -> Result<(u16, String)> {
+    http_request(addr, "GET", path, "", token)
+}
+
+/// One HTTP/1.1 request on the admin listener (`Connection: close`), with a JSON `body` when it
+/// is not empty and `Authorization: Bearer <token>` when `token` is given: (status, body).
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+    token: Option<&str>,
+) -> Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
         .with_context(|| format!("connecting to admin {addr}"))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
+    let content = if body.is_empty() && method == "GET" {
+        String::new()
+    } else {
+        format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        )
+    };
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}{content}Connection: close\r\n\r\n{body}"
     )?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)
-        .with_context(|| format!("reading GET {path} response"))?;
+        .with_context(|| format!("reading {method} {path} response"))?;
     let text = String::from_utf8_lossy(&raw).into_owned();
     let (head, body) = text
         .split_once("\r\n\r\n")

@@ -40,12 +40,7 @@ pub fn cache_yaml(on: bool) -> String {
 
 /// `cmdstat_get` calls of the endpoint's redis-server.
 pub fn backend_gets(env: &Env) -> Result<u64> {
-    let stats = env.redis().info("commandstats")?;
-    Ok(stats
-        .get("cmdstat_get")
-        .and_then(|v| v.split(',').find_map(|f| f.strip_prefix("calls=")))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0))
+    env.redis().command_calls("get")
 }
 
 /// The first sample of `name` for the endpoint (0 when absent).

@@ -28,8 +28,6 @@
 //! In every phase the bystanders' errors and p99 are reported beside the baseline's.
 
 use std::fmt::Write as _;
-use std::io::{Read, Write as _};
-use std::net::{SocketAddr, TcpStream};
 use std::thread;
 use std::time::Duration;
 
@@ -242,21 +240,6 @@ fn seed(env: &Env) -> Result<()> {
     Ok(())
 }
 
-/// The backend's total GET calls (`INFO commandstats`).
-fn backend_gets(env: &Env) -> Result<u64> {
-    let mut c = RespConn::connect(env.redis().addr())?;
-    let info = match c.cmd_bytes(&[b"INFO", b"commandstats"])? {
-        Reply::Bulk(Some(b)) => String::from_utf8_lossy(&b).into_owned(),
-        other => bail!("INFO commandstats answered {other:?}"),
-    };
-    Ok(info
-        .lines()
-        .find_map(|l| l.strip_prefix("cmdstat_get:calls="))
-        .and_then(|r| r.split(',').next())
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or(0))
-}
-
 fn key_load(env: &Env, pod: &str, mode: &str, seconds: f64, extra: &[String]) -> Result<Value> {
     let svc = env.service_addr();
     let mut args = vec![
@@ -290,7 +273,7 @@ fn phase<T: Send>(
     offender: Option<Offender<'_>>,
     watch: impl FnOnce(f64) -> Result<T> + Send,
 ) -> Result<(Phase, T)> {
-    let gets0 = backend_gets(env)?;
+    let gets0 = env.redis().command_calls("get")?;
     let start = mono_now();
     let web_args = vec![
         "--threads".to_string(),
@@ -322,7 +305,7 @@ fn phase<T: Send>(
         (web, off, watched)
     });
     let elapsed = (mono_now() - start).max(0.001);
-    let gets = backend_gets(env)?.saturating_sub(gets0) as f64 / elapsed;
+    let gets = env.redis().command_calls("get")?.saturating_sub(gets0) as f64 / elapsed;
     let p = Phase {
         name,
         what,
@@ -429,23 +412,26 @@ fn first_error_ms(p: &Phase, kind: &str, since: f64) -> Option<f64> {
     Some((t - since) * 1000.0)
 }
 
-/// The hot-key drill (module docs), in an env from [`hot_key_env`].
-pub fn hot_key(env: &mut Env, o: &KeyDrillOptions) -> Result<HotKeyReport> {
-    start_agent(env, &hot_key_yaml(""))?;
+/// Starts the agent with `yaml`, seeds the keys and runs the baseline phase.
+fn begin(env: &mut Env, yaml: &str, seconds: f64) -> Result<Phase> {
+    start_agent(env, yaml)?;
     seed(env)?;
-    let hammer_pod = env.pod("hammer").netns_name().to_string();
-    let secs = o.seconds;
-    let mut phases = Vec::new();
-
     let (p, ()) = phase(
         env,
         "baseline",
         "bystanders only".into(),
-        secs,
+        seconds,
         None,
         |_| Ok(()),
     )?;
-    phases.push(p);
+    Ok(p)
+}
+
+/// The hot-key drill (module docs), in an env from [`hot_key_env`].
+pub fn hot_key(env: &mut Env, o: &KeyDrillOptions) -> Result<HotKeyReport> {
+    let mut phases = vec![begin(env, &hot_key_yaml(""), o.seconds)?];
+    let hammer_pod = env.pod("hammer").netns_name().to_string();
+    let secs = o.seconds;
 
     let hot = |key: &str| Offender {
         pod: "hammer",
@@ -517,20 +503,9 @@ pub fn hot_key(env: &mut Env, o: &KeyDrillOptions) -> Result<HotKeyReport> {
 
 /// The key-attack drill (module docs), in an env from [`key_attack_env`].
 pub fn key_attack(env: &mut Env, o: &KeyDrillOptions) -> Result<KeyAttackReport> {
-    start_agent(env, &key_attack_yaml(o))?;
-    seed(env)?;
+    let mut phases = vec![begin(env, &key_attack_yaml(o), o.seconds)?];
     let attacker_pod = env.pod("attacker").netns_name().to_string();
     let secs = o.seconds;
-    let mut phases = Vec::new();
-    let (p, ()) = phase(
-        env,
-        "baseline",
-        "bystanders only".into(),
-        secs,
-        None,
-        |_| Ok(()),
-    )?;
-    phases.push(p);
 
     let flood = || Offender {
         pod: "attacker",
@@ -562,7 +537,9 @@ pub fn key_attack(env: &mut Env, o: &KeyDrillOptions) -> Result<KeyAttackReport>
     let (p, posted) = phase(env, "block", what, secs, Some(flood()), |start| {
         thread::sleep(Duration::from_millis((secs * 250.0) as u64).min(Duration::from_secs(1)));
         let at = mono_now();
-        let (code, body) = admin_request(env, "POST", "/keyrules", Some(&rule.to_string()))?;
+        let (code, body) = env
+            .agent()
+            .http_request("POST", "/keyrules", &rule.to_string())?;
         ensure!(
             (200..300).contains(&code),
             "POST /keyrules answered {code}: {body}"
@@ -604,28 +581,6 @@ fn suspected(env: &Env, pod: &str) -> Result<Option<Value>> {
         .flat_map(|list| list.as_array().cloned().unwrap_or_default())
         .find(|s| s["pod"].as_str() == Some(pod));
     Ok(found)
-}
-
-/// One admin HTTP request with the drill's token.
-fn admin_request(env: &Env, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String)> {
-    let addr: SocketAddr = env.agent().ready()?.admin;
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let body = body.unwrap_or("");
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw)?;
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((raw.as_str(), ""));
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| anyhow!("malformed HTTP response {raw:?}"))?;
-    Ok((code, body.to_string()))
 }
 
 fn ms(v: Option<f64>) -> String {

@@ -279,3 +279,18 @@ pub fn parse_benchmark_csv(text: &str) -> Result<Vec<(String, f64, f64, f64)>> {
     }
     Ok(rows)
 }
+
+/// redis-cli in `pod` against the env's service address with `args`: stdout and stderr
+/// together, whatever the exit status (errors are what many checks look for).
+pub fn pod_cli(env: &crate::Env, pod: &crate::pod::Pod, args: &[&str]) -> Result<String> {
+    let svc = env.service_addr();
+    let mut cmd = pod.cmd("redis-cli");
+    cmd.args(["-h", &svc.ip().to_string(), "-p", &svc.port().to_string()])
+        .args(args);
+    let out = run_with_timeout(&mut cmd, std::time::Duration::from_secs(20))?;
+    Ok(format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
+}

@@ -199,6 +199,17 @@ impl RedisServer {
     }
 
     /// One integer field of `INFO <section>` (`total_connections_received` of `stats`).
+    /// How many times `command` (lower case, e.g. `get`) ran (`INFO commandstats`; 0 when it
+    /// never did).
+    pub fn command_calls(&self, command: &str) -> Result<u64> {
+        let stats = self.info("commandstats")?;
+        Ok(stats
+            .get(&format!("cmdstat_{command}"))
+            .and_then(|v| v.split(',').find_map(|f| f.strip_prefix("calls=")))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0))
+    }
+
     pub fn info_u64(&self, section: &str, field: &str) -> Result<u64> {
         let info = self.info(section)?;
         info.get(field)

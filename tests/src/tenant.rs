@@ -77,6 +77,19 @@ pub fn metric(env: &Env, name: &str, label: &str) -> Result<f64> {
         .sum())
 }
 
+/// The value of the first metric line starting with `prefix` (`name{labels}`), 0 when absent.
+pub fn metric_line(env: &Env, prefix: &str) -> Result<u64> {
+    let (code, body) = env.agent().http_get("/metrics")?;
+    anyhow::ensure!(code == 200, "/metrics answered {code}");
+    Ok(body
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .unwrap_or(0))
+}
+
 /// Samples the agent's RSS every 50 ms while `body` runs; returns its result and the peak.
 pub fn peak_rss_during<T>(env: &Env, body: impl FnOnce() -> Result<T> + Send) -> Result<(T, u64)>
 where

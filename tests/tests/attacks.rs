@@ -13,6 +13,7 @@ use anyhow::{ensure, Context, Result};
 use datamesh_tests::env::run_test;
 use datamesh_tests::pod::Pod;
 use datamesh_tests::proc::{run_ok, run_with_timeout};
+use datamesh_tests::proxy::pod_cli;
 use datamesh_tests::tenant::metric;
 use datamesh_tests::{wait_until, Env};
 use serde_json::Value;
@@ -36,20 +37,6 @@ fn bench(pod: &Pod, svc: std::net::SocketAddr, args: &[&str]) -> Result<Load> {
         .stderr(Stdio::null());
     Ok(Load(
         cmd.spawn().context("starting redis-benchmark in a pod")?,
-    ))
-}
-
-/// redis-cli in `pod` against the service address: stdout and stderr.
-fn cli(env: &Env, pod: &Pod, args: &[&str]) -> Result<String> {
-    let svc = env.service_addr();
-    let mut cmd = pod.cmd("redis-cli");
-    cmd.args(["-h", &svc.ip().to_string(), "-p", &svc.port().to_string()])
-        .args(args);
-    let out = run_with_timeout(&mut cmd, Duration::from_secs(20))?;
-    Ok(format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
     ))
 }
 
@@ -87,7 +74,7 @@ fn a_penetration_flood_is_named_and_the_bystander_is_not() {
                 format!("dmt{}-c", env.n()),
             );
             // Pod a: reads that hit (one key it set), as many as the flood.
-            let set = cli(env, env.pod("a"), &["SET", "present", "v"])?;
+            let set = pod_cli(env, env.pod("a"), &["SET", "present", "v"])?;
             ensure!(set.contains("OK"), "SET: {set}");
             let started = Instant::now();
             let _hits = bench(env.pod("a"), svc, &["-c", "2", "GET", "present"])?;
@@ -214,7 +201,7 @@ fn a_scan_flood_is_detected() {
             let _normal = bench(env.pod("a"), svc, &["-c", "1", "-t", "get,set"])?;
             // A few scans by the bystander are fine.
             for _ in 0..5 {
-                cli(env, env.pod("a"), &["SCAN", "0"])?;
+                pod_cli(env, env.pod("a"), &["SCAN", "0"])?;
             }
             let _scan = bench(env.pod("b"), svc, &["-c", "2", "SCAN", "0"])?;
             let v = wait_until(
@@ -329,7 +316,7 @@ fn auto_throttle_slows_the_flooding_pod_only() {
         |env| {
             let svc = env.service_addr();
             let (pod_a, pod_b) = (format!("dmt{}-a", env.n()), format!("dmt{}-b", env.n()));
-            cli(env, env.pod("a"), &["SET", "present", "v"])?;
+            pod_cli(env, env.pod("a"), &["SET", "present", "v"])?;
             let started = Instant::now();
             let flood = bench(
                 env.pod("b"),
@@ -387,7 +374,7 @@ fn auto_throttle_slows_the_flooding_pod_only() {
             let took = t.elapsed();
             eprintln!("bystander's burst of 300: {ok} answered in {took:?}");
             ensure!(ok == 300 && err.is_none(), "bystander: {ok} answered, {err:?}");
-            let hit = cli(env, env.pod("a"), &["GET", "present"])?;
+            let hit = pod_cli(env, env.pod("a"), &["GET", "present"])?;
             ensure!(hit.trim() == "v", "bystander GET: {hit}");
             ensure!(
                 metric(

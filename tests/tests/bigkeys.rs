@@ -12,39 +12,13 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use datamesh_tests::env::run_test;
-use datamesh_tests::pod::Pod;
 use datamesh_tests::proc::run_with_timeout;
+use datamesh_tests::proxy::pod_cli;
 use datamesh_tests::resp::Reply;
+use datamesh_tests::tenant::metric_line;
 use datamesh_tests::{wait_until, Env};
 
 const LIMIT: usize = 1024;
-
-/// redis-cli in `pod` against the service address; stdout and stderr whatever the exit status
-/// (an error reply is what some of these expect).
-fn cli(env: &Env, pod: &Pod, args: &[&str]) -> Result<String> {
-    let svc = env.service_addr();
-    let mut cmd = pod.cmd("redis-cli");
-    cmd.args(["-h", &svc.ip().to_string(), "-p", &svc.port().to_string()])
-        .args(args);
-    let out = run_with_timeout(&mut cmd, Duration::from_secs(20))?;
-    Ok(format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    ))
-}
-
-/// The value of the metric line starting with `prefix` (`name{labels}`), 0 when absent.
-fn metric(env: &Env, prefix: &str) -> Result<u64> {
-    let (_, body) = env.agent().http_get("/metrics")?;
-    Ok(body
-        .lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<f64>().ok())
-        .map(|v| v as u64)
-        .unwrap_or(0))
-}
 
 fn exists(env: &Env, key: &str) -> Result<bool> {
     Ok(env.redis().command(&[b"EXISTS", key.as_bytes()])? == Reply::Int(1))
@@ -61,23 +35,23 @@ fn value_guard_refuses_big_writes_per_pod() {
             let big = "x".repeat(LIMIT + 1);
             let small = "y".repeat(LIMIT);
 
-            let out = cli(env, a, &["SET", "bk:set", &big])?;
+            let out = pod_cli(env, a, &["SET", "bk:set", &big])?;
             let want = format!(
                 "ERR datamesh proxy: value of {} bytes for SET is over max_value_bytes ({LIMIT})",
                 LIMIT + 1
             );
             ensure!(out.contains(&want), "SET over the limit: {out:?}");
-            let out = cli(env, a, &["HSET", "bk:hash", "f", "1", "g", &big])?;
+            let out = pod_cli(env, a, &["HSET", "bk:hash", "f", "1", "g", &big])?;
             ensure!(
                 out.contains("for HSET is over max_value_bytes"),
                 "HSET: {out:?}"
             );
-            let out = cli(env, a, &["RPUSH", "bk:list", "a", &big])?;
+            let out = pod_cli(env, a, &["RPUSH", "bk:list", "a", &big])?;
             ensure!(
                 out.contains("for RPUSH is over max_value_bytes"),
                 "RPUSH: {out:?}"
             );
-            let out = cli(env, b, &["SETEX", "bk:setex", "100", &big])?;
+            let out = pod_cli(env, b, &["SETEX", "bk:setex", "100", &big])?;
             ensure!(
                 out.contains("for SETEX is over max_value_bytes"),
                 "SETEX: {out:?}"
@@ -87,13 +61,13 @@ fn value_guard_refuses_big_writes_per_pod() {
             }
             // Keys and field names are not values: a long field name with a small value passes;
             // so does a value at the limit.
-            let out = cli(env, a, &["SET", "bk:ok", &small])?;
+            let out = pod_cli(env, a, &["SET", "bk:ok", &small])?;
             ensure!(out.trim() == "OK", "SET at the limit: {out:?}");
-            let out = cli(env, a, &["HSET", "bk:h2", &big, "1"])?;
+            let out = pod_cli(env, a, &["HSET", "bk:h2", &big, "1"])?;
             ensure!(out.trim() == "1", "HSET with a long field name: {out:?}");
             ensure!(exists(env, "bk:ok")? && exists(env, "bk:h2")?);
             // An arity error stays Redis's (the proxy checks arity first, as Redis does).
-            let out = cli(env, a, &["HSET", "bk:h3", "f"])?;
+            let out = pod_cli(env, a, &["HSET", "bk:h3", "f"])?;
             ensure!(
                 out.contains("wrong number of arguments"),
                 "HSET arity: {out:?}"
@@ -104,21 +78,24 @@ fn value_guard_refuses_big_writes_per_pod() {
             let line = |pod: &str, cmd: &str| {
                 format!("datamesh_proxy_big_value_refused_total{{endpoint=\"cache\",pod=\"{pod}\",command=\"{cmd}\"}}")
             };
-            ensure!(metric(env, &line(pa, "set"))? == 1, "pod a's SET refusals");
             ensure!(
-                metric(env, &line(pa, "hset"))? == 1,
+                metric_line(env, &line(pa, "set"))? == 1,
+                "pod a's SET refusals"
+            );
+            ensure!(
+                metric_line(env, &line(pa, "hset"))? == 1,
                 "pod a's HSET refusals"
             );
             ensure!(
-                metric(env, &line(pa, "rpush"))? == 1,
+                metric_line(env, &line(pa, "rpush"))? == 1,
                 "pod a's RPUSH refusals"
             );
             ensure!(
-                metric(env, &line(pb, "setex"))? == 1,
+                metric_line(env, &line(pb, "setex"))? == 1,
                 "pod b's SETEX refusals"
             );
             ensure!(
-                metric(env, &line(pb, "set"))? == 0,
+                metric_line(env, &line(pb, "set"))? == 0,
                 "pod b has SET refusals"
             );
 
@@ -131,7 +108,7 @@ fn value_guard_refuses_big_writes_per_pod() {
             wait_until(
                 "the guard to be off after a reload",
                 Duration::from_secs(5),
-                || Ok((cli(env, a, &["SET", "bk:set", &big])?.trim() == "OK").then_some(())),
+                || Ok((pod_cli(env, a, &["SET", "bk:set", &big])?.trim() == "OK").then_some(())),
             )?;
             ensure!(exists(env, "bk:set")?);
             Ok(())
@@ -157,11 +134,11 @@ fn big_replies_listed_per_key_and_pod() {
         env.redis().command(&[b"SET", b"bk:small", b"1"])?;
 
         let a = env.pod("a");
-        let out = cli(env, a, &["HGETALL", "bk:hash"])?;
+        let out = pod_cli(env, a, &["HGETALL", "bk:hash"])?;
         ensure!(out.lines().count() >= 2 * FIELDS, "HGETALL came back short");
-        let out = cli(env, a, &["GET", "bk:str"])?;
+        let out = pod_cli(env, a, &["GET", "bk:str"])?;
         ensure!(out.len() > 2 * 1024 * 1024, "GET came back short");
-        cli(env, a, &["GET", "bk:small"])?;
+        pod_cli(env, a, &["GET", "bk:small"])?;
 
         let pa = a.netns_name().to_string();
         let doc = wait_until("/bigkeys to list both keys", Duration::from_secs(5), || {
@@ -187,7 +164,7 @@ fn big_replies_listed_per_key_and_pod() {
         ensure!(s["top_pods"][0]["pod"] == pa.as_str(), "{s}");
         ensure!(row("bk:small").is_none(), "a small GET was listed");
         let total = format!("datamesh_proxy_big_replies_total{{endpoint=\"cache\",pod=\"{pa}\"}}");
-        ensure!(metric(env, &total)? == 2, "big replies of pod a");
+        ensure!(metric_line(env, &total)? == 2, "big replies of pod a");
 
         // The CLI prints the same.
         let admin = env.agent().ready()?.admin.to_string();

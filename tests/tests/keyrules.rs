@@ -9,17 +9,18 @@
 //! printed, so the test reads the error texts); one-off commands from redis-cli in the pod.
 //! Each test builds its own `Env` and tears it down, also on failure.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
+use datamesh_tests::agent::http_request;
 use datamesh_tests::agent::{http_get_auth, yaml_str};
 use datamesh_tests::env::run_test;
 use datamesh_tests::pod::Pod;
 use datamesh_tests::proc::{run_with_input, run_with_timeout};
+use datamesh_tests::proxy::pod_cli;
+use datamesh_tests::tenant::metric_line;
 use datamesh_tests::{wait_until, Env};
 use serde_json::Value;
 
@@ -67,32 +68,6 @@ fn pipeline(env: &Env, pod: &Pod, n: usize, args: &[&str]) -> Result<(Vec<String
     Ok((lines, took))
 }
 
-/// redis-cli in `pod` against the service address; stdout and stderr.
-fn cli(env: &Env, pod: &Pod, args: &[&str]) -> Result<String> {
-    let svc = env.service_addr();
-    let mut cmd = pod.cmd("redis-cli");
-    cmd.args(["-h", &svc.ip().to_string(), "-p", &svc.port().to_string()])
-        .args(args);
-    let out = run_with_timeout(&mut cmd, Duration::from_secs(20))?;
-    Ok(format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    ))
-}
-
-/// The value of the metric line starting with `prefix`, 0 when absent.
-fn metric(env: &Env, prefix: &str) -> Result<u64> {
-    let (_, body) = env.agent().http_get("/metrics")?;
-    Ok(body
-        .lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<f64>().ok())
-        .map(|v| v as u64)
-        .unwrap_or(0))
-}
-
 fn keyrules(env: &Env) -> Result<Value> {
     let (status, body) = env.agent().http_get("/keyrules")?;
     ensure!(status == 200, "/keyrules answered {status}: {body}");
@@ -114,37 +89,6 @@ fn count(r: &Value, pod: &str, what: &str) -> u64 {
         .and_then(|c| c.iter().find(|p| p["pod"].as_str() == Some(pod)))
         .and_then(|p| p[what].as_u64())
         .unwrap_or(0)
-}
-
-/// One admin request with an optional body and bearer token: (status, body).
-fn admin_req(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    body: &str,
-    token: Option<&str>,
-) -> Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw)?;
-    let (head, body) = raw
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow!("malformed HTTP response: {raw:?}"))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow!("bad status line {head:?}"))?;
-    Ok((status, body.to_string()))
 }
 
 fn write_secret(path: &Path, text: &str) -> Result<()> {
@@ -204,7 +148,7 @@ fn a_throttle_rule_delays_then_refuses_one_key_for_one_pod() {
                 count(r, &pod_a, "delayed") >= 1 && count(r, &pod_a, "refused") as usize == refused.len(),
                 "counts: {r}"
             );
-            let m = metric(
+            let m = metric_line(
                 env,
                 &format!("datamesh_proxy_key_throttled_total{{endpoint=\"cache\",rule=\"hot\",pod=\"{pod_a}\"}}"),
             )?;
@@ -253,15 +197,15 @@ fn deny_rules_by_command_and_by_key_for_one_namespace() {
             };
             env.redis().command(&[b"SET", b"secret:1", b"s"])?;
             env.redis().command(&[b"SET", b"public", b"p"])?;
-            let out = cli(env, shop, &["KEYS", "*"])?;
+            let out = pod_cli(env, shop, &["KEYS", "*"])?;
             ensure!(out.contains(&denied("no-scan")), "KEYS from shop: {out:?}");
-            let out = cli(env, shop, &["SCAN", "0"])?;
+            let out = pod_cli(env, shop, &["SCAN", "0"])?;
             ensure!(out.contains(&denied("no-scan")), "SCAN from shop: {out:?}");
-            let out = cli(env, shop, &["GET", "secret:1"])?;
+            let out = pod_cli(env, shop, &["GET", "secret:1"])?;
             ensure!(out.contains(&denied("secrets")), "GET secret from shop: {out:?}");
-            let out = cli(env, shop, &["MGET", "public", "secret:1"])?;
+            let out = pod_cli(env, shop, &["MGET", "public", "secret:1"])?;
             ensure!(out.contains(&denied("secrets")), "MGET with a secret key: {out:?}");
-            let out = cli(env, shop, &["GET", "public"])?;
+            let out = pod_cli(env, shop, &["GET", "public"])?;
             ensure!(out.trim() == "p", "GET public from shop: {out:?}");
             // Inside MULTI the denial aborts the transaction (like a policy refusal).
             let svc = env.service_addr();
@@ -278,17 +222,17 @@ fn deny_rules_by_command_and_by_key_for_one_namespace() {
                 "MULTI with a denied key: {out:?}"
             );
             // Another namespace: nothing denied.
-            let out = cli(env, blog, &["SCAN", "0", "MATCH", "secret:*", "COUNT", "100"])?;
+            let out = pod_cli(env, blog, &["SCAN", "0", "MATCH", "secret:*", "COUNT", "100"])?;
             ensure!(out.contains("secret:1"), "SCAN from blog: {out:?}");
-            let out = cli(env, blog, &["GET", "secret:1"])?;
+            let out = pod_cli(env, blog, &["GET", "secret:1"])?;
             ensure!(out.trim() == "s", "GET secret from blog: {out:?}");
             // Logged in the ACL LOG (the pod sees its own entries), counted per rule and pod.
-            let log = cli(env, shop, &["ACL", "LOG"])?;
+            let log = pod_cli(env, shop, &["ACL", "LOG"])?;
             ensure!(log.contains("secret:1") && log.contains("key"), "ACL LOG: {log}");
             let v = keyrules(env)?;
             let r = rule(&v, "secrets").context("rule secrets")?;
             ensure!(count(r, &shop_pod, "denied") == 3, "{r}");
-            let m = metric(
+            let m = metric_line(
                 env,
                 &format!("datamesh_proxy_key_denied_total{{endpoint=\"cache\",rule=\"no-scan\",pod=\"{shop_pod}\"}}"),
             )?;
@@ -304,9 +248,9 @@ fn runtime_rules_through_the_admin_api_need_the_token() {
         let admin = env.agent().ready()?.admin;
         let body = r#"{"id": "block-x", "key": "x:*", "pods": ["*-a"], "action": "deny"}"#;
         // No admin_token_file: changes are refused, reading is not.
-        let (st, msg) = admin_req(admin, "POST", "/keyrules", body, None)?;
+        let (st, msg) = http_request(admin, "POST", "/keyrules", body, None)?;
         ensure!(st == 403 && msg.contains("admin_token_file"), "{st} {msg}");
-        let (st, _) = admin_req(admin, "DELETE", "/keyrules/block-x", "", None)?;
+        let (st, _) = http_request(admin, "DELETE", "/keyrules/block-x", "", None)?;
         ensure!(st == 403, "DELETE without a token file: {st}");
 
         // Set a token by reload.
@@ -324,12 +268,12 @@ fn runtime_rules_through_the_admin_api_need_the_token() {
             Duration::from_secs(10),
             || Ok((http_get_auth(admin, "/keyrules", None)?.0 == 401).then_some(())),
         )?;
-        let (st, _) = admin_req(admin, "POST", "/keyrules", body, None)?;
+        let (st, _) = http_request(admin, "POST", "/keyrules", body, None)?;
         ensure!(st == 401, "POST without the token: {st}");
-        let (st, msg) = admin_req(admin, "POST", "/keyrules", body, Some("tok-2"))?;
+        let (st, msg) = http_request(admin, "POST", "/keyrules", body, Some("tok-2"))?;
         ensure!(st == 401, "POST with a wrong token: {st} {msg}");
         // A bad rule: every bad field, nothing added.
-        let (st, msg) = admin_req(
+        let (st, msg) = http_request(
             admin,
             "POST",
             "/keyrules",
@@ -340,21 +284,21 @@ fn runtime_rules_through_the_admin_api_need_the_token() {
             st == 400 && msg.contains("endpoint") && msg.contains("rate") && msg.contains("colour"),
             "{st} {msg}"
         );
-        let (st, msg) = admin_req(admin, "POST", "/keyrules", body, Some("tok-1"))?;
+        let (st, msg) = http_request(admin, "POST", "/keyrules", body, Some("tok-1"))?;
         ensure!(st == 201 && msg.contains("block-x"), "{st} {msg}");
-        let (st, _) = admin_req(admin, "POST", "/keyrules", body, Some("tok-1"))?;
+        let (st, _) = http_request(admin, "POST", "/keyrules", body, Some("tok-1"))?;
         ensure!(st == 409, "the same id again: {st}");
 
         let pod_a = format!("dmt{}-a", env.n());
         let (a, b) = (env.pod("a"), env.pod("b"));
-        let out = cli(env, a, &["GET", "x:1"])?;
+        let out = pod_cli(env, a, &["GET", "x:1"])?;
         ensure!(
             out.contains(&format!(
                 "NOPERM this command or key is denied for pod {pod_a} by key rule block-x"
             )),
             "pod a: {out:?}"
         );
-        let out = cli(env, b, &["SET", "x:1", "v"])?;
+        let out = pod_cli(env, b, &["SET", "x:1", "v"])?;
         ensure!(out.trim() == "OK", "pod b: {out:?}");
         let (_, list) = http_get_auth(admin, "/keyrules", Some("tok-1"))?;
         let v: Value = serde_json::from_str(&list)?;
@@ -379,7 +323,7 @@ fn runtime_rules_through_the_admin_api_need_the_token() {
             },
         )?;
         ensure!(rule(&v, "block-x").is_some(), "runtime rule kept: {v}");
-        let (st, msg) = admin_req(admin, "DELETE", "/keyrules/from-file", "", Some("tok-1"))?;
+        let (st, msg) = http_request(admin, "DELETE", "/keyrules/from-file", "", Some("tok-1"))?;
         ensure!(
             st == 409 && msg.contains("config"),
             "config rules stay: {st} {msg}"
@@ -409,11 +353,11 @@ fn runtime_rules_through_the_admin_api_need_the_token() {
         );
 
         // Removed through the API: pod a reads x:1 again.
-        let (st, msg) = admin_req(admin, "DELETE", "/keyrules/block-x", "", Some("tok-1"))?;
+        let (st, msg) = http_request(admin, "DELETE", "/keyrules/block-x", "", Some("tok-1"))?;
         ensure!(st == 200, "{st} {msg}");
-        let (st, _) = admin_req(admin, "DELETE", "/keyrules/block-x", "", Some("tok-1"))?;
+        let (st, _) = http_request(admin, "DELETE", "/keyrules/block-x", "", Some("tok-1"))?;
         ensure!(st == 404, "removed twice: {st}");
-        let out = cli(env, env.pod("a"), &["GET", "x:1"])?;
+        let out = pod_cli(env, env.pod("a"), &["GET", "x:1"])?;
         ensure!(out.trim() == "v", "pod a after the removal: {out:?}");
         Ok(())
     });
@@ -478,7 +422,7 @@ fn auto_mode_throttles_a_key_hammered_above_the_threshold() {
                 .count();
             ensure!(refused > 0, "no refusal: {:?}", &replies[..10]);
             let pod_a = format!("dmt{}-a", env.n());
-            let m = metric(
+            let m = metric_line(
                 env,
                 &format!("datamesh_proxy_key_throttled_total{{endpoint=\"cache\",rule=\"auto\",pod=\"{pod_a}\"}}"),
             )?;

@@ -384,7 +384,7 @@ fn large_structures_are_byte_exact_and_memory_stays_bounded() {
 /// reply being written to its client left the count byte by byte while its allocation stayed
 /// whole. Now the first is counted against its client as it arrives (and dropped as it arrives
 /// once the shedder closed that client), the second leaves the count when it is freed: peaks of
-/// 114-127 MiB, 4-5 of the 8 clients shed, every completed reply exact.
+/// 83-127 MiB, some of the 8 clients shed, every completed reply exact.
 #[test]
 fn concurrent_max_size_gets_stay_within_the_memory_limit() {
     run_test(builder(), |env| {

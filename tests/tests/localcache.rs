@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Result};
 use datamesh_tests::agent::BackendSpec;
 use datamesh_tests::env::{run_test, ENDPOINT_NAME};
+use datamesh_tests::hotcache::metric;
 use datamesh_tests::proxy::{bulk, simple, RespConn};
 use datamesh_tests::resp::Reply;
 use datamesh_tests::sentinel::{SentinelGroup, MASTER_NAME};
@@ -48,23 +49,8 @@ fn direct(env: &Env) -> Result<RespConn> {
     RespConn::connect(env.redis().addr())
 }
 
-fn metric(env: &Env, name: &str) -> Result<f64> {
-    let (status, body) = env.agent().http_get("/metrics")?;
-    ensure!(status == 200, "/metrics answered {status}");
-    Ok(body
-        .lines()
-        .filter(|l| l.starts_with(name) && l.contains(&format!("endpoint=\"{ENDPOINT_NAME}\"")))
-        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0))
-}
-
 fn gets(env: &Env) -> Result<u64> {
-    let stats = env.redis().info("commandstats")?;
-    Ok(stats
-        .get("cmdstat_get")
-        .and_then(|v| v.split(',').find_map(|f| f.strip_prefix("calls=")))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0))
+    env.redis().command_calls("get")
 }
 
 /// `/hotkeys`' local cache summary and whether `KEY` shows as cached.

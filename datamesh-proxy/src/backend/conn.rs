@@ -85,7 +85,7 @@ const CHARGE_FROM: usize = READ_BUF_KEEP;
 const BUDGET_RECHECK: Duration = Duration::from_millis(10);
 
 /// A reply still being assembled in a connection's read buffer, counted against the client it
-/// answers ([`ClientMem::assembling_bytes`]): the global memory budget sees it while it
+/// answers ([`ClientMem::held_bytes`]): the global memory budget sees it while it
 /// arrives, and the shedder can close that client for it, not only once it is complete.
 #[derive(Default)]
 struct Assembling {
@@ -109,16 +109,16 @@ impl Assembling {
             return;
         };
         if bytes > self.bytes {
-            m.assembling_bytes(bytes - self.bytes, true);
+            m.held_bytes(bytes - self.bytes, true);
         } else {
-            m.assembling_bytes(self.bytes - bytes, false);
+            m.held_bytes(self.bytes - bytes, false);
         }
         self.bytes = bytes;
     }
 
     fn clear(&mut self) {
         if let Some(m) = self.mem.take() {
-            m.assembling_bytes(self.bytes, false);
+            m.held_bytes(self.bytes, false);
         }
         self.bytes = 0;
     }

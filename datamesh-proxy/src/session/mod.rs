@@ -788,7 +788,16 @@ impl Session {
         while !self.wbuf.is_empty() {
             match self.wbuf.write_to(client) {
                 Ok((0, _)) => return false,
-                Ok((_, freed)) => self.mem.sub_output(freed as u64),
+                Ok((written, freed)) => {
+                    // Unwritten bytes leave the output count as they go (Redis's measure for
+                    // the limits); a big reply's written part stays held until it is freed.
+                    self.mem.sub_output(written as u64);
+                    if written > freed {
+                        self.mem.held_bytes((written - freed) as u64, true);
+                    } else {
+                        self.mem.held_bytes((freed - written) as u64, false);
+                    }
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
                 Err(_) => return false,
             }

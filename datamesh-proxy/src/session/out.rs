@@ -1,9 +1,9 @@
 //! A client's unwritten output. Small replies are copied into one contiguous tail, so many of
 //! them leave in one write; large ones are kept as the backend reader produced them (no copy,
 //! no doubling of a growing buffer) and written with the tail in one `writev`. What is held
-//! here is exactly what the client's output count says ([`crate::budget`]): a large reply's
-//! bytes leave the count when the whole reply is written (its allocation is freed then, not
-//! as its bytes go out).
+//! here is exactly what the client's counts say ([`crate::budget`]): unwritten bytes are its
+//! output; a large reply's written part stays held (its allocation is freed only once the
+//! whole reply is written) until then.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};

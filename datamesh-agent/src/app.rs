@@ -110,6 +110,8 @@ fn session_settings(cfg: &Config) -> SessionSettings {
             reply_bytes: cfg.bigkeys.reply_bytes,
             reply_elements: cfg.bigkeys.reply_elements,
             key_display: cfg.bigkeys.key_display,
+            refuse: cfg.bigkeys.refuse,
+            refuse_s: cfg.bigkeys.refuse_s,
         },
         hotkeys: cfg.hotkeys.clone(),
         local_cache: cfg.local_cache.clone(),

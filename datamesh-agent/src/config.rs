@@ -239,6 +239,8 @@ pub struct RawBigKeys {
     pub reply_bytes: Option<u64>,
     pub reply_elements: Option<u64>,
     pub key_display: Option<String>,
+    pub refuse: Option<bool>,
+    pub refuse_s: Option<u64>,
     #[serde(flatten)]
     pub unknown: Unknown,
 }
@@ -403,6 +405,9 @@ pub struct BigKeysConfig {
     pub reply_bytes: u64,
     pub reply_elements: u64,
     pub key_display: KeyDisplay,
+    /// Refuse pods' commands whose key and command gave a big reply within `refuse_s`.
+    pub refuse: bool,
+    pub refuse_s: u64,
 }
 
 impl Default for BigKeysConfig {
@@ -411,6 +416,8 @@ impl Default for BigKeysConfig {
             reply_bytes: datamesh_proxy::bigkeys::DEFAULT_REPLY_BYTES,
             reply_elements: datamesh_proxy::bigkeys::DEFAULT_REPLY_ELEMENTS,
             key_display: KeyDisplay::default(),
+            refuse: false,
+            refuse_s: datamesh_proxy::bigkeys::DEFAULT_REFUSE_S,
         }
     }
 }
@@ -1239,7 +1246,24 @@ fn validate_bigkeys(b: &RawBigKeys, err: &mut impl FnMut(&str, String)) -> BigKe
                 d.key_display
             }),
         },
+        refuse: b.refuse.unwrap_or(d.refuse),
+        refuse_s: b.refuse_s.unwrap_or(d.refuse_s),
     };
+    if !(1..=86_400).contains(&out.refuse_s) {
+        err(
+            "bigkeys.refuse_s",
+            format!(
+                "{}: must be 1 to 86400 (how long a key that gave a big reply stays refused)",
+                out.refuse_s
+            ),
+        );
+    }
+    if out.refuse && out.reply_bytes == 0 && out.reply_elements == 0 {
+        err(
+            "bigkeys.refuse",
+            "true with reply_bytes and reply_elements both 0: no reply is ever big, so nothing would be refused".into(),
+        );
+    }
     if out.reply_bytes != 0 && out.reply_bytes < 1024 {
         err(
             "bigkeys.reply_bytes",
@@ -2252,6 +2276,7 @@ endpoints:
         assert_eq!(cfg.bigkeys.reply_bytes, 1024 * 1024);
         assert_eq!(cfg.bigkeys.reply_elements, 10_000);
         assert_eq!(cfg.bigkeys.key_display, KeyDisplay::Truncated);
+        assert!(!cfg.bigkeys.refuse && cfg.bigkeys.refuse_s == 300);
         let cfg = check_ok(&format!(
             "{base}proxy:\n  max_value_bytes: 65536\nbigkeys:\n  reply_bytes: 0\n  reply_elements: 100\n  key_display: hashed\n"
         ));
@@ -2260,13 +2285,14 @@ endpoints:
         assert_eq!(cfg.bigkeys.key_display, KeyDisplay::Hashed);
         // Every bad field at once.
         let errs = check(&format!(
-            "{base}proxy:\n  max_bulk_len: 1048576\n  max_value_bytes: 2097152\nbigkeys:\n  reply_bytes: 10\n  reply_elements: 3\n  key_display: md5\n  top: 5\n"
+            "{base}proxy:\n  max_bulk_len: 1048576\n  max_value_bytes: 2097152\nbigkeys:\n  reply_bytes: 10\n  reply_elements: 3\n  key_display: md5\n  refuse_s: 0\n  top: 5\n"
         ));
         for f in [
             "proxy.max_value_bytes: 2097152 is above max_bulk_len (1048576)",
             "bigkeys.reply_bytes: 10 is below 1 KiB",
             "bigkeys.reply_elements: 3 is below 16",
             "bigkeys.key_display: \"md5\" must be raw, truncated or hashed",
+            "bigkeys.refuse_s: 0",
             "bigkeys.top: unknown field",
         ] {
             assert!(errs.iter().any(|e| e.starts_with(f)), "{f}: {errs:?}");

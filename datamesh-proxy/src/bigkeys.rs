@@ -19,8 +19,8 @@
 //! only for a big reply.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use serde::Serialize;
@@ -36,6 +36,8 @@ pub const MAX_PODS: usize = 8;
 /// Key bytes shown with `key_display: truncated`.
 pub const DEFAULT_REPLY_BYTES: u64 = 1024 * 1024;
 pub const DEFAULT_REPLY_ELEMENTS: u64 = 10_000;
+/// How long a key and command that gave a big reply stay refused (`bigkeys.refuse_s`).
+pub const DEFAULT_REFUSE_S: u64 = 300;
 
 /// The big-key settings every session reads (part of the session settings, swapped on
 /// reload).
@@ -48,6 +50,10 @@ pub struct BigKeySettings {
     /// An aggregate reply with more elements is big (0 = not checked).
     pub reply_elements: u64,
     pub key_display: KeyDisplay,
+    /// Refuse a pod's command whose key and command gave a big reply within `refuse_s`
+    /// (node-local clients are never refused).
+    pub refuse: bool,
+    pub refuse_s: u64,
 }
 
 impl Default for BigKeySettings {
@@ -57,6 +63,8 @@ impl Default for BigKeySettings {
             reply_bytes: DEFAULT_REPLY_BYTES,
             reply_elements: DEFAULT_REPLY_ELEMENTS,
             key_display: KeyDisplay::Truncated,
+            refuse: false,
+            refuse_s: DEFAULT_REFUSE_S,
         }
     }
 }
@@ -148,6 +156,26 @@ pub fn largest_value(spec: &CommandSpec, cmd: &Command) -> Option<usize> {
         .max()
 }
 
+/// The text of a refusal by `bigkeys.refuse`.
+pub fn reply_refusal(command: &str, key: &str, r: &Recent, refuse_s: u64) -> String {
+    let hint = match command {
+        "hgetall" | "hkeys" | "hvals" => "read it in parts with HSCAN",
+        "smembers" | "sinter" | "sunion" | "sdiff" => "read it in parts with SSCAN",
+        "lrange" => "read it in parts with smaller LRANGE ranges",
+        "zrange" | "zrangebyscore" | "zrevrange" | "zrangebylex" => {
+            "read it in parts with ZSCAN or smaller ranges"
+        }
+        "get" | "getex" | "getdel" | "getrange" => "read it in parts with GETRANGE",
+        _ => "read it in parts",
+    };
+    format!(
+        "ERR datamesh proxy: {} of key {key} gave a big reply ({} bytes, {} elements) within the last {refuse_s} s; big replies are refused for pods (bigkeys.refuse): {hint}",
+        command.to_ascii_uppercase(),
+        r.bytes,
+        r.elements
+    )
+}
+
 /// The refusal's text.
 pub fn refusal(bytes: usize, command: &str, max: u64) -> String {
     format!(
@@ -162,6 +190,8 @@ pub fn refusal(bytes: usize, command: &str, max: u64) -> String {
 pub struct BigTag {
     pub key: Option<Bytes>,
     pub command: &'static str,
+    /// The command's [`recent_id`] while `bigkeys.refuse` is on (for a pod's command).
+    pub recent: Option<u64>,
 }
 
 /// How a keyless command's big replies are listed (KEYS, SCAN ...).
@@ -192,9 +222,67 @@ pub struct PodCount {
 #[derive(Default)]
 pub struct BigKeys {
     table: Mutex<HashMap<(String, String, &'static str), BigKey>>,
+    /// For `bigkeys.refuse`: the commands (endpoint, name, arguments: [`recent_id`]) that gave
+    /// a big reply lately, with when and how big (the table's keys are shown as
+    /// `key_display` says, which can collide: not usable to refuse). At most [`MAX_KEYS`].
+    recent: RwLock<HashMap<u64, Recent>>,
+}
+
+/// A recent big reply, for the refusal.
+#[derive(Debug, Clone, Copy)]
+pub struct Recent {
+    pub at: Instant,
+    pub bytes: u64,
+    pub elements: u64,
+}
+
+/// The identity of a command in [`BigKeys`]' recent set: its endpoint, its name and every
+/// argument after it (so `LRANGE k 0 -1` that was big does not refuse `LRANGE k 0 99`).
+pub fn recent_id(endpoint: &str, command: &str, args: &[Bytes]) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    // Keyed per process, like the hash maps' own hashing.
+    static STATE: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+        std::sync::OnceLock::new();
+    let mut h = STATE
+        .get_or_init(std::collections::hash_map::RandomState::new)
+        .build_hasher();
+    h.write(endpoint.as_bytes());
+    h.write_u8(0);
+    h.write(command.as_bytes());
+    for a in args {
+        h.write_usize(a.len());
+        h.write(a);
+    }
+    h.finish()
 }
 
 impl BigKeys {
+    /// Remembers a big reply of the command `id` ([`recent_id`]) for `bigkeys.refuse`.
+    pub fn note_recent(&self, id: u64, bytes: u64, elements: u64, now: Instant) {
+        let mut r = self.recent.write().unwrap_or_else(|p| p.into_inner());
+        if !r.contains_key(&id) && r.len() >= MAX_KEYS {
+            if let Some(oldest) = r.iter().min_by_key(|(_, v)| v.at).map(|(k, _)| *k) {
+                r.remove(&oldest);
+            }
+        }
+        r.insert(
+            id,
+            Recent {
+                at: now,
+                bytes,
+                elements,
+            },
+        );
+    }
+
+    /// The big reply `id` gave within `within` of `now`, if it did.
+    pub fn recent(&self, id: u64, within: Duration, now: Instant) -> Option<Recent> {
+        let r = self.recent.read().unwrap_or_else(|p| p.into_inner());
+        r.get(&id)
+            .copied()
+            .filter(|v| now.saturating_duration_since(v.at) < within)
+    }
+
     /// Counts one big reply. `key` is shown as the settings say.
     pub fn record(
         &self,

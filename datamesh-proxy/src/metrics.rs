@@ -150,6 +150,8 @@ pub struct ProxyMetrics {
     pub auth_failures: Family<PodEndpointLabels, Counter>,
     /// Writes refused for a value over `proxy.max_value_bytes`.
     pub big_value_refused: Family<PolicyLabels, Counter>,
+    /// Pods' commands refused by `bigkeys.refuse` (they gave a big reply lately).
+    pub big_reply_refused: Family<PolicyLabels, Counter>,
     /// Replies over `bigkeys.reply_bytes` or `bigkeys.reply_elements`.
     pub big_replies: Family<PodEndpointLabels, Counter>,
     /// Commands a key rule's throttle delayed or refused.
@@ -221,6 +223,11 @@ impl ProxyMetrics {
             "proxy_big_value_refused",
             "Writes refused for a value over proxy.max_value_bytes, by endpoint, pod and command",
             self.big_value_refused.clone(),
+        );
+        registry.register(
+            "proxy_big_reply_refused",
+            "Pods' commands refused by bigkeys.refuse (the same command gave a big reply within bigkeys.refuse_s), by endpoint, pod and command",
+            self.big_reply_refused.clone(),
         );
         registry.register(
             "proxy_big_replies",

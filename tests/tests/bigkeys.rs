@@ -2,7 +2,8 @@
 //! (`proxy.max_value_bytes`) refuses a SET/HSET/RPUSH whose value is over the limit with an
 //! error naming it, writes nothing on Redis and counts the refusal per pod; big replies (an
 //! HGETALL of a 20000-field hash, a GET of a 2 MiB value) are listed at `/bigkeys` with the
-//! pod that read them, and by `datamesh-agent bigkeys`.
+//! pod that read them, and by `datamesh-agent bigkeys`; with `bigkeys.refuse` a command that gave a
+//! big reply is refused for pods when repeated (not for node-local clients) until `refuse_s`.
 //!
 //! Clients are redis-cli inside the pods, dialling the endpoint address (captured: the proxy
 //! knows their pod). Each test builds its own `Env` and tears it down, also on failure.
@@ -191,4 +192,76 @@ fn big_replies_listed_per_key_and_pod() {
         ensure!(line("bk:str").contains("get"), "{text}");
         Ok(())
     });
+}
+
+/// `bigkeys.refuse`: once a pod's command gave a big reply, the same command (key and
+/// arguments) is refused for pods for `refuse_s`, with an error naming the key, the size and
+/// how to read it in parts; other commands on the key, other ranges and node-local clients
+/// go through, and after `refuse_s` it is let through again (and refused again if still big).
+#[test]
+fn refuse_repeats_big_replies_for_pods() {
+    run_test(
+        Env::builder()
+            .pods(["a", "b"])
+            .extra_config("bigkeys:\n  reply_elements: 100\n  refuse: true\n  refuse_s: 2\n"),
+        |env| {
+            let mut hset: Vec<Vec<u8>> = vec![b"HSET".to_vec(), b"bk:hash".to_vec()];
+            for i in 0..200 {
+                hset.push(format!("f{i}").into_bytes());
+                hset.push(b"v".to_vec());
+            }
+            let args: Vec<&[u8]> = hset.iter().map(Vec::as_slice).collect();
+            ensure!(env.redis().command(&args)? == Reply::Int(200));
+            let mut rpush: Vec<Vec<u8>> = vec![b"RPUSH".to_vec(), b"bk:list".to_vec()];
+            rpush.extend((0..200).map(|i| format!("e{i}").into_bytes()));
+            let args: Vec<&[u8]> = rpush.iter().map(Vec::as_slice).collect();
+            ensure!(env.redis().command(&args)? == Reply::Int(200));
+            let (a, b) = (env.pod("a"), env.pod("b"));
+
+            // The first HGETALL is answered (and found big), the next is refused, for any pod.
+            let out = pod_cli(env, a, &["HGETALL", "bk:hash"])?;
+            ensure!(out.lines().count() >= 400, "first HGETALL: {out}");
+            let out = pod_cli(env, a, &["HGETALL", "bk:hash"])?;
+            ensure!(
+                out.contains("HGETALL of key bk:hash gave a big reply")
+                    && out.contains("bigkeys.refuse")
+                    && out.contains("HSCAN"),
+                "second HGETALL: {out}"
+            );
+            let out = pod_cli(env, b, &["HGETALL", "bk:hash"])?;
+            ensure!(out.contains("bigkeys.refuse"), "pod b's HGETALL: {out}");
+            // Other commands on the key, and other ranges, go through.
+            ensure!(pod_cli(env, a, &["HLEN", "bk:hash"])?.trim() == "200");
+            let out = pod_cli(env, a, &["LRANGE", "bk:list", "0", "-1"])?;
+            ensure!(out.lines().count() == 200, "first LRANGE: {out}");
+            let out = pod_cli(env, a, &["LRANGE", "bk:list", "0", "-1"])?;
+            ensure!(out.contains("bigkeys.refuse"), "second LRANGE 0 -1: {out}");
+            let out = pod_cli(env, a, &["LRANGE", "bk:list", "0", "9"])?;
+            ensure!(out.lines().count() == 10, "LRANGE 0 9: {out}");
+            // A node-local client (an operator's tool on the node) is never refused.
+            let proxy = env.agent().proxy_addr("cache")?;
+            let mut node = datamesh_tests::proxy::RespConn::connect(proxy)?;
+            match node.cmd_bytes(&[b"HGETALL", b"bk:hash"])? {
+                Reply::Array(Some(v)) => {
+                    ensure!(v.len() == 400, "node HGETALL: {} elements", v.len())
+                }
+                other => anyhow::bail!("node-local HGETALL: {other:?}"),
+            }
+            let pa = a.netns_name().to_string();
+            let refused = format!(
+                "datamesh_proxy_big_reply_refused_total{{endpoint=\"cache\",pod=\"{pa}\",command=\"hgetall\"}}"
+            );
+            ensure!(
+                metric_line(env, &refused)? == 1,
+                "refusals of pod a's HGETALL"
+            );
+            // After refuse_s it goes through once more (still big: refused again after).
+            std::thread::sleep(Duration::from_millis(2100));
+            let out = pod_cli(env, a, &["HGETALL", "bk:hash"])?;
+            ensure!(out.lines().count() >= 400, "HGETALL after refuse_s: {out}");
+            let out = pod_cli(env, a, &["HGETALL", "bk:hash"])?;
+            ensure!(out.contains("bigkeys.refuse"), "HGETALL right after: {out}");
+            Ok(())
+        },
+    );
 }

@@ -287,6 +287,9 @@ impl Session {
         if let Some(r) = self.big_value_refusal(spec) {
             return self.refuse(r);
         }
+        if let Some(r) = self.big_reply_refusal(spec) {
+            return self.refuse(r);
+        }
         if config_get {
             if self.state.tx.in_multi() {
                 // EXEC's array would carry the reply past the secret filter.
@@ -464,6 +467,44 @@ impl Session {
         let name = acl::display_name(slot, cmd);
         self.log_denial(Reason::Command, &name, user);
         Some(Reply::error(&acl::noperm(user, &pod, &name)))
+    }
+
+    /// `bigkeys.refuse`: the refusal of a pod's command that gave a big reply within
+    /// `bigkeys.refuse_s` (the same command, key and arguments), counted per endpoint, pod and
+    /// command. Otherwise notes the command's identity for its reply's check.
+    fn big_reply_refusal(&self, spec: &'static CommandSpec) -> Option<Reply> {
+        self.next_recent.set(None);
+        let s = self.settings.bigkeys;
+        if !s.refuse || self.pod.cookie == 0 || commands::first_key(spec, self.front()?).is_none() {
+            return None;
+        }
+        let cmd = self.front()?;
+        let id = bigkeys::recent_id(&self.ep.name, spec.name, cmd.args.get(1..)?);
+        let now = tokio::time::Instant::now().into_std();
+        let Some(r) =
+            self.shared
+                .bigkeys
+                .recent(id, std::time::Duration::from_secs(s.refuse_s), now)
+        else {
+            self.next_recent.set(Some(id));
+            return None;
+        };
+        let key = commands::first_key(spec, cmd)
+            .and_then(|i| cmd.args.get(i))
+            .map(|k| s.key_display.show(k))
+            .unwrap_or_else(|| bigkeys::NO_KEY.to_string());
+        self.shared
+            .metrics
+            .big_reply_refused
+            .get_or_create(&PolicyLabels {
+                endpoint: self.ep.name.clone(),
+                pod: self.pod.name(),
+                command: spec.name.to_string(),
+            })
+            .inc();
+        Some(Reply::error(&bigkeys::reply_refusal(
+            spec.name, &key, &r, s.refuse_s,
+        )))
     }
 
     /// The refusal of a write whose value is over `proxy.max_value_bytes` (before it is
@@ -828,6 +869,7 @@ impl Session {
                 self.next_big = Some(BigTag {
                     key,
                     command: s.name,
+                    recent: self.next_recent.take(),
                 });
             }
         }

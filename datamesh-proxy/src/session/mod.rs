@@ -236,6 +236,8 @@ pub struct Session {
     big_floor: usize,
     /// The big-reply tag of the next reply slot (set by the forwarding path).
     next_big: Option<BigTag>,
+    /// `bigkeys.refuse`: the front command's identity, for its reply's tag.
+    next_recent: std::cell::Cell<Option<u64>>,
     /// Hot-key samples of this round (handed to the endpoint once per round).
     hot: crate::hotkeys::Sampler,
     /// The key rules of this endpoint (empty: none, the one test per command) as of
@@ -343,6 +345,7 @@ impl Session {
             last_slot: None,
             big_floor: settings_floor,
             next_big: None,
+            next_recent: std::cell::Cell::new(None),
             hot: Default::default(),
             key_rules: Vec::new(),
             // Not a generation the rule set has: the first round takes the rules.
@@ -937,6 +940,14 @@ impl Session {
             r.raw.len() as u64,
             elements,
         );
+        if let Some(id) = tag.recent {
+            self.shared.bigkeys.note_recent(
+                id,
+                r.raw.len() as u64,
+                elements,
+                tokio::time::Instant::now().into_std(),
+            );
+        }
     }
 
     fn push_reply(&mut self, r: Reply) {

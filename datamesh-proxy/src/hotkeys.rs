@@ -816,6 +816,51 @@ mod tests {
         HotKeySettings::default()
     }
 
+    /// What detection costs a command: the sampler's look at each command and, once per
+    /// dispatch round, the hand-over of what it sampled (one lock), at rounds of 1 and 16
+    /// commands (pipeline 1 and 16), keys spread over 100,000 (release:
+    /// `cargo test --release -p datamesh-proxy --lib hotkeys::tests::cost -- --ignored --nocapture`).
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn cost() {
+        let hk = HotKeys::default();
+        // The default rate (1 in 8), whatever the unit tests' settings use.
+        let s = HotKeySettings {
+            sample_rate: 8,
+            ..settings()
+        };
+        let p = pod(1, "p");
+        let cmds: Vec<Command> = (0..100_000)
+            .map(|i| {
+                Command::from_args(
+                    ["GET".to_string(), format!("user:{i}")]
+                        .into_iter()
+                        .map(Bytes::from),
+                )
+            })
+            .collect();
+        for round in [1usize, 16] {
+            let mut sm = Sampler::default();
+            let n = 10_000_000usize;
+            let start = std::time::Instant::now();
+            for i in 0..n {
+                let c = &cmds[i % cmds.len()];
+                if sm.consider(std::hint::black_box(c), s.sample_rate) {
+                    sm.flush(&hk, &p, &s);
+                }
+                sm.next();
+                if i % round == round - 1 {
+                    sm.flush(&hk, &p, &s);
+                }
+            }
+            let ns = start.elapsed().as_nanos() as f64 / n as f64;
+            eprintln!(
+                "rounds of {round}: {ns:.1} ns per command (sample 1 in {})",
+                s.sample_rate
+            );
+        }
+    }
+
     /// A Zipf-ish stream: key `i` (1-based) about `n / i` times, over 5000 distinct keys,
     /// interleaved; plus one pod hammering `hot`.
     #[test]

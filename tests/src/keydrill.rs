@@ -583,6 +583,12 @@ fn suspected(env: &Env, pod: &str) -> Result<Option<Value>> {
     Ok(found)
 }
 
+fn last_second(p: Option<&Phase>) -> String {
+    p.and_then(Phase::offender_last_second_ops)
+        .map(|v| format!("{v:.0}"))
+        .unwrap_or_else(|| "-".into())
+}
+
 fn ms(v: Option<f64>) -> String {
     v.map(|m| format!("{m:.0} ms"))
         .unwrap_or_else(|| "never".into())
@@ -638,13 +644,14 @@ pub fn hot_key_table(r: &HotKeyReport) -> String {
     };
     let _ = writeln!(
         t,
-        "\ntime to detect (top key, top pod, >= {DETECT_OPS} ops/s): {} ({named}); time to throttle (auto rule installed for a new hot key): {} ({}); local cache: {:.0} hits, backend GET/s {:.0} off -> {:.0} on",
+        "\ntime to detect (top key, top pod, >= {DETECT_OPS} ops/s): {} ({named}); time to throttle (auto rule installed for a new hot key): {} ({}; hammer {} ok/s in the phase's last second); local cache: {:.0} hits, backend GET/s {:.0} off -> {:.0} on",
         ms(r.detect_ms),
         ms(r.throttle_ms),
         r.auto_rule
             .as_ref()
             .map(|v| format!("rule {} rate {} counts {}", v["id"], v["rate"], v["counts"]))
             .unwrap_or_else(|| "no rule".into()),
+        last_second(r.phases.iter().find(|p| p.name == "auto-throttle")),
         r.cache_hits,
         gets("hot-key"),
         gets("local-cache")
@@ -657,13 +664,14 @@ pub fn key_attack_table(r: &KeyAttackReport) -> String {
     let mut t = phases_table(&r.phases, "attacker");
     let _ = writeln!(
         t,
-        "\ntime to detect: {} ({}); time to throttle (auto): {}; time to block (runtime deny rule): {}",
+        "\ntime to detect: {} ({}); time to throttle (auto): {} (attacker {} ok/s in the flood's last second); time to block (runtime deny rule): {}",
         ms(r.detect_ms),
         r.suspected
             .as_ref()
             .map(|v| v.to_string())
             .unwrap_or_else(|| "not suspected".into()),
         ms(r.throttle_ms),
+        last_second(r.phases.iter().find(|p| p.name == "flood")),
         ms(r.block_ms)
     );
     t

@@ -56,13 +56,14 @@ fn run(tool: &str, args: &[&Path]) -> Result<Output> {
     }
 }
 
-/// The PrometheusRule manifest as JSON (PyYAML, as in deploy_manifests.rs).
-fn prometheus_rule() -> Result<Value> {
+/// The one object of a manifest in deploy/monitoring/, as JSON (PyYAML, as in
+/// deploy_manifests.rs).
+fn monitoring_object(file: &str) -> Result<Value> {
     const SCRIPT: &str = "import json, sys, yaml\n\
         with open(sys.argv[1]) as f:\n    \
             docs = [d for d in yaml.safe_load_all(f) if d is not None]\n\
         json.dump(docs, sys.stdout)\n";
-    let path = monitoring_dir().join("prometheusrule.yaml");
+    let path = monitoring_dir().join(file);
     let out = match Command::new("python3")
         .args(["-c", SCRIPT])
         .arg(&path)
@@ -81,15 +82,25 @@ fn prometheus_rule() -> Result<Value> {
         describe(&out)
     );
     let docs: Vec<Value> = serde_json::from_slice(&out.stdout).context("PyYAML's JSON")?;
-    ensure!(docs.len() == 1, "prometheusrule.yaml must hold one object");
-    let rule = docs.into_iter().next().context("no document")?;
+    ensure!(docs.len() == 1, "{file} must hold one object");
+    let obj = docs.into_iter().next().context("no document")?;
     ensure!(
-        rule["apiVersion"] == "monitoring.coreos.com/v1" && rule["kind"] == "PrometheusRule",
-        "prometheusrule.yaml is not a monitoring.coreos.com/v1 PrometheusRule"
+        obj["apiVersion"] == "monitoring.coreos.com/v1",
+        "{file} is not a monitoring.coreos.com/v1 object"
     );
     ensure!(
-        rule["metadata"]["namespace"] == "datamesh-system",
-        "the PrometheusRule belongs in datamesh-system"
+        obj["metadata"]["namespace"] == "datamesh-system",
+        "{file}: the object belongs in datamesh-system"
+    );
+    Ok(obj)
+}
+
+/// The PrometheusRule manifest as JSON.
+fn prometheus_rule() -> Result<Value> {
+    let rule = monitoring_object("prometheusrule.yaml")?;
+    ensure!(
+        rule["kind"] == "PrometheusRule",
+        "prometheusrule.yaml is not a PrometheusRule"
     );
     Ok(rule)
 }
@@ -224,6 +235,47 @@ fn alert_rules_pass_promtool_check_and_unit_tests() -> Result<()> {
     ensure!(
         untested.is_empty(),
         "alerts without a promtool test in deploy/monitoring/tests/: {untested:?}"
+    );
+    Ok(())
+}
+
+/// The PodMonitor scrapes both channels under the job name the rules select, with the
+/// admin token the agent then requires.
+#[test]
+fn podmonitor_scrapes_both_channels_as_the_rules_expect() -> Result<()> {
+    let pm = monitoring_object("podmonitor.yaml")?;
+    ensure!(
+        pm["kind"] == "PodMonitor",
+        "podmonitor.yaml is not a PodMonitor"
+    );
+    let values = pm
+        .pointer("/spec/selector/matchExpressions/0/values")
+        .and_then(Value::as_array)
+        .context("PodMonitor selects no app.kubernetes.io/name values")?;
+    for name in ["datamesh-agent", "datamesh-agent-canary"] {
+        ensure!(
+            values.iter().any(|v| v == name),
+            "the PodMonitor does not select {name} pods"
+        );
+    }
+    let ep = pm
+        .pointer("/spec/podMetricsEndpoints/0")
+        .context("PodMonitor has no endpoint")?;
+    ensure!(
+        ep["port"] == "admin" && ep["path"] == "/metrics",
+        "the PodMonitor must scrape the DaemonSets' admin port at /metrics"
+    );
+    ensure!(
+        ep["bearerTokenSecret"]["name"] == "datamesh-agent-secrets",
+        "the PodMonitor must send the admin token of datamesh-agent-secrets"
+    );
+    let sets_job = ep["relabelings"].as_array().is_some_and(|rs| {
+        rs.iter()
+            .any(|r| r["targetLabel"] == "job" && r["replacement"] == JOB)
+    });
+    ensure!(
+        sets_job,
+        "the PodMonitor must set job=\"{JOB}\" (DataMeshAgentDown selects it)"
     );
     Ok(())
 }

@@ -3,11 +3,17 @@
 //! Kubernetes we support and the newest the validator knows), the agent's own validation of
 //! the config the ConfigMap ships (`datamesh-agent check-config`), and the cross-file facts
 //! the manifests' comments promise (grace period vs drain, declared ports vs config, mounts
-//! vs config paths).
+//! vs config paths). The manifests live in `deploy/base/`; `deploy/` and the canary overlay
+//! `deploy/overlays/canary/` are rendered with `kubectl kustomize` and validated the same
+//! way, with the facts of a gray release: the stable DaemonSet avoids canary nodes, the
+//! canary one runs only there, their selectors never select each other's pods, and both
+//! declare the same host ports and use the same pin dir (one agent per node, handing the
+//! node's kernel state over like a rolling update).
 //!
 //! The tools are not Rust crates: yamllint and kubernetes-validate (with its PyYAML, used
-//! here to turn YAML into JSON) come from `cargo xtask setup`. A missing tool or agent binary
-//! fails the test with the command that provides it; nothing is skipped.
+//! here to turn YAML into JSON) come from `cargo xtask setup`, kubectl with the machine
+//! (setup checks it). A missing tool or agent binary fails the test with the command that
+//! provides it; nothing is skipped.
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
@@ -19,7 +25,9 @@ use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 
 /// Stricter than yamllint's `relaxed`: the default rules, as errors, with 100-column lines.
-const YAMLLINT_CONFIG: &str = "{extends: default, rules: {line-length: {max: 100}}}";
+/// The promtool unit tests' expected alerts hold rendered annotations (long lines of data).
+const YAMLLINT_CONFIG: &str = "{extends: default, rules: {line-length: {max: 100, \
+     ignore: ['deploy/monitoring/tests/']}}}";
 /// The same for the config embedded in the ConfigMap, which is a file body, not a stream of
 /// documents, so it has no `---`.
 const YAMLLINT_EMBEDDED_CONFIG: &str =
@@ -58,8 +66,10 @@ fn project_root() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
 }
 
+/// The manifests (the stable channel): a kustomization of its own, because kustomize refuses
+/// an overlay inside its base's directory.
 fn deploy_dir() -> PathBuf {
-    project_root().join("deploy")
+    project_root().join("deploy/base")
 }
 
 /// Runs an external tool; a tool that is not installed is an error naming the setup step.
@@ -70,6 +80,10 @@ fn run_tool(tool: &str, args: &[OsString]) -> Result<Output> {
         .output()
     {
         Ok(out) => Ok(out),
+        Err(e) if e.kind() == ErrorKind::NotFound && tool == "kubectl" => bail!(
+            "`kubectl` not found on PATH: run `cargo xtask setup` (it checks for a kubectl \
+             with kustomize v4 or newer, which this machine kind ships)"
+        ),
         Err(e) if e.kind() == ErrorKind::NotFound => bail!(
             "`{tool}` not found on PATH: run `cargo xtask setup` (it installs yamllint and \
              kubernetes-validate with pip)"
@@ -195,8 +209,13 @@ struct TempFile(PathBuf);
 
 impl TempFile {
     fn new(tag: &str, contents: &str) -> Result<Self> {
-        let path =
-            std::env::temp_dir().join(format!("datamesh-deploy-{tag}-{}.yaml", std::process::id()));
+        // Tests run in parallel and may use the same tag: a sequence number keeps them apart.
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!(
+            "datamesh-deploy-{tag}-{}-{seq}.yaml",
+            std::process::id()
+        ));
         std::fs::write(&path, contents).with_context(|| format!("writing {}", path.display()))?;
         Ok(Self(path))
     }
@@ -259,7 +278,8 @@ fn yamllint_passes() -> Result<()> {
         .iter()
         .map(OsString::from)
         .collect();
-    args.push(deploy_dir().into_os_string());
+    // Relative to the project root (where tools run), so the ignore pattern above matches.
+    args.push("deploy".into());
     let out = run_tool("yamllint", &args)?;
     ensure!(
         out.status.success(),
@@ -409,35 +429,46 @@ fn configmap_config_passes_agent_check_config() -> Result<()> {
         std::env::temp_dir().join(format!("datamesh-deploy-secrets-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&secrets);
     std::fs::create_dir_all(&secrets)?;
-    let text = embedded_config()?;
-    let parsed_file = TempFile::new("parse-config", &text)?;
-    let parsed = yaml_documents(&parsed_file.0)?
-        .into_iter()
-        .next()
-        .context("the ConfigMap's config.yaml is empty")?;
-    for path in secret_file_paths(&parsed) {
-        let name = Path::new(&path)
-            .file_name()
-            .context("a *_file path without a file name")?;
-        std::fs::write(secrets.join(name), "stand-in\n")?;
-    }
-    let text = text.replace(&format!("{mount}/"), &format!("{}/", secrets.display()));
-    let config = TempFile::new("check-config", &text)?;
-    let out = Command::new(&agent)
-        .arg("check-config")
-        .arg("--config")
-        .arg(&config.0)
-        // As the DaemonSet does from status.hostIP.
-        .env("DATAMESH_PROXY_ADDRESS", SAMPLE_NODE_IP)
-        .output()
-        .with_context(|| format!("running {}", agent.display()))?;
+    // The stable channel's config, and the canary overlay's own copy (an operator changes
+    // it there to try a config on canary nodes; it must stay valid too).
+    let canary = canary_config_text()?;
+    let configs = [
+        ("deploy/base/configmap.yaml", embedded_config()?),
+        ("deploy/overlays/canary (rendered)", canary),
+    ];
+    let result = (|| -> Result<()> {
+        for (source, text) in configs {
+            let parsed_file = TempFile::new("parse-config", &text)?;
+            let parsed = yaml_documents(&parsed_file.0)?
+                .into_iter()
+                .next()
+                .context("the ConfigMap's config.yaml is empty")?;
+            for path in secret_file_paths(&parsed) {
+                let name = Path::new(&path)
+                    .file_name()
+                    .context("a *_file path without a file name")?;
+                std::fs::write(secrets.join(name), "stand-in\n")?;
+            }
+            let text = text.replace(&format!("{mount}/"), &format!("{}/", secrets.display()));
+            let config = TempFile::new("check-config", &text)?;
+            let out = Command::new(&agent)
+                .arg("check-config")
+                .arg("--config")
+                .arg(&config.0)
+                // As the DaemonSet does from status.hostIP.
+                .env("DATAMESH_PROXY_ADDRESS", SAMPLE_NODE_IP)
+                .output()
+                .with_context(|| format!("running {}", agent.display()))?;
+            ensure!(
+                out.status.success(),
+                "`datamesh-agent check-config` rejected the config of {source}:\n{}",
+                describe(&out)
+            );
+        }
+        Ok(())
+    })();
     let _ = std::fs::remove_dir_all(&secrets);
-    ensure!(
-        out.status.success(),
-        "`datamesh-agent check-config` rejected the config in deploy/configmap.yaml:\n{}",
-        describe(&out)
-    );
-    Ok(())
+    result
 }
 
 /// Every `*_file` value in the config (password_file, sentinel_password_file,
@@ -651,6 +682,377 @@ fn daemonset_agrees_with_its_config() -> Result<()> {
     ensure!(
         str_at(agent, "/readinessProbe/httpGet/path", "readinessProbe")? == "/ready",
         "readinessProbe must ask /ready"
+    );
+    Ok(())
+}
+
+/// The node label that puts a node in the canary channel.
+const CHANNEL_LABEL: &str = "datamesh.io/channel";
+/// The canary overlay, relative to the project root.
+const CANARY_OVERLAY: &str = "deploy/overlays/canary";
+
+/// `kubectl kustomize <dir>` (relative to the project root): the rendered YAML and its
+/// objects as JSON.
+fn kustomize(dir: &str) -> Result<(String, Vec<Value>)> {
+    let out = run_tool("kubectl", &["kustomize".into(), dir.into()])?;
+    ensure!(
+        out.status.success(),
+        "`kubectl kustomize {dir}` failed (kubectl needs kustomize v4 or newer):\n{}",
+        describe(&out)
+    );
+    let text = String::from_utf8(out.stdout).context("kustomize output is not UTF-8")?;
+    let file = TempFile::new(&format!("render-{}", dir.replace('/', "-")), &text)?;
+    Ok((text, yaml_documents(&file.0)?))
+}
+
+/// `kind/name` of every object, as kubernetes-validate names them.
+fn object_names(docs: &[Value]) -> Result<BTreeSet<String>> {
+    docs.iter()
+        .map(|d| {
+            Ok(format!(
+                "{}/{}",
+                str_at(d, "/kind", "object")?.to_lowercase(),
+                str_at(d, "/metadata/name", "object")?
+            ))
+        })
+        .collect()
+}
+
+fn only_of_kind<'a>(docs: &'a [Value], kind: &str, what: &str) -> Result<&'a Value> {
+    let mut found = docs
+        .iter()
+        .filter(|d| d.get("kind").and_then(Value::as_str) == Some(kind));
+    let obj = found
+        .next()
+        .with_context(|| format!("{what} has no {kind}"))?;
+    ensure!(found.next().is_none(), "{what} has more than one {kind}");
+    Ok(obj)
+}
+
+#[test]
+fn rendered_channels_validate_against_kubernetes_schemas() -> Result<()> {
+    let stable: BTreeSet<String> = EXPECTED_OBJECTS
+        .iter()
+        .filter(|(file, _)| *file != UNINSTALL_JOB)
+        .map(|(_, o)| (*o).to_owned())
+        .collect();
+    let canary: BTreeSet<String> = [
+        "configmap/datamesh-agent-config-canary",
+        "daemonset/datamesh-agent-canary",
+    ]
+    .map(str::to_owned)
+    .into();
+    for (dir, expected) in [("deploy", stable), (CANARY_OVERLAY, canary)] {
+        let (text, docs) = kustomize(dir)?;
+        let got = object_names(&docs)?;
+        // The overlay must hold only the canary's own objects: `kubectl delete -k` of it
+        // must never remove the namespace or anything the stable channel needs.
+        ensure!(
+            got == expected,
+            "`kubectl kustomize {dir}` renders {got:?}, expected exactly {expected:?}"
+        );
+        let rendered = TempFile::new(&format!("validate-{}", dir.replace('/', "-")), &text)?;
+        let versions: [Option<&str>; 2] = [Some(MIN_KUBERNETES), None];
+        for version in versions {
+            let mut args: Vec<OsString> = vec!["--strict".into()];
+            if let Some(v) = version {
+                args.push("-k".into());
+                args.push(v.into());
+            }
+            args.push(rendered.0.clone().into_os_string());
+            let out = run_tool("kubernetes-validate", &args)?;
+            let label = version.unwrap_or("(newest known to kubernetes-validate)");
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            ensure!(
+                out.status.success(),
+                "kubernetes-validate --strict failed on `kubectl kustomize {dir}` for \
+                 Kubernetes {label}:\n{}",
+                describe(&out)
+            );
+            let suspicious: Vec<&str> = stdout
+                .lines()
+                .filter(|l| !l.starts_with("INFO "))
+                .filter(|l| !l.trim().is_empty())
+                .collect();
+            ensure!(
+                suspicious.is_empty(),
+                "kubernetes-validate did not validate all of `kubectl kustomize {dir}` for \
+                 Kubernetes {label}:\n{}",
+                suspicious.join("\n")
+            );
+            for object in &expected {
+                ensure!(
+                    stdout
+                        .lines()
+                        .any(|l| l.contains(&format!("passed for resource {object} "))),
+                    "kubernetes-validate did not report {object} of `kubectl kustomize {dir}` \
+                     as valid for Kubernetes {label}:\n{}",
+                    describe(&out)
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether a nodeSelectorTerm's expressions all hold for a node with `labels` (the
+/// operators the scheduler knows for labels; Gt/Lt are not used here).
+fn term_matches(term: &Value, labels: &[(&str, &str)]) -> Result<bool> {
+    let exprs = term
+        .get("matchExpressions")
+        .and_then(Value::as_array)
+        .context("a nodeSelectorTerm without matchExpressions")?;
+    for e in exprs {
+        let key = str_at(e, "/key", "matchExpression")?;
+        let op = str_at(e, "/operator", "matchExpression")?;
+        let values: Vec<&str> = e
+            .get("values")
+            .and_then(Value::as_array)
+            .map(|v| v.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let have = labels.iter().find(|(k, _)| *k == key).map(|(_, v)| *v);
+        let ok = match op {
+            "In" => have.is_some_and(|v| values.contains(&v)),
+            "NotIn" => have.is_none_or(|v| !values.contains(&v)),
+            "Exists" => have.is_some(),
+            "DoesNotExist" => have.is_none(),
+            other => bail!("unexpected nodeAffinity operator {other}"),
+        };
+        if !ok {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Whether the DaemonSet's pods may be scheduled on a node with `labels`: its nodeSelector
+/// and its required node affinity (terms are ORed).
+fn schedules_on(ds: &Value, labels: &[(&str, &str)]) -> Result<bool> {
+    let pod = at(ds, "/spec/template/spec", "DaemonSet")?;
+    if let Some(sel) = pod.get("nodeSelector").and_then(Value::as_object) {
+        for (k, v) in sel {
+            if !labels
+                .iter()
+                .any(|(lk, lv)| lk == k && Some(*lv) == v.as_str())
+            {
+                return Ok(false);
+            }
+        }
+    }
+    let terms = at(
+        pod,
+        "/affinity/nodeAffinity/requiredDuringSchedulingIgnoredDuringExecution/nodeSelectorTerms",
+        "DaemonSet (the channels are kept apart by required node affinity)",
+    )?
+    .as_array()
+    .context("nodeSelectorTerms is not a list")?;
+    for t in terms {
+        if term_matches(t, labels)? {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Whether `selector` (matchLabels) selects a pod with `labels`.
+fn selects(selector: &Value, labels: &Value) -> Result<bool> {
+    let sel = selector.as_object().context("matchLabels is not a map")?;
+    ensure!(!sel.is_empty(), "an empty selector selects every pod");
+    Ok(sel.iter().all(|(k, v)| labels.get(k) == Some(v)))
+}
+
+fn host_ports(ds: &Value) -> Result<BTreeSet<u64>> {
+    at(agent_container(ds)?, "/ports", "agent container")?
+        .as_array()
+        .context("agent container: ports is not a list")?
+        .iter()
+        .map(|p| u64_at(p, "/hostPort", "agent port (hostPort)"))
+        .collect()
+}
+
+/// The config.yaml of the ConfigMap the DaemonSet mounts, among `docs`, parsed.
+fn mounted_config(ds: &Value, docs: &[Value], what: &str) -> Result<(String, Value)> {
+    let name = str_at(volume_of(ds, "config")?, "/configMap/name", "config volume")?;
+    let cm = docs
+        .iter()
+        .find(|d| {
+            d.get("kind").and_then(Value::as_str) == Some("ConfigMap")
+                && d.pointer("/metadata/name").and_then(Value::as_str) == Some(name)
+        })
+        .with_context(|| format!("{what} mounts ConfigMap {name}, which it does not render"))?;
+    let text = str_at(cm, "/data/config.yaml", "ConfigMap")?.to_owned();
+    let file = TempFile::new(&format!("cfg-{name}"), &text)?;
+    let parsed = yaml_documents(&file.0)?
+        .into_iter()
+        .next()
+        .with_context(|| format!("ConfigMap {name}'s config.yaml is empty"))?;
+    Ok((text, parsed))
+}
+
+/// The canary overlay's rendered config.yaml (for check-config).
+fn canary_config_text() -> Result<String> {
+    let (_, docs) = kustomize(CANARY_OVERLAY)?;
+    let ds = only_of_kind(&docs, "DaemonSet", CANARY_OVERLAY)?;
+    Ok(mounted_config(ds, &docs, CANARY_OVERLAY)?.0)
+}
+
+/// `name:tag` an overlay's or the base's `images:` entry sets.
+fn kustomize_image(file: &Path) -> Result<String> {
+    let docs = yaml_documents(file)?;
+    let k = docs.first().context("empty kustomization")?;
+    let img = at(k, "/images/0", &file.display().to_string())?;
+    Ok(format!(
+        "{}:{}",
+        str_at(img, "/newName", "images[0]")?,
+        str_at(img, "/newTag", "images[0]")?
+    ))
+}
+
+#[test]
+fn canary_and_stable_never_run_on_one_node() -> Result<()> {
+    let (_, stable_docs) = kustomize("deploy")?;
+    let (_, canary_docs) = kustomize(CANARY_OVERLAY)?;
+    let stable = only_of_kind(&stable_docs, "DaemonSet", "deploy")?;
+    let canary = only_of_kind(&canary_docs, "DaemonSet", CANARY_OVERLAY)?;
+
+    // Exactly one channel schedules on each kind of node.
+    let os = ("kubernetes.io/os", "linux");
+    for (node, want_stable) in [
+        (vec![os], true),
+        (vec![os, (CHANNEL_LABEL, "stable")], true),
+        (vec![os, (CHANNEL_LABEL, "canary")], false),
+    ] {
+        let s = schedules_on(stable, &node)?;
+        let c = schedules_on(canary, &node)?;
+        ensure!(
+            s == want_stable && c != want_stable,
+            "on a node labelled {node:?} the stable agent would run: {s}, the canary: {c} \
+             (exactly one must, the canary only on {CHANNEL_LABEL}=canary)"
+        );
+    }
+
+    // Names and selectors: two DaemonSets, neither selecting the other's pods.
+    let name = |ds: &Value| -> Result<String> {
+        Ok(str_at(ds, "/metadata/name", "DaemonSet")?.to_owned())
+    };
+    ensure!(
+        name(stable)? == "datamesh-agent" && name(canary)? == "datamesh-agent-canary",
+        "DaemonSets are {} and {}",
+        name(stable)?,
+        name(canary)?
+    );
+    for ds in [stable, canary] {
+        ensure!(
+            str_at(ds, "/metadata/namespace", "DaemonSet")? == "datamesh-system",
+            "DaemonSet {} is not in datamesh-system",
+            name(ds)?
+        );
+    }
+    let sel = |ds: &Value| -> Result<Value> {
+        Ok(at(ds, "/spec/selector/matchLabels", "DaemonSet")?.clone())
+    };
+    let labels = |ds: &Value| -> Result<Value> {
+        Ok(at(ds, "/spec/template/metadata/labels", "DaemonSet")?.clone())
+    };
+    ensure!(
+        selects(&sel(stable)?, &labels(stable)?)? && selects(&sel(canary)?, &labels(canary)?)?,
+        "a DaemonSet's selector does not select its own pods"
+    );
+    ensure!(
+        !selects(&sel(stable)?, &labels(canary)?)?,
+        "the stable DaemonSet's selector {} selects the canary's pods {}",
+        sel(stable)?,
+        labels(canary)?
+    );
+    ensure!(
+        !selects(&sel(canary)?, &labels(stable)?)?,
+        "the canary DaemonSet's selector {} selects the stable pods {}",
+        sel(canary)?,
+        labels(stable)?
+    );
+    ensure!(
+        labels(canary)?.get(CHANNEL_LABEL).and_then(Value::as_str) == Some("canary"),
+        "canary pods must carry {CHANNEL_LABEL}: canary (dashboards tell channels apart by it)"
+    );
+
+    // Same host ports: the scheduler itself never puts both on one node, also while a node
+    // changes channel (the new pod waits until the old one is gone).
+    let (sp, cp) = (host_ports(stable)?, host_ports(canary)?);
+    ensure!(
+        sp == cp && !sp.is_empty(),
+        "host ports differ: stable {sp:?}, canary {cp:?}"
+    );
+    for ds in [stable, canary] {
+        let surge = at(
+            ds,
+            "/spec/updateStrategy/rollingUpdate/maxSurge",
+            "DaemonSet",
+        )?;
+        ensure!(
+            surge == &Value::from(0) || surge == &Value::from("0"),
+            "{}: maxSurge must be 0 (two agents on one node)",
+            name(ds)?
+        );
+    }
+
+    // Each mounts its own ConfigMap; both configs use the node's one pin dir (the canary
+    // re-adopts the node's pinned data plane as an upgrade would) and listen where their
+    // DaemonSet declares.
+    let (_, stable_cfg) = mounted_config(stable, &stable_docs, "deploy")?;
+    let (_, canary_cfg) = mounted_config(canary, &canary_docs, CANARY_OVERLAY)?;
+    ensure!(
+        str_at(
+            volume_of(canary, "config")?,
+            "/configMap/name",
+            "config volume"
+        )? == "datamesh-agent-config-canary",
+        "the canary DaemonSet does not mount its own ConfigMap datamesh-agent-config-canary"
+    );
+    ensure!(
+        str_at(&stable_cfg, "/pin_dir", "stable config")?
+            == str_at(&canary_cfg, "/pin_dir", "canary config")?,
+        "stable and canary configs use different pin dirs: a node changing channel would keep \
+         the old channel's programs attached beside the new ones"
+    );
+    for (ds, cfg) in [(stable, &stable_cfg), (canary, &canary_cfg)] {
+        let mut listened = BTreeSet::from([port_of(str_at(cfg, "/admin_listen", "config")?)?]);
+        for ep in at(cfg, "/endpoints", "config")?
+            .as_array()
+            .context("endpoints is not a list")?
+        {
+            listened.insert(u64_at(ep, "/proxy_port", "endpoint")?);
+        }
+        ensure!(
+            host_ports(ds)? == listened,
+            "{} declares host ports {:?} but its config listens on {listened:?}",
+            name(ds)?,
+            host_ports(ds)?
+        );
+    }
+
+    // Both run as the base's ServiceAccount, which only the stable channel installs.
+    let sa = |ds: &Value| -> Result<String> {
+        Ok(str_at(ds, "/spec/template/spec/serviceAccountName", "DaemonSet")?.to_owned())
+    };
+    ensure!(
+        sa(stable)? == sa(canary)?
+            && object_names(&stable_docs)?.contains(&format!("serviceaccount/{}", sa(stable)?)),
+        "the canary runs as {}, not the stable channel's ServiceAccount {}",
+        sa(canary)?,
+        sa(stable)?
+    );
+
+    // Each runs the image its kustomization names.
+    let image = |ds: &Value| -> Result<String> {
+        Ok(str_at(agent_container(ds)?, "/image", "agent container")?.to_owned())
+    };
+    let want_stable = kustomize_image(&deploy_dir().join(KUSTOMIZATION))?;
+    let want_canary = kustomize_image(&project_root().join(CANARY_OVERLAY).join(KUSTOMIZATION))?;
+    ensure!(
+        image(stable)? == want_stable && image(canary)? == want_canary,
+        "images: stable {} (want {want_stable}), canary {} (want {want_canary})",
+        image(stable)?,
+        image(canary)?
     );
     Ok(())
 }

@@ -83,6 +83,10 @@ const RUNTIME_PKGS: &[Pkg] = &[
         "/usr/share/gocode/src/github.com/gomodule/redigo",
     ),
     path("libhiredis-dev", "/usr/include/hiredis/hiredis.h"),
+    // promtool (unit tests of deploy/monitoring's alert rules) and the Prometheus server that
+    // scrapes a running agent in tests/tests/monitoring.rs. The package's service is not
+    // started (no init system here); the tests run their own server.
+    cmd("prometheus", "promtool"),
 ];
 
 /// Node.js for the ioredis and node-redis client programs: Debian's, only when there is no
@@ -132,8 +136,40 @@ pub fn ensure() -> Result<()> {
     ensure_cargo_fuzz()?;
     ensure_python_pkgs()?;
     ensure_node()?;
+    ensure_kubectl()?;
     ensure_bpffs()?;
     Ok(())
+}
+
+/// kubectl renders deploy/ and its canary overlay (`kubectl kustomize`) in
+/// tests/tests/deploy_manifests.rs. It comes with this machine kind; Debian's own
+/// `kubernetes-client` (1.20) embeds kustomize v2, which cannot build the overlay, so
+/// installing it would not help: a missing or too old kubectl is reported, not replaced.
+fn ensure_kubectl() -> Result<()> {
+    let out = Command::new("kubectl")
+        .args(["version", "--client"])
+        .stdin(Stdio::null())
+        .output();
+    let text = match out {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).into_owned(),
+        _ => bail!(
+            "kubectl is missing: install a kubectl of Kubernetes 1.21 or newer (kustomize v4+) \
+             on PATH; the deploy tests render deploy/ with `kubectl kustomize`"
+        ),
+    };
+    let kustomize = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Kustomize Version: v"))
+        .and_then(|v| v.split('.').next())
+        .and_then(|major| major.parse::<u32>().ok());
+    match kustomize {
+        Some(major) if major >= 4 => Ok(()),
+        _ => bail!(
+            "kubectl's kustomize is too old or unknown ({}): the canary overlay needs kustomize \
+             v4 or newer (kubectl 1.21+)",
+            text.trim().replace('\n', "; ")
+        ),
+    }
 }
 
 /// Installs what `cargo xtask build-ebpf` needs: the toolchain packages and bpf-linker.
@@ -165,7 +201,7 @@ fn ensure_apt(pkgs: &[&Pkg]) -> Result<()> {
             "missing prerequisites and no apt-get to install them: {}. Install the equivalents \
              of these Debian packages (Rust 1.96 with a prebuilt core for bpfel-unknown-none, \
              LLVM/clang/lld 22, bpftool, iproute2, redis, nftables, twemproxy, procps, PHP with \
-             phpredis, Go with redigo, hiredis, Node.js with npm)",
+             phpredis, Go with redigo, hiredis, Node.js with npm, Prometheus with promtool)",
             names.join(" ")
         );
     }

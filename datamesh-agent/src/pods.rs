@@ -572,6 +572,50 @@ mod tests {
     }
 
     #[test]
+    fn policy_entries_carry_capture_flags_and_defaults() {
+        let mut s = PodSettings {
+            policies: vec![PodPolicyConfig {
+                name: "shop/*".into(),
+                conn_rate: 5,
+                conn_burst: 2,
+                cmd_rate: 0,
+                cmd_burst: 0,
+                max_connections: 0,
+                max_dedicated: 0,
+                acl: None,
+            }],
+            capture: CaptureConfig::default(),
+            default_conn_rate: 100,
+            default_conn_burst: 10,
+        };
+        // Mode all: only pods with a policy get an entry, without capture bits.
+        assert_eq!(
+            s.policy_entry("shop/web-1").map(|p| (p.conn_rate, p.flags)),
+            Some((5, 0))
+        );
+        assert_eq!(s.policy_entry("blog/api-0"), None);
+        s.capture = CaptureConfig {
+            mode: CaptureMode::Selected,
+            namespaces: vec!["blog".into()],
+            pods: vec![],
+            exclude: vec!["shop/web-2".into()],
+        };
+        let e = s.policy_entry("blog/api-0").expect("selected pod entry");
+        assert_eq!(
+            (e.conn_rate, e.conn_burst, e.flags),
+            (100, 10, POD_CAPTURE_ON)
+        );
+        assert_eq!(
+            s.policy_entry("shop/web-1").map(|p| p.flags),
+            Some(POD_CAPTURE_OFF)
+        );
+        assert_eq!(
+            s.policy_entry("shop/web-2").map(|p| p.flags),
+            Some(POD_CAPTURE_OFF)
+        );
+    }
+
+    #[test]
     fn table_has_the_contract_columns() {
         let rows = vec![PodRow {
             netns_cookie: 4097,

@@ -11,8 +11,8 @@
 //! - cgroupfs driver: `kubepods/<qos>/pod<uid>/<container id>` and `kubepods/pod<uid>/...`.
 //!
 //! Cost: a walk of the kubepods subtree (a few directories per pod) and one `read_dir` of the
-//! log directory, only when an unknown cgroup id or UID shows up (at most once per discovery
-//! round) and every [`FULL_RESCAN`] to forget pods that left.
+//! log directory, only when an unknown cgroup id shows up (at most once per discovery round,
+//! 250 ms) and every [`FULL_RESCAN`] to forget pods that left.
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::MetadataExt;
@@ -23,6 +23,9 @@ use tracing::debug;
 
 /// Pods that left are forgotten at this period even when nothing unknown shows up.
 pub const FULL_RESCAN: Duration = Duration::from_secs(10);
+/// Rescans triggered by an unknown cgroup id are at least this far apart (a namespace outside
+/// any pod, like the host's, stays unknown and must not make every round rescan).
+pub const MIN_RESCAN: Duration = Duration::from_millis(200);
 /// Depth of the walk below `kubepods[.slice]` (qos, pod, container, and one spare level).
 const MAX_DEPTH: usize = 5;
 
@@ -136,12 +139,14 @@ impl Kubelet {
     }
 
     /// Names the network namespaces in `netns_cgroups` (netns cookie → cgroup id) that belong
-    /// to kubelet pods. Rescans when a cgroup id is unknown (at most once per call).
+    /// to kubelet pods. Rescans when a cgroup id is unknown (at most once per [`MIN_RESCAN`]).
     pub fn resolve(&mut self, netns_cgroups: &[(u64, u64)]) -> BTreeMap<u64, String> {
-        let stale = self.scanned.is_none_or(|t| t.elapsed() >= FULL_RESCAN);
-        let unknown = netns_cgroups
-            .iter()
-            .any(|(_, cg)| self.name_of(*cg).is_none());
+        let since = self.scanned.map(|t| t.elapsed());
+        let stale = since.is_none_or(|d| d >= FULL_RESCAN);
+        let unknown = since.is_none_or(|d| d >= MIN_RESCAN)
+            && netns_cgroups
+                .iter()
+                .any(|(_, cg)| self.name_of(*cg).is_none());
         if stale || unknown {
             self.cgroups = scan_cgroups(&self.cgroup_root);
             self.names = scan_logs(&self.log_dir);

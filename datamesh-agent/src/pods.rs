@@ -349,12 +349,16 @@ impl PodSettings {
     }
 }
 
-/// Names the network namespaces the data plane saw connecting whose processes are in kubelet
-/// pods (`namespace/name`); these names win over netns file names.
-fn kubelet_pods(maps: &Maps, kubelet: &mut Kubelet) -> BTreeMap<u64, String> {
-    let seen: Vec<(u64, u64)> = maps.netns_cgroup.iter().filter_map(Result::ok).collect();
-    kubelet.resolve(&seen)
+/// What the data plane recorded: netns cookie → cgroup id of its last connecting process.
+fn netns_cgroups(maps: &Maps) -> Vec<(u64, u64)> {
+    maps.netns_cgroup.iter().filter_map(Result::ok).collect()
 }
+
+/// Discovery's tick: `dm_netns_cgroup` is read this often, so a new kubelet pod is named (and,
+/// in `capture.mode: selected`, captured) within about this long of its first connect.
+const TICK: Duration = Duration::from_millis(250);
+/// A full round (netns directory, policies) runs at least every this many ticks (1 s).
+const FULL_EVERY: u32 = 4;
 
 /// Scans `netns_dir` once: every entry that is a network namespace is a pod named after the file.
 /// `cache` maps (name, dev, inode) to cookies so setns runs once per namespace.
@@ -400,7 +404,8 @@ fn scan(netns_dir: &Path, cache: &mut HashMap<(String, u64, u64), u64>) -> BTree
 /// The pod policies discovery writes into `dm_pod_policy`; replaced on config reload.
 pub type SharedPolicies = Arc<RwLock<PodSettings>>;
 
-/// Runs discovery every second until `stop` fires (or its sender is dropped).
+/// Runs discovery (a full round every second, sooner when the data plane records a new
+/// namespace or cgroup) until `stop` fires (or its sender is dropped).
 pub fn spawn_discovery(
     pods: Arc<Pods>,
     netns_dir: PathBuf,
@@ -412,8 +417,10 @@ pub fn spawn_discovery(
     // knows the pods that exist: a connection accepted right after readiness gets its pod name
     // and a pod's connection limit is in the map before its first captured connect.
     let mut cache = HashMap::new();
+    let mut seen = netns_cgroups(&pods.maps);
     let mut found = scan(&netns_dir, &mut cache);
-    found.extend(kubelet_pods(&pods.maps, &mut kubelet));
+    // Kubelet names win over netns file names (which are `cni-<uuid>` on a real node).
+    found.extend(kubelet.resolve(&seen));
     pods.apply(
         &found,
         &policies.read().unwrap_or_else(|p| p.into_inner()).clone(),
@@ -421,9 +428,18 @@ pub fn spawn_discovery(
     std::thread::Builder::new()
         .name("pod-discovery".into())
         .spawn(move || {
-            while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(Duration::from_secs(1)) {
+            let mut tick = 0u32;
+            while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(TICK) {
+                tick = tick.wrapping_add(1);
+                // Between full rounds only a change in what the data plane recorded (a new
+                // namespace or a new cgroup for one) triggers a round.
+                let now = netns_cgroups(&pods.maps);
+                if now == seen && tick % FULL_EVERY != 0 {
+                    continue;
+                }
+                seen = now;
                 let mut found = scan(&netns_dir, &mut cache);
-                found.extend(kubelet_pods(&pods.maps, &mut kubelet));
+                found.extend(kubelet.resolve(&seen));
                 let current = policies.read().unwrap_or_else(|p| p.into_inner()).clone();
                 pods.apply(&found, &current);
             }

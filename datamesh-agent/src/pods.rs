@@ -434,7 +434,7 @@ pub fn spawn_discovery(
                 // Between full rounds only a change in what the data plane recorded (a new
                 // namespace or a new cgroup for one) triggers a round.
                 let now = netns_cgroups(&pods.maps);
-                if now == seen && tick % FULL_EVERY != 0 {
+                if now == seen && !tick.is_multiple_of(FULL_EVERY) {
                     continue;
                 }
                 seen = now;

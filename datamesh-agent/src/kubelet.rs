@@ -216,4 +216,22 @@ mod tests {
         assert_eq!(m.len(), 4);
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    #[test]
+    fn hybrid_layout_uses_the_unified_hierarchy() {
+        let dir = std::env::temp_dir().join(format!("dm-kubelet-hy-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let pod = dir
+            .join("unified/kubepods.slice/kubepods-podcccccccc_3333.slice/cri-containerd-y.scope");
+        std::fs::create_dir_all(&pod).expect("mkdir");
+        std::fs::write(dir.join("unified/cgroup.controllers"), "").expect("write");
+        // A v1 controller hierarchy beside it is not looked at.
+        std::fs::create_dir_all(dir.join("kubepods.slice/kubepods-poddddddddd_4444.slice"))
+            .expect("mkdir");
+        let m = scan_cgroups(&dir);
+        let ino = std::fs::metadata(&pod).expect("stat").ino();
+        assert_eq!(m.get(&ino).map(String::as_str), Some("cccccccc-3333"));
+        assert!(m.values().all(|u| u == "cccccccc-3333"), "{m:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

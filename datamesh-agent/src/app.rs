@@ -226,7 +226,10 @@ fn desired_settings(cfg: &Config) -> Result<Settings, AppError> {
     };
     Ok(Settings {
         abi_version: ABI_VERSION,
-        flags: dataplane::settings_flags(cfg.fastpath),
+        flags: dataplane::settings_flags(
+            cfg.fastpath,
+            cfg.capture.mode == config::CaptureMode::Selected,
+        ),
         heartbeat_ns: dataplane::monotonic_ns(),
         failopen_after_ns: cfg.failopen_after_ms.saturating_mul(1_000_000),
         agent_netns_cookie,
@@ -297,11 +300,13 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
 
     let pods = Arc::new(Pods::new(maps.clone()));
     pods.reset_open_conns();
-    let policies: pods::SharedPolicies = Arc::new(RwLock::new(cfg.pods.clone()));
+    let policies: pods::SharedPolicies =
+        Arc::new(RwLock::new(pods::PodSettings::from_config(&cfg)));
     let (pods_stop_tx, pods_stop_rx) = std::sync::mpsc::channel::<()>();
     let discovery = pods::spawn_discovery(
         pods.clone(),
         cfg.netns_dir.clone(),
+        crate::kubelet::Kubelet::new(cfg.cgroup_root.clone(), cfg.pod_log_dir.clone()),
         policies.clone(),
         pods_stop_rx,
     )
@@ -423,6 +428,7 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
         attribution: attribution.clone(),
         maps: maps.clone(),
         policies: policies.clone(),
+        pods: pods.clone(),
         admin: admin_state.clone(),
         ready: &ready,
         stop_rx: stop_rx.clone(),
@@ -601,6 +607,7 @@ struct ReloadCtx<'a> {
     attribution: Arc<CaptureAttribution>,
     maps: Arc<Maps>,
     policies: pods::SharedPolicies,
+    pods: Arc<Pods>,
     admin: Arc<AdminState>,
     ready: &'a Ready,
     stop_rx: watch::Receiver<bool>,
@@ -642,6 +649,8 @@ async fn reload(ctx: &ReloadCtx<'_>, running: &mut Running) {
         admin_listen,
         admin_allow_remote,
         netns_dir,
+        cgroup_root,
+        pod_log_dir,
         bypass_mark,
         skip_host_network,
         heartbeat_interval_ms
@@ -673,8 +682,15 @@ async fn reload(ctx: &ReloadCtx<'_>, running: &mut Running) {
     ctx.attribution.set_policy(uncaptured_policy(&new));
     *ctx.admin.token.write().unwrap_or_else(|p| p.into_inner()) = new.admin_token.clone();
     ctx.shared.pod_limits.set_policy(policy_source(&new));
-    *ctx.policies.write().unwrap_or_else(|p| p.into_inner()) = new.pods.clone();
-    let flags = dataplane::settings_flags(new.fastpath);
+    // Pod entries (capture flags) before the settings' mode: switching to `selected` must find
+    // the selected pods already flagged.
+    let pod_settings = pods::PodSettings::from_config(&new);
+    *ctx.policies.write().unwrap_or_else(|p| p.into_inner()) = pod_settings.clone();
+    ctx.pods.reapply(&pod_settings);
+    let flags = dataplane::settings_flags(
+        new.fastpath,
+        new.capture.mode == config::CaptureMode::Selected,
+    );
     let failopen = new.failopen_after_ms.saturating_mul(1_000_000);
     let (rate, burst) = (new.default_conn_rate, new.default_conn_burst);
     if let Err(e) = ctx.maps.update_settings(|s| {

@@ -108,6 +108,10 @@ pub struct RawConfig {
     #[serde(default)]
     pub uncaptured_allow: Vec<String>,
     pub netns_dir: Option<PathBuf>,
+    pub cgroup_root: Option<PathBuf>,
+    pub pod_log_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub capture: RawCapture,
     pub default_conn_rate: Option<u32>,
     pub default_conn_burst: Option<u32>,
     pub default_cmd_rate: Option<u32>,
@@ -134,6 +138,65 @@ pub struct RawConfig {
     pub endpoints: Vec<RawEndpoint>,
     #[serde(flatten)]
     pub unknown: Unknown,
+}
+
+/// `capture:` as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawCapture {
+    pub mode: Option<String>,
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    #[serde(default)]
+    pub pods: Vec<String>,
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
+/// Which pods the data plane rewrites (the gray-release lever).
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CaptureMode {
+    /// Every pod but the excluded ones (today's behaviour).
+    #[default]
+    All,
+    /// Only pods matched by `namespaces` or `pods`, minus `exclude`; a pod the agent does not
+    /// know (yet) is not captured.
+    Selected,
+}
+
+/// `capture:` validated. Globs are Redis-style (`*`, `?`, `[..]`); `pods` and `exclude` match
+/// the pod's full name (`namespace/name`, or the netns name of a netns-only pod),
+/// `namespaces` its namespace (`keyrules::namespace_of`).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, Default)]
+pub struct CaptureConfig {
+    pub mode: CaptureMode,
+    pub namespaces: Vec<String>,
+    pub pods: Vec<String>,
+    pub exclude: Vec<String>,
+}
+
+impl CaptureConfig {
+    /// Whether the pod named `name` is captured (a pod with no known name only in `all`).
+    pub fn selects(&self, name: Option<&str>) -> bool {
+        let Some(name) = name else {
+            return self.mode == CaptureMode::All;
+        };
+        let glob =
+            |g: &String, s: &str| datamesh_proxy::keyrules::glob_match(g.as_bytes(), s.as_bytes());
+        if self.exclude.iter().any(|g| glob(g, name)) {
+            return false;
+        }
+        match self.mode {
+            CaptureMode::All => true,
+            CaptureMode::Selected => {
+                self.pods.iter().any(|g| glob(g, name))
+                    || datamesh_proxy::keyrules::namespace_of(name)
+                        .is_some_and(|ns| self.namespaces.iter().any(|g| glob(g, ns)))
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -328,6 +391,12 @@ pub struct Config {
     pub uncaptured: UncapturedMode,
     pub uncaptured_allow: Vec<Cidr>,
     pub netns_dir: PathBuf,
+    /// Where the kubelet's pod cgroups are looked for (`kubepods.slice` or `kubepods` under it).
+    pub cgroup_root: PathBuf,
+    /// The kubelet's pod log directories (`<namespace>_<name>_<uid>`).
+    pub pod_log_dir: PathBuf,
+    /// Which pods are captured.
+    pub capture: CaptureConfig,
     pub default_conn_rate: u32,
     pub default_conn_burst: u32,
     /// Command-rate limit for pods without a policy (and node-local clients), per second.
@@ -542,6 +611,8 @@ pub const DEFAULT_BYPASS_MARK: u32 = 0x444d;
 pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 5000;
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:15090";
 pub const DEFAULT_NETNS_DIR: &str = "/var/run/netns";
+pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup";
+pub const DEFAULT_POD_LOG_DIR: &str = "/var/log/pods";
 /// Largest secret file the agent reads (a password or token, not a document).
 pub const MAX_SECRET_FILE: u64 = 64 * 1024;
 
@@ -766,6 +837,9 @@ impl RawConfig {
                 }
             }
         }
+        for k in self.capture.unknown.keys() {
+            err(&format!("capture.{k}"), "unknown field".into());
+        }
         for k in self.proxy.unknown.keys() {
             err(&format!("proxy.{k}"), "unknown field".into());
         }
@@ -960,6 +1034,20 @@ impl RawConfig {
             .netns_dir
             .clone()
             .unwrap_or_else(|| PathBuf::from(DEFAULT_NETNS_DIR));
+        let cgroup_root = self
+            .cgroup_root
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CGROUP_ROOT));
+        let pod_log_dir = self
+            .pod_log_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_POD_LOG_DIR));
+        for (f, p) in [("cgroup_root", &cgroup_root), ("pod_log_dir", &pod_log_dir)] {
+            if !p.is_absolute() {
+                err(f, format!("{} is not an absolute path", p.display()));
+            }
+        }
+        let capture = validate_capture(&self.capture, &mut err);
         let default_conn_rate = self.default_conn_rate.unwrap_or(0);
         let default_conn_burst = self.default_conn_burst.unwrap_or(0);
         if default_conn_rate == 0 && default_conn_burst != 0 {
@@ -1171,6 +1259,9 @@ impl RawConfig {
                     uncaptured,
                     uncaptured_allow,
                     netns_dir,
+                    cgroup_root,
+                    pod_log_dir,
+                    capture,
                     default_conn_rate,
                     default_conn_burst,
                     default_cmd_rate,
@@ -1231,6 +1322,54 @@ impl RawConfig {
 }
 
 /// `bigkeys:` (0 turns a threshold off; a low one would list ordinary replies as big).
+fn validate_capture(c: &RawCapture, err: &mut impl FnMut(&str, String)) -> CaptureConfig {
+    let mode = match c.mode.as_deref() {
+        None | Some("all") => CaptureMode::All,
+        Some("selected") => CaptureMode::Selected,
+        Some(other) => {
+            err(
+                "capture.mode",
+                format!("{other:?} is not a mode: all (every pod but `exclude`) or selected (only `namespaces` and `pods`)"),
+            );
+            CaptureMode::All
+        }
+    };
+    for (list, name) in [
+        (&c.namespaces, "namespaces"),
+        (&c.pods, "pods"),
+        (&c.exclude, "exclude"),
+    ] {
+        for (i, g) in list.iter().enumerate() {
+            if g.trim().is_empty() {
+                err(&format!("capture.{name}[{i}]"), "empty glob".into());
+            } else if g.len() > 255 {
+                err(
+                    &format!("capture.{name}[{i}]"),
+                    "longer than 255 bytes".into(),
+                );
+            }
+        }
+    }
+    if mode == CaptureMode::All && !(c.namespaces.is_empty() && c.pods.is_empty()) {
+        err(
+            "capture.mode",
+            "namespaces/pods select pods only with mode: selected (mode all captures every pod but `exclude`)".into(),
+        );
+    }
+    if mode == CaptureMode::Selected && c.namespaces.is_empty() && c.pods.is_empty() {
+        err(
+            "capture.mode",
+            "selected without namespaces or pods captures no pod (use capture.namespaces / capture.pods)".into(),
+        );
+    }
+    CaptureConfig {
+        mode,
+        namespaces: c.namespaces.clone(),
+        pods: c.pods.clone(),
+        exclude: c.exclude.clone(),
+    }
+}
+
 fn validate_bigkeys(b: &RawBigKeys, err: &mut impl FnMut(&str, String)) -> BigKeysConfig {
     let d = BigKeysConfig::default();
     let out = BigKeysConfig {
@@ -2297,6 +2436,59 @@ endpoints:
         ] {
             assert!(errs.iter().any(|e| e.starts_with(f)), "{f}: {errs:?}");
         }
+    }
+
+    #[test]
+    fn capture_is_validated_and_selects_by_glob() {
+        let base = "proxy_address: 198.18.3.1\ncgroup_path: /x\nendpoints:\n  - name: a\n    address: 198.19.3.1:6379\n";
+        let errs = check(&format!(
+            "{base}cgroup_root: rel\ncapture:\n  mode: some\n  pods: ['']\n  exclude: [ok]\n  typo: 1\n"
+        ));
+        for want in [
+            "cgroup_root: rel is not an absolute path",
+            "capture.typo: unknown field",
+            "capture.pods[0]: empty glob",
+        ] {
+            assert!(errs.iter().any(|e| e == want), "{want}: {errs:?}");
+        }
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("capture.mode: \"some\" is not a mode")),
+            "{errs:?}"
+        );
+        let errs = check(&format!("{base}capture: {{mode: selected}}\n"));
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("capture.mode: selected without")),
+            "{errs:?}"
+        );
+        let errs = check(&format!("{base}capture: {{namespaces: [shop]}}\n"));
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("capture.mode: namespaces/pods")),
+            "{errs:?}"
+        );
+        let c = CaptureConfig {
+            mode: CaptureMode::Selected,
+            namespaces: vec!["shop".into()],
+            pods: vec!["blog/api-*".into()],
+            exclude: vec!["shop/web-2".into()],
+        };
+        assert!(c.selects(Some("shop/web-1")));
+        assert!(!c.selects(Some("shop/web-2")));
+        assert!(c.selects(Some("blog/api-0")));
+        assert!(!c.selects(Some("blog/db-0")));
+        assert!(c.selects(Some("shop.legacy")), "netns fallback namespace");
+        assert!(
+            !c.selects(None),
+            "unknown pods are not captured in selected mode"
+        );
+        let all = CaptureConfig {
+            exclude: vec!["kube-system/*".into()],
+            ..CaptureConfig::default()
+        };
+        assert!(all.selects(None) && all.selects(Some("shop/web-1")));
+        assert!(!all.selects(Some("kube-system/coredns-1")));
     }
 
     #[test]

@@ -32,8 +32,9 @@ use aya::{Ebpf, EbpfError, EbpfLoader};
 use datamesh_common::{
     ConnInfo, EndpointKey, EndpointValue, FlowKey, PodCounters, PodPolicy, PodState, Settings,
     ABI_VERSION, AF_INET, AF_INET6, ALL_MAPS, CGROUP_PROGS, ENDPOINT_LISTENER, LINKS_SUBDIR,
-    MAP_CONNS, MAP_ENDPOINTS, MAP_POD_COUNTERS, MAP_POD_POLICY, MAP_POD_STATE, MAP_SETTINGS,
-    MAP_SOCKS, PROG_CONNECT4, PROG_CONNECT6, PROG_SKMSG, SETTINGS_CAPTURE, SETTINGS_FASTPATH,
+    MAP_CONNS, MAP_ENDPOINTS, MAP_NETNS_CGROUP, MAP_POD_COUNTERS, MAP_POD_POLICY, MAP_POD_STATE,
+    MAP_SETTINGS, MAP_SOCKS, PROG_CONNECT4, PROG_CONNECT6, PROG_SKMSG, SETTINGS_CAPTURE,
+    SETTINGS_CAPTURE_SELECTED, SETTINGS_FASTPATH,
 };
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::info::Info;
@@ -139,6 +140,8 @@ pub struct Maps {
     pub conns: HashMap<MapData, FlowKey, ConnInfo>,
     pub pod_policy: Mutex<HashMap<MapData, u64, PodPolicy>>,
     pub pod_state: Mutex<HashMap<MapData, u64, PodState>>,
+    /// netns cookie → cgroup id of the last connecting process (read by pod discovery).
+    pub netns_cgroup: HashMap<MapData, u64, u64>,
 }
 
 impl Maps {
@@ -149,6 +152,7 @@ impl Maps {
             conns: open_typed(pin_dir, MAP_CONNS)?,
             pod_policy: Mutex::new(open_typed(pin_dir, MAP_POD_POLICY)?),
             pod_state: Mutex::new(open_typed(pin_dir, MAP_POD_STATE)?),
+            netns_cgroup: open_typed(pin_dir, MAP_NETNS_CGROUP)?,
         })
     }
 
@@ -786,8 +790,14 @@ pub fn flow_key(peer: SocketAddr, local: SocketAddr) -> FlowKey {
     }
 }
 
-pub fn settings_flags(fastpath: bool) -> u32 {
-    SETTINGS_CAPTURE | if fastpath { SETTINGS_FASTPATH } else { 0 }
+pub fn settings_flags(fastpath: bool, selected: bool) -> u32 {
+    SETTINGS_CAPTURE
+        | if fastpath { SETTINGS_FASTPATH } else { 0 }
+        | if selected {
+            SETTINGS_CAPTURE_SELECTED
+        } else {
+            0
+        }
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock `bpf_ktime_get_ns` reads.

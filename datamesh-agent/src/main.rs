@@ -11,6 +11,7 @@ mod dataplane;
 mod hotkeys_cli;
 mod identity;
 mod keyrules_cli;
+mod kubelet;
 mod pod_counters;
 mod pods;
 mod preflight;

@@ -1,6 +1,9 @@
-//! Pods: discovery (each named network namespace in `netns_dir` is a pod; its identity in the
-//! data plane is the netns cookie), the agent-written per-pod maps (`dm_pod_state` name, open
-//! connections, errors, last activity; `dm_pod_policy` from the config), and the `pods` table.
+//! Pods: discovery (a network namespace whose processes belong to a kubelet pod is named
+//! `namespace/name`, see `kubelet.rs`; each named network namespace in `netns_dir` is a pod
+//! named after its file, the test/demo fallback; the identity in the data plane is the netns
+//! cookie), the agent-written per-pod maps (`dm_pod_state` name, open connections, errors,
+//! last activity; `dm_pod_policy` from the config: rates and the capture selection), and the
+//! `pods` table.
 //!
 //! The cookie of a namespace is read by a short-lived thread that joins the namespace with
 //! setns(2), creates a socket and asks for SO_NETNS_COOKIE; the thread then exits, so no
@@ -16,13 +19,15 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use datamesh_common::{
-    fnv1a, PodCounters, PodPolicy, PodState, MAP_POD_POLICY, MAP_POD_STATE, POD_NAME_LEN,
+    fnv1a, PodCounters, PodPolicy, PodState, MAP_POD_POLICY, MAP_POD_STATE, POD_CAPTURE_OFF,
+    POD_CAPTURE_ON, POD_NAME_LEN,
 };
 use serde::Serialize;
 use tracing::{debug, info, warn};
 
-use crate::config::PodPolicyConfig;
+use crate::config::{CaptureConfig, CaptureMode, Config, PodPolicyConfig};
 use crate::dataplane::{monotonic_ns, DataplaneError, Maps};
+use crate::kubelet::Kubelet;
 
 /// SO_NETNS_COOKIE (asm-generic/socket.h); not in every libc crate version.
 const SO_NETNS_COOKIE: libc::c_int = 71;
@@ -122,6 +127,8 @@ pub fn decode_name(name: &[u8; POD_NAME_LEN]) -> String {
 pub struct Pods {
     maps: Arc<Maps>,
     names: RwLock<HashMap<u64, String>>,
+    /// The pods of the last discovery round, so a config reload re-applies at once.
+    last: std::sync::Mutex<BTreeMap<u64, String>>,
 }
 
 impl Pods {
@@ -129,7 +136,15 @@ impl Pods {
         Self {
             maps,
             names: RwLock::new(HashMap::new()),
+            last: std::sync::Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// Re-applies the last discovered pods under new settings (config reload): the capture
+    /// selection takes effect on the next connect, not the next discovery round.
+    pub fn reapply(&self, settings: &PodSettings) {
+        let found = self.last.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        self.apply(&found, settings);
     }
 
     pub fn name_of(&self, cookie: u64) -> Option<String> {
@@ -205,7 +220,8 @@ impl Pods {
     }
 
     /// Applies one discovery round: `found` is every pod (cookie → name) present now.
-    fn apply(&self, found: &BTreeMap<u64, String>, policies: &[PodPolicyConfig]) {
+    fn apply(&self, found: &BTreeMap<u64, String>, settings: &PodSettings) {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = found.clone();
         let previous: BTreeSet<u64> = {
             let mut names = self.names.write().unwrap_or_else(|p| p.into_inner());
             let prev = names.keys().copied().collect();
@@ -228,6 +244,8 @@ impl Pods {
                         warn!(cookie, pod = %name, error = %e, "cannot write {MAP_POD_STATE}");
                     } else if !previous.contains(cookie) {
                         info!(cookie, pod = %name, "pod discovered");
+                    } else {
+                        info!(cookie, pod = %name, "pod named");
                     }
                 }
             }
@@ -250,18 +268,8 @@ impl Pods {
             .unwrap_or_else(|p| p.into_inner());
         let mut wanted: BTreeMap<u64, PodPolicy> = BTreeMap::new();
         for (cookie, name) in found {
-            if let Some(p) = policies.iter().find(|p| &p.name == name) {
-                wanted.insert(
-                    *cookie,
-                    PodPolicy {
-                        conn_rate: p.conn_rate,
-                        conn_burst: p.conn_burst,
-                        cmd_rate: p.cmd_rate,
-                        cmd_burst: p.cmd_burst,
-                        flags: 0,
-                        _pad0: 0,
-                    },
-                );
+            if let Some(p) = settings.policy_entry(name) {
+                wanted.insert(*cookie, p);
             }
         }
         for (cookie, p) in &wanted {
@@ -281,6 +289,76 @@ impl Pods {
         }
     }
 }
+
+/// What discovery writes into `dm_pod_policy`: the pod policies (first whose `name` glob
+/// matches the pod's name), the capture selection and the defaults for selected pods without a
+/// policy of their own.
+#[derive(Debug, Clone, Default)]
+pub struct PodSettings {
+    pub policies: Vec<PodPolicyConfig>,
+    pub capture: CaptureConfig,
+    pub default_conn_rate: u32,
+    pub default_conn_burst: u32,
+}
+
+impl PodSettings {
+    pub fn from_config(cfg: &Config) -> Self {
+        Self {
+            policies: cfg.pods.clone(),
+            capture: cfg.capture.clone(),
+            default_conn_rate: cfg.default_conn_rate,
+            default_conn_burst: cfg.default_conn_burst,
+        }
+    }
+
+    /// The `dm_pod_policy` entry of the pod named `name`, if it needs one: a pod policy, or a
+    /// capture flag (selected in `selected` mode, not selected in any mode).
+    pub fn policy_entry(&self, name: &str) -> Option<PodPolicy> {
+        let policy = self
+            .policies
+            .iter()
+            .find(|p| datamesh_proxy::keyrules::glob_match(p.name.as_bytes(), name.as_bytes()));
+        let flags = match (self.capture.selects(Some(name)), self.capture.mode) {
+            (false, _) => POD_CAPTURE_OFF,
+            (true, CaptureMode::Selected) => POD_CAPTURE_ON,
+            (true, CaptureMode::All) => 0,
+        };
+        if policy.is_none() && flags == 0 {
+            return None;
+        }
+        Some(match policy {
+            Some(p) => PodPolicy {
+                conn_rate: p.conn_rate,
+                conn_burst: p.conn_burst,
+                cmd_rate: p.cmd_rate,
+                cmd_burst: p.cmd_burst,
+                flags,
+                _pad0: 0,
+            },
+            // An entry overrides the default connection-rate limit in the data plane, so it
+            // carries the default.
+            None => PodPolicy {
+                conn_rate: self.default_conn_rate,
+                conn_burst: self.default_conn_burst,
+                cmd_rate: 0,
+                cmd_burst: 0,
+                flags,
+                _pad0: 0,
+            },
+        })
+    }
+}
+
+/// What the data plane recorded: netns cookie → cgroup id of its last connecting process.
+fn netns_cgroups(maps: &Maps) -> Vec<(u64, u64)> {
+    maps.netns_cgroup.iter().filter_map(Result::ok).collect()
+}
+
+/// Discovery's tick: `dm_netns_cgroup` is read this often, so a new kubelet pod is named (and,
+/// in `capture.mode: selected`, captured) within about this long of its first connect.
+const TICK: Duration = Duration::from_millis(250);
+/// A full round (netns directory, policies) runs at least every this many ticks (1 s).
+const FULL_EVERY: u32 = 4;
 
 /// Scans `netns_dir` once: every entry that is a network namespace is a pod named after the file.
 /// `cache` maps (name, dev, inode) to cookies so setns runs once per namespace.
@@ -324,12 +402,14 @@ fn scan(netns_dir: &Path, cache: &mut HashMap<(String, u64, u64), u64>) -> BTree
 }
 
 /// The pod policies discovery writes into `dm_pod_policy`; replaced on config reload.
-pub type SharedPolicies = Arc<RwLock<Vec<PodPolicyConfig>>>;
+pub type SharedPolicies = Arc<RwLock<PodSettings>>;
 
-/// Runs discovery every second until `stop` fires (or its sender is dropped).
+/// Runs discovery (a full round every second, sooner when the data plane records a new
+/// namespace or cgroup) until `stop` fires (or its sender is dropped).
 pub fn spawn_discovery(
     pods: Arc<Pods>,
     netns_dir: PathBuf,
+    mut kubelet: Kubelet,
     policies: SharedPolicies,
     stop: Receiver<()>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
@@ -337,7 +417,10 @@ pub fn spawn_discovery(
     // knows the pods that exist: a connection accepted right after readiness gets its pod name
     // and a pod's connection limit is in the map before its first captured connect.
     let mut cache = HashMap::new();
-    let found = scan(&netns_dir, &mut cache);
+    let mut seen = netns_cgroups(&pods.maps);
+    let mut found = scan(&netns_dir, &mut cache);
+    // Kubelet names win over netns file names (which are `cni-<uuid>` on a real node).
+    found.extend(kubelet.resolve(&seen));
     pods.apply(
         &found,
         &policies.read().unwrap_or_else(|p| p.into_inner()).clone(),
@@ -345,8 +428,18 @@ pub fn spawn_discovery(
     std::thread::Builder::new()
         .name("pod-discovery".into())
         .spawn(move || {
-            while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(Duration::from_secs(1)) {
-                let found = scan(&netns_dir, &mut cache);
+            let mut tick = 0u32;
+            while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(TICK) {
+                tick = tick.wrapping_add(1);
+                // Between full rounds only a change in what the data plane recorded (a new
+                // namespace or a new cgroup for one) triggers a round.
+                let now = netns_cgroups(&pods.maps);
+                if now == seen && !tick.is_multiple_of(FULL_EVERY) {
+                    continue;
+                }
+                seen = now;
+                let mut found = scan(&netns_dir, &mut cache);
+                found.extend(kubelet.resolve(&seen));
                 let current = policies.read().unwrap_or_else(|p| p.into_inner()).clone();
                 pods.apply(&found, &current);
             }
@@ -492,6 +585,50 @@ mod tests {
         // Through the probe thread, our own netns gives the same cookie.
         let c = netns_cookie_of(Path::new("/proc/self/ns/net")).expect("probe");
         assert_eq!(a, c);
+    }
+
+    #[test]
+    fn policy_entries_carry_capture_flags_and_defaults() {
+        let mut s = PodSettings {
+            policies: vec![PodPolicyConfig {
+                name: "shop/*".into(),
+                conn_rate: 5,
+                conn_burst: 2,
+                cmd_rate: 0,
+                cmd_burst: 0,
+                max_connections: 0,
+                max_dedicated: 0,
+                acl: None,
+            }],
+            capture: CaptureConfig::default(),
+            default_conn_rate: 100,
+            default_conn_burst: 10,
+        };
+        // Mode all: only pods with a policy get an entry, without capture bits.
+        assert_eq!(
+            s.policy_entry("shop/web-1").map(|p| (p.conn_rate, p.flags)),
+            Some((5, 0))
+        );
+        assert_eq!(s.policy_entry("blog/api-0"), None);
+        s.capture = CaptureConfig {
+            mode: CaptureMode::Selected,
+            namespaces: vec!["blog".into()],
+            pods: vec![],
+            exclude: vec!["shop/web-2".into()],
+        };
+        let e = s.policy_entry("blog/api-0").expect("selected pod entry");
+        assert_eq!(
+            (e.conn_rate, e.conn_burst, e.flags),
+            (100, 10, POD_CAPTURE_ON)
+        );
+        assert_eq!(
+            s.policy_entry("shop/web-1").map(|p| p.flags),
+            Some(POD_CAPTURE_OFF)
+        );
+        assert_eq!(
+            s.policy_entry("shop/web-2").map(|p| p.flags),
+            Some(POD_CAPTURE_OFF)
+        );
     }
 
     #[test]

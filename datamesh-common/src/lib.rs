@@ -14,7 +14,7 @@
 
 /// Version of every layout in this file. Bump it with any change to a struct, a map's key or
 /// value type, or a map's meaning.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// Default directory under bpffs where maps (and, under [`LINKS_SUBDIR`], links) are pinned.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/datamesh";
@@ -34,9 +34,10 @@ pub const MAP_POD_COUNTERS: &str = "dm_pod_counters";
 pub const MAP_POD_POLICY: &str = "dm_pod_policy";
 pub const MAP_POD_STATE: &str = "dm_pod_state";
 pub const MAP_POD_RATE: &str = "dm_pod_rate";
+pub const MAP_NETNS_CGROUP: &str = "dm_netns_cgroup";
 
 /// Every map, in the order the agent pins, checks and removes them.
-pub const ALL_MAPS: [&str; 9] = [
+pub const ALL_MAPS: [&str; 10] = [
     MAP_SETTINGS,
     MAP_ENDPOINTS,
     MAP_SOCK_ORIG,
@@ -46,6 +47,7 @@ pub const ALL_MAPS: [&str; 9] = [
     MAP_POD_POLICY,
     MAP_POD_STATE,
     MAP_POD_RATE,
+    MAP_NETNS_CGROUP,
 ];
 
 // ---- program names (function names in the object; never equal to an ELF section name) ----
@@ -69,6 +71,15 @@ pub const PODS_MAX: u32 = 16_384;
 pub const SETTINGS_CAPTURE: u32 = 1 << 0;
 /// The sockmap fast path is on: sock_ops inserts captured sockets, sk_msg redirects.
 pub const SETTINGS_FASTPATH: u32 = 1 << 1;
+/// Opt-in capture (`capture.mode: selected`): only a pod whose `dm_pod_policy` entry carries
+/// [`POD_CAPTURE_ON`] is rewritten; a network namespace without an entry is not (fail safe).
+pub const SETTINGS_CAPTURE_SELECTED: u32 = 1 << 2;
+
+// ---- PodPolicy.flags ----
+/// The pod is selected for capture (needed when [`SETTINGS_CAPTURE_SELECTED`] is set).
+pub const POD_CAPTURE_ON: u32 = 1 << 0;
+/// The pod is never rewritten, whatever the mode (excluded, or not selected).
+pub const POD_CAPTURE_OFF: u32 = 1 << 1;
 
 // ---- EndpointValue.flags ----
 /// The key is a proxy listener itself (node proxy address and an endpoint's `proxy_port`),
@@ -237,10 +248,26 @@ pub struct PodPolicy {
     /// Commands per second, enforced by the proxy; 0 = unlimited.
     pub cmd_rate: u32,
     pub cmd_burst: u32,
+    /// `POD_CAPTURE_*` bits.
     pub flags: u32,
     pub _pad0: u32,
 }
 const _: () = assert!(core::mem::size_of::<PodPolicy>() == 24);
+
+/// Capture decision for a pod from its `dm_pod_policy` flags (`None`: no entry) and the settings
+/// flags; shared by connect4/6 and the agent's unit tests. A pod not selected is never rewritten.
+#[inline(always)]
+pub fn capture_selected(settings_flags: u32, pod_flags: Option<u32>) -> bool {
+    match pod_flags {
+        Some(f) if f & POD_CAPTURE_OFF != 0 => false,
+        Some(f) if settings_flags & SETTINGS_CAPTURE_SELECTED != 0 => f & POD_CAPTURE_ON != 0,
+        Some(_) => true,
+        None => settings_flags & SETTINGS_CAPTURE_SELECTED == 0,
+    }
+}
+
+/// Entries of `dm_netns_cgroup` (netns cookie -> cgroup id of the last connecting process).
+pub const NETNS_CGROUP_MAX: u32 = 16_384;
 
 /// Length of [`PodState::name`].
 pub const POD_NAME_LEN: usize = 64;
@@ -348,6 +375,21 @@ mod tests {
         }
         assert_eq!(gcra_allow(tat, now, 10, 3), None);
         assert!(gcra_allow(tat, now + 100_000_000, 10, 3).is_some());
+    }
+
+    #[test]
+    fn capture_selection() {
+        let sel = SETTINGS_CAPTURE | SETTINGS_CAPTURE_SELECTED;
+        assert!(capture_selected(SETTINGS_CAPTURE, None));
+        assert!(capture_selected(SETTINGS_CAPTURE, Some(0)));
+        assert!(!capture_selected(SETTINGS_CAPTURE, Some(POD_CAPTURE_OFF)));
+        assert!(!capture_selected(sel, None));
+        assert!(!capture_selected(sel, Some(0)));
+        assert!(capture_selected(sel, Some(POD_CAPTURE_ON)));
+        assert!(!capture_selected(
+            sel,
+            Some(POD_CAPTURE_ON | POD_CAPTURE_OFF)
+        ));
     }
 
     #[test]

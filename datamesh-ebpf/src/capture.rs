@@ -14,17 +14,20 @@
 
 use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_ANY},
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_set_retval,
+    },
     programs::SockAddrContext,
 };
 use datamesh_common::{
-    gcra_allow, EndpointKey, EndpointValue, RateState, SockOrig, AF_INET, AF_INET6,
-    ENDPOINT_LISTENER, SETTINGS_CAPTURE,
+    capture_selected, gcra_allow, EndpointKey, EndpointValue, RateState, SockOrig, AF_INET,
+    AF_INET6, ENDPOINT_LISTENER, SETTINGS_CAPTURE,
 };
 
 use crate::{
     flow::{ctx_read, is_v4_mapped, V4_MAPPED_PREFIX},
-    maps::{count, Counter, ENDPOINTS, POD_POLICY, POD_RATE, SETTINGS, SOCK_ORIG},
+    maps::{count, Counter, ENDPOINTS, NETNS_CGROUP, POD_POLICY, POD_RATE, SETTINGS, SOCK_ORIG},
 };
 
 /// Return value of a cgroup sock_addr program that lets the connect go on.
@@ -58,6 +61,12 @@ pub struct CaptureError;
 #[inline(always)]
 pub fn try_connect(ctx: &SockAddrContext, hook: Hook) -> Result<Verdict, CaptureError> {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
+
+    // Every connect (UDP too: a pod's DNS lookup comes before its Redis connect) records the
+    // process's cgroup for its netns, so the agent knows the pod before its first capture.
+    // SAFETY: bpf_get_netns_cookie accepts the sock_addr context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+    record_cgroup(netns);
 
     // Endpoints are Redis (TCP); a UDP connect() to the same address is none of our business.
     if ctx_read!((*sa).type_) != SOCK_STREAM {
@@ -120,10 +129,17 @@ pub fn try_connect(ctx: &SockAddrContext, hook: Hook) -> Result<Verdict, Capture
             return Ok(Verdict::Allow);
         }
     }
-    // SAFETY: bpf_get_netns_cookie accepts the sock_addr context.
-    let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
     if settings.agent_netns_cookie != 0 && netns == settings.agent_netns_cookie {
         return Ok(Verdict::Allow);
+    }
+    // Architecture Invariant: a pod not selected for capture is never rewritten (opt-in mode:
+    // a network namespace the agent has not selected has no entry, so it is not captured).
+    if !direct {
+        // SAFETY: the flags are copied out at once.
+        let pod_flags = unsafe { POD_POLICY.get(netns) }.map(|p| p.flags);
+        if !capture_selected(settings.flags, pod_flags) {
+            return Ok(Verdict::Allow);
+        }
     }
 
     // Architecture Invariant: capture fails open when the agent's heartbeat is stale.
@@ -170,6 +186,20 @@ pub fn try_connect(ctx: &SockAddrContext, hook: Hook) -> Result<Verdict, Capture
     }
     count(netns, Counter::ConnectsCaptured, 1);
     Ok(Verdict::Allow)
+}
+
+/// Remembers the connecting process's cgroup for its network namespace (the agent's way from a
+/// netns to its kubelet pod). Written only when absent or changed: one lookup per connect.
+#[inline(always)]
+fn record_cgroup(netns: u64) {
+    // SAFETY: helper without arguments, allowed in cgroup sock_addr programs.
+    let cgroup = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: the value is copied out at once.
+    if unsafe { NETNS_CGROUP.get(netns) }.copied() != Some(cgroup) {
+        // Best effort: a full LRU evicts the oldest namespace, which is recorded again on its
+        // next connect.
+        let _ = NETNS_CGROUP.insert(netns, cgroup, BPF_ANY as u64);
+    }
 }
 
 #[inline(always)]

@@ -13,8 +13,8 @@ use aya_ebpf::{
 };
 use datamesh_common::{
     ConnInfo, EndpointKey, EndpointValue, FlowKey, PodCounters, PodPolicy, PodState, RateState,
-    Settings, SockOrig, CONNS_MAX, ENDPOINTS_MAX, PODS_MAX, SETTINGS_ENTRIES, SOCKS_MAX,
-    SOCK_ORIG_MAX,
+    Settings, SockOrig, CONNS_MAX, ENDPOINTS_MAX, NETNS_CGROUP_MAX, PODS_MAX, SETTINGS_ENTRIES,
+    SOCKS_MAX, SOCK_ORIG_MAX,
 };
 
 #[btf_map(name = "dm_settings")]
@@ -47,6 +47,11 @@ pub static POD_STATE: HashMap<u64, PodState, { PODS_MAX as usize }> = HashMap::n
 #[btf_map(name = "dm_pod_rate")]
 pub static POD_RATE: LruHashMap<u64, RateState, { PODS_MAX as usize }> = LruHashMap::new();
 
+/// netns cookie -> cgroup id of the last process that connected from it: how the agent maps a
+/// network namespace to its kubelet pod (cgroup id -> pod UID -> namespace/name).
+#[btf_map(name = "dm_netns_cgroup")]
+pub static NETNS_CGROUP: LruHashMap<u64, u64, { NETNS_CGROUP_MAX as usize }> = LruHashMap::new();
+
 const fn str_eq(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());
     if a.len() != b.len() {
@@ -74,7 +79,8 @@ const _: () = {
     assert!(str_eq("dm_pod_policy", c::MAP_POD_POLICY));
     assert!(str_eq("dm_pod_state", c::MAP_POD_STATE));
     assert!(str_eq("dm_pod_rate", c::MAP_POD_RATE));
-    assert!(c::ALL_MAPS.len() == 9);
+    assert!(str_eq("dm_netns_cgroup", c::MAP_NETNS_CGROUP));
+    assert!(c::ALL_MAPS.len() == 10);
 };
 
 /// Which `PodCounters` field a program bumps.

@@ -572,7 +572,11 @@ impl PolicySource {
                 ..defaults
             };
         };
-        match self.pods.iter().find(|p| p.name == name) {
+        match self
+            .pods
+            .iter()
+            .find(|p| crate::keyrules::glob_match(p.name.as_bytes(), name.as_bytes()))
+        {
             Some(p) => Resolved {
                 rate: p.cmd_rate,
                 burst: p.cmd_burst,

@@ -26,9 +26,10 @@
 //! a key the hot-key sketch sees above that rate gets a throttle rule at that rate for
 //! `hotkeys.auto_throttle_s`).
 //!
-//! Pods: the namespace of a pod is, until the agent knows Kubernetes names, the part of its
-//! netns name before the first `.` (`shop.web-1`: namespace `shop`); a name without a `.` has
-//! no namespace and matches no `namespaces` selector. Node-local clients (pod `node`) match
+//! Pods: the namespace of a pod known from the kubelet (`shop/web-1`) is its Kubernetes
+//! namespace; for a netns-only pod (test/demo fallback) it is the part of its netns name before
+//! the first `.` (`shop.web-1`: namespace `shop`); a name with neither has no namespace and
+//! matches no `namespaces` selector. Node-local clients (pod `node`) match
 //! only rules without a pod selector.
 //!
 //! Cost: a session holds the rules of its endpoint (taken again when the rule set's
@@ -340,9 +341,12 @@ fn single(pat: &[u8], p: usize, c: u8) -> Option<usize> {
     }
 }
 
-/// The namespace of a pod name by the netns fallback: the part before the first `.`.
+/// The namespace of a pod name: the part before the `/` of a Kubernetes name
+/// (`namespace/name`, known from the kubelet's layout), else by the netns fallback the part
+/// before the first `.`.
 pub fn namespace_of(pod: &str) -> Option<&str> {
-    pod.split_once('.')
+    pod.split_once('/')
+        .or_else(|| pod.split_once('.'))
         .map(|(ns, _)| ns)
         .filter(|ns| !ns.is_empty())
 }
@@ -971,6 +975,7 @@ mod tests {
         let node = PodStats::new(0, NODE_POD.into(), 0, 0);
         assert_eq!(namespace_of("shop.web-1"), Some("shop"));
         assert_eq!(namespace_of("web-1"), None);
+        assert_eq!(namespace_of("shop/web.1"), Some("shop"));
         let deny = Arc::new(Rule::new(
             rule("{key: 'secret:*', namespaces: [sh*], action: deny}").expect("valid"),
             Origin::Config,

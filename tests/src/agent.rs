@@ -158,6 +158,10 @@ pub struct AgentConfig {
     pub heartbeat_interval_ms: u64,
     pub drain_timeout_ms: u64,
     pub netns_dir: PathBuf,
+    /// Where the agent looks for the kubelet's pod cgroups (the test's own cgroup, never the
+    /// host's) and its pod log directories (under the run dir, never /var/log/pods).
+    pub cgroup_root: PathBuf,
+    pub pod_log_dir: PathBuf,
     pub default_conn_rate: u32,
     pub default_conn_burst: u32,
     pub pods: Vec<PodPolicy>,
@@ -193,6 +197,8 @@ impl AgentConfig {
             y.push_str("admin_listen: 127.0.0.1:0\n");
         }
         y.push_str(&format!("netns_dir: {}\n", self.netns_dir.display()));
+        y.push_str(&format!("cgroup_root: {}\n", self.cgroup_root.display()));
+        y.push_str(&format!("pod_log_dir: {}\n", self.pod_log_dir.display()));
         y.push_str(&format!("default_conn_rate: {}\n", self.default_conn_rate));
         y.push_str(&format!(
             "default_conn_burst: {}\n",

@@ -35,6 +35,7 @@ pub const ENDPOINT_NAME: &str = "cache";
 #[derive(Clone, Debug)]
 pub struct EnvBuilder {
     pods: Vec<String>,
+    kubelet: Vec<(String, KubeletPod)>,
     fastpath: bool,
     limits: Vec<(String, u32, u32)>,
     agent: bool,
@@ -49,10 +50,78 @@ pub struct EnvBuilder {
     memory_limit: Option<u64>,
 }
 
+/// The kubelet's cgroup driver, for [`KubeletPod`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CgroupDriver {
+    Systemd,
+    Cgroupfs,
+}
+
+/// A pod laid out as the kubelet does it: cgroup path by driver and QoS class, log directory
+/// `<namespace>_<name>_<uid>`.
+#[derive(Clone, Debug)]
+pub struct KubeletPod {
+    pub driver: CgroupDriver,
+    /// `guaranteed`, `burstable` or `besteffort`.
+    pub qos: &'static str,
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+impl KubeletPod {
+    pub fn new(
+        driver: CgroupDriver,
+        qos: &'static str,
+        namespace: &str,
+        name: &str,
+        uid: &str,
+    ) -> Self {
+        Self {
+            driver,
+            qos,
+            namespace: namespace.into(),
+            name: name.into(),
+            uid: uid.into(),
+        }
+    }
+
+    /// `namespace/name`, the name the agent gives the pod.
+    pub fn full_name(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    pub fn log_dir_name(&self) -> String {
+        format!("{}_{}_{}", self.namespace, self.name, self.uid)
+    }
+
+    /// The container cgroup, relative to the test cgroup (which stands for the cgroup root).
+    pub fn cgroup_path(&self) -> PathBuf {
+        let container = "0123456789abcdef";
+        match (self.driver, self.qos) {
+            (CgroupDriver::Systemd, "guaranteed") => PathBuf::from(format!(
+                "kubepods.slice/kubepods-pod{}.slice/cri-containerd-{container}.scope",
+                self.uid.replace('-', "_")
+            )),
+            (CgroupDriver::Systemd, qos) => PathBuf::from(format!(
+                "kubepods.slice/kubepods-{qos}.slice/kubepods-{qos}-pod{}.slice/cri-containerd-{container}.scope",
+                self.uid.replace('-', "_")
+            )),
+            (CgroupDriver::Cgroupfs, "guaranteed") => {
+                PathBuf::from(format!("kubepods/pod{}/{container}", self.uid))
+            }
+            (CgroupDriver::Cgroupfs, qos) => {
+                PathBuf::from(format!("kubepods/{qos}/pod{}/{container}", self.uid))
+            }
+        }
+    }
+}
+
 impl Default for EnvBuilder {
     fn default() -> Self {
         Self {
             pods: Vec::new(),
+            kubelet: Vec::new(),
             fastpath: false,
             limits: Vec::new(),
             agent: true,
@@ -77,6 +146,13 @@ impl EnvBuilder {
         S: Into<String>,
     {
         self.pods = names.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Makes the pod `short` (also listed in `pods`) a kubelet pod: its cgroup is laid out as the
+    /// kubelet would under the test's cgroup, and its log directory is made under the run dir.
+    pub fn kubelet_pod(mut self, short: &str, spec: KubeletPod) -> Self {
+        self.kubelet.push((short.to_string(), spec));
         self
     }
 
@@ -203,7 +279,16 @@ impl EnvBuilder {
                 .ok()
                 .filter(|i| *i < 200)
                 .ok_or_else(|| anyhow!("too many pods"))?;
-            let pod = Pod::create(n, i, name, env.bridge()?, env.cgroup()?)?;
+            let kubelet = self.kubelet.iter().find(|(s, _)| s == name).map(|(_, k)| k);
+            let pod = match kubelet {
+                None => Pod::create(n, i, name, env.bridge()?, env.cgroup()?)?,
+                Some(k) => {
+                    let log = env.pod_log_dir().join(k.log_dir_name());
+                    std::fs::create_dir_all(&log)
+                        .with_context(|| format!("creating {}", log.display()))?;
+                    Pod::create_at(n, i, name, env.bridge()?, env.cgroup()?, &k.cgroup_path())?
+                }
+            };
             env.pods.push(pod);
         }
         let redis = RedisServer::start(env.service_addr(), env.outside_cgroup(), &env.run_dir)?;
@@ -254,6 +339,11 @@ impl Env {
     /// Per-instance directory for config, ready file and logs.
     pub fn run_dir(&self) -> &Path {
         &self.run_dir
+    }
+
+    /// The kubelet pod log directory the agent is configured with (`<run dir>/pods`).
+    pub fn pod_log_dir(&self) -> PathBuf {
+        self.run_dir.join("pods")
     }
 
     /// The agent's pin dir `/sys/fs/bpf/datamesh-test-<pid>-<N>`.
@@ -360,6 +450,8 @@ impl Env {
             heartbeat_interval_ms: 100,
             drain_timeout_ms: b.drain_timeout_ms,
             netns_dir: PathBuf::from(NETNS_DIR),
+            cgroup_root: self.cgroup()?.path().to_path_buf(),
+            pod_log_dir: self.pod_log_dir(),
             default_conn_rate: 0,
             default_conn_burst: 0,
             pods,

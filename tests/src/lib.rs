@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-pub use env::{Env, EnvBuilder};
+pub use env::{CgroupDriver, Env, EnvBuilder, KubeletPod};
 pub use instance::reap_stale;
 
 /// Where the cgroup2 hierarchy is mounted on this machine kind (hybrid layout).

@@ -54,6 +54,31 @@ impl Pod {
         })
     }
 
+    /// Like [`Pod::create`], with the pod's cgroup at `cgroup_rel` (nested directories, e.g. the
+    /// kubelet's layout) under `parent_cgroup`.
+    pub fn create_at(
+        n: u8,
+        i: u8,
+        name: &str,
+        bridge: &Bridge,
+        parent_cgroup: &crate::cgroup::Cgroup,
+        cgroup_rel: &Path,
+    ) -> Result<Self> {
+        let netns = Netns::create(&format!("dmt{n}-{name}"))?;
+        let ip = crate::net::pod_ip(n, i);
+        let veth = Veth::create(n, i, &netns, ip, bridge)?;
+        let cgroup = parent_cgroup.path().join(cgroup_rel);
+        std::fs::create_dir_all(&cgroup)
+            .map_err(|e| anyhow::anyhow!("creating cgroup {}: {e}", cgroup.display()))?;
+        Ok(Self {
+            name: name.to_string(),
+            ip,
+            cgroup,
+            veth,
+            netns,
+        })
+    }
+
     /// The short name given to the builder (`a`).
     pub fn name(&self) -> &str {
         &self.name

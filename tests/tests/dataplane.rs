@@ -10,7 +10,8 @@
 //! the battery against plain Redis), `capture` (capture and what must stay untouched),
 //! `lifecycle` (SIGKILL fail-open, restart re-adoption), `battery` (correctness with the fast
 //! path on and off), `ratelimit` (per-pod connection-rate limit), `identity` (direct dials attributed and limited,
-//! uncaptured clients refused unless allowed, password files, admin access).
+//! uncaptured clients refused unless allowed, password files, admin access), `podident` (pods
+//! named from the kubelet's cgroup and log layout built under the test cgroup; opt-in capture).
 
 #[path = "dataplane/common.rs"]
 mod common;
@@ -32,3 +33,6 @@ mod ratelimit;
 
 #[path = "dataplane/identity.rs"]
 mod identity;
+
+#[path = "dataplane/podident.rs"]
+mod podident;

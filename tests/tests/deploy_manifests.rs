@@ -584,6 +584,17 @@ fn daemonset_agrees_with_its_config() -> Result<()> {
         "cgroup_path {cgroup_path} must be a cgroup below the host cgroup2 mount {cgroup_mount} \
          (never the root)"
     );
+    let cgroup_root = str_at(&config, "/cgroup_root", "config.yaml")?;
+    ensure!(
+        cgroup_root == cgroup_mount,
+        "cgroup_root {cgroup_root} is not the host cgroup mount {cgroup_mount} (pod identity)"
+    );
+    let logs = mount_of(agent, "pod-logs")?;
+    ensure!(
+        str_at(logs, "/mountPath", "pod-logs mount")? == str_at(&config, "/pod_log_dir", "config")?
+            && logs.get("readOnly") == Some(&Value::Bool(true)),
+        "pod_log_dir is not where the host's /var/log/pods is mounted read-only"
+    );
     let netns = mount_of(agent, "netns")?;
     ensure!(
         str_at(netns, "/mountPath", "netns mount")? == str_at(&config, "/netns_dir", "config")?,

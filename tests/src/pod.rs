@@ -41,17 +41,14 @@ impl Pod {
         bridge: &Bridge,
         parent_cgroup: &crate::cgroup::Cgroup,
     ) -> Result<Self> {
-        let netns = Netns::create(&format!("dmt{n}-{name}"))?;
-        let ip = crate::net::pod_ip(n, i);
-        let veth = Veth::create(n, i, &netns, ip, bridge)?;
-        let cgroup = parent_cgroup.child(&format!("pod-{name}"))?;
-        Ok(Self {
-            name: name.to_string(),
-            ip,
-            cgroup,
-            veth,
-            netns,
-        })
+        Self::create_at(
+            n,
+            i,
+            name,
+            bridge,
+            parent_cgroup,
+            Path::new(&format!("pod-{name}")),
+        )
     }
 
     /// Like [`Pod::create`], with the pod's cgroup at `cgroup_rel` (nested directories, e.g. the

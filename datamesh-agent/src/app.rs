@@ -183,6 +183,73 @@ pub struct RunOptions {
     pub config: PathBuf,
     pub ready_file: Option<PathBuf>,
     pub ebpf_object: Option<PathBuf>,
+    /// Set in a worker the supervisor started: inherited listeners, health channel; the
+    /// supervisor keeps the heartbeat.
+    pub supervised: Option<Supervised>,
+}
+
+/// What a worker inherits from its supervisor (see `supervisor`).
+pub struct Supervised {
+    listen_fds: std::collections::HashMap<String, std::os::fd::RawFd>,
+    admin_fd: std::os::fd::RawFd,
+    health_fd: std::os::fd::RawFd,
+    supervisor_pid: u32,
+    generation: u64,
+}
+
+impl Supervised {
+    /// From the worker's arguments (`--listen-fds name=fd,...`).
+    pub fn parse(
+        listen_fds: &str,
+        admin_fd: i32,
+        health_fd: i32,
+        supervisor_pid: u32,
+        generation: u64,
+    ) -> anyhow::Result<Self> {
+        let mut map = std::collections::HashMap::new();
+        for pair in listen_fds.split(',').filter(|p| !p.is_empty()) {
+            let (name, fd) = pair
+                .rsplit_once('=')
+                .ok_or_else(|| anyhow::anyhow!("--listen-fds: {pair:?} is not name=fd"))?;
+            let fd: i32 = fd
+                .parse()
+                .map_err(|_| anyhow::anyhow!("--listen-fds: {pair:?}: fd is not a number"))?;
+            map.insert(name.to_string(), fd);
+        }
+        Ok(Self {
+            listen_fds: map,
+            admin_fd,
+            health_fd,
+            supervisor_pid,
+            generation,
+        })
+    }
+
+    /// Takes the inherited listener of `endpoint`, if the supervisor bound one.
+    fn take_listener(&mut self, endpoint: &str, id: u32) -> Result<Option<Bound>, ListenError> {
+        use std::os::fd::FromRawFd;
+        let Some(fd) = self.listen_fds.remove(endpoint) else {
+            return Ok(None);
+        };
+        // SAFETY: the supervisor passed this listening socket for this endpoint; it is
+        // owned here once (removed from the map).
+        let std = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+        let err = |source| ListenError::Bind {
+            endpoint: endpoint.to_string(),
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            source,
+        };
+        std.set_nonblocking(true).map_err(err)?;
+        let local = std.local_addr().map_err(err)?;
+        let listener = tokio::net::TcpListener::from_std(std).map_err(err)?;
+        info!(endpoint, proxy = %local, "proxy listening (inherited from the supervisor)");
+        Ok(Some(Bound {
+            endpoint: endpoint.to_string(),
+            id,
+            listener,
+            local,
+        }))
+    }
 }
 
 #[derive(Serialize)]
@@ -195,7 +262,10 @@ struct ReadyEndpoint {
 
 #[derive(Serialize)]
 struct ReadyFile {
+    /// The agent: the supervisor's pid (a signal to it reaches the worker).
     pid: u32,
+    worker_pid: u32,
+    worker_generation: u64,
     admin: String,
     dataplane: &'static str,
     endpoints: Vec<ReadyEndpoint>,
@@ -274,8 +344,32 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
     };
 
     // Listeners before the data plane, so the endpoints map points at bound ports.
-    let bound = bind_all(&cfg)?;
-    let admin_listener = admin::bind(cfg.admin_listen).await?;
+    let mut supervised = opts.supervised;
+    let (bound, admin_listener) = match supervised.as_mut() {
+        Some(sup) => {
+            let mut bound = Vec::new();
+            for (i, ep) in cfg.endpoints.iter().enumerate() {
+                let b = match sup.take_listener(&ep.name, i as u32)? {
+                    Some(b) => b,
+                    // An endpoint added by a reload after the supervisor started.
+                    None => bind_one(&cfg, ep, i as u32)?,
+                };
+                bound.push((ep.clone(), b));
+            }
+            // SAFETY: the supervisor passed its admin listener; owned here once.
+            let std = unsafe {
+                <std::net::TcpListener as std::os::fd::FromRawFd>::from_raw_fd(sup.admin_fd)
+            };
+            let admin_err = |source| AdminError::Bind {
+                addr: cfg.admin_listen,
+                source,
+            };
+            std.set_nonblocking(true).map_err(admin_err)?;
+            let l = tokio::net::TcpListener::from_std(std).map_err(admin_err)?;
+            (bound, l)
+        }
+        None => (bind_all(&cfg)?, admin::bind(cfg.admin_listen).await?),
+    };
     let admin_addr: SocketAddr = admin_listener.local_addr().map_err(|source| AppError::Io {
         action: "admin listener",
         path: PathBuf::from("admin_listen"),
@@ -327,13 +421,22 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
     let dp_metrics = Arc::new(DataplaneMetrics::default());
     dp_metrics.register(&mut registry, mode);
 
+    let sup_metrics = Arc::new(crate::supervisor::SupervisorMetrics::default());
+    if supervised.is_some() {
+        sup_metrics.register(&mut registry);
+    }
     let (hb_stop_tx, hb_stop_rx) = watch::channel(false);
-    let heartbeat = dataplane::spawn_heartbeat(
-        maps.clone(),
-        Duration::from_millis(cfg.heartbeat_interval_ms),
-        dp_metrics.clone(),
-        hb_stop_rx,
-    );
+    // Supervised, the supervisor keeps the heartbeat (it outlives a dead or hung worker).
+    let heartbeat = if supervised.is_some() {
+        tokio::spawn(async {})
+    } else {
+        dataplane::spawn_heartbeat(
+            maps.clone(),
+            Duration::from_millis(cfg.heartbeat_interval_ms),
+            dp_metrics.clone(),
+            hb_stop_rx,
+        )
+    };
     let (flush_stop_tx, flush_stop_rx) = watch::channel(false);
     let flusher = pod_limits.clone().spawn_flusher(flush_stop_rx.clone());
 
@@ -406,6 +509,22 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
         path: opts.ready_file.clone(),
         admin: admin_addr,
         mode: mode.as_str(),
+        pid: supervised
+            .as_ref()
+            .map_or(std::process::id(), |s| s.supervisor_pid),
+        generation: supervised.as_ref().map_or(0, |s| s.generation),
+    };
+    // The supervisor's health checks, answered from this runtime once everything is up.
+    let _health = match &supervised {
+        Some(sup) => Some(
+            crate::supervisor::spawn_health(sup.health_fd, shared.clone(), sup_metrics.clone())
+                .map_err(|source| AppError::Io {
+                    action: "opening the supervisor's health channel",
+                    path: PathBuf::from(format!("fd {}", sup.health_fd)),
+                    source,
+                })?,
+        ),
+        None => None,
     };
     ready.write(&cfg, &listeners)?;
     info!(dataplane = mode.as_str(), admin = %admin_addr, "ready");
@@ -563,6 +682,8 @@ struct Ready {
     path: Option<PathBuf>,
     admin: SocketAddr,
     mode: &'static str,
+    pid: u32,
+    generation: u64,
 }
 
 impl Ready {
@@ -585,7 +706,9 @@ impl Ready {
             })
             .collect();
         let ready = ReadyFile {
-            pid: std::process::id(),
+            pid: self.pid,
+            worker_pid: std::process::id(),
+            worker_generation: self.generation,
             admin: self.admin.to_string(),
             dataplane: self.mode,
             endpoints,

@@ -16,6 +16,7 @@ mod pod_counters;
 mod pods;
 mod preflight;
 mod resources;
+mod supervisor;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -38,6 +39,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Load or adopt the data plane, run the proxy and the admin endpoint until SIGTERM/SIGINT.
+    /// A supervisor keeps the listeners and the heartbeat and runs the proxy in a worker child
+    /// it restarts.
     Run {
         /// Config file (.yaml, .yml or .toml).
         #[arg(long)]
@@ -48,6 +51,27 @@ enum Command {
         /// Use this eBPF object instead of the embedded one.
         #[arg(long)]
         ebpf_object: Option<PathBuf>,
+    },
+    /// The proxy worker `run` starts (internal: inherits its listeners from the supervisor).
+    #[command(hide = true)]
+    Worker {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+        #[arg(long)]
+        ebpf_object: Option<PathBuf>,
+        /// `endpoint=fd,...`: the inherited endpoint listeners.
+        #[arg(long, default_value = "")]
+        listen_fds: String,
+        #[arg(long)]
+        admin_fd: i32,
+        #[arg(long)]
+        health_fd: i32,
+        #[arg(long)]
+        supervisor_pid: u32,
+        #[arg(long, default_value_t = 0)]
+        generation: u64,
     },
     /// Per-pod counters and state from the pinned maps (works with the agent stopped).
     Pods {
@@ -177,7 +201,28 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             config,
             ready_file,
             ebpf_object,
+        } => supervisor::run(supervisor::Options {
+            config,
+            ready_file,
+            ebpf_object,
+        }),
+        Command::Worker {
+            config,
+            ready_file,
+            ebpf_object,
+            listen_fds,
+            admin_fd,
+            health_fd,
+            supervisor_pid,
+            generation,
         } => {
+            let supervised = app::Supervised::parse(
+                &listen_fds,
+                admin_fd,
+                health_fd,
+                supervisor_pid,
+                generation,
+            )?;
             // The runtime is sized before app::run loads (and reports) the config: an invalid
             // config still gets its full error list from there.
             let workers = config::load(&config)
@@ -203,6 +248,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                 config,
                 ready_file,
                 ebpf_object,
+                supervised: Some(supervised),
             }))?;
             // Connections still open after the drain deadline are cut here.
             rt.shutdown_timeout(std::time::Duration::from_millis(100));

@@ -528,13 +528,17 @@ impl Agent {
 
     /// The agent's resident set size in KiB (`VmRSS` of /proc/<pid>/status).
     pub fn rss_kib(&self) -> Result<u64> {
-        let pid = self.pid().ok_or_else(|| anyhow!("agent is not running"))?;
+        let pid = self
+            .worker_pid()?
+            .ok_or_else(|| anyhow!("agent has no worker"))?;
         crate::proc::rss_kib(pid)
     }
 
     /// The agent's peak resident set size so far, in KiB.
     pub fn peak_rss_kib(&self) -> Result<u64> {
-        let pid = self.pid().ok_or_else(|| anyhow!("agent is not running"))?;
+        let pid = self
+            .worker_pid()?
+            .ok_or_else(|| anyhow!("agent has no worker"))?;
         crate::proc::peak_rss_kib(pid)
     }
 
@@ -548,9 +552,33 @@ impl Agent {
             .ok_or_else(|| anyhow!("ready file has no endpoint {endpoint:?}"))
     }
 
-    /// The running agent's pid.
+    /// The running agent's pid (the supervisor of `datamesh-agent run`).
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// The pid of the agent's proxy worker (the supervisor's child), if one runs now.
+    pub fn worker_pid(&self) -> Result<Option<u32>> {
+        let pid = self.pid().ok_or_else(|| anyhow!("agent is not running"))?;
+        let path = format!("/proc/{pid}/task/{pid}/children");
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        Ok(text.split_whitespace().find_map(|w| w.parse().ok()))
+    }
+
+    /// Waits up to `timeout` for a worker whose pid is not `old`; returns it.
+    pub fn wait_new_worker(&self, old: Option<u32>, timeout: Duration) -> Result<u32> {
+        let t0 = std::time::Instant::now();
+        loop {
+            if let Some(p) = self.worker_pid()? {
+                if Some(p) != old {
+                    return Ok(p);
+                }
+            }
+            if t0.elapsed() > timeout {
+                bail!("no new worker within {timeout:?} (old {old:?})");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Plain HTTP/1.1 GET on the admin listener; returns (status, body).

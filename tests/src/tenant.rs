@@ -95,10 +95,11 @@ pub fn peak_rss_during<T>(env: &Env, body: impl FnOnce() -> Result<T> + Send) ->
 where
     T: Send,
 {
+    // The proxy's memory is the worker's (the supervisor is small and steady).
     let pid = env
         .agent()
-        .pid()
-        .ok_or_else(|| anyhow!("agent is not running"))?;
+        .worker_pid()?
+        .ok_or_else(|| anyhow!("agent has no worker"))?;
     let done = AtomicBool::new(false);
     let peak = AtomicU64::new(0);
     let r = thread::scope(|s| {

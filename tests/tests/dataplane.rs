@@ -36,3 +36,6 @@ mod identity;
 
 #[path = "dataplane/podident.rs"]
 mod podident;
+
+#[path = "dataplane/supervisor.rs"]
+mod supervisor;

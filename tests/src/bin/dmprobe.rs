@@ -13,6 +13,7 @@
 //! dmprobe concurrent   --addr A --conns 1000
 //! dmprobe connect-loop --addr A --until-ok --timeout-ms 3000
 //! dmprobe connect-loop --addr A --count 20
+//! dmprobe connect-loop --addr A --duration-ms 3000
 //! ```
 
 use std::collections::BTreeMap;
@@ -99,6 +100,8 @@ fn run(args: &[String]) -> Res<String> {
         "connect-loop" => {
             if o.has("until-ok") {
                 connect_until_ok(o.addr()?, o.num("timeout-ms", Some(3000))?)
+            } else if o.has("duration-ms") {
+                connect_for(o.addr()?, o.num("duration-ms", None)?)
             } else {
                 connect_count(o.addr()?, o.num("count", None)?)
             }
@@ -519,6 +522,32 @@ fn connect_until_ok(addr: SocketAddr, timeout_ms: u64) -> Res<String> {
     Err(format!(
         "no successful connect+PING to {addr} within {timeout_ms} ms ({attempts} attempts, errors {}, last: {last})",
         errors_json(&errors)
+    ))
+}
+
+/// connect + PING back to back for `duration_ms`; reports successes, errors by kind and the
+/// slowest attempt (a connect waiting in a listen backlog shows there).
+fn connect_for(addr: SocketAddr, duration_ms: u64) -> Res<String> {
+    let t0 = Instant::now();
+    let mut errors = BTreeMap::new();
+    let (mut ok, mut count) = (0u64, 0u64);
+    let mut slowest = Duration::ZERO;
+    while t0.elapsed() < Duration::from_millis(duration_ms) {
+        let t = Instant::now();
+        count += 1;
+        match ping_once(addr) {
+            Ok(()) => ok += 1,
+            Err((kind, _)) => *errors.entry(kind).or_insert(0) += 1,
+        }
+        slowest = slowest.max(t.elapsed());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let refused = errors.get("ECONNREFUSED").copied().unwrap_or(0);
+    Ok(format!(
+        "{{\"case\":\"connect-loop\",\"count\":{count},\"ok\":{ok},\"refused\":{refused},\"errors\":{},\"slowest_ms\":{},\"ms\":{}}}",
+        errors_json(&errors),
+        slowest.as_millis(),
+        t0.elapsed().as_millis()
     ))
 }
 

@@ -1,0 +1,209 @@
+//! Supervision: `datamesh-agent run` is a supervisor that keeps the listeners and the heartbeat
+//! and runs the proxy in a worker child. A SIGKILLed worker is replaced while pods' connects
+//! wait in the listen backlog (none refused); a SIGSTOPped one is found by the health check
+//! and replaced; a crash loop makes capture fail open (pods reach Redis directly).
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, ensure, Context, Result};
+use datamesh_tests::env::run_test;
+use datamesh_tests::Env;
+use serde_json::Value;
+
+use crate::common::{captured_by_proxy, counter, counters, probe_bin, redis_cli_client_addr};
+
+/// The bounds: a crashed worker is replaced within 500 ms, a hung one within 3 s.
+const CRASH_BOUND_MS: u128 = 500;
+const HANG_BOUND_MS: u128 = 3000;
+
+fn signal(pid: u32, sig: libc::c_int) -> Result<()> {
+    // SAFETY: kill(2) on the worker pid read from the supervisor's children just now.
+    if unsafe { libc::kill(pid as libc::pid_t, sig) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("kill(2) on the worker");
+    }
+    Ok(())
+}
+
+/// Waits until the admin endpoint (served by the worker) answers /ready 200.
+fn wait_ready(env: &Env, timeout: Duration) -> Result<()> {
+    let t0 = Instant::now();
+    loop {
+        if let Ok((200, _)) = env.agent().http_get("/ready") {
+            return Ok(());
+        }
+        ensure!(t0.elapsed() < timeout, "/ready not 200 within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn metric(env: &Env, name: &str) -> Result<f64> {
+    let (_, body) = env.agent().http_get("/metrics")?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+        .ok_or_else(|| anyhow!("/metrics has no {name}"))
+}
+
+fn assert_captured(env: &Env, name: &str) -> Result<()> {
+    let pod = env.pod("a");
+    let seen = redis_cli_client_addr(pod.cmd("redis-cli"), env.service_addr(), name)?;
+    ensure!(
+        captured_by_proxy(env, pod, seen)?,
+        "not captured: the proxy has no record of {seen}"
+    );
+    Ok(())
+}
+
+#[test]
+fn sigkilled_worker_is_replaced_with_no_refused_connect() {
+    run_test(Env::builder().pods(["a"]), |env| {
+        assert_captured(env, "dmbefore")?;
+        let before = counters(env, env.pod("a"))?;
+        let probe = env
+            .pod("a")
+            .cmd(probe_bin())
+            .args(["connect-loop", "--duration-ms", "2500", "--addr"])
+            .arg(env.service_addr().to_string())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting dmprobe")?;
+        std::thread::sleep(Duration::from_millis(600));
+        let old = env.agent().worker_pid()?.context("no worker")?;
+        let t0 = Instant::now();
+        signal(old, libc::SIGKILL)?;
+        let new = env
+            .agent()
+            .wait_new_worker(Some(old), Duration::from_secs(3))?;
+        let spawned = t0.elapsed();
+        wait_ready(env, Duration::from_secs(5))?;
+        let replaced = t0.elapsed();
+        let out = probe.wait_with_output().context("dmprobe")?;
+        ensure!(out.status.success(), "dmprobe failed: {:?}", out);
+        let summary: Value = serde_json::from_slice(&out.stdout)?;
+        eprintln!(
+            "worker SIGKILL: new worker {new} spawned after {spawned:?}, serving after {replaced:?}; probe {summary}"
+        );
+        ensure!(
+            summary["refused"].as_u64() == Some(0)
+                && summary["errors"].as_object().is_some_and(|e| e.is_empty()),
+            "connects failed while the worker was replaced: {summary}"
+        );
+        ensure!(
+            summary["ok"].as_u64().unwrap_or(0) > 10,
+            "too few connects: {summary}"
+        );
+        ensure!(
+            replaced.as_millis() <= CRASH_BOUND_MS,
+            "worker replaced after {replaced:?}; bound {CRASH_BOUND_MS} ms"
+        );
+        // Capture stayed on (the supervisor kept the heartbeat): nothing failed open.
+        let after = counters(env, env.pod("a"))?;
+        ensure!(
+            counter(&after, "connects_failopen") == counter(&before, "connects_failopen"),
+            "connects failed open during the restart: before {before:?}, after {after:?}"
+        );
+        assert_captured(env, "dmafter")?;
+        ensure!(
+            metric(env, "datamesh_agent_worker_restarts_total")? >= 1.0,
+            "restart not counted"
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn sigstopped_worker_is_killed_and_replaced_within_3s() {
+    run_test(Env::builder().pods(["a"]), |env| {
+        assert_captured(env, "dmbefore")?;
+        let old = env.agent().worker_pid()?.context("no worker")?;
+        let t0 = Instant::now();
+        signal(old, libc::SIGSTOP)?;
+        let new = env
+            .agent()
+            .wait_new_worker(Some(old), Duration::from_secs(6))?;
+        wait_ready(env, Duration::from_secs(5))?;
+        let replaced = t0.elapsed();
+        eprintln!("worker SIGSTOP: new worker {new} serving after {replaced:?}");
+        ensure!(
+            !datamesh_tests::pid_alive(old),
+            "the hung worker {old} is still alive"
+        );
+        ensure!(
+            replaced.as_millis() <= HANG_BOUND_MS,
+            "hung worker replaced after {replaced:?}; bound {HANG_BOUND_MS} ms"
+        );
+        assert_captured(env, "dmafter")?;
+        Ok(())
+    });
+}
+
+#[test]
+fn crash_looping_worker_fails_capture_open() {
+    run_test(Env::builder().pods(["a"]), |env| {
+        assert_captured(env, "dmbefore")?;
+        let before = counters(env, env.pod("a"))?;
+        // Kill every worker as soon as it shows, until a pod connect went straight to Redis.
+        let t0 = Instant::now();
+        let mut kills = 0;
+        let mut direct = false;
+        while t0.elapsed() < Duration::from_secs(10) {
+            if let Some(w) = env.agent().worker_pid()? {
+                let _ = signal(w, libc::SIGKILL);
+                kills += 1;
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+            if kills >= 3 {
+                let now = counters(env, env.pod("a"))?;
+                if counter(&now, "connects_failopen") > counter(&before, "connects_failopen") {
+                    direct = true;
+                    break;
+                }
+                // One connect at a time: it reaches Redis directly once capture failed open.
+                let out = env
+                    .pod("a")
+                    .cmd("redis-cli")
+                    .args(["-h", &env.service_addr().ip().to_string()])
+                    .args(["-p", &env.service_addr().port().to_string(), "PING"])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn();
+                if let Ok(mut c) = out {
+                    // A captured connect would wait for a worker; never wait on it long.
+                    let t = Instant::now();
+                    while t.elapsed() < Duration::from_millis(300) {
+                        if c.try_wait()?.is_some() {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        eprintln!(
+            "crash loop: {kills} kills, direct connect after {:?}",
+            t0.elapsed()
+        );
+        ensure!(
+            direct,
+            "no pod connect reached Redis directly after {kills} worker kills"
+        );
+        let log = std::fs::read_to_string(env.agent().log_path())?;
+        ensure!(
+            log.contains("capture fails open"),
+            "the supervisor did not log the fail-open"
+        );
+        // Left alone, a worker comes back (after the backoff) and capture resumes.
+        wait_ready(env, Duration::from_secs(10))?;
+        ensure!(
+            metric(env, "datamesh_agent_worker_restarts_total")? >= 3.0,
+            "restarts not counted"
+        );
+        assert_captured(env, "dmafter")?;
+        Ok(())
+    });
+}

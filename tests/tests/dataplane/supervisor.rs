@@ -59,6 +59,20 @@ fn sigkilled_worker_is_replaced_with_no_refused_connect() {
     run_test(Env::builder().pods(["a"]), |env| {
         assert_captured(env, "dmbefore")?;
         let before = counters(env, env.pod("a"))?;
+        // An established connection (a blocking pop) that dies with the worker: counted lost
+        // (the worker reports its open connections with every pong, once a second).
+        let mut blocked = env
+            .pod("a")
+            .cmd("redis-cli")
+            .args(["-h", &env.service_addr().ip().to_string()])
+            .args(["-p", &env.service_addr().port().to_string()])
+            .args(["BLPOP", "dm-supervisor-nokey", "0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting redis-cli BLPOP")?;
+        std::thread::sleep(Duration::from_millis(700));
         let probe = env
             .pod("a")
             .cmd(probe_bin())
@@ -106,6 +120,13 @@ fn sigkilled_worker_is_replaced_with_no_refused_connect() {
         ensure!(
             metric(env, "datamesh_agent_worker_restarts_total")? >= 1.0,
             "restart not counted"
+        );
+        let lost = metric(env, "datamesh_agent_worker_lost_connections_total")?;
+        let _ = blocked.kill();
+        let _ = blocked.wait();
+        ensure!(
+            lost >= 1.0,
+            "the BLPOP connection that died with the worker was not counted lost ({lost})"
         );
         Ok(())
     });

@@ -384,7 +384,15 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
             .flat_map(|(ep, b)| dataplane::endpoint_entries(b.id, ep.address, b.local))
             .collect(),
     };
-    let dp = dataplane::setup(object_bytes, &cfg.pin_dir, &cfg.cgroup_path, &desired)?;
+    // A replacement worker reopens what its predecessor (same binary) set up.
+    let reopened = match &supervised {
+        Some(sup) if sup.generation > 0 => dataplane::reopen(&cfg.pin_dir, &desired),
+        _ => None,
+    };
+    let dp = match reopened {
+        Some(dp) => dp,
+        None => dataplane::setup(object_bytes, &cfg.pin_dir, &cfg.cgroup_path, &desired)?,
+    };
     let dataplane::Dataplane {
         mode,
         maps,
@@ -466,6 +474,20 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
     // Key-attack windows, alerts and automatic throttles: once a second.
     let attacks_ticker =
         datamesh_proxy::attacks::spawn_ticker(shared.clone(), flush_stop_rx.clone());
+    // The supervisor's health checks, answered from this runtime from here on: the data
+    // plane is set up; what follows (the backends' topology, up to TOPOLOGY_READY_TIMEOUT per
+    // endpoint) may take longer than the supervisor's start timeout.
+    let _health = match &supervised {
+        Some(sup) => Some(
+            crate::supervisor::spawn_health(sup.health_fd, shared.clone(), sup_metrics.clone())
+                .map_err(|source| AppError::Io {
+                    action: "opening the supervisor's health channel",
+                    path: PathBuf::from(format!("fd {}", sup.health_fd)),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut listeners: ListenerMap = ListenerMap::new();
     for (ep, b) in bound {
@@ -513,18 +535,6 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
             .as_ref()
             .map_or(std::process::id(), |s| s.supervisor_pid),
         generation: supervised.as_ref().map_or(0, |s| s.generation),
-    };
-    // The supervisor's health checks, answered from this runtime once everything is up.
-    let _health = match &supervised {
-        Some(sup) => Some(
-            crate::supervisor::spawn_health(sup.health_fd, shared.clone(), sup_metrics.clone())
-                .map_err(|source| AppError::Io {
-                    action: "opening the supervisor's health channel",
-                    path: PathBuf::from(format!("fd {}", sup.health_fd)),
-                    source,
-                })?,
-        ),
-        None => None,
     };
     ready.write(&cfg, &listeners)?;
     info!(dataplane = mode.as_str(), admin = %admin_addr, "ready");

@@ -40,8 +40,8 @@ use crate::dataplane::{self, Maps};
 
 /// No pong for this long (after a first one) → the worker is hung: SIGKILL and replace.
 pub const HANG_AFTER: Duration = Duration::from_millis(1800);
-/// A new worker gets this long to answer its first health check (data plane setup and the
-/// backends' topology wait happen before).
+/// A new worker gets this long to answer its first health check (config, preflight and the
+/// data plane setup happen before; the backends' topology wait after).
 pub const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// A worker that lived this long was stable: the failure count restarts from 0.
 pub const STABLE_AFTER: Duration = Duration::from_secs(5);
@@ -213,9 +213,11 @@ pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
     };
     let exe =
         std::fs::read_link("/proc/self/exe").unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
-    let spawn = |generation: u64| -> anyhow::Result<Worker> {
-        let (ours, theirs) = UnixStream::pair().context("health socketpair")?;
+    let spawn = |generation: u64, stats: &str| -> anyhow::Result<Worker> {
+        let (mut ours, theirs) = UnixStream::pair().context("health socketpair")?;
         ours.set_nonblocking(true).context("health socket")?;
+        // The first ping waits in the socket: the new worker has the counts from its start.
+        let _ = ours.write_all(stats.as_bytes());
         clear_cloexec(theirs.as_raw_fd())?;
         let mut cmd = Command::new(&exe);
         cmd.arg("worker")
@@ -255,7 +257,7 @@ pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
             health: ours,
             started: Instant::now(),
             last_pong: None,
-            last_ping: Instant::now() - PING_EVERY,
+            last_ping: Instant::now(),
             open: 0,
             buf: Vec::new(),
         })
@@ -267,7 +269,10 @@ pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
     let mut failures = 0u32;
     let mut fail_open = false;
     let mut ever_healthy = false;
-    let mut worker: Option<Worker> = Some(spawn(generation)?);
+    let ping = |restarts: u64, lost: u64, fail_open: bool| {
+        format!("ping {restarts} {lost} {}\n", u8::from(fail_open))
+    };
+    let mut worker: Option<Worker> = Some(spawn(generation, &ping(0, 0, false))?);
     let mut next_start: Option<Instant> = None;
     let code = loop {
         let sig = SIGNAL.swap(0, Ordering::SeqCst);
@@ -344,8 +349,9 @@ pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
                 }
                 if now.duration_since(w.last_ping) >= PING_EVERY {
                     w.last_ping = now;
-                    let msg = format!("ping {restarts} {lost} {}\n", u8::from(fail_open));
-                    let _ = w.health.write_all(msg.as_bytes());
+                    let _ = w
+                        .health
+                        .write_all(ping(restarts, lost, fail_open).as_bytes());
                 }
                 let hung = match w.last_pong {
                     Some(t) => now.duration_since(t) >= HANG_AFTER,
@@ -395,7 +401,7 @@ pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
             if let Some(t) = next_start {
                 if Instant::now() >= t {
                     generation += 1;
-                    match spawn(generation) {
+                    match spawn(generation, &ping(restarts, lost, fail_open)) {
                         Ok(w) => {
                             worker = Some(w);
                             next_start = None;

@@ -37,6 +37,19 @@ fn wait_ready(env: &Env, timeout: Duration) -> Result<()> {
     }
 }
 
+/// Waits up to 2 s for metric `name` to reach `min` (the counts come with the supervisor's
+/// pings); returns its last value.
+fn metric_at_least(env: &Env, name: &str, min: f64) -> Result<f64> {
+    let t0 = Instant::now();
+    loop {
+        let v = metric(env, name)?;
+        if v >= min || t0.elapsed() > Duration::from_secs(2) {
+            return Ok(v);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn metric(env: &Env, name: &str) -> Result<f64> {
     let (_, body) = env.agent().http_get("/metrics")?;
     body.lines()
@@ -97,9 +110,17 @@ fn sigkilled_worker_is_replaced_with_no_refused_connect() {
         eprintln!(
             "worker SIGKILL: new worker {new} spawned after {spawned:?}, serving after {replaced:?}; probe {summary}"
         );
+        // No connect is refused. The probe's one connection in flight in the killed worker
+        // (accepted, PING not yet answered) may be reset: an established connection lost.
+        let errors = summary["errors"].as_object().cloned().unwrap_or_default();
+        let resets = errors
+            .get("ECONNRESET")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
         ensure!(
             summary["refused"].as_u64() == Some(0)
-                && summary["errors"].as_object().is_some_and(|e| e.is_empty()),
+                && resets <= 1
+                && errors.keys().all(|k| k == "ECONNRESET"),
             "connects failed while the worker was replaced: {summary}"
         );
         ensure!(
@@ -118,10 +139,10 @@ fn sigkilled_worker_is_replaced_with_no_refused_connect() {
         );
         assert_captured(env, "dmafter")?;
         ensure!(
-            metric(env, "datamesh_agent_worker_restarts_total")? >= 1.0,
+            metric_at_least(env, "datamesh_agent_worker_restarts_total", 1.0)? >= 1.0,
             "restart not counted"
         );
-        let lost = metric(env, "datamesh_agent_worker_lost_connections_total")?;
+        let lost = metric_at_least(env, "datamesh_agent_worker_lost_connections_total", 1.0)?;
         let _ = blocked.kill();
         let _ = blocked.wait();
         ensure!(
@@ -221,10 +242,21 @@ fn crash_looping_worker_fails_capture_open() {
         // Left alone, a worker comes back (after the backoff) and capture resumes.
         wait_ready(env, Duration::from_secs(10))?;
         ensure!(
-            metric(env, "datamesh_agent_worker_restarts_total")? >= 3.0,
+            metric_at_least(env, "datamesh_agent_worker_restarts_total", 3.0)? >= 3.0,
             "restarts not counted"
         );
-        assert_captured(env, "dmafter")?;
+        // Capture resumes once the new worker answered a health check (the supervisor then
+        // beats again): within a heartbeat interval of that.
+        let t = Instant::now();
+        loop {
+            match assert_captured(env, "dmafter") {
+                Ok(()) => break,
+                Err(e) if t.elapsed() > Duration::from_secs(3) => {
+                    return Err(e.context("capture did not resume after the crash loop"))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
         Ok(())
     });
 }

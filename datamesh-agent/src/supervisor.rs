@@ -292,7 +292,26 @@ pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
                 Some(mut w) => {
                     // SAFETY: kill(2) on our own unreaped child.
                     unsafe { libc::kill(w.child.id() as libc::pid_t, libc::SIGTERM) };
-                    let st = w.child.wait().context("waiting for the worker")?;
+                    // A hung worker never drains: SIGKILL after the drain deadline + 2 s.
+                    let deadline =
+                        Instant::now() + Duration::from_millis(cfg.drain_timeout_ms + 2000);
+                    let st = loop {
+                        if let Some(st) = w.child.try_wait().context("waiting for the worker")? {
+                            break st;
+                        }
+                        if Instant::now() >= deadline {
+                            warn!("the worker did not stop by the drain deadline: killing it");
+                            let _ = w.child.kill();
+                            break w.child.wait().context("reaping the worker")?;
+                        }
+                        std::thread::sleep(TICK);
+                    };
+                    // Capture off whatever the worker managed (it zeroes the heartbeat first
+                    // thing when it stops; a killed one did not).
+                    hb.set_beat(false, true);
+                    if let Some(r) = &opts.ready_file {
+                        let _ = std::fs::remove_file(r);
+                    }
                     info!(status = %st, "worker stopped; supervisor exits");
                     break if st.success() {
                         ExitCode::SUCCESS

@@ -452,6 +452,34 @@ mod tests {
         assert_eq!(backoff(10), BACKOFF_CAP);
         assert_eq!(backoff(u32::MAX), BACKOFF_CAP);
     }
+
+    #[test]
+    fn ping_counts_reach_the_metrics_monotonically() {
+        let m = SupervisorMetrics::default();
+        m.apply("ping 2 5 1");
+        assert_eq!(
+            (m.restarts.get(), m.lost.get(), m.fail_open.get()),
+            (2, 5, 1)
+        );
+        m.apply("ping 3 5 0");
+        assert_eq!(
+            (m.restarts.get(), m.lost.get(), m.fail_open.get()),
+            (3, 5, 0)
+        );
+        // Garbage and short lines change nothing.
+        m.apply("ping x 1 0");
+        m.apply("ping 9");
+        assert_eq!((m.restarts.get(), m.lost.get()), (3, 5));
+    }
+
+    #[test]
+    fn listen_fds_argument() {
+        let s = crate::app::Supervised::parse("cache=3,other=4", 5, 6, 1, 0).expect("parse");
+        drop(s);
+        assert!(crate::app::Supervised::parse("cache", 5, 6, 1, 0).is_err());
+        assert!(crate::app::Supervised::parse("cache=x", 5, 6, 1, 0).is_err());
+        assert!(crate::app::Supervised::parse("", 5, 6, 1, 0).is_ok());
+    }
 }
 
 /// The worker's side: the counts the supervisor sends with each ping, exported at /metrics.

@@ -260,3 +260,25 @@ fn crash_looping_worker_fails_capture_open() {
         Ok(())
     });
 }
+
+#[test]
+fn sigkilled_supervisor_takes_its_worker_along() {
+    run_test(Env::builder().pods(["a"]), |env| {
+        let worker = env.agent().worker_pid()?.context("no worker")?;
+        env.agent_mut().kill9()?;
+        // PR_SET_PDEATHSIG: the worker must not outlive the supervisor (it would hold the
+        // listeners' ports and keep serving unsupervised).
+        let t0 = Instant::now();
+        while datamesh_tests::pid_alive(worker) {
+            ensure!(
+                t0.elapsed() < Duration::from_secs(2),
+                "worker {worker} outlived its SIGKILLed supervisor"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // A new agent binds the same ports and captures again.
+        env.agent_mut().spawn()?;
+        assert_captured(env, "dmafter")?;
+        Ok(())
+    });
+}

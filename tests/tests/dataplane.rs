@@ -11,7 +11,8 @@
 //! `lifecycle` (SIGKILL fail-open, restart re-adoption), `battery` (correctness with the fast
 //! path on and off), `ratelimit` (per-pod connection-rate limit), `identity` (direct dials attributed and limited,
 //! uncaptured clients refused unless allowed, password files, admin access), `podident` (pods
-//! named from the kubelet's cgroup and log layout built under the test cgroup; opt-in capture).
+//! named from the kubelet's cgroup and log layout built under the test cgroup; opt-in capture),
+//! `supervisor` (the worker SIGKILLed, SIGSTOPped, crash-looping; the supervisor SIGKILLed).
 
 #[path = "dataplane/common.rs"]
 mod common;

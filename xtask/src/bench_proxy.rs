@@ -10,12 +10,13 @@
 //!
 //! Measured, in this order (each proxy gets its own idle listener, so the TIME_WAIT sockets of
 //! the storm never starve the idle test of ephemeral ports):
-//! 1. memory per idle client: RSS (VmRSS) of the proxy process before and after 10,000 client
-//!    connections that each did AUTH + PING and then stay open;
+//! 1. memory per idle client: RSS (VmRSS) of the proxy process (datamesh: the agent's worker)
+//!    before and after 10,000 client connections that each did AUTH + PING and then stay open;
 //! 2. throughput and CPU: redis-benchmark SET and GET as separate runs, 50 clients, pipeline 1
 //!    and 16, `-n` sized from a calibration run to take about `--seconds`; ops/s, p50, p99
 //!    (`--csv`), and CPU time per request: utime + stime of the target's process
-//!    (/proc/PID/stat, every thread) across the run divided by the requests of the run. For
+//!    (/proc/PID/stat, every thread; datamesh: its worker plus its supervisor) across the run
+//!    divided by the requests of the run. For
 //!    `direct` that process is redis-server itself (the reference); the redis-server's CPU per
 //!    request behind each proxy is shown as well. Medians over `--rounds`;
 //! 3. PHP short connections: `--php-workers` php-cli processes with phpredis, each doing what a
@@ -358,7 +359,12 @@ pub fn run(a: &ProxyArgs) -> Result<()> {
     let agent = env.agent();
     let datamesh_addr = agent.proxy_addr("cache")?;
     let datamesh_idle = agent.proxy_addr("idle")?;
-    let agent_pid = agent.pid().context("agent not running")?;
+    // The proxy runs in the agent's worker process; its supervisor (listeners, heartbeat,
+    // health pings) is counted in the CPU figures too.
+    let supervisor_pid = agent.pid().context("agent not running")?;
+    let agent_pid = agent
+        .worker_pid()?
+        .context("the agent has no worker process")?;
     let addr_of = |t: Target| match t {
         Target::Direct => backend,
         Target::Datamesh => datamesh_addr,
@@ -370,6 +376,14 @@ pub fn run(a: &ProxyArgs) -> Result<()> {
         Target::Datamesh => agent_pid,
         Target::Twemproxy => twem.pid(),
         Target::Envoy => envoy.pid(),
+    };
+    // CPU seconds of the target's processes (datamesh: worker and supervisor).
+    let cpu_of = |t: Target| -> Result<f64> {
+        let extra = match t {
+            Target::Datamesh => cpu_seconds(supervisor_pid)?,
+            _ => 0.0,
+        };
+        Ok(cpu_seconds(pid_of(t))? + extra)
     };
 
     println!("DataMesh proxy benchmark (instance {})", env.n());
@@ -454,11 +468,11 @@ pub fn run(a: &ProxyArgs) -> Result<()> {
                     }
                 };
                 for test in ["SET", "GET"] {
-                    let cpu0 = cpu_seconds(pid_of(t))?;
+                    let cpu0 = cpu_of(t)?;
                     let server0 = cpu_seconds(redis_pid)?;
                     let (test, rps, p50, p99) = bench_one(addr, test, p, n)
                         .with_context(|| format!("{} -P {p} {test}", t.name()))?;
-                    let cpu_us = (cpu_seconds(pid_of(t))? - cpu0) * 1e6 / n as f64;
+                    let cpu_us = (cpu_of(t)? - cpu0) * 1e6 / n as f64;
                     let server_cpu_us = (cpu_seconds(redis_pid)? - server0) * 1e6 / n as f64;
                     eprintln!(
                         "  round {} {:<9} P={p:<2} {test:<4} n={n:<9} {rps:>11.0} ops/s p50 {p50:.3} ms p99 {p99:.3} ms, CPU {cpu_us:.2} us/req (redis-server {server_cpu_us:.2})",

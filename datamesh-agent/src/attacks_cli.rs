@@ -1,18 +1,8 @@
 //! `datamesh-agent attacks`: the running agent's `/attacks` as a table (endpoint, pod, kind,
 //! since, lookups and miss ratio or scans/s over the window, automatic throttle), read from the
-//! admin endpoint like `datamesh-agent hotkeys` ([`crate::hotkeys_cli::admin_get`]).
+//! admin endpoint like `datamesh-agent hotkeys` ([`crate::hotkeys_cli::fetch_json`]).
 
-use std::net::SocketAddr;
-use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
-
-use anyhow::Context as _;
-
-/// The `/attacks` document of the agent whose admin endpoint is `admin`.
-pub fn fetch(admin: SocketAddr, token_file: Option<&Path>) -> anyhow::Result<serde_json::Value> {
-    let body = crate::hotkeys_cli::admin_get(admin, "/attacks", token_file)?;
-    serde_json::from_str(&body).context("decoding /attacks")
-}
 
 /// "12s ago" / "in 40s" from unix seconds.
 fn relative(t: u64, now: u64) -> String {

@@ -1,16 +1,5 @@
 //! `datamesh-agent bigkeys`: the running agent's `/bigkeys` as a table (or its JSON), read from
-//! the admin endpoint like `datamesh-agent hotkeys` ([`crate::hotkeys_cli::admin_get`]).
-
-use std::net::SocketAddr;
-use std::path::Path;
-
-use anyhow::Context as _;
-
-/// The `/bigkeys` document of the agent whose admin endpoint is `admin`.
-pub fn fetch(admin: SocketAddr, token_file: Option<&Path>) -> anyhow::Result<serde_json::Value> {
-    let body = crate::hotkeys_cli::admin_get(admin, "/bigkeys", token_file)?;
-    serde_json::from_str(&body).context("decoding /bigkeys")
-}
+//! the admin endpoint like `datamesh-agent hotkeys` ([`crate::hotkeys_cli::fetch_json`]).
 
 /// One line per key: endpoint, key, command, count, largest reply, most elements, top pods.
 pub fn format_table(doc: &serde_json::Value) -> String {

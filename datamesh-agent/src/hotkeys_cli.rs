@@ -16,6 +16,16 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest admin reply read (a `/hotkeys` reply is a few KiB per endpoint).
 const MAX_REPLY: u64 = 16 * 1024 * 1024;
 
+/// GETs `path` (a JSON route: `/hotkeys`, `/bigkeys`, `/attacks`) and decodes it.
+pub fn fetch_json(
+    admin: SocketAddr,
+    path: &str,
+    token_file: Option<&Path>,
+) -> anyhow::Result<serde_json::Value> {
+    let body = admin_get(admin, path, token_file)?;
+    serde_json::from_str(&body).with_context(|| format!("the agent's {path} is not JSON"))
+}
+
 /// GETs `path` from the admin endpoint at `admin`; the body of a 200 reply.
 pub fn admin_get(
     admin: SocketAddr,

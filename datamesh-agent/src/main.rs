@@ -269,15 +269,10 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             token_file,
             json,
         } => {
-            let body = hotkeys_cli::admin_get(admin, "/hotkeys", token_file.as_deref())?;
-            let v: serde_json::Value =
-                serde_json::from_str(&body).context("the agent's /hotkeys is not JSON")?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                print!("{}", hotkeys_cli::format_table(&v, endpoint.as_deref()));
-            }
-            Ok(ExitCode::SUCCESS)
+            let doc = hotkeys_cli::fetch_json(admin, "/hotkeys", token_file.as_deref())?;
+            print_doc(&doc, json, |d| {
+                hotkeys_cli::format_table(d, endpoint.as_deref())
+            })
         }
         Command::Keyrules {
             cmd,
@@ -318,26 +313,16 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             token_file,
             json,
         } => {
-            let doc = bigkeys_cli::fetch(admin, token_file.as_deref())?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&doc)?);
-            } else {
-                print!("{}", bigkeys_cli::format_table(&doc));
-            }
-            Ok(ExitCode::SUCCESS)
+            let doc = hotkeys_cli::fetch_json(admin, "/bigkeys", token_file.as_deref())?;
+            print_doc(&doc, json, bigkeys_cli::format_table)
         }
         Command::Attacks {
             admin,
             token_file,
             json,
         } => {
-            let doc = attacks_cli::fetch(admin, token_file.as_deref())?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&doc)?);
-            } else {
-                print!("{}", attacks_cli::format_table(&doc));
-            }
-            Ok(ExitCode::SUCCESS)
+            let doc = hotkeys_cli::fetch_json(admin, "/attacks", token_file.as_deref())?;
+            print_doc(&doc, json, attacks_cli::format_table)
         }
         Command::CheckConfig { config } => match config::load(&config) {
             Ok(cfg) => {
@@ -355,4 +340,18 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             }
         },
     }
+}
+
+/// An admin route's JSON as it came (`--json`) or as the command's table.
+fn print_doc(
+    doc: &serde_json::Value,
+    json: bool,
+    table: impl Fn(&serde_json::Value) -> String,
+) -> anyhow::Result<ExitCode> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(doc)?);
+    } else {
+        print!("{}", table(doc));
+    }
+    Ok(ExitCode::SUCCESS)
 }

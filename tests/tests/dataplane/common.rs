@@ -217,3 +217,14 @@ pub fn captured_by_proxy(env: &Env, pod: &Pod, seen: SocketAddr) -> Result<bool>
 pub fn is_pod_addr(pod: &Pod, addr: SocketAddr) -> bool {
     addr.ip() == IpAddr::V4(pod.ip())
 }
+
+/// A redis-cli round trip from `pod` through the service address is captured and shows in
+/// the proxy's /connections.
+pub fn assert_capture_works(env: &Env, pod: &Pod, name: &str) -> Result<()> {
+    let seen = redis_cli_client_addr(pod.cmd("redis-cli"), env.service_addr(), name)?;
+    ensure!(
+        captured_by_proxy(env, pod, seen)?,
+        "not captured: the proxy has no record of {seen}"
+    );
+    Ok(())
+}

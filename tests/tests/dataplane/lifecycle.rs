@@ -4,14 +4,13 @@
 
 use std::time::Instant;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Context};
 use datamesh_tests::env::run_test;
-use datamesh_tests::pod::Pod;
 use datamesh_tests::Env;
 use serde_json::Value;
 
 use crate::common::{
-    captured_by_proxy, counter, counters, is_pod_addr, probe_in_pod, redis_cli_client_addr,
+    assert_capture_works, counter, counters, is_pod_addr, probe_in_pod, redis_cli_client_addr,
 };
 
 /// failopen_after_ms of these envs.
@@ -19,16 +18,6 @@ const FAILOPEN_MS: u64 = 1000;
 /// What fail-open may take on top of the bound: one heartbeat interval (100 ms), spawning the
 /// probe, and scheduling on a busy 2-core machine.
 const MARGIN_MS: u64 = 400;
-
-/// A redis-cli round trip through the service address is captured and shows in /connections.
-fn assert_capture_works(env: &Env, pod: &Pod, name: &str) -> Result<()> {
-    let seen = redis_cli_client_addr(pod.cmd("redis-cli"), env.service_addr(), name)?;
-    ensure!(
-        captured_by_proxy(env, pod, seen)?,
-        "not captured: the proxy has no record of {seen}"
-    );
-    Ok(())
-}
 
 #[test]
 fn sigkilled_agent_fails_open_within_bound_then_restart_readopts() {

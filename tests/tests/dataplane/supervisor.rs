@@ -11,7 +11,7 @@ use datamesh_tests::env::run_test;
 use datamesh_tests::Env;
 use serde_json::Value;
 
-use crate::common::{captured_by_proxy, counter, counters, probe_bin, redis_cli_client_addr};
+use crate::common::{assert_capture_works, counter, counters, probe_bin};
 
 /// The bounds: a crashed worker is replaced within 500 ms, a hung one within 3 s.
 const CRASH_BOUND_MS: u128 = 500;
@@ -58,13 +58,7 @@ fn metric(env: &Env, name: &str) -> Result<f64> {
 }
 
 fn assert_captured(env: &Env, name: &str) -> Result<()> {
-    let pod = env.pod("a");
-    let seen = redis_cli_client_addr(pod.cmd("redis-cli"), env.service_addr(), name)?;
-    ensure!(
-        captured_by_proxy(env, pod, seen)?,
-        "not captured: the proxy has no record of {seen}"
-    );
-    Ok(())
+    assert_capture_works(env, env.pod("a"), name)
 }
 
 #[test]

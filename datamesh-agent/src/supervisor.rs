@@ -392,9 +392,11 @@ pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
         }
         if let Some(st) = dead {
             let Some(w) = worker.take() else { continue };
-            if !ever_healthy {
-                // The first worker never came up (bad config, failed preflight): nothing
-                // to supervise. Its log says why.
+            if !ever_healthy && st.code().is_some() {
+                // The first worker exited by itself before its first answer (bad config,
+                // failed preflight): nothing to supervise, its log says why. One killed by a
+                // signal (SIGKILL, the OOM killer, an abort) is restarted like any other: it
+                // may have been serving already, its first answer just not in yet.
                 error!(status = %st, "the worker exited before it was ready");
                 hb.stop.store(true, Ordering::SeqCst);
                 break ExitCode::FAILURE;

@@ -242,8 +242,17 @@ fn kubelet_pods_are_named_namespace_slash_name_and_selected_by_namespace() {
             let out = pod_cli(env, w1, &["GET", "secret:1"])?;
             ensure!(out.trim() == "s", "GET secret from shop/web-1: {out:?}");
             // Per-pod metrics carry namespace/name.
-            let m = metric_line(env, "datamesh_proxy_pod_commands_total{pod=\"blog/api-0\"")?;
-            ensure!(m >= 1, "no per-pod metric for blog/api-0");
+            // (Counts reach /metrics a moment after the replies: polled, bounded.)
+            let m = wait_until(
+                "a per-pod metric for blog/api-0",
+                Duration::from_secs(5),
+                || {
+                    let m =
+                        metric_line(env, "datamesh_proxy_pod_commands_total{pod=\"blog/api-0\"")?;
+                    Ok((m >= 1).then_some(m))
+                },
+            );
+            ensure!(m.is_ok(), "no per-pod metric for blog/api-0");
             eprintln!("kubelet identity: pods named {named:?} after the first connects");
             Ok(())
         },

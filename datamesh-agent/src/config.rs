@@ -110,6 +110,7 @@ pub struct RawConfig {
     pub netns_dir: Option<PathBuf>,
     pub cgroup_root: Option<PathBuf>,
     pub pod_log_dir: Option<PathBuf>,
+    pub upgrade_socket: Option<PathBuf>,
     #[serde(default)]
     pub capture: RawCapture,
     pub default_conn_rate: Option<u32>,
@@ -395,6 +396,8 @@ pub struct Config {
     pub cgroup_root: PathBuf,
     /// The kubelet's pod log directories (`<namespace>_<name>_<uid>`).
     pub pod_log_dir: PathBuf,
+    /// Unix socket a successor agent asks for the listening sockets on (zero-error upgrade).
+    pub upgrade_socket: PathBuf,
     /// Which pods are captured.
     pub capture: CaptureConfig,
     pub default_conn_rate: u32,
@@ -613,6 +616,7 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:15090";
 pub const DEFAULT_NETNS_DIR: &str = "/var/run/netns";
 pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup";
 pub const DEFAULT_POD_LOG_DIR: &str = "/var/log/pods";
+pub const DEFAULT_UPGRADE_SOCKET: &str = "/run/datamesh/upgrade.sock";
 /// Largest secret file the agent reads (a password or token, not a document).
 pub const MAX_SECRET_FILE: u64 = 64 * 1024;
 
@@ -1042,10 +1046,28 @@ impl RawConfig {
             .pod_log_dir
             .clone()
             .unwrap_or_else(|| PathBuf::from(DEFAULT_POD_LOG_DIR));
-        for (f, p) in [("cgroup_root", &cgroup_root), ("pod_log_dir", &pod_log_dir)] {
+        let upgrade_socket = self
+            .upgrade_socket
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_UPGRADE_SOCKET));
+        for (f, p) in [
+            ("cgroup_root", &cgroup_root),
+            ("pod_log_dir", &pod_log_dir),
+            ("upgrade_socket", &upgrade_socket),
+        ] {
             if !p.is_absolute() {
                 err(f, format!("{} is not an absolute path", p.display()));
             }
+        }
+        // sun_path holds 107 bytes and a NUL.
+        if upgrade_socket.as_os_str().len() > 107 {
+            err(
+                "upgrade_socket",
+                format!(
+                    "{} is longer than a Unix socket path may be (107 bytes)",
+                    upgrade_socket.display()
+                ),
+            );
         }
         let capture = validate_capture(&self.capture, &mut err);
         let default_conn_rate = self.default_conn_rate.unwrap_or(0);
@@ -1261,6 +1283,7 @@ impl RawConfig {
                     netns_dir,
                     cgroup_root,
                     pod_log_dir,
+                    upgrade_socket,
                     capture,
                     default_conn_rate,
                     default_conn_burst,

@@ -20,12 +20,12 @@
 use std::collections::HashMap as StdHashMap;
 use std::fs::File;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use aya::maps::{Array, HashMap, Map, MapData, MapError, MapInfo, SockHash};
+use aya::maps::{Array, HashMap, IterableMap, Map, MapData, MapError, MapInfo, SockHash};
 use aya::programs::links::{FdLink, LinkError};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SkMsg, SockOps};
 use aya::{Ebpf, EbpfError, EbpfLoader};
@@ -142,6 +142,19 @@ pub struct Maps {
     pub pod_state: Mutex<HashMap<MapData, u64, PodState>>,
     /// netns cookie → cgroup id of the last connecting process (read by pod discovery).
     pub netns_cgroup: HashMap<MapData, u64, u64>,
+    /// The pinned `dm_conns` when it is not ours (see [`Maps::conn_info`]).
+    foreign_conns: Mutex<ForeignConns>,
+    pin_dir: PathBuf,
+}
+
+/// Another build's `dm_conns`, pinned over ours (or ours pinned over it) during a zero-error
+/// upgrade across a layout change: both workers accept on the same listeners for a moment, so
+/// each may accept a connection the other build's programs recorded.
+#[derive(Default)]
+struct ForeignConns {
+    checked: Option<std::time::Instant>,
+    /// The pinned map (when it is not ours), its layout and ours.
+    map: Option<(MapData, crate::carryover::Layout, crate::carryover::Layout)>,
 }
 
 impl Maps {
@@ -153,6 +166,8 @@ impl Maps {
             pod_policy: Mutex::new(open_typed(pin_dir, MAP_POD_POLICY)?),
             pod_state: Mutex::new(open_typed(pin_dir, MAP_POD_STATE)?),
             netns_cgroup: open_typed(pin_dir, MAP_NETNS_CGROUP)?,
+            foreign_conns: Mutex::default(),
+            pin_dir: pin_dir.to_path_buf(),
         })
     }
 
@@ -166,8 +181,58 @@ impl Maps {
         update_settings_in(&mut map, f)
     }
 
+    /// The capture's record of a connection: in our `dm_conns`, or, while a zero-error upgrade
+    /// across a layout change runs, in the other build's (converted by field name).
     pub fn conn_info(&self, key: &FlowKey) -> Option<ConnInfo> {
-        self.conns.get(key, 0).ok()
+        match self.conns.get(key, 0) {
+            Ok(v) => Some(v),
+            Err(_) => self.foreign_conn_info(key),
+        }
+    }
+
+    fn foreign_conn_info(&self, key: &FlowKey) -> Option<ConnInfo> {
+        use crate::carryover::{convert, layout, lookup_raw, Carry};
+        let mut f = self.foreign_conns.lock().unwrap_or_else(|p| p.into_inner());
+        // The pin is looked at again at most every 100 ms (misses of uncaptured clients must
+        // stay cheap).
+        let stale = f
+            .checked
+            .is_none_or(|t| t.elapsed() >= Duration::from_millis(100));
+        if stale {
+            f.checked = Some(std::time::Instant::now());
+            f.map = None;
+            let ours = self.conns.map().info().ok().map(|i| i.id());
+            if let Ok(pinned) = MapData::from_pin(self.pin_dir.join(MAP_CONNS)) {
+                let theirs = pinned.info().ok().map(|i| i.id());
+                if theirs.is_some() && theirs != ours {
+                    let our_fd = self.conns.map().fd().as_fd().as_raw_fd();
+                    if let (Ok(tl), Ok(ol)) =
+                        (layout(pinned.fd().as_fd().as_raw_fd()), layout(our_fd))
+                    {
+                        if tl.key == ol.key && tl.key_size == std::mem::size_of::<FlowKey>() {
+                            f.map = Some((pinned, tl, ol));
+                        }
+                    }
+                }
+            }
+        }
+        let (map, tl, ol) = f.map.as_ref()?;
+        // SAFETY: FlowKey is #[repr(C)] plain integers with explicit padding (aya::Pod).
+        let kb = unsafe {
+            std::slice::from_raw_parts(
+                (key as *const FlowKey).cast::<u8>(),
+                std::mem::size_of::<FlowKey>(),
+            )
+        };
+        let mut raw = vec![0u8; tl.value_size];
+        if !lookup_raw(map.fd().as_fd().as_raw_fd(), kb, &mut raw) {
+            return None;
+        }
+        let mut ours = vec![0u8; std::mem::size_of::<ConnInfo>()];
+        convert(tl, ol, Carry::IfAbsent, &raw, &mut ours);
+        // SAFETY: `ours` holds size_of::<ConnInfo>() bytes; ConnInfo is plain integers
+        // (aya::Pod), valid for any bytes; read_unaligned has no alignment need.
+        Some(unsafe { std::ptr::read_unaligned(ours.as_ptr().cast::<ConnInfo>()) })
     }
 }
 
@@ -240,12 +305,22 @@ pub fn setup(
 
     // 1. Are the pinned maps of this build's layout?
     let verdict = inspect_maps(pin_dir, &expected);
+    // The old maps of another layout, held open to carry their entries over (step 9).
+    let mut old_maps: StdHashMap<String, std::os::fd::OwnedFd> = StdHashMap::new();
     let replaced_maps = matches!(verdict, MapsVerdict::Incompatible(_));
     let maps_reused = match &verdict {
         MapsVerdict::Compatible => true,
         MapsVerdict::Absent => false,
         MapsVerdict::Incompatible(reason) => {
-            warn!(%reason, pin_dir = %pin_dir.display(), "pinned maps have another layout: unpinning them so new maps are created (old programs keep theirs until detached)");
+            warn!(%reason, pin_dir = %pin_dir.display(), "pinned maps have another layout: unpinning them so new maps are created (old programs keep theirs until detached); their entries are carried over by field name");
+            for (name, _) in crate::carryover::CARRIED {
+                let p = pin_dir.join(name);
+                if let Ok(m) = MapData::from_pin(&p) {
+                    if let Ok(fd) = m.fd().as_fd().try_clone_to_owned() {
+                        old_maps.insert(name.to_string(), fd);
+                    }
+                }
+            }
             for name in ALL_MAPS {
                 let p = pin_dir.join(name);
                 match std::fs::remove_file(&p) {
@@ -359,9 +434,39 @@ pub fn setup(
         })?;
         held.push(FdLink::from(pinned));
     }
-    // 9. Only now let the old links go: their pins are gone, so closing the last fd detaches.
+    // 9. Only now let the old links go. Their pins are gone, but a draining old agent (a
+    //    zero-error upgrade) still holds them open: detach them explicitly, so the old
+    //    programs stop at once instead of running beside the new ones until it exits.
     let dropped = old_links.iter().filter(|(_, l)| l.is_some()).count();
+    for (name, link) in &old_links {
+        let Some(link) = link else { continue };
+        match link.info() {
+            Ok(i) => {
+                if let Err(e) = crate::carryover::detach_link(i.id()) {
+                    warn!(link = name, error = %e, "could not detach the old link (it stops when its last holder exits)");
+                }
+            }
+            Err(e) => warn!(link = name, error = %e, "old link info"),
+        }
+    }
     drop(old_links);
+    // 10. The old programs are detached: carry what their maps hold into the new ones.
+    if !old_maps.is_empty() {
+        let new_maps: Vec<(String, MapData)> = crate::carryover::CARRIED
+            .iter()
+            .filter_map(|(n, _)| {
+                MapData::from_pin(pin_dir.join(n))
+                    .ok()
+                    .map(|m| (n.to_string(), m))
+            })
+            .collect();
+        let new_fds = new_maps
+            .iter()
+            .map(|(n, m)| (n.clone(), m.fd().as_fd().as_raw_fd()))
+            .collect();
+        crate::carryover::carry_over(&old_maps, &new_fds);
+        drop(old_maps);
+    }
     drop(ebpf);
     let mode = if had_links {
         Mode::Upgraded

@@ -37,6 +37,7 @@ use tracing::{error, info, warn};
 
 use crate::config;
 use crate::dataplane::{self, Maps};
+use crate::handover;
 
 /// No pong for this long (after a first one) → the worker is hung: SIGKILL and replace.
 pub const HANG_AFTER: Duration = Duration::from_millis(1800);
@@ -98,14 +99,22 @@ struct Heartbeat {
 
 struct HbState {
     maps: Option<Maps>,
+    /// Kernel id of the settings map `maps` has open.
+    settings_id: Option<u32>,
     beat: bool,
 }
 
 impl Heartbeat {
     fn with_maps<R>(st: &mut HbState, pin_dir: &Path, f: impl FnOnce(&Maps) -> R) -> Option<R> {
-        if st.maps.is_none() {
+        // A worker of another build replaces the pinned maps (an upgrade across a layout
+        // change): the beat must go to the settings map the programs now read.
+        let pinned = aya::maps::MapInfo::from_pin(pin_dir.join(datamesh_common::MAP_SETTINGS))
+            .ok()
+            .map(|i| i.id());
+        if st.maps.is_none() || pinned != st.settings_id {
             // The first worker pins the maps; until then there is nothing to beat.
             st.maps = Maps::open(pin_dir).ok();
+            st.settings_id = if st.maps.is_some() { pinned } else { None };
         }
         st.maps.as_ref().map(f)
     }
@@ -160,7 +169,22 @@ pub struct Options {
 
 /// Binds the listeners on a short-lived current-thread runtime (the proxy's own bind code)
 /// and returns them as plain descriptors, inheritable, as `name=fd` pairs, plus the admin fd.
-fn bind_listeners(cfg: &config::Config) -> anyhow::Result<(Vec<(String, RawFd)>, RawFd)> {
+/// A socket a predecessor handed over (`handed`, by name) is used instead of a new bind when
+/// it is bound where the config wants it; handed sockets the config no longer uses are closed.
+fn bind_listeners(
+    cfg: &config::Config,
+    mut handed: std::collections::HashMap<String, std::os::fd::OwnedFd>,
+) -> anyhow::Result<(Vec<(String, RawFd)>, RawFd)> {
+    let mut take = |name: &str, want: std::net::SocketAddr| -> Option<RawFd> {
+        let fd = handed.remove(name)?;
+        match handover::local_addr(fd.as_raw_fd()) {
+            Some(have) if handover::addr_matches(have, want) => Some(fd.into_raw_fd()),
+            have => {
+                info!(socket = name, ?have, %want, "handed-over socket is not where the config wants it: binding anew");
+                None
+            }
+        }
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -168,23 +192,65 @@ fn bind_listeners(cfg: &config::Config) -> anyhow::Result<(Vec<(String, RawFd)>,
     rt.block_on(async {
         let mut fds = Vec::new();
         for (i, ep) in cfg.endpoints.iter().enumerate() {
-            let b = datamesh_proxy::listener::bind(&ep.name, cfg.proxy_bind(ep), i as u32)?;
-            let std = b.listener.into_std().context("endpoint listener")?;
-            let fd = std.into_raw_fd();
+            let fd = match take(&ep.name, cfg.proxy_bind(ep)) {
+                Some(fd) => fd,
+                None => {
+                    let b = datamesh_proxy::listener::bind(&ep.name, cfg.proxy_bind(ep), i as u32)?;
+                    b.listener
+                        .into_std()
+                        .context("endpoint listener")?
+                        .into_raw_fd()
+                }
+            };
             clear_cloexec(fd)?;
             fds.push((ep.name.clone(), fd));
         }
-        let admin = crate::admin::bind(cfg.admin_listen).await?;
-        let fd = admin.into_std().context("admin listener")?.into_raw_fd();
+        let fd = match take(handover::ADMIN, cfg.admin_listen) {
+            Some(fd) => fd,
+            None => {
+                let admin = crate::admin::bind(cfg.admin_listen).await?;
+                admin.into_std().context("admin listener")?.into_raw_fd()
+            }
+        };
         clear_cloexec(fd)?;
         Ok((fds, fd))
     })
 }
 
+/// The running agent's side of a zero-error upgrade (see `handover`).
+enum Upgrade {
+    /// No upgrade socket (yet: it is bound once the first worker is healthy).
+    Off,
+    /// Waiting for a successor.
+    Listening(handover::Server),
+    /// A successor has the sockets and starts its worker; ours still serves.
+    Offered(handover::Outgoing, handover::Server),
+    /// The successor serves; our worker drains (SIGUSR1) until it exits or `deadline`.
+    Retiring {
+        out: handover::Outgoing,
+        since: Instant,
+        deadline: Instant,
+        /// SIGTERM came meanwhile: exit as soon as the worker is gone.
+        exit_after: bool,
+    },
+    /// Handed over: nothing held; idle until SIGTERM.
+    HandedOver,
+}
+
 pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
     install_signals()?;
     let cfg = config::load(&opts.config)?;
-    let (fds, admin_fd) = bind_listeners(&cfg)?;
+    // A running agent of this data plane hands its listening sockets over (zero-error upgrade);
+    // none answering is a fresh start.
+    let mut incoming = handover::request(&cfg.upgrade_socket, &cfg.pin_dir)?;
+    let handed = incoming
+        .as_mut()
+        .map(|i| std::mem::take(&mut i.socks).into_iter().collect())
+        .unwrap_or_default();
+    let (fds, admin_fd) = bind_listeners(&cfg, handed)?;
+    let mut handed_socks: Vec<(String, RawFd)> = fds.clone();
+    handed_socks.push((handover::ADMIN.to_string(), admin_fd));
+    let mut upgrade = Upgrade::Off;
     let listen_arg = fds
         .iter()
         .map(|(n, fd)| format!("{n}={fd}"))
@@ -194,6 +260,7 @@ pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
         pin_dir: cfg.pin_dir.clone(),
         state: Mutex::new(HbState {
             maps: None,
+            settings_id: None,
             beat: true,
         }),
         stop: AtomicBool::new(false),
@@ -274,8 +341,26 @@ pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
     };
     let mut worker: Option<Worker> = Some(spawn(generation, &ping(0, 0, false))?);
     let mut next_start: Option<Instant> = None;
+    // SIGTERM while a successor starts: it is honoured once the handover ends either way.
+    let mut term_pending = false;
     let code = loop {
-        let sig = SIGNAL.swap(0, Ordering::SeqCst);
+        let mut sig = SIGNAL.swap(0, Ordering::SeqCst);
+        if (sig == libc::SIGTERM || sig == libc::SIGINT) && matches!(upgrade, Upgrade::Offered(..))
+        {
+            info!("SIGTERM while a successor starts: stopping once the handover ends");
+            term_pending = true;
+            sig = 0;
+        }
+        // After a handover only the retiring worker is left to wait for.
+        if matches!(upgrade, Upgrade::Retiring { .. } | Upgrade::HandedOver) {
+            match step_handed_over(&mut upgrade, &mut worker, &mut handed_socks, sig) {
+                Some(code) => break code,
+                None => {
+                    std::thread::sleep(TICK);
+                    continue;
+                }
+            }
+        }
         if sig == libc::SIGHUP {
             if let Some(w) = &worker {
                 // SAFETY: kill(2) on our own unreaped child.
@@ -329,6 +414,7 @@ pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
         }
         let now = Instant::now();
         let mut dead = None;
+        let mut became_healthy = false;
         if let Some(w) = worker.as_mut() {
             match w.child.try_wait() {
                 Ok(Some(st)) => dead = Some(st),
@@ -351,6 +437,7 @@ pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
                     if let Some(n) = line.trim().strip_prefix("pong ") {
                         w.open = n.trim().parse().unwrap_or(w.open);
                         if w.last_pong.is_none() {
+                            became_healthy = true;
                             info!(
                                 worker_pid = w.child.id(),
                                 after_ms = w.started.elapsed().as_millis() as u64,
@@ -435,11 +522,183 @@ pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        if became_healthy {
+            if let Some(mut inc) = incoming.take() {
+                match inc.ready() {
+                    Ok(()) => info!(
+                        old_pid = inc.old_pid,
+                        old_version = %inc.old_version,
+                        old_abi = inc.old_abi,
+                        "our worker serves: the previous agent retires its own"
+                    ),
+                    Err(e) => warn!(error = %e, "could not tell the previous agent we serve"),
+                }
+            }
+            if matches!(upgrade, Upgrade::Off) {
+                match handover::Server::bind(&cfg.upgrade_socket) {
+                    Ok(srv) => {
+                        info!(path = %srv.path().display(), "upgrade socket ready");
+                        upgrade = Upgrade::Listening(srv);
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "no upgrade socket: a successor will bind anew (its pods' connects may be refused meanwhile)")
+                    }
+                }
+            }
+        }
+        let healthy = worker.as_ref().is_some_and(|w| w.last_pong.is_some());
+        let retire_deadline = Duration::from_millis(cfg.drain_timeout_ms) + Duration::from_secs(2);
+        let was_offered = matches!(upgrade, Upgrade::Offered(..));
+        upgrade = step_upgrade(
+            std::mem::replace(&mut upgrade, Upgrade::Off),
+            term_pending,
+            healthy,
+            &cfg.pin_dir,
+            &handed_socks,
+            || {
+                // The successor serves and beats the heartbeat itself.
+                hb.set_beat(false, false);
+                if let Some(w) = &worker {
+                    // SAFETY: kill(2) on our own unreaped child.
+                    unsafe { libc::kill(w.child.id() as libc::pid_t, libc::SIGUSR1) };
+                }
+            },
+            retire_deadline,
+        );
+        if term_pending && was_offered && matches!(upgrade, Upgrade::Listening(_)) {
+            // The handover failed: the deferred SIGTERM stops this agent as usual.
+            term_pending = false;
+            SIGNAL.store(libc::SIGTERM, Ordering::SeqCst);
+        }
         std::thread::sleep(TICK);
     };
     hb.stop.store(true, Ordering::SeqCst);
     let _ = hb_thread.join();
     Ok(code)
+}
+
+/// One tick of the running agent's side of an upgrade (before the successor is ready):
+/// accepts a successor, hands it the sockets, and on its `ready` calls `retire` (stop the
+/// heartbeat, SIGUSR1 to the worker).
+fn step_upgrade(
+    state: Upgrade,
+    term_pending: bool,
+    healthy: bool,
+    pin_dir: &Path,
+    socks: &[(String, RawFd)],
+    retire: impl FnOnce(),
+    retire_deadline: Duration,
+) -> Upgrade {
+    match state {
+        Upgrade::Listening(srv) => match srv.poll() {
+            Some(stream) if healthy => match handover::offer(stream, pin_dir, socks) {
+                Ok(out) => Upgrade::Offered(out, srv),
+                Err(e) => {
+                    warn!(error = %e, "handover refused");
+                    Upgrade::Listening(srv)
+                }
+            },
+            Some(_) => {
+                warn!("a successor asked for the sockets while no worker of ours is healthy: refused (retry when this agent is ready)");
+                Upgrade::Listening(srv)
+            }
+            None => Upgrade::Listening(srv),
+        },
+        Upgrade::Offered(mut out, srv) => match out.poll_ready() {
+            handover::Poll::Waiting => Upgrade::Offered(out, srv),
+            handover::Poll::Gone(why) => {
+                warn!(%why, successor_pid = out.peer_pid, "the handover is off: this agent carries on");
+                Upgrade::Listening(srv)
+            }
+            handover::Poll::Ready => {
+                // The successor binds the path anew; ours stops listening.
+                drop(srv);
+                retire();
+                info!(
+                    successor_pid = out.peer_pid,
+                    successor_version = %out.peer_version,
+                    successor_abi = out.peer_abi,
+                    "the successor serves: retiring our worker (stop accepting, close clients at command boundaries)"
+                );
+                let now = Instant::now();
+                Upgrade::Retiring {
+                    out,
+                    since: now,
+                    deadline: now + retire_deadline,
+                    exit_after: term_pending,
+                }
+            }
+        },
+        other => other,
+    }
+}
+
+/// One tick after a handover: waits for the retiring worker (SIGKILL at the deadline), then
+/// closes our copies of the sockets and idles until SIGTERM. `Some(code)`: exit now.
+fn step_handed_over(
+    upgrade: &mut Upgrade,
+    worker: &mut Option<Worker>,
+    socks: &mut Vec<(String, RawFd)>,
+    sig: i32,
+) -> Option<ExitCode> {
+    let term = sig == libc::SIGTERM || sig == libc::SIGINT;
+    match upgrade {
+        Upgrade::HandedOver => {
+            if term {
+                info!("handed over earlier: exiting");
+                return Some(ExitCode::SUCCESS);
+            }
+            None
+        }
+        Upgrade::Retiring {
+            out,
+            since,
+            deadline,
+            exit_after,
+        } => {
+            if term {
+                info!("SIGTERM while our worker drains: exiting once it is gone");
+                *exit_after = true;
+            }
+            let gone = match worker.as_mut() {
+                None => true,
+                Some(w) => match w.child.try_wait() {
+                    Ok(Some(st)) => {
+                        info!(status = %st, drained_ms = since.elapsed().as_millis() as u64, "the retired worker exited");
+                        true
+                    }
+                    Ok(None) if Instant::now() >= *deadline => {
+                        warn!("the retiring worker still runs at the drain deadline: killing it");
+                        let _ = w.child.kill();
+                        let _ = w.child.wait();
+                        true
+                    }
+                    Ok(None) => false,
+                    Err(e) => {
+                        warn!(error = %e, "waitpid on the retiring worker");
+                        false
+                    }
+                },
+            };
+            if !gone {
+                return None;
+            }
+            *worker = None;
+            out.done(since.elapsed());
+            // Our copies of the listening sockets: the successor holds its own.
+            for (_, fd) in socks.drain(..) {
+                let _ = nix::unistd::close(fd);
+            }
+            info!(
+                successor_pid = out.peer_pid,
+                "handed over: this agent holds no socket now; idle until SIGTERM"
+            );
+            let exit = *exit_after;
+            *upgrade = Upgrade::HandedOver;
+            exit.then_some(ExitCode::SUCCESS)
+        }
+        _ => None,
+    }
 }
 
 #[cfg(test)]

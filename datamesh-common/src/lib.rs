@@ -14,7 +14,15 @@
 
 /// Version of every layout in this file. Bump it with any change to a struct, a map's key or
 /// value type, or a map's meaning.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = if cfg!(feature = "abi-next") {
+    ABI_LAYOUT + ABI_NEXT_OFFSET
+} else {
+    ABI_LAYOUT
+};
+/// The layout version of this source tree (what [`ABI_VERSION`] is in a normal build).
+const ABI_LAYOUT: u32 = 3;
+/// Added to the version by the `abi-next` feature (the upgrade drill's second build).
+const ABI_NEXT_OFFSET: u32 = 1000;
 
 /// Default directory under bpffs where maps (and, under [`LINKS_SUBDIR`], links) are pinned.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/datamesh";
@@ -223,6 +231,10 @@ pub struct PodCounters {
     pub connects_failopen: u64,
     /// Connects refused by the pod's connection-rate limit.
     pub connects_refused: u64,
+    /// Only in the `abi-next` build (the upgrade drill's second build): never written; it
+    /// moves every later field, so that build's layout really differs.
+    #[cfg(feature = "abi-next")]
+    pub drill_next: u64,
     /// sk_msg redirects (messages) through the fast path, both directions.
     pub fastpath_msgs: u64,
     /// Bytes redirected through the fast path, both directions.
@@ -235,7 +247,10 @@ pub struct PodCounters {
     /// Commands the proxy delayed or refused under the pod's command-rate limit.
     pub commands_throttled: u64,
 }
+#[cfg(not(feature = "abi-next"))]
 const _: () = assert!(core::mem::size_of::<PodCounters>() == 64);
+#[cfg(feature = "abi-next")]
+const _: () = assert!(core::mem::size_of::<PodCounters>() == 72);
 
 /// Value of `dm_pod_policy` (key: netns cookie, u64), written by the agent from its config.
 #[repr(C)]

@@ -162,6 +162,8 @@ pub struct AgentConfig {
     /// host's) and its pod log directories (under the run dir, never /var/log/pods).
     pub cgroup_root: PathBuf,
     pub pod_log_dir: PathBuf,
+    /// The agent's `upgrade_socket` (under the test's run dir: never the node's default).
+    pub upgrade_socket: PathBuf,
     pub default_conn_rate: u32,
     pub default_conn_burst: u32,
     pub pods: Vec<PodPolicy>,
@@ -199,6 +201,10 @@ impl AgentConfig {
         y.push_str(&format!("netns_dir: {}\n", self.netns_dir.display()));
         y.push_str(&format!("cgroup_root: {}\n", self.cgroup_root.display()));
         y.push_str(&format!("pod_log_dir: {}\n", self.pod_log_dir.display()));
+        y.push_str(&format!(
+            "upgrade_socket: {}\n",
+            self.upgrade_socket.display()
+        ));
         y.push_str(&format!("default_conn_rate: {}\n", self.default_conn_rate));
         y.push_str(&format!(
             "default_conn_burst: {}\n",
@@ -350,6 +356,16 @@ pub struct Agent {
     admin_token: Option<String>,
 }
 
+/// What [`Agent::upgrade_to`] took.
+#[derive(Debug)]
+pub struct Takeover {
+    /// From the successor's start to its ready file (its worker serves).
+    pub ready_after: Duration,
+    /// From the successor's start to the old agent's exit (its worker drained).
+    pub old_exit_after: Duration,
+    pub old_status: ExitStatus,
+}
+
 /// How long the harness waits for the ready file.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -410,6 +426,15 @@ impl Agent {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e).context("removing old ready file"),
         }
+        let child = self.start_process()?;
+        self.child = Some(child);
+        let ready = self.wait_ready()?;
+        self.ready = Some(ready);
+        Ok(())
+    }
+
+    /// Starts `datamesh-agent run` (the log appended, in the agent's cgroups); no wait.
+    fn start_process(&mut self) -> Result<Child> {
         self.starts += 1;
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -441,13 +466,94 @@ impl Agent {
         if let Some(p) = &self.extra_procs {
             crate::pod::also_enter_cgroup(&mut cmd, p);
         }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting {}", self.bin.display()))?;
+        cmd.spawn()
+            .with_context(|| format!("starting {}", self.bin.display()))
+    }
+
+    /// A zero-error upgrade (or rollback, or restart) to `bin`: starts it beside the running
+    /// agent with the same config; it takes the listening sockets over (`upgrade_socket`) and
+    /// writes the ready file once its worker serves. Then, as Kubernetes deletes the old pod
+    /// once the new one is ready, the old agent gets SIGTERM; it exits when its worker has
+    /// drained. On failure the old agent is left running and the new one is killed.
+    pub fn upgrade_to(&mut self, bin: &Path) -> Result<Takeover> {
+        if !bin.is_file() {
+            bail!("datamesh-agent binary not found at {}", bin.display());
+        }
+        let mut old = self
+            .child
+            .take()
+            .ok_or_else(|| anyhow!("agent is not running"))?;
+        let old_bin = std::mem::replace(&mut self.bin, bin.to_path_buf());
+        let t0 = Instant::now();
+        let child = match self.start_process() {
+            Ok(c) => c,
+            Err(e) => {
+                self.bin = old_bin;
+                self.child = Some(old);
+                return Err(e);
+            }
+        };
+        let new_pid = child.id();
         self.child = Some(child);
-        let ready = self.wait_ready()?;
+        let ready_path = self.ready_path.clone();
+        let waited = wait_until("the successor's ready file", READY_TIMEOUT, || {
+            if let Some(c) = self.child.as_mut() {
+                if let Some(st) = c.try_wait()? {
+                    return Ok(Some(Err(anyhow!(
+                        "the successor exited before it was ready ({})",
+                        status_text(st)
+                    ))));
+                }
+            }
+            match std::fs::read_to_string(&ready_path) {
+                Ok(text) => match Ready::parse(&text) {
+                    Ok(r) if r.pid == new_pid => Ok(Some(Ok(r))),
+                    _ => Ok(None),
+                },
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e.into()),
+            }
+        })
+        .and_then(|r| r);
+        let ready = match waited {
+            Ok(r) => r,
+            Err(e) => {
+                if let Some(mut c) = self.child.take() {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+                self.bin = old_bin;
+                self.child = Some(old);
+                return Err(e.context(format!("agent log tail:\n{}", tail(&self.log_path, 60))));
+            }
+        };
+        let ready_after = t0.elapsed();
         self.ready = Some(ready);
-        Ok(())
+        let pid = libc::pid_t::try_from(old.id())?;
+        // SAFETY: kill(2) on the pid of our own unreaped child.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now()
+            + Duration::from_millis(self.config.drain_timeout_ms)
+            + Duration::from_secs(5);
+        let old_status = loop {
+            if let Some(st) = old.try_wait()? {
+                break st;
+            }
+            if Instant::now() >= deadline {
+                let _ = old.kill();
+                let st = old.wait()?;
+                bail!(
+                    "the old agent did not exit within drain_timeout_ms + 5 s of SIGTERM after the handover (killed: {})",
+                    status_text(st)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        Ok(Takeover {
+            ready_after,
+            old_exit_after: t0.elapsed(),
+            old_status,
+        })
     }
 
     fn wait_ready(&mut self) -> Result<Ready> {

@@ -452,6 +452,7 @@ impl Env {
             netns_dir: PathBuf::from(NETNS_DIR),
             cgroup_root: self.cgroup()?.path().to_path_buf(),
             pod_log_dir: self.pod_log_dir(),
+            upgrade_socket: self.run_dir.join("upgrade.sock"),
             default_conn_rate: 0,
             default_conn_burst: 0,
             pods,

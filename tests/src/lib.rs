@@ -35,6 +35,7 @@ pub mod redis;
 pub mod resp;
 pub mod sentinel;
 pub mod tenant;
+pub mod upgradedrill;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -31,6 +31,9 @@ pub struct Args {
     /// Where to write the object.
     #[arg(long, value_name = "PATH")]
     pub out: Option<PathBuf>,
+    /// Cargo features of datamesh-ebpf (e.g. `abi-next`, the upgrade drill's second build).
+    #[arg(long, value_delimiter = ',')]
+    pub features: Vec<String>,
 }
 
 impl Default for Args {
@@ -38,6 +41,7 @@ impl Default for Args {
         Self {
             release: true,
             out: None,
+            features: Vec::new(),
         }
     }
 }
@@ -76,6 +80,9 @@ pub fn build(args: &Args) -> Result<PathBuf> {
     if args.release {
         cmd.arg("--release");
     }
+    if !args.features.is_empty() {
+        cmd.arg("--features").arg(args.features.join(","));
+    }
     // Settings an outer cargo or the user's shell may carry that would override the above or
     // feed host-only flags to the BPF build.
     for var in [
@@ -111,6 +118,13 @@ fn path_with_first(dir: &Path) -> Result<OsString> {
 /// Copies through a temporary file and a rename, so a reader (the agent's build.rs, a test)
 /// never sees a half-written object.
 fn copy_object(from: &Path, to: &Path) -> Result<()> {
+    // An identical object is left alone: its mtime is what the agent's build script watches,
+    // and a rewrite would rebuild the agent for nothing.
+    if let (Ok(a), Ok(b)) = (fs::read(from), fs::read(to)) {
+        if a == b {
+            return Ok(());
+        }
+    }
     if let Some(dir) = to.parent() {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }

@@ -55,6 +55,58 @@ pub fn build_agent(release: bool) -> Result<PathBuf> {
         .join("datamesh-agent"))
 }
 
+/// Builds the upgrade drill's second agent (cargo feature `abi-next`: another ABI version and
+/// map layout, its own eBPF object) and returns `target/<profile>/datamesh-agent-next`. The
+/// normal agent is built again afterwards, so `target/<profile>/datamesh-agent` stays the
+/// first build (both are cached by cargo under their feature sets).
+pub fn build_next_agent(release: bool) -> Result<PathBuf> {
+    crate::setup::ensure()?;
+    let object = project_root().join("target/ebpf/datamesh-next.bpf.o");
+    crate::build_ebpf::build(&crate::build_ebpf::Args {
+        out: Some(object.clone()),
+        features: vec!["abi-next".into()],
+        ..crate::build_ebpf::Args::default()
+    })?;
+    let profile = if release { "release" } else { "debug" };
+    let dir = datamesh_tests::target_dir().join(profile);
+    let cargo = || {
+        let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+        cmd.current_dir(project_root()).args([
+            "build",
+            "-p",
+            "datamesh-agent",
+            "--bin",
+            "datamesh-agent",
+        ]);
+        if release {
+            cmd.arg("--release");
+        }
+        cmd
+    };
+    let st = cargo()
+        .args(["--features", "abi-next"])
+        .env("DATAMESH_EBPF_OBJ", &object)
+        .status()
+        .context("cannot start cargo build")?;
+    if !st.success() {
+        bail!("building the abi-next datamesh-agent failed ({st})");
+    }
+    let next = dir.join("datamesh-agent-next");
+    let tmp = dir.join("datamesh-agent-next.tmp");
+    std::fs::copy(dir.join("datamesh-agent"), &tmp).context("copying the abi-next agent")?;
+    std::fs::rename(&tmp, &next).context("renaming the abi-next agent")?;
+    // The first build back in place (fresh in cargo's cache: only copied; its eBPF object at
+    // the default path was not touched).
+    let st = cargo().status().context("cannot start cargo build")?;
+    if !st.success() {
+        bail!("building datamesh-agent failed ({st})");
+    }
+    if std::fs::read(dir.join("datamesh-agent"))? == std::fs::read(&next)? {
+        bail!("the abi-next agent is the same file as the normal one: cargo did not rebuild it");
+    }
+    Ok(next)
+}
+
 pub fn run(args: &Args) -> Result<()> {
     let bin = build_agent(false)?;
     // Ctrl-C / SIGTERM only set a flag: the harness then tears down in order.

@@ -40,6 +40,10 @@ pub enum Drill {
     /// One pod floods random missing keys (cache penetration): time to detect, the automatic
     /// throttle of the pod, a runtime deny rule, the bystanders' p99 in every phase.
     KeyAttack,
+    /// Zero-error restart, upgrade to a build with another map layout (`abi-next`) and
+    /// rollback, under pooled and short-connection clients: errors, refused connects, capture
+    /// gap, counters carried over.
+    Upgrade,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -67,6 +71,7 @@ pub fn run(a: &Args) -> Result<()> {
     ensure!(a.seconds > 0, "--seconds must be positive");
     match a.drill {
         Drill::Tenant => return run_tenant(a),
+        Drill::Upgrade => return crate::drill_upgrade::run(a.seconds, a.agent_bin.as_deref()),
         Drill::HotKey | Drill::KeyAttack => return run_key_drill(a),
         Drill::Failover => {}
     }

@@ -10,6 +10,7 @@ mod bench_proxy;
 mod build_ebpf;
 mod demo;
 mod drill;
+mod drill_upgrade;
 mod fuzz;
 mod gen_acl_table;
 mod setup;
@@ -34,6 +35,13 @@ enum Cmd {
     Setup,
     /// Build the eBPF object (with BTF) for bpfel-unknown-none.
     BuildEbpf(build_ebpf::Args),
+    /// Build the upgrade drill's second agent (feature `abi-next`: another map layout) and
+    /// print its path (`target/<profile>/datamesh-agent-next`).
+    BuildNext {
+        /// A release build (what `cargo xtask drill upgrade` uses).
+        #[arg(long)]
+        release: bool,
+    },
     /// Start redis-server, one demo pod and the agent; send traffic; print the per-pod table.
     Demo(demo::Args),
     /// Build everything and run every test (unit, integration, privileged eBPF, manifests).
@@ -53,6 +61,11 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Setup => setup::ensure(),
         Cmd::BuildEbpf(args) => build_ebpf::run(&args),
+        Cmd::BuildNext { release } => {
+            let p = demo::build_next_agent(release)?;
+            println!("{}", p.display());
+            Ok(())
+        }
         Cmd::Demo(args) => demo::run(&args),
         Cmd::Test(args) => test::run(&args),
         Cmd::Bench(b) => bench::run(&b),

@@ -64,6 +64,8 @@ pub fn run(args: &Args) -> Result<()> {
         cargo().args(["build", "--workspace", "--bins"]),
     )?;
 
+    // The upgrade drill's second build (another map layout), for tests/tests/upgradedrill.rs.
+    let next = crate::demo::build_next_agent(false)?;
     let agent = datamesh_tests::target_dir()
         .join("debug")
         .join("datamesh-agent");
@@ -75,7 +77,8 @@ pub fn run(args: &Args) -> Result<()> {
         &format!("--test-threads={}", args.test_threads),
     ])
     .args(&args.test_args)
-    .env("DATAMESH_AGENT_BIN", &agent);
+    .env("DATAMESH_AGENT_BIN", &agent)
+    .env("DATAMESH_AGENT_NEXT_BIN", &next);
     if let Some(secs) = args.fuzz_secs {
         test.env("DATAMESH_FUZZ_SECS", secs.to_string());
     }

@@ -2,13 +2,13 @@
 //! schema validation of every manifest (kubernetes-validate --strict, against the oldest
 //! Kubernetes we support and the newest the validator knows), the agent's own validation of
 //! the config the ConfigMap ships (`datamesh-agent check-config`), and the cross-file facts
-//! the manifests' comments promise (grace period vs drain, declared ports vs config, mounts
-//! vs config paths). The manifests live in `deploy/base/`; `deploy/` and the canary overlay
+//! the manifests' comments promise (grace period vs drain, no declared ports but probes on the
+//! config's admin port, mounts vs config paths, surge with the upgrade socket). The manifests live in `deploy/base/`; `deploy/` and the canary overlay
 //! `deploy/overlays/canary/` are rendered with `kubectl kustomize` and validated the same
 //! way, with the facts of a gray release: the stable DaemonSet avoids canary nodes, the
 //! canary one runs only there, their selectors never select each other's pods, and both
-//! declare the same host ports and use the same pin dir (one agent per node, handing the
-//! node's kernel state over like a rolling update).
+//! surge and share the upgrade socket and the pin dir (a node changing channel hands its
+//! listening sockets and kernel state over like a rolling update).
 //!
 //! The tools are not Rust crates: yamllint and kubernetes-validate (with its PyYAML, used
 //! here to turn YAML into JSON) come from `cargo xtask setup`, kubectl with the machine
@@ -636,47 +636,33 @@ fn daemonset_agrees_with_its_config() -> Result<()> {
         "config.yaml holds an inline password: use password_file"
     );
 
-    // Declared host ports are the ports the config listens on, and the probes hit the admin
-    // listener where it listens.
-    let declared: BTreeSet<u64> = at(agent, "/ports", "agent container")?
-        .as_array()
-        .context("agent container: ports is not a list")?
-        .iter()
-        .map(|p| u64_at(p, "/containerPort", "agent port"))
-        .collect::<Result<_>>()?;
+    // No declared ports: with hostNetwork each would become a hostPort and keep the surge pod
+    // of a rolling update off the node. Deployed endpoints still need fixed ports.
+    ensure!(
+        agent
+            .get("ports")
+            .and_then(Value::as_array)
+            .is_none_or(Vec::is_empty),
+        "the agent container declares ports: with hostNetwork they become hostPorts, and the \
+         scheduler would not place a rolling update's surge pod beside the old agent"
+    );
     let admin = str_at(&config, "/admin_listen", "config.yaml")?;
-    let mut listened = BTreeSet::from([port_of(admin)?]);
     for endpoint in at(&config, "/endpoints", "config.yaml")?
         .as_array()
         .context("config.yaml: endpoints is not a list")?
     {
-        let port = u64_at(endpoint, "/proxy_port", "endpoint")?;
         ensure!(
-            port != 0,
-            "deployed endpoints need a fixed proxy_port (declared host port)"
+            u64_at(endpoint, "/proxy_port", "endpoint")? != 0,
+            "deployed endpoints need a fixed proxy_port (the port pods are sent to)"
         );
-        listened.insert(port);
     }
-    ensure!(
-        declared == listened,
-        "DaemonSet declares ports {declared:?} but the config listens on {listened:?}"
-    );
+    check_handover(&ds, &config)?;
     let admin_host = admin.rsplit_once(':').map(|(h, _)| h).unwrap_or_default();
     for probe in ["readinessProbe", "livenessProbe"] {
         let get = at(agent, &format!("/{probe}/httpGet"), "agent container")?;
         let port = match at(get, "/port", probe)? {
             Value::Number(n) => n.as_u64().context("probe port")?,
-            Value::String(name) => {
-                let ports = at(agent, "/ports", "agent container")?
-                    .as_array()
-                    .context("ports")?;
-                let named = ports
-                    .iter()
-                    .find(|p| p.get("name").and_then(Value::as_str) == Some(name.as_str()))
-                    .with_context(|| format!("{probe} names unknown port {name}"))?;
-                u64_at(named, "/containerPort", probe)?
-            }
-            other => bail!("{probe}: port {other} is neither a number nor a name"),
+            other => bail!("{probe}: port {other} must be a number (no ports are declared)"),
         };
         ensure!(
             port == port_of(admin)?,
@@ -872,13 +858,38 @@ fn selects(selector: &Value, labels: &Value) -> Result<bool> {
     Ok(sel.iter().all(|(k, v)| labels.get(k) == Some(v)))
 }
 
-fn host_ports(ds: &Value) -> Result<BTreeSet<u64>> {
-    at(agent_container(ds)?, "/ports", "agent container")?
+/// The rolling update surges (the new agent starts beside the old one and takes its sockets
+/// over `upgrade_socket`), which the hostPath mount of the socket's directory makes possible.
+fn check_handover(ds: &Value, config: &Value) -> Result<()> {
+    let ru = at(ds, "/spec/updateStrategy/rollingUpdate", "DaemonSet")?;
+    let is = |v: Option<&Value>, n: u64| {
+        v.is_some_and(|v| v == &Value::from(n) || v == &Value::from(n.to_string()))
+    };
+    ensure!(
+        is(ru.get("maxSurge"), 1) && is(ru.get("maxUnavailable"), 0),
+        "{}: the rolling update must surge (maxSurge 1, maxUnavailable 0): the new agent \
+         takes the old one's listening sockets over, so both run at once",
+        str_at(ds, "/metadata/name", "DaemonSet")?
+    );
+    let sock = str_at(config, "/upgrade_socket", "config")?;
+    let dir = Path::new(sock)
+        .parent()
+        .context("upgrade_socket has no directory")?;
+    let agent = agent_container(ds)?;
+    let mounts = at(agent, "/volumeMounts", "agent container")?
         .as_array()
-        .context("agent container: ports is not a list")?
+        .context("volumeMounts is not a list")?;
+    let mount = mounts
         .iter()
-        .map(|p| u64_at(p, "/hostPort", "agent port (hostPort)"))
-        .collect()
+        .find(|m| m.get("mountPath").and_then(Value::as_str).map(Path::new) == Some(dir))
+        .with_context(|| format!("no volume is mounted at {} (upgrade_socket)", dir.display()))?;
+    let vol = volume_of(ds, str_at(mount, "/name", "volume mount")?)?;
+    ensure!(
+        vol.pointer("/hostPath/path").and_then(Value::as_str) == Some("/run/datamesh"),
+        "the upgrade socket's directory must be the node's /run/datamesh (hostPath), shared by \
+         the old and the new agent pod"
+    );
+    Ok(())
 }
 
 /// The config.yaml of the ConfigMap the DaemonSet mounts, among `docs`, parsed.
@@ -986,25 +997,18 @@ fn canary_and_stable_never_run_on_one_node() -> Result<()> {
         "canary pods must carry {CHANNEL_LABEL}: canary (dashboards tell channels apart by it)"
     );
 
-    // Same host ports: the scheduler itself never puts both on one node, also while a node
-    // changes channel (the new pod waits until the old one is gone).
-    let (sp, cp) = (host_ports(stable)?, host_ports(canary)?);
+    // Both hand over: a node changing channel (or a rolling update of either) starts the new
+    // agent beside the old one, which passes it the listening sockets.
+    let (_, stable_cfg_h) = mounted_config(stable, &stable_docs, "deploy")?;
+    let (_, canary_cfg_h) = mounted_config(canary, &canary_docs, CANARY_OVERLAY)?;
+    check_handover(stable, &stable_cfg_h)?;
+    check_handover(canary, &canary_cfg_h)?;
     ensure!(
-        sp == cp && !sp.is_empty(),
-        "host ports differ: stable {sp:?}, canary {cp:?}"
+        str_at(&stable_cfg_h, "/upgrade_socket", "stable config")?
+            == str_at(&canary_cfg_h, "/upgrade_socket", "canary config")?,
+        "stable and canary configs use different upgrade sockets: a node changing channel \
+         could not hand its sockets over"
     );
-    for ds in [stable, canary] {
-        let surge = at(
-            ds,
-            "/spec/updateStrategy/rollingUpdate/maxSurge",
-            "DaemonSet",
-        )?;
-        ensure!(
-            surge == &Value::from(0) || surge == &Value::from("0"),
-            "{}: maxSurge must be 0 (two agents on one node)",
-            name(ds)?
-        );
-    }
 
     // Each mounts its own ConfigMap; both configs use the node's one pin dir (the canary
     // re-adopts the node's pinned data plane as an upgrade would) and listen where their
@@ -1026,18 +1030,16 @@ fn canary_and_stable_never_run_on_one_node() -> Result<()> {
          the old channel's programs attached beside the new ones"
     );
     for (ds, cfg) in [(stable, &stable_cfg), (canary, &canary_cfg)] {
-        let mut listened = BTreeSet::from([port_of(str_at(cfg, "/admin_listen", "config")?)?]);
-        for ep in at(cfg, "/endpoints", "config")?
-            .as_array()
-            .context("endpoints is not a list")?
-        {
-            listened.insert(u64_at(ep, "/proxy_port", "endpoint")?);
-        }
+        let admin = port_of(str_at(cfg, "/admin_listen", "config")?)?;
+        let probe = u64_at(
+            agent_container(ds)?,
+            "/readinessProbe/httpGet/port",
+            "readinessProbe",
+        )?;
         ensure!(
-            host_ports(ds)? == listened,
-            "{} declares host ports {:?} but its config listens on {listened:?}",
-            name(ds)?,
-            host_ports(ds)?
+            probe == admin,
+            "{} probes port {probe} but its config's admin_listen is port {admin}",
+            name(ds)?
         );
     }
 

@@ -85,8 +85,8 @@ fn monitoring_object(file: &str) -> Result<Value> {
     ensure!(docs.len() == 1, "{file} must hold one object");
     let obj = docs.into_iter().next().context("no document")?;
     ensure!(
-        obj["apiVersion"] == "monitoring.coreos.com/v1",
-        "{file} is not a monitoring.coreos.com/v1 object"
+        obj["apiVersion"] == "monitoring.coreos.com/v1" || obj["apiVersion"] == "v1",
+        "{file} is neither a monitoring.coreos.com/v1 nor a core v1 object"
     );
     ensure!(
         obj["metadata"]["namespace"] == "datamesh-system",
@@ -239,35 +239,50 @@ fn alert_rules_pass_promtool_check_and_unit_tests() -> Result<()> {
     Ok(())
 }
 
-/// The PodMonitor scrapes both channels under the job name the rules select, with the
-/// admin token the agent then requires.
+/// The ServiceMonitor scrapes both channels (through the headless metrics Service) under the
+/// job name the rules select, with the admin token the agent then requires.
 #[test]
-fn podmonitor_scrapes_both_channels_as_the_rules_expect() -> Result<()> {
-    let pm = monitoring_object("podmonitor.yaml")?;
+fn servicemonitor_scrapes_both_channels_as_the_rules_expect() -> Result<()> {
+    let svc = monitoring_object("metrics-service.yaml")?;
     ensure!(
-        pm["kind"] == "PodMonitor",
-        "podmonitor.yaml is not a PodMonitor"
+        svc["kind"] == "Service",
+        "metrics-service.yaml is not a Service"
     );
-    let values = pm
-        .pointer("/spec/selector/matchExpressions/0/values")
-        .and_then(Value::as_array)
-        .context("PodMonitor selects no app.kubernetes.io/name values")?;
-    for name in ["datamesh-agent", "datamesh-agent-canary"] {
-        ensure!(
-            values.iter().any(|v| v == name),
-            "the PodMonitor does not select {name} pods"
-        );
-    }
-    let ep = pm
-        .pointer("/spec/podMetricsEndpoints/0")
-        .context("PodMonitor has no endpoint")?;
+    ensure!(
+        svc.pointer("/spec/selector/app.kubernetes.io~1part-of") == Some(&Value::from("datamesh")),
+        "the metrics Service must select app.kubernetes.io/part-of: datamesh (both channels' pods)"
+    );
+    ensure!(
+        svc.pointer("/spec/clusterIP") == Some(&Value::from("None")),
+        "the metrics Service must be headless (one target per agent)"
+    );
+    let port = svc
+        .pointer("/spec/ports/0")
+        .context("the metrics Service has no port")?;
+    ensure!(
+        port["name"] == "admin" && port["targetPort"] == 15090,
+        "the metrics Service must expose the admin port 15090 as `admin`"
+    );
+    let sm = monitoring_object("servicemonitor.yaml")?;
+    ensure!(
+        sm["kind"] == "ServiceMonitor",
+        "servicemonitor.yaml is not a ServiceMonitor"
+    );
+    ensure!(
+        sm.pointer("/spec/selector/matchLabels/app.kubernetes.io~1name")
+            == svc.pointer("/metadata/labels/app.kubernetes.io~1name"),
+        "the ServiceMonitor does not select the metrics Service"
+    );
+    let ep = sm
+        .pointer("/spec/endpoints/0")
+        .context("ServiceMonitor has no endpoint")?;
     ensure!(
         ep["port"] == "admin" && ep["path"] == "/metrics",
-        "the PodMonitor must scrape the DaemonSets' admin port at /metrics"
+        "the ServiceMonitor must scrape the Service's admin port at /metrics"
     );
     ensure!(
         ep["bearerTokenSecret"]["name"] == "datamesh-agent-secrets",
-        "the PodMonitor must send the admin token of datamesh-agent-secrets"
+        "the ServiceMonitor must send the admin token of datamesh-agent-secrets"
     );
     let sets_job = ep["relabelings"].as_array().is_some_and(|rs| {
         rs.iter()
@@ -275,7 +290,7 @@ fn podmonitor_scrapes_both_channels_as_the_rules_expect() -> Result<()> {
     });
     ensure!(
         sets_job,
-        "the PodMonitor must set job=\"{JOB}\" (DataMeshAgentDown selects it)"
+        "the ServiceMonitor must set job=\"{JOB}\" (DataMeshAgentDown selects it)"
     );
     Ok(())
 }

@@ -3,6 +3,16 @@
 //! admin → ready file; then, on SIGTERM/SIGINT, capture off (heartbeat 0) → stop accepting →
 //! drain → exit. Nothing is detached or unpinned on exit: a restarted agent re-adopts.
 //!
+//! SIGUSR1 retires the worker (a successor takes over: the supervisor's worker replacement, a
+//! zero-error upgrade): not ready, stop accepting on the endpoint and admin listeners (the
+//! listening sockets are the supervisor's and stay open: only this process's descriptors go,
+//! so pod connects wait in the backlog for the successor), drain, exit 0. The heartbeat, the
+//! pinned maps and links and the ready file are left to the successor.
+//!
+//! The drain ([`Shared::drain`]) closes each client connection only at a command boundary (no
+//! reply owed, nothing unanswered, not in a transaction, subscription or blocking command),
+//! or at `drain_timeout_ms`, and logs how many of each.
+//!
 //! Config reload (SIGHUP, or the file's mtime/size/content changing, polled every second):
 //! the new file is validated in full; if invalid, every error is logged and the running config
 //! stays. Otherwise proxy settings, users, pod policies, data-plane settings and endpoints are
@@ -320,6 +330,11 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
         signal: "SIGINT",
         source,
     })?;
+    // Retirement: before start-up too (SIGUSR1's default action would kill the worker).
+    let mut sigusr1 = signal(SignalKind::user_defined1()).map_err(|source| AppError::Signal {
+        signal: "SIGUSR1",
+        source,
+    })?;
 
     let cfg = config::load(&opts.config)?;
     // Reads the container's memory limit and raises the descriptor limit, once.
@@ -566,6 +581,7 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
         tokio::select! {
             _ = sigterm.recv() => break "SIGTERM",
             _ = sigint.recv() => break "SIGINT",
+            _ = sigusr1.recv() => break "SIGUSR1",
             _ = sighup.recv() => {
                 info!("SIGHUP: reloading the config");
                 reload(&ctx, &mut running).await;
@@ -583,41 +599,89 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
         }
     };
     let Running { cfg, listeners, .. } = running;
-    info!(signal = sig, "shutting down: capture off, then drain");
-
-    // 1. Capture off at once: stop the heartbeat writer, then write heartbeat 0, so new pod
-    //    connects go straight to their endpoint while we drain.
+    let retire = sig == "SIGUSR1";
+    let drain_timeout = Duration::from_millis(cfg.drain_timeout_ms);
     admin_state.ready.store(false, Ordering::SeqCst);
-    let _ = hb_stop_tx.send(true);
-    let _ = heartbeat.await;
-    if let Err(e) = maps.update_settings(|s| s.heartbeat_ns = 0) {
-        error!(error = %e, "could not zero the heartbeat: capture fails open after failopen_after_ms");
+    let mut admin_task = Some(admin_task);
+    let mut pods_stop = Some(pods_stop_tx);
+    if retire {
+        info!(
+            drain_timeout_ms = cfg.drain_timeout_ms,
+            "retiring: SIGUSR1: stop accepting (the listening sockets stay open for the successor), then drain; heartbeat, data plane and ready file are left to the successor"
+        );
+        // The successor discovers pods and writes their policies now; two writers with
+        // different configs (an upgrade) must not take turns.
+        pods_stop = None;
+        // The admin listener is the supervisor's too: the successor answers there.
+        let _ = admin_stop_tx.send(true);
+        if let Some(t) = admin_task.take() {
+            let _ = t.await;
+        }
+    } else {
+        info!(signal = sig, "shutting down: capture off, then drain");
+        // 1. Capture off at once: stop the heartbeat writer, then write heartbeat 0, so new
+        //    pod connects go straight to their endpoint while we drain.
+        let _ = hb_stop_tx.send(true);
+        let _ = heartbeat.await;
+        if let Err(e) = maps.update_settings(|s| s.heartbeat_ns = 0) {
+            error!(error = %e, "could not zero the heartbeat: capture fails open after failopen_after_ms");
+        }
     }
-    // 2. Stop accepting.
+    // 2. Stop accepting. Each accept loop drops its listener: this process's descriptor of a
+    //    socket the supervisor holds open too (never shut down here).
     let _ = stop_tx.send(true);
     for (_, l) in listeners {
         l.stop().await;
     }
-    // 3. Drain.
-    let left = shared
-        .drain(Duration::from_millis(cfg.drain_timeout_ms))
-        .await;
-    if left > 0 {
+    // 3. Drain: each connection is closed at its next command boundary, the rest at the
+    //    deadline.
+    let r = shared.drain(drain_timeout).await;
+    let what = if retire {
+        "retiring: drained"
+    } else {
+        "drained"
+    };
+    if r.deadline > 0 || r.left > 0 {
         warn!(
-            open = left,
-            "drain deadline reached: closing the remaining connections"
+            closed_at_boundary = r.boundary,
+            closed_at_deadline = r.deadline,
+            left_open = r.left,
+            elapsed_ms = r.elapsed.as_millis() as u64,
+            "{what}: {} connections closed at a command boundary, {} at the drain deadline (drain_timeout_ms: in a transaction, subscription or blocking command, or replies owed), {} still open",
+            r.boundary,
+            r.deadline,
+            r.left
         );
     } else {
-        info!("drained");
+        info!(
+            closed_at_boundary = r.boundary,
+            closed_at_deadline = r.deadline,
+            elapsed_ms = r.elapsed.as_millis() as u64,
+            "{what}: {} connections closed at a command boundary, none at the deadline",
+            r.boundary
+        );
+    }
+    if retire {
+        // The successor owns the heartbeat, the data plane and the ready file.
+        let _ = flush_stop_tx.send(true);
+        let _ = flusher.await;
+        let _ = shedder.await;
+        let _ = auto_throttle.await;
+        let _ = attacks_ticker.await;
+        let _ = tokio::task::spawn_blocking(move || discovery.join()).await;
+        info!("retired: exiting (links, maps and listening sockets stay)");
+        return Ok(());
     }
     let _ = admin_stop_tx.send(true);
-    let _ = admin_task.await;
+    if let Some(t) = admin_task {
+        let _ = t.await;
+    }
     let _ = flush_stop_tx.send(true);
     let _ = flusher.await;
     let _ = shedder.await;
     let _ = auto_throttle.await;
     let _ = attacks_ticker.await;
-    drop(pods_stop_tx);
+    drop(pods_stop);
     let _ = tokio::task::spawn_blocking(move || discovery.join()).await;
     if let Some(path) = &opts.ready_file {
         // A ready file must never describe a process that is gone.

@@ -104,6 +104,13 @@ pub enum Closed {
     QueryBuffer = 6,
     /// `CLIENT KILL` (closed without a last line, like Redis).
     Killed = 7,
+    /// A drain (agent stop, worker retirement) closed it at a command boundary: every reply
+    /// written, nothing unanswered, not in a transaction, subscription or blocking command
+    /// (no last line: a clean close a pooled client sees before it reuses the connection).
+    Drain = 8,
+    /// A drain's deadline (`drain_timeout_ms`) closed it away from a command boundary (in a
+    /// transaction, a subscription, a blocking command, or with replies owed).
+    DrainDeadline = 9,
 }
 
 impl Closed {
@@ -116,6 +123,8 @@ impl Closed {
             5 => Closed::Partial,
             6 => Closed::QueryBuffer,
             7 => Closed::Killed,
+            8 => Closed::Drain,
+            9 => Closed::DrainDeadline,
             _ => return None,
         })
     }
@@ -129,10 +138,13 @@ impl Closed {
             Closed::Partial => "partial_command_timeout",
             Closed::QueryBuffer => "query_buffer_limit",
             Closed::Killed => "killed",
+            Closed::Drain => "drain",
+            Closed::DrainDeadline => "drain_deadline",
         }
     }
 
-    /// The last line the client gets (when its socket takes it); empty for a killed client.
+    /// The last line the client gets (when its socket takes it); empty for a killed or
+    /// drained client (Redis closes connections on shutdown without a line either).
     pub fn message(self) -> &'static str {
         match self {
             Closed::OutputHard => "-ERR datamesh proxy: closing the connection: its replies not read passed the output buffer hard limit (client_output_buffer_limit)\r\n",
@@ -141,7 +153,7 @@ impl Closed {
             Closed::Idle => "-ERR datamesh proxy: closing the idle connection (client_idle_timeout_s)\r\n",
             Closed::Partial => "-ERR datamesh proxy: closing the connection: a command was not complete in time (client_partial_timeout_ms)\r\n",
             Closed::QueryBuffer => "-ERR datamesh proxy: closing the connection: its input not yet processed passed the query buffer limit (client_query_buffer_limit)\r\n",
-            Closed::Killed => "",
+            Closed::Killed | Closed::Drain | Closed::DrainDeadline => "",
         }
     }
 }
@@ -251,6 +263,7 @@ impl Budget {
             closed: AtomicU8::new(0),
             released: AtomicBool::new(false),
             ended: AtomicBool::new(false),
+            drain: AtomicBool::new(false),
             waker: AtomicWaker::new(),
         });
         self.lock().insert(id, m.clone());
@@ -412,6 +425,9 @@ pub struct ClientMem {
     released: AtomicBool,
     /// Its connection is closed (after `closed`: the socket is shut down).
     ended: AtomicBool,
+    /// A drain asks its session to close at its next command boundary
+    /// ([`ClientMem::request_drain`]).
+    drain: AtomicBool,
     waker: AtomicWaker,
 }
 
@@ -579,6 +595,30 @@ impl ClientMem {
         self.waker.register(cx.waker());
         match self.closed() {
             Some(c) => Poll::Ready(c),
+            None => Poll::Pending,
+        }
+    }
+
+    /// Asks the session to close the connection at its next command boundary (a drain) and
+    /// wakes it; unlike [`ClientMem::close`], nothing is closed yet.
+    pub fn request_drain(&self) {
+        if !self.drain.swap(true, Ordering::AcqRel) {
+            self.waker.wake();
+        }
+    }
+
+    /// [`ClientMem::poll_closed`] that is also ready (with `None`) once a drain is requested,
+    /// unless the session has `seen` it already: one more atomic load in the session's wait,
+    /// nothing per command.
+    pub fn poll_closed_or_drain(&self, cx: &mut Context<'_>, seen: bool) -> Poll<Option<Closed>> {
+        if let Some(c) = self.closed() {
+            return Poll::Ready(Some(c));
+        }
+        self.waker.register(cx.waker());
+        // Looked at after the registration: a drain requested after this load wakes us.
+        match self.closed() {
+            Some(c) => Poll::Ready(Some(c)),
+            None if !seen && self.drain.load(Ordering::Acquire) => Poll::Ready(None),
             None => Poll::Pending,
         }
     }

@@ -101,7 +101,10 @@ pub struct Listener {
 }
 
 impl Listener {
-    /// Stops accepting (open connections stay).
+    /// Stops accepting (open connections stay). The accept loop ends and drops its
+    /// `TcpListener`: this process's descriptor only, never a `shutdown`, so a socket the
+    /// supervisor passed down stays open and listening there (connects wait in its backlog
+    /// for the next worker).
     pub async fn stop(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
@@ -324,7 +327,33 @@ pub async fn serve(
     ));
     let id = session.id();
     session.run(&mut client).await;
+    let drained = session.closed_by_drain();
     drop(session);
+    if drained {
+        linger(&mut client).await;
+    }
     debug!(client_id = id, "closed");
     drop(guard);
+}
+
+/// After a drain's FIN, how long the socket stays open to read (and drop) what the client
+/// still sends.
+const LINGER: Duration = Duration::from_millis(250);
+
+/// A drained connection's FIN is out; until the client's own FIN (or [`LINGER`]), whatever it
+/// still sends is read and dropped: closing a socket with unread bytes would reset the
+/// connection (an RST instead of the clean close) and could discard the last reply still in
+/// the send queue. Boxed, like [`refuse`]: its state would otherwise sit in every
+/// connection's task.
+fn linger(
+    client: &mut TcpStream,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+    Box::pin(async move {
+        let _ = tokio::time::timeout(LINGER, async {
+            let mut sink = vec![0u8; 4096];
+            while client.read(&mut sink).await? > 0 {}
+            Ok::<_, std::io::Error>(())
+        })
+        .await;
+    })
 }

@@ -42,6 +42,13 @@ pub struct ResultLabels {
     pub result: String,
 }
 
+/// How a drain closed a client connection: `boundary` (at a command boundary) or `deadline`
+/// (at `drain_timeout_ms`, away from one).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HowLabels {
+    pub how: String,
+}
+
 /// A refused command: its endpoint, pod and ACL name (`flushall`, `config|set`, `unknown`:
 /// bounded by the command table).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -167,6 +174,8 @@ pub struct ProxyMetrics {
     pub local_cache_keys: Family<EndpointLabels, Gauge>,
     /// Key-attack detection ([`crate::attacks`]).
     pub attacks: Arc<crate::attacks::AttackMetrics>,
+    /// Client connections a drain closed, by how (`boundary`, `deadline`).
+    pub drain_closed: Family<HowLabels, Counter>,
 }
 
 impl ProxyMetrics {
@@ -321,8 +330,13 @@ impl ProxyMetrics {
         );
         registry.register(
             "proxy_clients_closed",
-            "Clients closed by a limit or by CLIENT KILL (reason = output_hard_limit | output_soft_limit | memory_budget | idle_timeout | partial_command_timeout | query_buffer_limit | killed)",
+            "Clients closed by a limit, by CLIENT KILL or by a drain (reason = output_hard_limit | output_soft_limit | memory_budget | idle_timeout | partial_command_timeout | query_buffer_limit | killed | drain | drain_deadline)",
             self.budget.metrics.closed.clone(),
+        );
+        registry.register(
+            "proxy_drain_closed",
+            "Client connections closed by a drain (agent stop, worker retirement): how = boundary (at a command boundary: replies written, nothing unanswered, not in MULTI, a subscription or a blocking command) | deadline (at drain_timeout_ms, away from a boundary)",
+            self.drain_closed.clone(),
         );
         registry.register(
             "proxy_refused_connections",

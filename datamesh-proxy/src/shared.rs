@@ -1,9 +1,14 @@
 //! What the listeners and every session share: the attribution, the metrics, per-pod
 //! accounting, the memory budget and its client registry, the ACL log, the session settings
-//! (swapped whole on reload), client ids, and the count of open connections that a drain
-//! waits on.
+//! (swapped whole on reload), client ids, the count of open connections, and the drain.
+//!
+//! The drain (agent stop, worker retirement): [`Shared::drain`] marks every session (through
+//! its [`ClientMem`](crate::budget::ClientMem), as `CLIENT KILL` does, never touching its
+//! socket) to close its connection at its next command boundary; what is still open at the
+//! deadline is closed there. Each close is counted by how
+//! (`datamesh_proxy_drain_closed_total{how="boundary"|"deadline"}`).
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -12,9 +17,28 @@ use tokio::sync::Notify;
 use crate::accounting::PodRegistry;
 use crate::acl_log::AclLog;
 use crate::attribution::Attribution;
-use crate::budget::Budget;
+use crate::budget::{Budget, Closed};
 use crate::config::SessionSettings;
-use crate::metrics::ProxyMetrics;
+use crate::metrics::{HowLabels, ProxyMetrics};
+
+/// After the drain deadline, how long the connections closed there get to shut down (their
+/// sessions see the close at once; this bounds a stuck one).
+const DEADLINE_GRACE: Duration = Duration::from_secs(1);
+
+/// What a drain did ([`Shared::drain`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DrainReport {
+    /// Connections closed at a command boundary.
+    pub boundary: u64,
+    /// Connections closed at the deadline, away from a boundary (in a transaction, a
+    /// subscription or a blocking command, or with replies owed).
+    pub deadline: u64,
+    /// Connections still open when the drain returned (a stuck session; closed abruptly when
+    /// the process exits).
+    pub left: usize,
+    /// How long the drain took.
+    pub elapsed: Duration,
+}
 
 /// State shared by the listeners and the connection tasks.
 pub struct Shared {
@@ -38,6 +62,10 @@ pub struct Shared {
     client_ids: AtomicU64,
     open: AtomicUsize,
     idle: Notify,
+    /// A drain has begun: sessions made from now on close at their first boundary.
+    draining: AtomicBool,
+    drained_boundary: AtomicU64,
+    drained_deadline: AtomicU64,
 }
 
 impl Shared {
@@ -67,6 +95,9 @@ impl Shared {
             client_ids: AtomicU64::new(0),
             open: AtomicUsize::new(0),
             idle: Notify::new(),
+            draining: AtomicBool::new(false),
+            drained_boundary: AtomicU64::new(0),
+            drained_deadline: AtomicU64::new(0),
         }
     }
 
@@ -109,9 +140,68 @@ impl Shared {
         self.open.load(Ordering::SeqCst)
     }
 
-    /// Waits until no connection is open, or `timeout` passes. Returns the number still open.
-    pub async fn drain(&self, timeout: Duration) -> usize {
-        let deadline = tokio::time::Instant::now() + timeout;
+    /// Whether a drain has begun.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Begins the drain: every session is asked to close its connection at its next command
+    /// boundary (a session registered later sees [`Shared::is_draining`] when it starts: the
+    /// flag is set before the registry is read, and a session registers before it reads the
+    /// flag, so none is missed). Stop the accept loops first.
+    pub fn start_drain(&self) {
+        if self.draining.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        for m in self.budget.snapshot() {
+            m.request_drain();
+        }
+    }
+
+    /// A session closed its connection for a drain (`why` = [`Closed::Drain`] or
+    /// [`Closed::DrainDeadline`]).
+    pub(crate) fn count_drain_close(&self, why: Closed) {
+        let (n, how) = match why {
+            Closed::Drain => (&self.drained_boundary, "boundary"),
+            Closed::DrainDeadline => (&self.drained_deadline, "deadline"),
+            _ => return,
+        };
+        n.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .drain_closed
+            .get_or_create(&HowLabels {
+                how: how.to_string(),
+            })
+            .inc();
+    }
+
+    /// Drains: every connection is closed at its next command boundary (an idle one at
+    /// once, a busy one right after the reply that ends its last command, one in a
+    /// transaction, subscription or blocking command when it leaves it), and the ones still
+    /// open after `timeout` are closed then. Returns when none is open (or, after the
+    /// deadline, [`DEADLINE_GRACE`] later). Stop the accept loops first.
+    pub async fn drain(&self, timeout: Duration) -> DrainReport {
+        let t0 = tokio::time::Instant::now();
+        self.start_drain();
+        let mut left = self.wait_closed(t0 + timeout).await;
+        if left > 0 {
+            for m in self.budget.snapshot() {
+                m.close(Closed::DrainDeadline);
+            }
+            left = self
+                .wait_closed(tokio::time::Instant::now() + DEADLINE_GRACE)
+                .await;
+        }
+        DrainReport {
+            boundary: self.drained_boundary.load(Ordering::Relaxed),
+            deadline: self.drained_deadline.load(Ordering::Relaxed),
+            left,
+            elapsed: t0.elapsed(),
+        }
+    }
+
+    /// Waits until no connection is open, or `deadline`. Returns the number still open.
+    async fn wait_closed(&self, deadline: tokio::time::Instant) -> usize {
         loop {
             let notified = self.idle.notified();
             let n = self.open_connections();

@@ -17,6 +17,7 @@
 
 mod admin;
 mod dispatch;
+mod drain;
 mod keyrule;
 mod out;
 pub mod pubsub;
@@ -188,6 +189,12 @@ pub struct Session {
     decoder: CommandDecoder,
     closing: bool,
     eof: bool,
+    /// A drain reached this session: it closes at its next command boundary
+    /// ([`drain::drain_step`]); `drain_busy`: it was away from a boundary since.
+    draining: bool,
+    drain_busy: bool,
+    /// TCP_CORK is on: the drain's last reply waits for its FIN ([`Session::run`]).
+    corked: bool,
     /// This client's buffered bytes (see [`crate::budget`]); `counted` is what of the read
     /// buffer and the inbox it holds now.
     mem: Arc<ClientMem>,
@@ -301,6 +308,12 @@ impl Session {
         let mem = shared
             .budget
             .register(id, pod.clone(), settings.output_normal, Some(info));
+        // Accepted while a drain began (the accept loops stop first, so rarely): closed at
+        // its first boundary too. Registered first, then the flag read: see
+        // [`Shared::start_drain`].
+        if shared.is_draining() {
+            mem.request_drain();
+        }
         let commands_total = (*shared.metrics.commands.get_or_create(&EndpointLabels {
             endpoint: ep.name.clone(),
         }))
@@ -331,6 +344,9 @@ impl Session {
             decoder: CommandDecoder::default(),
             closing: false,
             eof: false,
+            draining: false,
+            drain_busy: false,
+            corked: false,
             inbox: Inbox::default(),
             pending: FuturesOrdered::new(),
             stall: None,
@@ -359,6 +375,14 @@ impl Session {
 
     pub fn id(&self) -> u64 {
         self.state.id
+    }
+
+    /// Whether a drain closed the connection (at a boundary or at its deadline).
+    pub fn closed_by_drain(&self) -> bool {
+        matches!(
+            self.mem.closed(),
+            Some(Closed::Drain | Closed::DrainDeadline)
+        )
     }
 
     fn limits(&self) -> Limits {
@@ -397,8 +421,21 @@ impl Session {
             if let Some(why) = self.mem.closed() {
                 return self.end(client, why);
             }
+            // Draining: closed at the command boundary, in the same turn as the write of the
+            // reply that reached it. Corked, that reply and the FIN leave in one segment, so
+            // the client has the close by the time it has the reply, before it can reuse the
+            // connection (a FIN a moment later can cross its next command).
+            let drain_close =
+                self.draining && !self.closing && !self.eof && self.drain_close_now(undecoded);
+            if drain_close != self.corked && (!drain_close || !self.wbuf.is_empty()) {
+                self.corked = drain_close;
+                let _ = socket2::SockRef::from(&*client).set_tcp_cork(drain_close);
+            }
             if !self.wbuf.is_empty() && !self.flush(client) {
                 return;
+            }
+            if drain_close && self.wbuf.is_empty() {
+                return self.end(client, Closed::Drain);
             }
             let done_reading = self.closing || self.eof;
             // Bytes read while the client could not be served yet (read ahead) are still
@@ -461,10 +498,15 @@ impl Session {
             let has_stall = self.stall.is_some();
             let has_pubsub = self.state.pubsub.is_some() && self.resubscribe.is_none();
             let has_resubscribe = self.resubscribe.is_some();
+            let drain_seen = self.draining;
             tokio::select! {
                 biased;
-                why = std::future::poll_fn(|cx| self.mem.poll_closed(cx)) => {
-                    return self.end(client, why);
+                why = std::future::poll_fn(|cx| self.mem.poll_closed_or_drain(cx, drain_seen)) => {
+                    match why {
+                        Some(why) => return self.end(client, why),
+                        // A drain began: the next turn looks for the boundary.
+                        None => self.draining = true,
+                    }
                 }
                 Some((reply, silent, big, look)) = self.pending.next(), if !self.pending.is_empty() => {
                     if !silent {
@@ -533,7 +575,8 @@ impl Session {
         }
     }
 
-    /// The earliest of the idle and partial-command deadlines in force.
+    /// The earliest of the idle and partial-command deadlines in force (and, draining at a
+    /// boundary, the end of the quiet wait for a next command).
     fn deadline(&self, lim: &RunLimits) -> Option<tokio::time::Instant> {
         let partial = self
             .partial_since
@@ -541,9 +584,38 @@ impl Session {
             .map(|p| p + lim.partial);
         let idle =
             (!lim.idle.is_zero() && self.idle_applies()).then(|| self.last_command + lim.idle);
-        match (partial, idle) {
+        let d = match (partial, idle) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
+        };
+        if self.draining && !self.drain_busy {
+            let quiet = self.last_command + drain::DRAIN_QUIET;
+            return Some(d.map_or(quiet, |d| d.min(quiet)));
+        }
+        d
+    }
+
+    /// Draining: whether the connection is to be closed now (see [`drain::drain_step`]).
+    fn drain_close_now(&mut self, undecoded: bool) -> bool {
+        // Replies already in the write buffer are written before the close (in this turn).
+        let owed = drain::Owed {
+            replies: !self.pending.is_empty(),
+            unanswered: !self.inbox.is_empty() || self.stall.is_some() || self.acquired.is_some(),
+            unparsed: undecoded || !self.rbuf.is_empty() || self.decoder.in_progress(),
+            transaction: !matches!(self.state.tx, state::Tx::None),
+            subscribed: self.state.pubsub.is_some() || self.resubscribe.is_some(),
+            blocked: self.blocking.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        };
+        // A reply still being written when the drain reached it: closed right after it.
+        let busy = self.drain_busy || !self.wbuf.is_empty();
+        match drain::drain_step(&owed, busy, self.last_command.elapsed()) {
+            drain::DrainStep::Close => true,
+            drain::DrainStep::Busy => {
+                self.drain_busy = true;
+                false
+            }
+            // The timer of [`Session::deadline`] brings the session back then.
+            drain::DrainStep::Quiet(_) => false,
         }
     }
 
@@ -571,6 +643,9 @@ impl Session {
     /// written, so it lands on a reply boundary), then the connection ends.
     fn end(&mut self, client: &TcpStream, why: Closed) {
         self.mem.close(why);
+        // The first reason wins (a drain's deadline may have marked it meanwhile).
+        let why = self.mem.closed().unwrap_or(why);
+        self.shared.count_drain_close(why);
         if let Some(g) = &self.gate {
             g.set_closed_by_limit();
         }

@@ -21,6 +21,9 @@ use crate::metrics::ProxyMetrics;
 use crate::resp::{encode_command, Limits, ReplyDecoder};
 use crate::testing::{until, Peer, Script};
 
+#[path = "tests_drain.rs"]
+mod drain;
+
 /// The proxy for one endpoint, in process.
 struct Proxy {
     addr: SocketAddr,
@@ -28,6 +31,7 @@ struct Proxy {
     _listener: Listener,
     /// The accept loop stops when this is dropped.
     _stop: watch::Sender<bool>,
+    shared: Arc<Shared>,
 }
 
 fn start_proxy(backend: Backend) -> Proxy {
@@ -48,7 +52,7 @@ fn start_proxy(backend: Backend) -> Proxy {
     let l = listener::spawn(
         bound,
         Arc::new(EndpointHandle::new(rt.clone())),
-        shared,
+        shared.clone(),
         stop_rx,
     );
     Proxy {
@@ -56,6 +60,7 @@ fn start_proxy(backend: Backend) -> Proxy {
         rt,
         _listener: l,
         _stop: stop,
+        shared,
     }
 }
 

@@ -287,12 +287,12 @@ fn run_steps(
 /// The drill's table.
 pub fn table(r: &UpgradeReport) -> String {
     let mut t = String::new();
-    t.push_str("| step | successor serves after | old agent drained after | data plane | php captured before → after | commands (all pods) before → after |\n|---|---|---|---|---|---|\n");
+    t.push_str("| step | successor serves after | old agent drained after | data plane | php captured before → after | commands (all pods) before → after | fail-open connects so far |\n|---|---|---|---|---|---|---|\n");
     for s in &r.steps {
         let sum = |m: &BTreeMap<String, (u64, u64)>| m.values().map(|(_, c)| c).sum::<u64>();
         let php = |m: &BTreeMap<String, (u64, u64)>| m.get(SHORT_POD).map_or(0, |(c, _)| *c);
         t.push_str(&format!(
-            "| {} | {} ms | {} ms | {} | {} → {} | {} → {} |\n",
+            "| {} | {} ms | {} ms | {} | {} → {} | {} → {} | {} |\n",
             s.name,
             s.takeover.ready_after.as_millis(),
             s.takeover.old_exit_after.as_millis(),
@@ -300,7 +300,8 @@ pub fn table(r: &UpgradeReport) -> String {
             php(&s.before),
             php(&s.after),
             sum(&s.before),
-            sum(&s.after)
+            sum(&s.after),
+            s.failopen_after
         ));
     }
     t.push_str("\n| client | ok | errors | detail |\n|---|---|---|---|\n");

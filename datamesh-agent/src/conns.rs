@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use datamesh_common::{FlowKey, FASTPATH_REDIRECT, FASTPATH_TCP, FASTPATH_UNDECIDED};
 use datamesh_proxy::attribution::{Attribution, ConnEvent, Identity};
 use serde::Serialize;
+use tracing::debug;
 
 use crate::config::fold_v4_mapped;
 use crate::dataplane::{flow_key, words_addr, Maps};
@@ -184,6 +185,14 @@ impl Attribution for CaptureAttribution {
             ConnEvent::ProtocolError => {
                 if who.pod != 0 {
                     self.pods.error(who.pod);
+                }
+            }
+            ConnEvent::Closing { peer, local } => {
+                if who.captured || who.direct {
+                    let key = flow_key(fold_v4_mapped(peer), fold_v4_mapped(local));
+                    if let Err(e) = self.maps.conn_to_tcp(&key) {
+                        debug!(error = %e, %peer, "could not move a draining connection off the fast path");
+                    }
                 }
             }
             ConnEvent::Closed => {

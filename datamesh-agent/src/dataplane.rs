@@ -31,10 +31,10 @@ use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SkMsg, SockO
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use datamesh_common::{
     ConnInfo, EndpointKey, EndpointValue, FlowKey, PodCounters, PodPolicy, PodState, Settings,
-    ABI_VERSION, AF_INET, AF_INET6, ALL_MAPS, CGROUP_PROGS, ENDPOINT_LISTENER, LINKS_SUBDIR,
-    MAP_CONNS, MAP_ENDPOINTS, MAP_NETNS_CGROUP, MAP_POD_COUNTERS, MAP_POD_POLICY, MAP_POD_STATE,
-    MAP_SETTINGS, MAP_SOCKS, PROG_CONNECT4, PROG_CONNECT6, PROG_SKMSG, SETTINGS_CAPTURE,
-    SETTINGS_CAPTURE_SELECTED, SETTINGS_FASTPATH,
+    ABI_VERSION, AF_INET, AF_INET6, ALL_MAPS, CGROUP_PROGS, ENDPOINT_LISTENER, FASTPATH_TCP,
+    LINKS_SUBDIR, MAP_CONNS, MAP_ENDPOINTS, MAP_NETNS_CGROUP, MAP_POD_COUNTERS, MAP_POD_POLICY,
+    MAP_POD_STATE, MAP_SETTINGS, MAP_SOCKS, PROG_CONNECT4, PROG_CONNECT6, PROG_SKMSG,
+    SETTINGS_CAPTURE, SETTINGS_CAPTURE_SELECTED, SETTINGS_FASTPATH,
 };
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::info::Info;
@@ -138,6 +138,9 @@ pub struct Maps {
     pub settings: Mutex<Array<MapData, Settings>>,
     pub endpoints: Mutex<HashMap<MapData, EndpointKey, EndpointValue>>,
     pub conns: HashMap<MapData, FlowKey, ConnInfo>,
+    /// A second handle on `dm_conns` for the one write the agent makes there
+    /// ([`Maps::conn_to_tcp`]), so the reads above take no lock.
+    conns_w: Mutex<HashMap<MapData, FlowKey, ConnInfo>>,
     pub pod_policy: Mutex<HashMap<MapData, u64, PodPolicy>>,
     pub pod_state: Mutex<HashMap<MapData, u64, PodState>>,
     /// netns cookie → cgroup id of the last connecting process (read by pod discovery).
@@ -163,6 +166,7 @@ impl Maps {
             settings: Mutex::new(open_typed(pin_dir, MAP_SETTINGS)?),
             endpoints: Mutex::new(open_typed(pin_dir, MAP_ENDPOINTS)?),
             conns: open_typed(pin_dir, MAP_CONNS)?,
+            conns_w: Mutex::new(open_typed(pin_dir, MAP_CONNS)?),
             pod_policy: Mutex::new(open_typed(pin_dir, MAP_POD_POLICY)?),
             pod_state: Mutex::new(open_typed(pin_dir, MAP_POD_STATE)?),
             netns_cgroup: open_typed(pin_dir, MAP_NETNS_CGROUP)?,
@@ -233,6 +237,30 @@ impl Maps {
         // SAFETY: `ours` holds size_of::<ConnInfo>() bytes; ConnInfo is plain integers
         // (aya::Pod), valid for any bytes; read_unaligned has no alignment need.
         Some(unsafe { std::ptr::read_unaligned(ours.as_ptr().cast::<ConnInfo>()) })
+    }
+
+    /// Moves a fast-path connection back to TCP (a drain closes it next): sk_msg then lets
+    /// both directions' bytes take TCP, so the proxy's last reply and its FIN arrive
+    /// together. Safe in this direction: redirected bytes are delivered when they are sent,
+    /// and the receiver reads its redirected queue before its TCP queue. Only an existing
+    /// entry is updated (`BPF_EXIST`), so a connection already gone is not recreated.
+    pub fn conn_to_tcp(&self, key: &FlowKey) -> Result<(), DataplaneError> {
+        let mut map = self.conns_w.lock().unwrap_or_else(|p| p.into_inner());
+        let Ok(mut info) = map.get(key, 0) else {
+            return Ok(());
+        };
+        if info.fastpath == FASTPATH_TCP {
+            return Ok(());
+        }
+        info.fastpath = FASTPATH_TCP;
+        // BPF_EXIST (linux/bpf.h): update an existing element only.
+        const BPF_EXIST: u64 = 2;
+        map.insert(key, info, BPF_EXIST)
+            .map_err(|source| DataplaneError::MapOp {
+                name: MAP_CONNS,
+                action: "write",
+                source,
+            })
     }
 }
 

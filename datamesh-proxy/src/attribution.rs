@@ -38,6 +38,11 @@ pub struct Identity {
 pub enum ConnEvent {
     /// The client broke the protocol (it is closed after its error reply).
     ProtocolError,
+    /// A drain is about to write the connection's last reply and close it: its last bytes
+    /// and the FIN must reach the client together (the agent moves a fast-path connection
+    /// back to TCP, where the reply and the FIN share one segment; redirected bytes would
+    /// arrive ahead of a FIN sent by TCP). `peer` and `local` are the accepted socket's.
+    Closing { peer: SocketAddr, local: SocketAddr },
     /// The connection ended.
     Closed,
 }

@@ -429,6 +429,13 @@ impl Session {
                 self.draining && !self.closing && !self.eof && self.drain_close_now(undecoded);
             if drain_close != self.corked && (!drain_close || !self.wbuf.is_empty()) {
                 self.corked = drain_close;
+                if drain_close {
+                    if let (Ok(peer), Ok(local)) = (client.peer_addr(), client.local_addr()) {
+                        self.shared
+                            .attribution
+                            .event(&self.who, ConnEvent::Closing { peer, local });
+                    }
+                }
                 let _ = socket2::SockRef::from(&*client).set_tcp_cork(drain_close);
             }
             if !self.wbuf.is_empty() && !self.flush(client) {

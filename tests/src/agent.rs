@@ -395,6 +395,10 @@ impl Agent {
             Some(b) => bail!("datamesh-agent binary not found at {}", b.display()),
             None => agent_bin()?,
         };
+        // The upgrade socket belongs with the agent's own files: two agents of one test
+        // (the gray-release drill's nodes) never take each other's sockets.
+        let mut config = config;
+        config.upgrade_socket = dir.join("upgrade.sock");
         let config_path = dir.join("agent.yaml");
         std::fs::write(&config_path, config.to_yaml())
             .with_context(|| format!("writing {}", config_path.display()))?;

@@ -616,6 +616,9 @@ impl Agent {
     /// Rewrites the config file with `config` (atomically: tmp + rename, so a reload never reads
     /// half a file). The running agent sees it on its next reload ([`Agent::sighup`]).
     pub fn write_config(&mut self, config: AgentConfig) -> Result<()> {
+        // Restart-only: the running agent's socket stays.
+        let mut config = config;
+        config.upgrade_socket = self.config.upgrade_socket.clone();
         let tmp = self.config_path.with_extension("yaml.tmp");
         std::fs::write(&tmp, config.to_yaml())
             .with_context(|| format!("writing {}", tmp.display()))?;

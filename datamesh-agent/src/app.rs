@@ -429,7 +429,9 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
     let dp_metrics = Arc::new(DataplaneMetrics::default());
     dp_metrics.register(&mut registry, mode);
 
-    let sup_metrics = Arc::new(crate::supervisor::SupervisorMetrics::default());
+    let sup_metrics = Arc::new(crate::supervisor::SupervisorMetrics::with_heartbeats(
+        dp_metrics.heartbeats.clone(),
+    ));
     if supervised.is_some() {
         sup_metrics.register(&mut registry);
     }

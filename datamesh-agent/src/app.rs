@@ -444,7 +444,9 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
     let dp_metrics = Arc::new(DataplaneMetrics::default());
     dp_metrics.register(&mut registry, mode);
 
-    let sup_metrics = Arc::new(crate::supervisor::SupervisorMetrics::default());
+    let sup_metrics = Arc::new(crate::supervisor::SupervisorMetrics::with_heartbeats(
+        dp_metrics.heartbeats.clone(),
+    ));
     if supervised.is_some() {
         sup_metrics.register(&mut registry);
     }
@@ -879,24 +881,37 @@ async fn reload(ctx: &ReloadCtx<'_>, running: &mut Running) {
     ctx.attribution.set_policy(uncaptured_policy(&new));
     *ctx.admin.token.write().unwrap_or_else(|p| p.into_inner()) = new.admin_token.clone();
     ctx.shared.pod_limits.set_policy(policy_source(&new));
-    // Pod entries (capture flags) before the settings' mode: switching to `selected` must find
-    // the selected pods already flagged.
+    // Pod entries (capture flags) and the settings' mode in the order that never leaves out a
+    // pod selected both before and after: switching to `selected`, the entries first (the
+    // selected pods must be flagged when the mode turns); switching from `selected` to `all`,
+    // the mode first (the selected pods' entries go, and `selected` reads a missing entry as
+    // not captured; `all` captures a pod flagged on).
     let pod_settings = pods::PodSettings::from_config(&new);
     *ctx.policies.write().unwrap_or_else(|p| p.into_inner()) = pod_settings.clone();
-    ctx.pods.reapply(&pod_settings);
     let flags = dataplane::settings_flags(
         new.fastpath,
         new.capture.mode == config::CaptureMode::Selected,
     );
     let failopen = new.failopen_after_ms.saturating_mul(1_000_000);
     let (rate, burst) = (new.default_conn_rate, new.default_conn_burst);
-    if let Err(e) = ctx.maps.update_settings(|s| {
-        s.flags = flags;
-        s.failopen_after_ns = failopen;
-        s.default_conn_rate = rate;
-        s.default_conn_burst = burst;
-    }) {
-        error!(error = %e, "config reload: cannot write dm_settings");
+    let write_settings = || {
+        if let Err(e) = ctx.maps.update_settings(|s| {
+            s.flags = flags;
+            s.failopen_after_ns = failopen;
+            s.default_conn_rate = rate;
+            s.default_conn_burst = burst;
+        }) {
+            error!(error = %e, "config reload: cannot write dm_settings");
+        }
+    };
+    if old.capture.mode == config::CaptureMode::Selected
+        && new.capture.mode == config::CaptureMode::All
+    {
+        write_settings();
+        ctx.pods.reapply(&pod_settings);
+    } else {
+        ctx.pods.reapply(&pod_settings);
+        write_settings();
     }
 
     // Endpoints.

@@ -24,6 +24,7 @@ pub mod clients;
 pub mod cluster;
 pub mod drill;
 pub mod env;
+pub mod graydrill;
 pub mod hotcache;
 pub mod instance;
 pub mod keydrill;

@@ -40,6 +40,10 @@ pub enum Drill {
     /// One pod floods random missing keys (cache penetration): time to detect, the automatic
     /// throttle of the pod, a runtime deny rule, the bystanders' p99 in every phase.
     KeyAttack,
+    /// Two simulated nodes (an agent each, one Redis): the canary opts in one namespace, the
+    /// alerts are watched, the canary is widened and the stable node promoted by reload, the
+    /// canary rolled back; captured and direct connects, client errors, time to take effect.
+    GrayRelease,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -68,6 +72,7 @@ pub fn run(a: &Args) -> Result<()> {
     match a.drill {
         Drill::Tenant => return run_tenant(a),
         Drill::HotKey | Drill::KeyAttack => return run_key_drill(a),
+        Drill::GrayRelease => return crate::drill_gray::run(a),
         Drill::Failover => {}
     }
     let scenarios: Vec<Scenario> = if a.scenarios.is_empty() {

@@ -27,6 +27,7 @@ pub mod env;
 pub mod hotcache;
 pub mod instance;
 pub mod keydrill;
+pub mod leakdrill;
 pub mod net;
 pub mod pod;
 pub mod proc;

@@ -40,6 +40,10 @@ pub enum Drill {
     /// One pod floods random missing keys (cache penetration): time to detect, the automatic
     /// throttle of the pod, a runtime deny rule, the bystanders' p99 in every phase.
     KeyAttack,
+    /// The worker leaks descriptors, memory, then dedicated backend connections under load:
+    /// time to the watchdog's detection and to the graceful replacement, refused connects,
+    /// client errors, the values before and after (`drill_leak`).
+    ResourceLeak,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -68,6 +72,7 @@ pub fn run(a: &Args) -> Result<()> {
     match a.drill {
         Drill::Tenant => return run_tenant(a),
         Drill::HotKey | Drill::KeyAttack => return run_key_drill(a),
+        Drill::ResourceLeak => return crate::drill_leak::run(a),
         Drill::Failover => {}
     }
     let scenarios: Vec<Scenario> = if a.scenarios.is_empty() {

@@ -8,6 +8,8 @@
 //! `/keyrules` lists the key rules (throttle, deny) with their origin (config, runtime, auto)
 //! and counts per pod; `POST /keyrules` (a JSON rule, body at most 64 KiB) adds a runtime rule
 //! and answers its id, `DELETE /keyrules/<id>` removes a runtime or automatic one.
+//! `POST /debug/leak?resource=fds|memory|conns&amount=N` is the resource-leak drill's fault
+//! injection, refused (403) unless `debug.fault_injection` is on.
 //! The request line is parsed by hand: a few fixed routes do not need an HTTP stack.
 //!
 //! Access: loopback by default (config validation refuses another `admin_listen` unless

@@ -5,7 +5,7 @@
 //!   `RLIMIT_NOFILE` the agent runs with;
 //! - `memory`: RSS (`/proc/self/statm`) against `rss_percent` of the proxy's memory budget
 //!   (buffered client bytes are kept under the budget by the shedder, so RSS far above it for
-//!   long is memory nobody accounts for);
+//!   long is memory nobody accounts for; no check with `proxy.memory_budget_bytes: 0`);
 //! - `backend_conns`: per endpoint, open backend connections (shared and dedicated) against
 //!   `backend_conns_percent` of what its pools may hold (`pool_size` per pool, `max_dedicated`
 //!   per node), and all endpoints' together against `max_backend_conns`.
@@ -111,7 +111,12 @@ pub fn readings(
             Resource::Memory,
             "worker".to_string(),
             rss,
-            percent_of(memory_budget, cfg.rss_percent),
+            // `proxy.memory_budget_bytes: 0` (no budget): nothing to compare RSS with.
+            if memory_budget == 0 {
+                u64::MAX
+            } else {
+                percent_of(memory_budget, cfg.rss_percent)
+            },
         ),
     ];
     let mut total = 0u64;
@@ -407,6 +412,9 @@ mod tests {
         assert_eq!(o[0].1, "cache");
         // Saturates instead of overflowing.
         assert_eq!(percent_of(u64::MAX, 150), u64::MAX);
+        // No memory budget: RSS is never over.
+        let r = readings(&cfg(), 0, 1000, u64::MAX - 1, 0, &[]);
+        assert!(over(&r).is_empty());
     }
 
     #[test]

@@ -89,7 +89,8 @@ fn sigusr2(env: &Env) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// SIGUSR2 (the operator's "restart the worker gracefully"): a successor takes over, the old
+/// `datamesh-agent restart-worker` (SIGUSR2 to the supervisor, the operator's "restart the
+/// worker gracefully"): a successor takes over, the old
 /// worker drains and exits; no connect refused, no client error, nothing counted as a crash.
 /// A successor that cannot start (here: the config file was made invalid) leaves the running
 /// worker in place.
@@ -101,7 +102,17 @@ fn sigusr2_replaces_the_worker_gracefully_and_a_failed_successor_leaves_it() {
         let old = leakdrill::only_worker(env)?;
         let from = log_len(env);
         let t0 = Instant::now();
-        sigusr2(env)?;
+        // The operator's command: SIGUSR2 to the pid in the ready file.
+        let ready = env.agent().config_path().with_file_name("ready.json");
+        let out = std::process::Command::new(datamesh_tests::agent::agent_bin()?)
+            .args(["restart-worker", "--ready-file"])
+            .arg(&ready)
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "datamesh-agent restart-worker: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         datamesh_tests::wait_until("the old worker's exit", Duration::from_secs(10), || {
             Ok(log_since(env, from)
                 .contains("retired worker exited")
@@ -161,4 +172,32 @@ fn sigusr2_replaces_the_worker_gracefully_and_a_failed_successor_leaves_it() {
         );
         Ok(())
     });
+}
+
+/// Fault injection is for drills: no manifest in deploy/ turns it on.
+#[test]
+fn no_deploy_manifest_enables_fault_injection() {
+    fn walk(dir: &std::path::Path, hits: &mut Vec<String>) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, hits);
+            } else if let Ok(text) = std::fs::read_to_string(&p) {
+                if text.contains("fault_injection") {
+                    hits.push(p.display().to_string());
+                }
+            }
+        }
+    }
+    let deploy = datamesh_tests::project_root().join("deploy");
+    assert!(deploy.is_dir(), "no {}", deploy.display());
+    let mut hits = Vec::new();
+    walk(&deploy, &mut hits);
+    assert!(
+        hits.is_empty(),
+        "deploy/ mentions debug.fault_injection: {hits:?}"
+    );
 }

@@ -51,6 +51,7 @@ use crate::pod_counters::MapDirectory;
 use crate::pods::{self, Pods, PodsError};
 use crate::preflight::{self, PreflightError};
 use crate::resources;
+use crate::watchdog::Watchdog;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -205,9 +206,17 @@ pub struct Supervised {
     health_fd: std::os::fd::RawFd,
     supervisor_pid: u32,
     generation: u64,
+    /// A graceful successor: the worker it replaces still serves (and counts) its connections.
+    graceful: bool,
 }
 
 impl Supervised {
+    /// Marks a graceful successor (`--graceful`).
+    pub fn graceful(mut self, on: bool) -> Self {
+        self.graceful = on;
+        self
+    }
+
     /// From the worker's arguments (`--listen-fds name=fd,...`).
     pub fn parse(
         listen_fds: &str,
@@ -232,6 +241,7 @@ impl Supervised {
             health_fd,
             supervisor_pid,
             generation,
+            graceful: false,
         })
     }
 
@@ -416,7 +426,10 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
     let maps: Arc<Maps> = Arc::new(maps);
 
     let pods = Arc::new(Pods::new(maps.clone()));
-    pods.reset_open_conns();
+    // A graceful successor's predecessor still serves its connections (and counts them).
+    if !supervised.as_ref().is_some_and(|s| s.graceful) {
+        pods.reset_open_conns();
+    }
     let policies: pods::SharedPolicies =
         Arc::new(RwLock::new(pods::PodSettings::from_config(&cfg)));
     let (pods_stop_tx, pods_stop_rx) = std::sync::mpsc::channel::<()>();
@@ -450,6 +463,18 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
     if supervised.is_some() {
         sup_metrics.register(&mut registry);
     }
+    let watchdog = Arc::new(Watchdog::new(
+        cfg.watchdog,
+        cfg.debug.fault_injection,
+        supervised.is_some(),
+    ));
+    watchdog.register(&mut registry);
+    if cfg.debug.fault_injection {
+        warn!("debug.fault_injection is on: POST /debug/leak can leak descriptors, memory and backend connections (drills only)");
+    }
+    // True once every listener accepts (the pong says so: a graceful successor is then
+    // serving, and the worker it replaces may retire).
+    let serving = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (hb_stop_tx, hb_stop_rx) = watch::channel(false);
     // Supervised, the supervisor keeps the heartbeat (it outlives a dead or hung worker).
     let heartbeat = if supervised.is_some() {
@@ -496,12 +521,20 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
     // endpoint) may take longer than the supervisor's start timeout.
     let _health = match &supervised {
         Some(sup) => Some(
-            crate::supervisor::spawn_health(sup.health_fd, shared.clone(), sup_metrics.clone())
-                .map_err(|source| AppError::Io {
-                    action: "opening the supervisor's health channel",
-                    path: PathBuf::from(format!("fd {}", sup.health_fd)),
-                    source,
-                })?,
+            crate::supervisor::spawn_health(
+                sup.health_fd,
+                crate::supervisor::HealthReport {
+                    shared: shared.clone(),
+                    serving: serving.clone(),
+                    watchdog: watchdog.clone(),
+                },
+                sup_metrics.clone(),
+            )
+            .map_err(|source| AppError::Io {
+                action: "opening the supervisor's health channel",
+                path: PathBuf::from(format!("fd {}", sup.health_fd)),
+                source,
+            })?,
         ),
         None => None,
     };
@@ -537,13 +570,22 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
         bigkeys: shared.bigkeys.clone(),
         keyrules: shared.keyrules.clone(),
         attacks: shared.attacks.clone(),
+        watchdog: watchdog.clone(),
     });
     // The admin endpoint has its own stop: it keeps answering (/ready = 503) while we drain.
     let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
     let admin_task = admin::spawn(admin_listener, admin_state.clone(), admin_stop_rx);
 
+    let watchdog_task = watchdog.clone().spawn(
+        shared.clone(),
+        admin_state.clone(),
+        resources::get().nofile,
+        flush_stop_rx.clone(),
+    );
+
     // Ready: data plane attached/adopted, every listener bound and accepting.
     admin_state.ready.store(true, Ordering::SeqCst);
+    serving.store(true, Ordering::SeqCst);
     let ready = Ready {
         path: opts.ready_file.clone(),
         admin: admin_addr,
@@ -578,6 +620,7 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
         admin: admin_state.clone(),
         ready: &ready,
         stop_rx: stop_rx.clone(),
+        watchdog: watchdog.clone(),
     };
     let sig = loop {
         tokio::select! {
@@ -683,6 +726,7 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
     let _ = shedder.await;
     let _ = auto_throttle.await;
     let _ = attacks_ticker.await;
+    let _ = watchdog_task.await;
     drop(pods_stop);
     let _ = tokio::task::spawn_blocking(move || discovery.join()).await;
     if let Some(path) = &opts.ready_file {
@@ -810,6 +854,7 @@ struct ReloadCtx<'a> {
     admin: Arc<AdminState>,
     ready: &'a Ready,
     stop_rx: watch::Receiver<bool>,
+    watchdog: Arc<Watchdog>,
 }
 
 /// Loads and applies the config file (see the module docs). Never drops a client connection.
@@ -879,6 +924,8 @@ async fn reload(ctx: &ReloadCtx<'_>, running: &mut Running) {
         );
     }
     ctx.attribution.set_policy(uncaptured_policy(&new));
+    ctx.watchdog
+        .set_config(new.watchdog, new.debug.fault_injection);
     *ctx.admin.token.write().unwrap_or_else(|p| p.into_inner()) = new.admin_token.clone();
     ctx.shared.pod_limits.set_policy(policy_source(&new));
     // Pod entries (capture flags) and the settings' mode in the order that never leaves out a

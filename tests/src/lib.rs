@@ -28,6 +28,7 @@ pub mod graydrill;
 pub mod hotcache;
 pub mod instance;
 pub mod keydrill;
+pub mod leakdrill;
 pub mod net;
 pub mod pod;
 pub mod proc;

@@ -44,6 +44,10 @@ pub enum Drill {
     /// alerts are watched, the canary is widened and the stable node promoted by reload, the
     /// canary rolled back; captured and direct connects, client errors, time to take effect.
     GrayRelease,
+    /// The worker leaks descriptors, memory, then dedicated backend connections under load:
+    /// time to the watchdog's detection and to the graceful replacement, refused connects,
+    /// client errors, the values before and after (`drill_leak`).
+    ResourceLeak,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -73,6 +77,7 @@ pub fn run(a: &Args) -> Result<()> {
         Drill::Tenant => return run_tenant(a),
         Drill::HotKey | Drill::KeyAttack => return run_key_drill(a),
         Drill::GrayRelease => return crate::drill_gray::run(a),
+        Drill::ResourceLeak => return crate::drill_leak::run(a),
         Drill::Failover => {}
     }
     let scenarios: Vec<Scenario> = if a.scenarios.is_empty() {

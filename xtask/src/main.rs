@@ -11,6 +11,7 @@ mod build_ebpf;
 mod demo;
 mod drill;
 mod drill_gray;
+mod drill_leak;
 mod fuzz;
 mod gen_acl_table;
 mod setup;

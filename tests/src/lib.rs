@@ -33,6 +33,7 @@ pub mod proc;
 pub mod proxy;
 pub mod redis;
 pub mod resp;
+pub mod restartdrill;
 pub mod sentinel;
 pub mod tenant;
 

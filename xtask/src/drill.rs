@@ -40,6 +40,10 @@ pub enum Drill {
     /// One pod floods random missing keys (cache penetration): time to detect, the automatic
     /// throttle of the pod, a runtime deny rule, the bystanders' p99 in every phase.
     KeyAttack,
+    /// The agent's own failures under load from captured pods: SIGKILL of the worker, SIGSTOP
+    /// of the worker, SIGKILL of the whole agent (then started again): refused connects, client
+    /// errors, time to recover, connects that went direct.
+    Restart,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -68,6 +72,7 @@ pub fn run(a: &Args) -> Result<()> {
     match a.drill {
         Drill::Tenant => return run_tenant(a),
         Drill::HotKey | Drill::KeyAttack => return run_key_drill(a),
+        Drill::Restart => return crate::drill_restart::run(a),
         Drill::Failover => {}
     }
     let scenarios: Vec<Scenario> = if a.scenarios.is_empty() {

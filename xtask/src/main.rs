@@ -10,6 +10,7 @@ mod bench_proxy;
 mod build_ebpf;
 mod demo;
 mod drill;
+mod drill_restart;
 mod fuzz;
 mod gen_acl_table;
 mod setup;

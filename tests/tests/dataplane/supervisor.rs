@@ -1,13 +1,17 @@
 //! Supervision: `datamesh-agent run` is a supervisor that keeps the listeners and the heartbeat
 //! and runs the proxy in a worker child. A SIGKILLed worker is replaced while pods' connects
 //! wait in the listen backlog (none refused); a SIGSTOPped one is found by the health check
-//! and replaced; a crash loop makes capture fail open (pods reach Redis directly).
+//! and replaced; a crash loop makes capture fail open (pods reach Redis directly). When the
+//! whole agent dies, its listeners leave `dm_listeners` and capture fails open at once, with no
+//! connect refused; with no listener entry a connect is never rewritten.
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, ensure, Context, Result};
+use datamesh_tests::drill::mono_now;
 use datamesh_tests::env::run_test;
+use datamesh_tests::restartdrill;
 use datamesh_tests::Env;
 use serde_json::Value;
 
@@ -273,6 +277,195 @@ fn sigkilled_supervisor_takes_its_worker_along() {
         // A new agent binds the same ports and captures again.
         env.agent_mut().spawn()?;
         assert_captured(env, "dmafter")?;
+        Ok(())
+    });
+}
+
+/// Whether `pid` exists and is not a zombie (a dead worker stays a zombie until init reaps it).
+fn running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_some_and(|state| state != 'Z' && state != 'X'),
+        Err(_) => false,
+    }
+}
+
+/// Endpoint ids whose proxy listener is in the agent's pinned `dm_listeners` (the kernel keeps
+/// only sockets that are still open in it).
+fn listener_ids(env: &Env) -> Result<Vec<u32>> {
+    let pin = env.pin_dir().join("dm_listeners");
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(&pin)
+        .output()
+        .context("running bpftool")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: Value = serde_json::from_str(text.trim()).with_context(|| {
+        format!(
+            "bpftool map dump {} printed no JSON: {text} {}",
+            pin.display(),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    let mut ids = Vec::new();
+    for e in v.as_array().into_iter().flatten() {
+        let bytes: Vec<u8> = e["key"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|b| {
+                b.as_str()
+                    .and_then(|s| u8::from_str_radix(s.trim_start_matches("0x"), 16).ok())
+            })
+            .collect();
+        let arr: [u8; 4] = bytes
+            .as_slice()
+            .try_into()
+            .map_err(|_| anyhow!("dm_listeners key is not 4 bytes: {e}"))?;
+        ids.push(u32::from_ne_bytes(arr));
+    }
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+#[test]
+fn without_a_listener_entry_connects_are_not_rewritten() {
+    run_test(Env::builder().pods(["a"]), |env| {
+        assert_captured(env, "dmbefore")?;
+        ensure!(
+            listener_ids(env)? == vec![0],
+            "the worker did not insert endpoint 0's listener: {:?}",
+            listener_ids(env)?
+        );
+        let before = counters(env, env.pod("a"))?;
+        // The supervisor still holds the socket; only the map entry goes (as after a reload
+        // that removed the endpoint, or once the whole agent is gone).
+        let pin = env.pin_dir().join("dm_listeners");
+        let st = std::process::Command::new("bpftool")
+            .args(["map", "delete", "pinned"])
+            .arg(&pin)
+            .args(["key", "0", "0", "0", "0"])
+            .status()
+            .context("bpftool map delete")?;
+        ensure!(st.success(), "bpftool map delete failed: {st}");
+        let out = env
+            .pod("a")
+            .cmd(probe_bin())
+            .args(["timeline", "--duration-ms", "200", "--addr"])
+            .arg(env.service_addr().to_string())
+            .output()
+            .context("dmprobe timeline")?;
+        ensure!(out.status.success(), "dmprobe failed: {out:?}");
+        let v: Value = serde_json::from_slice(&out.stdout)?;
+        let totals = v["totals"].as_object().cloned().unwrap_or_default();
+        ensure!(
+            totals.keys().all(|k| k == "direct") && totals.contains_key("direct"),
+            "with no listener entry, connects were not all direct: {totals:?}"
+        );
+        let after = counters(env, env.pod("a"))?;
+        ensure!(
+            counter(&after, "connects_failopen") > counter(&before, "connects_failopen"),
+            "the direct connects were not counted as fail-open: {before:?} -> {after:?}"
+        );
+        // A new worker puts its listeners back: capture resumes.
+        let old = env.agent().worker_pid()?.context("no worker")?;
+        signal(old, libc::SIGKILL)?;
+        env.agent()
+            .wait_new_worker(Some(old), Duration::from_secs(3))?;
+        wait_ready(env, Duration::from_secs(5))?;
+        ensure!(
+            listener_ids(env)? == vec![0],
+            "the new worker did not insert the listener again"
+        );
+        assert_captured(env, "dmafter")?;
+        Ok(())
+    });
+}
+
+#[test]
+fn sigkilled_agent_fails_open_at_once_with_no_refused_connect() {
+    run_test(Env::builder().pods(["a"]), |env| {
+        assert_captured(env, "dmbefore")?;
+        let stop = env.run_dir().join("agentkill.stop");
+        let probe = env
+            .pod("a")
+            .cmd(probe_bin())
+            .args(["timeline", "--duration-ms", "20000", "--pause-ms", "1"])
+            .arg("--stop-file")
+            .arg(&stop)
+            .arg("--addr")
+            .arg(env.service_addr().to_string())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting dmprobe")?;
+        std::thread::sleep(Duration::from_millis(500));
+        let worker = env.agent().worker_pid()?.context("no worker")?;
+        let t_kill = mono_now();
+        env.agent_mut().kill9()?;
+        let t0 = Instant::now();
+        while running(worker) {
+            ensure!(
+                t0.elapsed() < Duration::from_secs(2),
+                "worker {worker} outlived its SIGKILLed supervisor"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let worker_gone_ms = (mono_now() - t_kill) * 1000.0;
+        // The kernel dropped the closed listener from the map by itself.
+        ensure!(
+            listener_ids(env)?.is_empty(),
+            "dm_listeners still holds {:?} with the whole agent dead",
+            listener_ids(env)?
+        );
+        std::thread::sleep(Duration::from_millis(700));
+        let t_restart = mono_now();
+        env.agent_mut().spawn()?;
+        wait_ready(env, Duration::from_secs(10))?;
+        std::thread::sleep(Duration::from_millis(300));
+        std::fs::write(&stop, b"stop")?;
+        let out = probe.wait_with_output().context("dmprobe")?;
+        ensure!(out.status.success(), "dmprobe failed: {:?}", out.status);
+        let v: Value = serde_json::from_slice(&out.stdout)?;
+        let attempts = restartdrill::parse_attempts(&v)?;
+        let before = restartdrill::probe_phase(&attempts, 0.0, t_kill);
+        let dead = restartdrill::probe_phase(&attempts, t_kill, t_restart);
+        let back = restartdrill::probe_phase(&attempts, t_restart, f64::MAX);
+        eprintln!(
+            "whole-agent SIGKILL: worker gone after {worker_gone_ms:.1} ms; before {before:?}; \
+             dead {dead:?}; restart {back:?}"
+        );
+        let all = restartdrill::probe_phase(&attempts, 0.0, f64::MAX);
+        ensure!(
+            all.refused == 0 && all.connect_errors == 0,
+            "connects were refused or failed: {all:?}"
+        );
+        ensure!(
+            before.direct == 0 && before.proxied > 50,
+            "before the kill, capture was not on: {before:?}"
+        );
+        // Fail-open at once: the first direct connect within 100 ms of the kill (today's
+        // heartbeat bound is 1 s), and everything after it direct until the restart.
+        let first = dead.first_direct_ms.unwrap_or(f64::MAX);
+        ensure!(
+            first < 100.0,
+            "first direct connect {first:.1} ms after the SIGKILL: {dead:?}"
+        );
+        ensure!(
+            dead.direct > 100,
+            "too few direct connects while the agent was dead: {dead:?}"
+        );
+        // Connections the kernel had accepted into the dying listener's backlog are reset:
+        // counted, never more than a handful (the probe has one in flight at a time).
+        ensure!(
+            dead.lost_proxied <= 2 && dead.lost_direct == 0,
+            "established connections lost: {dead:?}"
+        );
+        ensure!(
+            back.proxied > 0,
+            "capture did not resume after the restart: {back:?}"
+        );
         Ok(())
     });
 }

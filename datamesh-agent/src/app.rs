@@ -487,7 +487,10 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
     let dp_metrics = Arc::new(DataplaneMetrics::default());
     dp_metrics.register(&mut registry, mode);
 
-    let sup_metrics = Arc::new(crate::supervisor::SupervisorMetrics::default());
+    // Supervised, the heartbeat counter is the supervisor's (it writes the heartbeat).
+    let sup_metrics = Arc::new(crate::supervisor::SupervisorMetrics::new(
+        dp_metrics.heartbeats.clone(),
+    ));
     if supervised.is_some() {
         sup_metrics.register(&mut registry);
     }

@@ -8,7 +8,7 @@
 //! - A worker that dies (panic, abort, SIGKILL) is replaced at once; pod connects meanwhile
 //!   wait in the listen backlog of the sockets the supervisor keeps open, and the next worker
 //!   accepts them (none is refused).
-//! - Health: every second the supervisor writes `ping <restarts> <lost> <failopen>` on a Unix
+//! - Health: every second the supervisor writes `ping <restarts> <lost> <failopen> <beats>` on a Unix
 //!   socketpair it owns; the worker's runtime answers `pong <open connections>`. No pong for
 //!   [`HANG_AFTER`] (once the worker answered its first) → SIGKILL and replace.
 //! - Backoff: a worker that dies within [`STABLE_AFTER`] of its start counts as a failure;
@@ -20,7 +20,8 @@
 //!
 //! The counts reach `/metrics` through the worker (the ping carries them):
 //! `datamesh_agent_worker_restarts_total`, `datamesh_agent_worker_lost_connections_total`,
-//! `datamesh_agent_capture_fail_open`.
+//! `datamesh_agent_capture_fail_open`, and the heartbeats the supervisor wrote as
+//! `datamesh_dataplane_heartbeats_total` (the alerts' sign of a beating agent).
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
@@ -28,7 +29,7 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -94,6 +95,8 @@ struct Heartbeat {
     pin_dir: PathBuf,
     state: Mutex<HbState>,
     stop: AtomicBool,
+    /// Heartbeats written (sent to the worker with each ping, for its `/metrics`).
+    beats: AtomicU64,
 }
 
 struct HbState {
@@ -119,10 +122,16 @@ impl Heartbeat {
         let r = Self::with_maps(&mut st, &self.pin_dir, |m| {
             m.update_settings(|s| s.heartbeat_ns = now)
         });
-        if let Some(Err(e)) = r {
-            warn!(error = %e, "heartbeat write failed: capture will fail open");
-            // Pins replaced (an upgrade): open them again next tick.
-            st.maps = None;
+        match r {
+            Some(Ok(_)) => {
+                self.beats.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(Err(e)) => {
+                warn!(error = %e, "heartbeat write failed: capture will fail open");
+                // Pins replaced (an upgrade): open them again next tick.
+                st.maps = None;
+            }
+            None => {}
         }
     }
 
@@ -197,6 +206,7 @@ pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
             beat: true,
         }),
         stop: AtomicBool::new(false),
+        beats: AtomicU64::new(0),
     });
     let hb_thread = {
         let hb = hb.clone();
@@ -270,7 +280,8 @@ pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
     let mut fail_open = false;
     let mut ever_healthy = false;
     let ping = |restarts: u64, lost: u64, fail_open: bool| {
-        format!("ping {restarts} {lost} {}\n", u8::from(fail_open))
+        let beats = hb.beats.load(Ordering::Relaxed);
+        format!("ping {restarts} {lost} {} {beats}\n", u8::from(fail_open))
     };
     let mut worker: Option<Worker> = Some(spawn(generation, &ping(0, 0, false))?);
     let mut next_start: Option<Instant> = None;
@@ -472,6 +483,10 @@ mod tests {
         m.apply("ping x 1 0");
         m.apply("ping 9");
         assert_eq!((m.restarts.get(), m.lost.get()), (3, 5));
+        // The supervisor's heartbeats (4th field) become the data plane's counter.
+        m.apply("ping 3 5 0 120");
+        m.apply("ping 3 5 0 130");
+        assert_eq!(m.heartbeats.get(), 130);
     }
 
     #[test]
@@ -490,9 +505,20 @@ pub struct SupervisorMetrics {
     restarts: prometheus_client::metrics::counter::Counter,
     lost: prometheus_client::metrics::counter::Counter,
     fail_open: prometheus_client::metrics::gauge::Gauge,
+    /// The data plane's `datamesh_dataplane_heartbeats_total` (registered with the data plane's
+    /// metrics): set to the supervisor's count, since the supervisor writes the heartbeat.
+    heartbeats: prometheus_client::metrics::counter::Counter,
 }
 
 impl SupervisorMetrics {
+    /// Counts taken from the pings; `heartbeats` is the data plane's heartbeat counter.
+    pub fn new(heartbeats: prometheus_client::metrics::counter::Counter) -> Self {
+        Self {
+            heartbeats,
+            ..Default::default()
+        }
+    }
+
     pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
         registry.register(
             "agent_worker_restarts",
@@ -511,7 +537,7 @@ impl SupervisorMetrics {
         );
     }
 
-    /// Applies a `ping <restarts> <lost> <failopen>` line.
+    /// Applies a `ping <restarts> <lost> <failopen> [<beats>]` line.
     fn apply(&self, line: &str) {
         let mut it = line
             .split_whitespace()
@@ -521,6 +547,12 @@ impl SupervisorMetrics {
         else {
             return;
         };
+        if let Some(Some(b)) = it.next() {
+            let b0 = self.heartbeats.get();
+            if b > b0 {
+                self.heartbeats.inc_by(b - b0);
+            }
+        }
         let r0 = self.restarts.get();
         if r > r0 {
             self.restarts.inc_by(r - r0);

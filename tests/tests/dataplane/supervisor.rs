@@ -140,6 +140,12 @@ fn sigkilled_worker_is_replaced_with_no_refused_connect() {
             metric_at_least(env, "datamesh_agent_worker_restarts_total", 1.0)? >= 1.0,
             "restart not counted"
         );
+        // The supervisor writes the heartbeat; its count reaches the worker's /metrics (the
+        // alerts read it), already for the new worker.
+        ensure!(
+            metric_at_least(env, "datamesh_dataplane_heartbeats_total", 5.0)? >= 5.0,
+            "the supervisor's heartbeats are not exported"
+        );
         let lost = metric_at_least(env, "datamesh_agent_worker_lost_connections_total", 1.0)?;
         let _ = blocked.kill();
         let _ = blocked.wait();

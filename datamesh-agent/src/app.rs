@@ -351,6 +351,10 @@ fn desired_settings(cfg: &Config) -> Result<Settings, AppError> {
             cfg.fastpath,
             cfg.capture.mode == config::CaptureMode::Selected,
         ),
+        // Supervised, the supervisor owns the heartbeat; this first write only starts capture
+        // before its first tick (it opens the maps once a worker pinned them). Harmless: the
+        // supervisor fails open only after 3 failed workers, and a replacement worker reopens
+        // the maps keeping the pinned heartbeat (`dataplane::reopen`).
         heartbeat_ns: dataplane::monotonic_ns(),
         failopen_after_ns: cfg.failopen_after_ms.saturating_mul(1_000_000),
         agent_netns_cookie,

@@ -482,3 +482,57 @@ fn sigkilled_agent_fails_open_at_once_with_no_refused_connect() {
         Ok(())
     });
 }
+
+#[test]
+fn reload_puts_added_listeners_in_and_takes_removed_ones_out() {
+    run_test(Env::builder().pods(["a"]), |env| {
+        let base = env.agent().config().clone();
+        let mut two = base.clone();
+        let extra = std::net::SocketAddr::new(env.service_ip().into(), 6390);
+        two.endpoints.push(datamesh_tests::agent::Endpoint::new(
+            "extra",
+            extra,
+            datamesh_tests::agent::BackendSpec::standalone(env.service_addr()),
+        ));
+        let wait_ids = |env: &Env, want: Vec<u32>| -> Result<()> {
+            let t0 = Instant::now();
+            loop {
+                let ids = listener_ids(env)?;
+                if ids == want {
+                    return Ok(());
+                }
+                ensure!(
+                    t0.elapsed() < Duration::from_secs(10),
+                    "dm_listeners holds {ids:?}, expected {want:?}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        };
+        env.agent_mut().write_config(two)?;
+        env.agent().sighup()?;
+        // The worker binds the added endpoint itself and puts its listener in.
+        wait_ids(env, vec![0, 1])?;
+        // Its connects are captured (the extra service address has no Redis behind it: only a
+        // captured connect can answer).
+        let out = env
+            .pod("a")
+            .cmd(probe_bin())
+            .args(["timeline", "--duration-ms", "100", "--addr"])
+            .arg(extra.to_string())
+            .output()
+            .context("dmprobe timeline")?;
+        let v: Value = serde_json::from_slice(&out.stdout)?;
+        ensure!(
+            v["totals"]
+                .as_object()
+                .is_some_and(|t| t.keys().all(|k| k == "proxy")),
+            "connects to the added endpoint were not captured: {}",
+            v["totals"]
+        );
+        env.agent_mut().write_config(base)?;
+        env.agent().sighup()?;
+        wait_ids(env, vec![0])?;
+        assert_captured(env, "dmafter")?;
+        Ok(())
+    });
+}

@@ -114,9 +114,13 @@ pub struct ProbePhase {
     pub direct: u64,
     /// `ECONNREFUSED` at connect.
     pub refused: u64,
-    /// Other connect failures (timeouts...), by kind.
+    /// Other connect failures (timeouts...), except a reset.
     pub connect_errors: u64,
-    /// Established to the proxy, then reset or closed before the PONG.
+    /// Their kinds (`connect:<kind>`), for messages.
+    pub connect_error_kinds: std::collections::BTreeMap<String, u64>,
+    /// Taken into the proxy listener's queue, then reset or closed before the PONG: at the
+    /// connect (`ECONNRESET` during the handshake) or after it. These are the connections a
+    /// listener closing with its process takes along.
     pub lost_proxied: u64,
     /// Established to Redis directly, then failed.
     pub lost_direct: u64,
@@ -527,7 +531,13 @@ pub fn probe_phase(attempts: &[(f64, f64, String)], t0: f64, t1: f64) -> ProbePh
                 }
             }
             "connect:ECONNREFUSED" => p.refused += 1,
-            o if o.starts_with("connect:") => p.connect_errors += 1,
+            // A direct connect is never reset by Redis: this one was in a dying listener's
+            // queue (handshake or accept queue).
+            "connect:ECONNRESET" => p.lost_proxied += 1,
+            o if o.starts_with("connect:") => {
+                p.connect_errors += 1;
+                *p.connect_error_kinds.entry(o.to_string()).or_insert(0) += 1;
+            }
             o if o.starts_with("io-proxy") => p.lost_proxied += 1,
             _ => p.lost_direct += 1,
         }
@@ -601,8 +611,8 @@ pub fn table(r: &RestartReport) -> String {
         "worker_ms: fault -> new worker process; ready_ms: fault -> /ready 200 (agent-kill: \
          includes the time dead and the restart); conns: short-lived connections (connect, PING, \
          close) started in the phase; refused: ECONNREFUSED at connect; direct: served by Redis \
-         directly (fail-open); lost: established, then reset/EOF before the PONG; errors: other \
-         connect failures; 1st_dir: fault -> first direct connection; slow_ms: slowest \
+         directly (fail-open); lost: in the proxy listener's queue or established, then reset/EOF \
+         before the PONG; errors: other connect failures; 1st_dir: fault -> first direct connection; slow_ms: slowest \
          connection; noretry_err / retry1_err: redis-py commands failed / started (no client \
          retry; one retry on a connection error); failopen: the pods' connects_failopen \
          counter in the phase."

@@ -109,16 +109,18 @@ fn sigkilled_worker_is_replaced_with_no_refused_connect() {
             "worker SIGKILL: new worker {new} spawned after {spawned:?}, serving after {replaced:?}; probe {summary}"
         );
         // No connect is refused. The probe's one connection in flight in the killed worker
-        // (accepted, PING not yet answered) may be reset: an established connection lost.
+        // (accepted, PING not yet answered) may be reset, or closed if the worker had read its
+        // PING: an established connection lost.
         let errors = summary["errors"].as_object().cloned().unwrap_or_default();
-        let resets = errors
-            .get("ECONNRESET")
-            .and_then(Value::as_u64)
-            .unwrap_or(0);
+        let lost_kinds = ["ECONNRESET", "UnexpectedEof"];
+        let resets: u64 = lost_kinds
+            .iter()
+            .filter_map(|k| errors.get(*k).and_then(Value::as_u64))
+            .sum();
         ensure!(
             summary["refused"].as_u64() == Some(0)
                 && resets <= 1
-                && errors.keys().all(|k| k == "ECONNRESET"),
+                && errors.keys().all(|k| lost_kinds.contains(&k.as_str())),
             "connects failed while the worker was replaced: {summary}"
         );
         ensure!(
@@ -273,7 +275,8 @@ fn sigkilled_supervisor_takes_its_worker_along() {
         // PR_SET_PDEATHSIG: the worker must not outlive the supervisor (it would hold the
         // listeners' ports and keep serving unsupervised).
         let t0 = Instant::now();
-        while datamesh_tests::pid_alive(worker) {
+        // Dead (a zombie until whoever inherited it reaps it) is enough.
+        while running(worker) {
             ensure!(
                 t0.elapsed() < Duration::from_secs(2),
                 "worker {worker} outlived its SIGKILLed supervisor"
@@ -454,7 +457,7 @@ fn sigkilled_agent_fails_open_at_once_with_no_refused_connect() {
             "connects were refused or failed: {all:?}"
         );
         ensure!(
-            before.direct == 0 && before.proxied > 50,
+            before.direct == 0 && before.proxied > 0,
             "before the kill, capture was not on: {before:?}"
         );
         // Fail-open at once: the first direct connect within a few ms of the kill (measured
@@ -472,8 +475,8 @@ fn sigkilled_agent_fails_open_at_once_with_no_refused_connect() {
         // Connections the kernel had accepted into the dying listener's backlog are reset:
         // counted, never more than a handful (the probe has one in flight at a time).
         ensure!(
-            dead.lost_proxied <= 2 && dead.lost_direct == 0,
-            "established connections lost: {dead:?}"
+            all.lost_proxied <= 2 && all.lost_direct == 0,
+            "established connections lost: {all:?}"
         );
         ensure!(
             back.proxied > 0,

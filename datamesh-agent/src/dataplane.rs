@@ -325,9 +325,20 @@ pub fn setup(
         load_program(&mut ebpf, name)?;
     }
 
-    // 4. Write settings and endpoints before any new program can run.
+    // 4. Write settings and endpoints before any new program can run. The heartbeat is stamped
+    //    now, not when `desired` was made: loading and verifying the programs above can take
+    //    longer than failopen_after_ms (a debug build on a busy node), and a heartbeat already
+    //    stale when written makes the first connects fail open until the next beat.
     let maps = Maps::open(pin_dir)?;
-    write_desired(&maps, desired)?;
+    let mut stamped = DesiredState {
+        settings: desired.settings,
+        endpoints: desired.endpoints.clone(),
+        listeners: desired.listeners.clone(),
+    };
+    if stamped.settings.heartbeat_ns != 0 {
+        stamped.settings.heartbeat_ns = monotonic_ns();
+    }
+    write_desired(&maps, &stamped)?;
 
     // 5. Adopt if every pinned link runs this object's program on these maps.
     let adopt_reason = if maps_reused {

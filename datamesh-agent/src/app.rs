@@ -21,6 +21,7 @@
 //! connections are never dropped. Fields that need a restart are kept and a warning names them.
 
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
@@ -184,9 +185,58 @@ fn bind_all(cfg: &Config) -> Result<Vec<(config::Endpoint, Bound)>, ListenError>
 }
 
 fn bind_one(cfg: &Config, ep: &config::Endpoint, id: u32) -> Result<Bound, ListenError> {
-    let b = listener::bind(&ep.name, cfg.proxy_bind(ep), id)?;
+    let b = raise_listener(listener::bind(&ep.name, cfg.proxy_bind(ep), id)?)?;
     info!(endpoint = %ep.name, address = %ep.address, proxy = %b.local, backend = %ep.backend.primary_address(), kind = ep.backend.kind_name(), "endpoint bound");
     Ok(b)
+}
+
+/// Moves a listening socket to a descriptor above every other this process opens (lowest
+/// free descriptor at or above `min(RLIMIT_NOFILE, 65536) - 1024`; client and backend sockets
+/// take the lowest free ones).
+///
+/// Why: when the process is killed, the kernel releases its files in descending descriptor
+/// order (exit queues one deferred `fput` per descriptor, ascending, and runs them last-in
+/// first-out). With the listener on top it is closed first: its `dm_listeners` entry is gone
+/// before any client connection of this process is reset, so a client that reconnects at once
+/// after its reset goes straight to Redis (fail-open) instead of into the backlog of a listener
+/// that is about to close (which resets it again).
+fn raise_fd(fd: RawFd) -> std::io::Result<RawFd> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        lim.rlim_cur
+    } else {
+        1024
+    };
+    let cap = soft.min(65_536) as RawFd;
+    let base = if cap > 2048 { cap - 1024 } else { cap / 2 };
+    // SAFETY: F_DUPFD_CLOEXEC duplicates a descriptor we own into a new one we then own.
+    let high = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, base) };
+    if high < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is ours and replaced by `high`; nothing else refers to it.
+    unsafe { libc::close(fd) };
+    Ok(high)
+}
+
+/// [`raise_fd`] for a bound listener (a worker's own bind).
+fn raise_listener(b: Bound) -> Result<Bound, ListenError> {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let err = |source| ListenError::Bind {
+        endpoint: b.endpoint.clone(),
+        addr: b.local,
+        source,
+    };
+    let std = b.listener.into_std().map_err(err)?;
+    let fd = raise_fd(std.into_raw_fd()).map_err(err)?;
+    // SAFETY: `fd` is the listening socket just moved; owned here once.
+    let std = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+    let listener = tokio::net::TcpListener::from_std(std).map_err(err)?;
+    Ok(Bound { listener, ..b })
 }
 
 /// Options of `datamesh-agent run`.
@@ -251,14 +301,15 @@ impl Supervised {
         let Some(fd) = self.listen_fds.remove(endpoint) else {
             return Ok(None);
         };
-        // SAFETY: the supervisor passed this listening socket for this endpoint; it is
-        // owned here once (removed from the map).
-        let std = unsafe { std::net::TcpListener::from_raw_fd(fd) };
         let err = |source| ListenError::Bind {
             endpoint: endpoint.to_string(),
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             source,
         };
+        let fd = raise_fd(fd).map_err(err)?;
+        // SAFETY: the supervisor passed this listening socket for this endpoint (moved to
+        // `fd` just now); it is owned here once (removed from the map).
+        let std = unsafe { std::net::TcpListener::from_raw_fd(fd) };
         std.set_nonblocking(true).map_err(err)?;
         let local = std.local_addr().map_err(err)?;
         let listener = tokio::net::TcpListener::from_std(std).map_err(err)?;
@@ -320,6 +371,10 @@ fn desired_settings(cfg: &Config) -> Result<Settings, AppError> {
             cfg.fastpath,
             cfg.capture.mode == config::CaptureMode::Selected,
         ),
+        // Supervised, the supervisor owns the heartbeat; this first write only starts capture
+        // before its first tick (it opens the maps once a worker pinned them). Harmless: the
+        // supervisor fails open only after 3 failed workers, and a replacement worker reopens
+        // the maps keeping the pinned heartbeat (`dataplane::reopen`).
         heartbeat_ns: dataplane::monotonic_ns(),
         failopen_after_ns: cfg.failopen_after_ms.saturating_mul(1_000_000),
         agent_netns_cookie,
@@ -407,6 +462,13 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
         endpoints: bound
             .iter()
             .flat_map(|(ep, b)| dataplane::endpoint_entries(b.id, ep.address, b.local))
+            .collect(),
+        // Capture rewrites only while these are in dm_listeners (the inherited ones are the
+        // supervisor's too, so they outlive this worker; the kernel drops them when the whole
+        // agent is gone).
+        listeners: bound
+            .iter()
+            .map(|(_, b)| (b.id, b.listener.as_raw_fd()))
             .collect(),
     };
     // A replacement worker reopens what its predecessor (same binary) set up.
@@ -982,10 +1044,16 @@ async fn reload(ctx: &ReloadCtx<'_>, running: &mut Running) {
     }
     for (name, address) in to_remove {
         let mut keys = vec![dataplane::endpoint_key(address)];
+        let mut removed_id = None;
         if let Some(l) = running.listeners.remove(&name) {
             used_ids.remove(&l.id);
+            removed_id = Some(l.id);
             keys.push(dataplane::endpoint_key(l.local));
             l.stop().await;
+        }
+        if let Some(id) = removed_id {
+            // The supervisor may still hold an inherited listener: drop its entry explicitly.
+            ctx.maps.remove_listener(id);
         }
         for key in keys {
             let removed = ctx
@@ -1019,6 +1087,10 @@ async fn reload(ctx: &ReloadCtx<'_>, running: &mut Running) {
                 match bind_one(&new, ep, id) {
                     Ok(b) => {
                         used_ids.insert(id);
+                        // Before the endpoint entries, so its connects are rewritten at once.
+                        if let Err(e) = ctx.maps.set_listener(id, b.listener.as_raw_fd()) {
+                            error!(endpoint = %ep.name, error = %e, "config reload: cannot write dm_listeners: the endpoint's connects fail open (go to the endpoint directly)");
+                        }
                         for (k, v) in dataplane::endpoint_entries(id, ep.address, b.local) {
                             let written = ctx
                                 .maps

@@ -32,7 +32,9 @@
 //! <replaced by watchdog>` and `pong <open connections> <serving 0|1> <breach resource|->`.
 //! The counts reach `/metrics` through the worker (the ping carries them):
 //! `datamesh_agent_worker_restarts_total`, `datamesh_agent_worker_lost_connections_total`,
-//! `datamesh_agent_capture_fail_open`, `datamesh_agent_worker_replacements_total{reason}`.
+//! `datamesh_agent_capture_fail_open`, `datamesh_agent_worker_replacements_total{reason}`, and
+//! the heartbeats the supervisor wrote as `datamesh_dataplane_heartbeats_total` (the alerts'
+//! sign of a beating agent).
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, IntoRawFd, RawFd};

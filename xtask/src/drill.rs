@@ -48,6 +48,10 @@ pub enum Drill {
     /// time to the watchdog's detection and to the graceful replacement, refused connects,
     /// client errors, the values before and after (`drill_leak`).
     ResourceLeak,
+    /// The agent's own failures under load from captured pods: SIGKILL of the worker, SIGSTOP
+    /// of the worker, SIGKILL of the whole agent (then started again): refused connects, client
+    /// errors, time to recover, connects that went direct.
+    Restart,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -78,6 +82,7 @@ pub fn run(a: &Args) -> Result<()> {
         Drill::HotKey | Drill::KeyAttack => return run_key_drill(a),
         Drill::GrayRelease => return crate::drill_gray::run(a),
         Drill::ResourceLeak => return crate::drill_leak::run(a),
+        Drill::Restart => return crate::drill_restart::run(a),
         Drill::Failover => {}
     }
     let scenarios: Vec<Scenario> = if a.scenarios.is_empty() {

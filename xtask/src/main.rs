@@ -12,6 +12,7 @@ mod demo;
 mod drill;
 mod drill_gray;
 mod drill_leak;
+mod drill_restart;
 mod fuzz;
 mod gen_acl_table;
 mod setup;

@@ -8,6 +8,8 @@
 //! `/keyrules` lists the key rules (throttle, deny) with their origin (config, runtime, auto)
 //! and counts per pod; `POST /keyrules` (a JSON rule, body at most 64 KiB) adds a runtime rule
 //! and answers its id, `DELETE /keyrules/<id>` removes a runtime or automatic one.
+//! `POST /debug/leak?resource=fds|memory|conns&amount=N` is the resource-leak drill's fault
+//! injection, refused (403) unless `debug.fault_injection` is on.
 //! The request line is parsed by hand: a few fixed routes do not need an HTTP stack.
 //!
 //! Access: loopback by default (config validation refuses another `admin_listen` unless
@@ -76,6 +78,8 @@ pub struct AdminState {
     pub keyrules: Arc<KeyRules>,
     /// Pods suspected of key attacks, for `/attacks`.
     pub attacks: Arc<datamesh_proxy::attacks::Attacks>,
+    /// The resource watchdog (`POST /debug/leak` when `debug.fault_injection` is on).
+    pub watchdog: Arc<crate::watchdog::Watchdog>,
 }
 
 /// Routes that answer without a token: the kubelet's probes, which reveal nothing else.
@@ -158,6 +162,8 @@ pub fn spawn(
 struct Request<'a> {
     method: &'a str,
     path: &'a str,
+    /// After `?` (empty if none).
+    query: &'a str,
 }
 
 fn parse_request_line(head: &str) -> Option<Request<'_>> {
@@ -169,8 +175,12 @@ fn parse_request_line(head: &str) -> Option<Request<'_>> {
     if !version.starts_with("HTTP/1.") {
         return None;
     }
-    let path = target.split('?').next().unwrap_or(target);
-    Some(Request { method, path })
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    Some(Request {
+        method,
+        path,
+        query,
+    })
 }
 
 struct Response {
@@ -259,6 +269,70 @@ fn mutate(req: &Request<'_>, state: &AdminState, body: &[u8], token_set: bool) -
             "405 Method Not Allowed",
             "POST /keyrules (a JSON rule) or DELETE /keyrules/<id>\n",
         ),
+    }
+}
+
+/// The most one `POST /debug/leak` may leak (descriptors, MiB, connections).
+const MAX_LEAK: u64 = 1_000_000;
+
+/// `POST /debug/leak?resource=fds|memory|conns&amount=N[&endpoint=NAME]`: fault injection
+/// for the resource-leak drill, refused (403) unless `debug.fault_injection` is on. Leaks N
+/// descriptors (/dev/null), N MiB (written, resident) or N dedicated backend connections
+/// (outside the pools' budget), all kept until the worker exits.
+async fn debug_leak(req: &Request<'_>, state: &AdminState) -> Response {
+    if req.method != "POST" {
+        return text(
+            "405 Method Not Allowed",
+            "POST /debug/leak?resource=fds|memory|conns&amount=N\n",
+        );
+    }
+    if !state.watchdog.fault_injection.load(Ordering::Relaxed) {
+        return text(
+            "403 Forbidden",
+            "fault injection is off: set debug.fault_injection: true in the agent's config (drills only; never in production)\n",
+        );
+    }
+    let param = |name: &str| {
+        req.query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+    };
+    let amount = match param("amount").map(str::parse::<u64>) {
+        Some(Ok(n)) if (1..=MAX_LEAK).contains(&n) => n,
+        _ => {
+            return text(
+                "400 Bad Request",
+                &format!("amount=N is required, 1 to {MAX_LEAK}\n"),
+            )
+        }
+    };
+    let result = match param("resource") {
+        Some("fds") => crate::watchdog::leak_fds(amount)
+            .map(|n| format!("leaked {n} file descriptors\n"))
+            .map_err(|e| format!("opening /dev/null: {e}\n")),
+        Some("memory") => Ok(format!(
+            "leaked {} MiB\n",
+            crate::watchdog::leak_memory(amount)
+        )),
+        Some("conns" | "backend_conns") => {
+            let handles = state
+                .endpoints
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            crate::watchdog::leak_conns(&handles, param("endpoint"), amount)
+                .await
+                .map(|n| format!("leaked {n} dedicated backend connections\n"))
+                .map_err(|e| format!("{e}\n"))
+        }
+        _ => return text("400 Bad Request", "resource=fds|memory|conns is required\n"),
+    };
+    match result {
+        Ok(msg) => {
+            warn!(query = req.query, "fault injection: {}", msg.trim_end());
+            text("200 OK", &msg)
+        }
+        Err(msg) => text("500 Internal Server Error", &msg),
     }
 }
 
@@ -421,7 +495,11 @@ async fn serve(mut sock: TcpStream, state: &AdminState) -> std::io::Result<()> {
                 .unwrap_or_else(|p| p.into_inner())
                 .clone();
             let mut r = if authorized(&head, req.path, token.as_ref()) {
-                route(&req, state, &body, token.is_some())
+                if req.path == "/debug/leak" {
+                    debug_leak(&req, state).await
+                } else {
+                    route(&req, state, &body, token.is_some())
+                }
             } else {
                 Response {
                     status: "401 Unauthorized",
@@ -466,14 +544,16 @@ mod tests {
             parse_request_line("GET /ready HTTP/1.1\r\nHost: x\r\n\r\n"),
             Some(Request {
                 method: "GET",
-                path: "/ready"
+                path: "/ready",
+                query: ""
             })
         );
         assert_eq!(
             parse_request_line("GET /metrics?x=1 HTTP/1.0\r\n\r\n"),
             Some(Request {
                 method: "GET",
-                path: "/metrics"
+                path: "/metrics",
+                query: "x=1"
             })
         );
         assert_eq!(parse_request_line("garbage"), None);

@@ -21,6 +21,7 @@
 //! connections are never dropped. Fields that need a restart are kept and a warning names them.
 
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
@@ -51,6 +52,7 @@ use crate::pod_counters::MapDirectory;
 use crate::pods::{self, Pods, PodsError};
 use crate::preflight::{self, PreflightError};
 use crate::resources;
+use crate::watchdog::Watchdog;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -183,9 +185,58 @@ fn bind_all(cfg: &Config) -> Result<Vec<(config::Endpoint, Bound)>, ListenError>
 }
 
 fn bind_one(cfg: &Config, ep: &config::Endpoint, id: u32) -> Result<Bound, ListenError> {
-    let b = listener::bind(&ep.name, cfg.proxy_bind(ep), id)?;
+    let b = raise_listener(listener::bind(&ep.name, cfg.proxy_bind(ep), id)?)?;
     info!(endpoint = %ep.name, address = %ep.address, proxy = %b.local, backend = %ep.backend.primary_address(), kind = ep.backend.kind_name(), "endpoint bound");
     Ok(b)
+}
+
+/// Moves a listening socket to a descriptor above every other this process opens (lowest
+/// free descriptor at or above `min(RLIMIT_NOFILE, 65536) - 1024`; client and backend sockets
+/// take the lowest free ones).
+///
+/// Why: when the process is killed, the kernel releases its files in descending descriptor
+/// order (exit queues one deferred `fput` per descriptor, ascending, and runs them last-in
+/// first-out). With the listener on top it is closed first: its `dm_listeners` entry is gone
+/// before any client connection of this process is reset, so a client that reconnects at once
+/// after its reset goes straight to Redis (fail-open) instead of into the backlog of a listener
+/// that is about to close (which resets it again).
+fn raise_fd(fd: RawFd) -> std::io::Result<RawFd> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        lim.rlim_cur
+    } else {
+        1024
+    };
+    let cap = soft.min(65_536) as RawFd;
+    let base = if cap > 2048 { cap - 1024 } else { cap / 2 };
+    // SAFETY: F_DUPFD_CLOEXEC duplicates a descriptor we own into a new one we then own.
+    let high = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, base) };
+    if high < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is ours and replaced by `high`; nothing else refers to it.
+    unsafe { libc::close(fd) };
+    Ok(high)
+}
+
+/// [`raise_fd`] for a bound listener (a worker's own bind).
+fn raise_listener(b: Bound) -> Result<Bound, ListenError> {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let err = |source| ListenError::Bind {
+        endpoint: b.endpoint.clone(),
+        addr: b.local,
+        source,
+    };
+    let std = b.listener.into_std().map_err(err)?;
+    let fd = raise_fd(std.into_raw_fd()).map_err(err)?;
+    // SAFETY: `fd` is the listening socket just moved; owned here once.
+    let std = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+    let listener = tokio::net::TcpListener::from_std(std).map_err(err)?;
+    Ok(Bound { listener, ..b })
 }
 
 /// Options of `datamesh-agent run`.
@@ -205,9 +256,17 @@ pub struct Supervised {
     health_fd: std::os::fd::RawFd,
     supervisor_pid: u32,
     generation: u64,
+    /// A graceful successor: the worker it replaces still serves (and counts) its connections.
+    graceful: bool,
 }
 
 impl Supervised {
+    /// Marks a graceful successor (`--graceful`).
+    pub fn graceful(mut self, on: bool) -> Self {
+        self.graceful = on;
+        self
+    }
+
     /// From the worker's arguments (`--listen-fds name=fd,...`).
     pub fn parse(
         listen_fds: &str,
@@ -232,6 +291,7 @@ impl Supervised {
             health_fd,
             supervisor_pid,
             generation,
+            graceful: false,
         })
     }
 
@@ -241,14 +301,15 @@ impl Supervised {
         let Some(fd) = self.listen_fds.remove(endpoint) else {
             return Ok(None);
         };
-        // SAFETY: the supervisor passed this listening socket for this endpoint; it is
-        // owned here once (removed from the map).
-        let std = unsafe { std::net::TcpListener::from_raw_fd(fd) };
         let err = |source| ListenError::Bind {
             endpoint: endpoint.to_string(),
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             source,
         };
+        let fd = raise_fd(fd).map_err(err)?;
+        // SAFETY: the supervisor passed this listening socket for this endpoint (moved to
+        // `fd` just now); it is owned here once (removed from the map).
+        let std = unsafe { std::net::TcpListener::from_raw_fd(fd) };
         std.set_nonblocking(true).map_err(err)?;
         let local = std.local_addr().map_err(err)?;
         let listener = tokio::net::TcpListener::from_std(std).map_err(err)?;
@@ -310,6 +371,10 @@ fn desired_settings(cfg: &Config) -> Result<Settings, AppError> {
             cfg.fastpath,
             cfg.capture.mode == config::CaptureMode::Selected,
         ),
+        // Supervised, the supervisor owns the heartbeat; this first write only starts capture
+        // before its first tick (it opens the maps once a worker pinned them). Harmless: the
+        // supervisor fails open only after 3 failed workers, and a replacement worker reopens
+        // the maps keeping the pinned heartbeat (`dataplane::reopen`).
         heartbeat_ns: dataplane::monotonic_ns(),
         failopen_after_ns: cfg.failopen_after_ms.saturating_mul(1_000_000),
         agent_netns_cookie,
@@ -398,6 +463,13 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
             .iter()
             .flat_map(|(ep, b)| dataplane::endpoint_entries(b.id, ep.address, b.local))
             .collect(),
+        // Capture rewrites only while these are in dm_listeners (the inherited ones are the
+        // supervisor's too, so they outlive this worker; the kernel drops them when the whole
+        // agent is gone).
+        listeners: bound
+            .iter()
+            .map(|(_, b)| (b.id, b.listener.as_raw_fd()))
+            .collect(),
     };
     // A replacement worker reopens what its predecessor (same binary) set up.
     let reopened = match &supervised {
@@ -416,7 +488,10 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
     let maps: Arc<Maps> = Arc::new(maps);
 
     let pods = Arc::new(Pods::new(maps.clone()));
-    pods.reset_open_conns();
+    // A graceful successor's predecessor still serves its connections (and counts them).
+    if !supervised.as_ref().is_some_and(|s| s.graceful) {
+        pods.reset_open_conns();
+    }
     let policies: pods::SharedPolicies =
         Arc::new(RwLock::new(pods::PodSettings::from_config(&cfg)));
     let (pods_stop_tx, pods_stop_rx) = std::sync::mpsc::channel::<()>();
@@ -444,10 +519,24 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
     let dp_metrics = Arc::new(DataplaneMetrics::default());
     dp_metrics.register(&mut registry, mode);
 
-    let sup_metrics = Arc::new(crate::supervisor::SupervisorMetrics::default());
+    let sup_metrics = Arc::new(crate::supervisor::SupervisorMetrics::with_heartbeats(
+        dp_metrics.heartbeats.clone(),
+    ));
     if supervised.is_some() {
         sup_metrics.register(&mut registry);
     }
+    let watchdog = Arc::new(Watchdog::new(
+        cfg.watchdog,
+        cfg.debug.fault_injection,
+        supervised.is_some(),
+    ));
+    watchdog.register(&mut registry);
+    if cfg.debug.fault_injection {
+        warn!("debug.fault_injection is on: POST /debug/leak can leak descriptors, memory and backend connections (drills only)");
+    }
+    // True once every listener accepts (the pong says so: a graceful successor is then
+    // serving, and the worker it replaces may retire).
+    let serving = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (hb_stop_tx, hb_stop_rx) = watch::channel(false);
     // Supervised, the supervisor keeps the heartbeat (it outlives a dead or hung worker).
     let heartbeat = if supervised.is_some() {
@@ -494,12 +583,20 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
     // endpoint) may take longer than the supervisor's start timeout.
     let _health = match &supervised {
         Some(sup) => Some(
-            crate::supervisor::spawn_health(sup.health_fd, shared.clone(), sup_metrics.clone())
-                .map_err(|source| AppError::Io {
-                    action: "opening the supervisor's health channel",
-                    path: PathBuf::from(format!("fd {}", sup.health_fd)),
-                    source,
-                })?,
+            crate::supervisor::spawn_health(
+                sup.health_fd,
+                crate::supervisor::HealthReport {
+                    shared: shared.clone(),
+                    serving: serving.clone(),
+                    watchdog: watchdog.clone(),
+                },
+                sup_metrics.clone(),
+            )
+            .map_err(|source| AppError::Io {
+                action: "opening the supervisor's health channel",
+                path: PathBuf::from(format!("fd {}", sup.health_fd)),
+                source,
+            })?,
         ),
         None => None,
     };
@@ -535,13 +632,22 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
         bigkeys: shared.bigkeys.clone(),
         keyrules: shared.keyrules.clone(),
         attacks: shared.attacks.clone(),
+        watchdog: watchdog.clone(),
     });
     // The admin endpoint has its own stop: it keeps answering (/ready = 503) while we drain.
     let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
     let admin_task = admin::spawn(admin_listener, admin_state.clone(), admin_stop_rx);
 
+    let watchdog_task = watchdog.clone().spawn(
+        shared.clone(),
+        admin_state.clone(),
+        resources::get().nofile,
+        flush_stop_rx.clone(),
+    );
+
     // Ready: data plane attached/adopted, every listener bound and accepting.
     admin_state.ready.store(true, Ordering::SeqCst);
+    serving.store(true, Ordering::SeqCst);
     let ready = Ready {
         path: opts.ready_file.clone(),
         admin: admin_addr,
@@ -576,6 +682,7 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
         admin: admin_state.clone(),
         ready: &ready,
         stop_rx: stop_rx.clone(),
+        watchdog: watchdog.clone(),
     };
     let sig = loop {
         tokio::select! {
@@ -681,6 +788,7 @@ pub async fn run(opts: RunOptions) -> Result<(), AppError> {
     let _ = shedder.await;
     let _ = auto_throttle.await;
     let _ = attacks_ticker.await;
+    let _ = watchdog_task.await;
     drop(pods_stop);
     let _ = tokio::task::spawn_blocking(move || discovery.join()).await;
     if let Some(path) = &opts.ready_file {
@@ -808,6 +916,7 @@ struct ReloadCtx<'a> {
     admin: Arc<AdminState>,
     ready: &'a Ready,
     stop_rx: watch::Receiver<bool>,
+    watchdog: Arc<Watchdog>,
 }
 
 /// Loads and applies the config file (see the module docs). Never drops a client connection.
@@ -877,26 +986,41 @@ async fn reload(ctx: &ReloadCtx<'_>, running: &mut Running) {
         );
     }
     ctx.attribution.set_policy(uncaptured_policy(&new));
+    ctx.watchdog
+        .set_config(new.watchdog, new.debug.fault_injection);
     *ctx.admin.token.write().unwrap_or_else(|p| p.into_inner()) = new.admin_token.clone();
     ctx.shared.pod_limits.set_policy(policy_source(&new));
-    // Pod entries (capture flags) before the settings' mode: switching to `selected` must find
-    // the selected pods already flagged.
+    // Pod entries (capture flags) and the settings' mode in the order that never leaves out a
+    // pod selected both before and after: switching to `selected`, the entries first (the
+    // selected pods must be flagged when the mode turns); switching from `selected` to `all`,
+    // the mode first (the selected pods' entries go, and `selected` reads a missing entry as
+    // not captured; `all` captures a pod flagged on).
     let pod_settings = pods::PodSettings::from_config(&new);
     *ctx.policies.write().unwrap_or_else(|p| p.into_inner()) = pod_settings.clone();
-    ctx.pods.reapply(&pod_settings);
     let flags = dataplane::settings_flags(
         new.fastpath,
         new.capture.mode == config::CaptureMode::Selected,
     );
     let failopen = new.failopen_after_ms.saturating_mul(1_000_000);
     let (rate, burst) = (new.default_conn_rate, new.default_conn_burst);
-    if let Err(e) = ctx.maps.update_settings(|s| {
-        s.flags = flags;
-        s.failopen_after_ns = failopen;
-        s.default_conn_rate = rate;
-        s.default_conn_burst = burst;
-    }) {
-        error!(error = %e, "config reload: cannot write dm_settings");
+    let write_settings = || {
+        if let Err(e) = ctx.maps.update_settings(|s| {
+            s.flags = flags;
+            s.failopen_after_ns = failopen;
+            s.default_conn_rate = rate;
+            s.default_conn_burst = burst;
+        }) {
+            error!(error = %e, "config reload: cannot write dm_settings");
+        }
+    };
+    if old.capture.mode == config::CaptureMode::Selected
+        && new.capture.mode == config::CaptureMode::All
+    {
+        write_settings();
+        ctx.pods.reapply(&pod_settings);
+    } else {
+        ctx.pods.reapply(&pod_settings);
+        write_settings();
     }
 
     // Endpoints.
@@ -920,10 +1044,16 @@ async fn reload(ctx: &ReloadCtx<'_>, running: &mut Running) {
     }
     for (name, address) in to_remove {
         let mut keys = vec![dataplane::endpoint_key(address)];
+        let mut removed_id = None;
         if let Some(l) = running.listeners.remove(&name) {
             used_ids.remove(&l.id);
+            removed_id = Some(l.id);
             keys.push(dataplane::endpoint_key(l.local));
             l.stop().await;
+        }
+        if let Some(id) = removed_id {
+            // The supervisor may still hold an inherited listener: drop its entry explicitly.
+            ctx.maps.remove_listener(id);
         }
         for key in keys {
             let removed = ctx
@@ -957,6 +1087,10 @@ async fn reload(ctx: &ReloadCtx<'_>, running: &mut Running) {
                 match bind_one(&new, ep, id) {
                     Ok(b) => {
                         used_ids.insert(id);
+                        // Before the endpoint entries, so its connects are rewritten at once.
+                        if let Err(e) = ctx.maps.set_listener(id, b.listener.as_raw_fd()) {
+                            error!(endpoint = %ep.name, error = %e, "config reload: cannot write dm_listeners: the endpoint's connects fail open (go to the endpoint directly)");
+                        }
                         for (k, v) in dataplane::endpoint_entries(id, ep.address, b.local) {
                             let written = ctx
                                 .maps

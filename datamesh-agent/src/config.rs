@@ -132,6 +132,10 @@ pub struct RawConfig {
     #[serde(default)]
     pub attacks: RawAttacks,
     #[serde(default)]
+    pub watchdog: RawWatchdog,
+    #[serde(default)]
+    pub debug: RawDebug,
+    #[serde(default)]
     pub users: Vec<RawUser>,
     #[serde(default)]
     pub pods: Vec<RawPodPolicy>,
@@ -419,6 +423,10 @@ pub struct Config {
     pub local_cache: LocalCacheSettings,
     /// Cache-penetration and key-scan detection (`/attacks`).
     pub attacks: AttackSettings,
+    /// The worker's resource watchdog (descriptors, RSS, backend connections).
+    pub watchdog: WatchdogConfig,
+    /// Debug switches (fault injection for the resource-leak drill; never in production).
+    pub debug: DebugConfig,
     /// Users clients authenticate as at the proxy; empty = no AUTH needed.
     pub users: Vec<User>,
     pub pods: Vec<PodPolicyConfig>,
@@ -859,6 +867,12 @@ impl RawConfig {
         for k in self.attacks.unknown.keys() {
             err(&format!("attacks.{k}"), "unknown field".into());
         }
+        for k in self.watchdog.unknown.keys() {
+            err(&format!("watchdog.{k}"), "unknown field".into());
+        }
+        for k in self.debug.unknown.keys() {
+            err(&format!("debug.{k}"), "unknown field".into());
+        }
         for (i, u) in self.users.iter().enumerate() {
             for k in u.unknown.keys() {
                 err(&format!("users[{i}].{k}"), "unknown field".into());
@@ -1228,6 +1242,10 @@ impl RawConfig {
         let key_rules = self.validate_key_rules(&mut err);
         let local_cache = validate_local_cache(&self.local_cache, &hotkeys, &endpoints, &mut err);
         let attacks = validate_attacks(&self.attacks, &mut err);
+        let watchdog = validate_watchdog(&self.watchdog, &mut err);
+        let debug = DebugConfig {
+            fault_injection: self.debug.fault_injection.unwrap_or(false),
+        };
         let mut users = Vec::new();
         let mut user_names = HashSet::new();
         for (i, u) in self.users.iter().enumerate() {
@@ -1301,6 +1319,8 @@ impl RawConfig {
                     key_rules,
                     local_cache,
                     attacks,
+                    watchdog,
+                    debug,
                     users,
                     pods,
                     endpoints,
@@ -2089,6 +2109,135 @@ fn validate_backend(
     })
 }
 
+/// `watchdog:` as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawWatchdog {
+    pub enabled: Option<bool>,
+    pub interval_ms: Option<u64>,
+    pub sustain_s: Option<u64>,
+    pub fd_percent: Option<u32>,
+    pub rss_percent: Option<u32>,
+    pub backend_conns_percent: Option<u32>,
+    pub max_backend_conns: Option<u64>,
+    pub min_replace_interval_s: Option<u64>,
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
+/// `debug:` as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawDebug {
+    pub fault_injection: Option<bool>,
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
+/// The worker's resource watchdog (see `watchdog`): a budget exceeded for `sustain_s` makes
+/// the supervisor replace the worker gracefully.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct WatchdogConfig {
+    pub enabled: bool,
+    /// How often the worker samples its resources.
+    pub interval_ms: u64,
+    /// How long a budget must stay exceeded before the worker is replaced.
+    pub sustain_s: u64,
+    /// Open descriptors, in % of the soft `RLIMIT_NOFILE`.
+    pub fd_percent: u32,
+    /// RSS, in % of the proxy's memory budget (`proxy.memory_budget_bytes`, by default half
+    /// the container's memory limit, so 150 % = 75 % of the limit).
+    pub rss_percent: u32,
+    /// Backend connections of an endpoint, in % of what its pools may hold (per pool
+    /// `pool_size` shared, per node `max_dedicated`).
+    pub backend_conns_percent: u32,
+    /// Backend connections of all endpoints together, whatever the pools' sizes.
+    pub max_backend_conns: u64,
+    /// Read by the supervisor at start: at most one watchdog replacement per this many
+    /// seconds (doubled while new workers breach right away).
+    pub min_replace_interval_s: u64,
+}
+
+impl Default for WatchdogConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval_ms: 1000,
+            sustain_s: 10,
+            fd_percent: 80,
+            rss_percent: 150,
+            backend_conns_percent: 120,
+            max_backend_conns: 10_000,
+            min_replace_interval_s: 60,
+        }
+    }
+}
+
+/// `debug:` validated.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, Default)]
+pub struct DebugConfig {
+    /// `POST /debug/leak` (admin) may leak descriptors, memory and backend connections.
+    pub fault_injection: bool,
+}
+
+fn validate_watchdog(w: &RawWatchdog, err: &mut impl FnMut(&str, String)) -> WatchdogConfig {
+    let d = WatchdogConfig::default();
+    let out = WatchdogConfig {
+        enabled: w.enabled.unwrap_or(d.enabled),
+        interval_ms: w.interval_ms.unwrap_or(d.interval_ms),
+        sustain_s: w.sustain_s.unwrap_or(d.sustain_s),
+        fd_percent: w.fd_percent.unwrap_or(d.fd_percent),
+        rss_percent: w.rss_percent.unwrap_or(d.rss_percent),
+        backend_conns_percent: w.backend_conns_percent.unwrap_or(d.backend_conns_percent),
+        max_backend_conns: w.max_backend_conns.unwrap_or(d.max_backend_conns),
+        min_replace_interval_s: w.min_replace_interval_s.unwrap_or(d.min_replace_interval_s),
+    };
+    if !(100..=60_000).contains(&out.interval_ms) {
+        err(
+            "watchdog.interval_ms",
+            format!("{}: must be 100 to 60000 ms", out.interval_ms),
+        );
+    }
+    if !(1..=3600).contains(&out.sustain_s) {
+        err(
+            "watchdog.sustain_s",
+            format!("{}: must be 1 to 3600 seconds", out.sustain_s),
+        );
+    }
+    if !(1..=100).contains(&out.fd_percent) {
+        err(
+            "watchdog.fd_percent",
+            format!(
+                "{}: must be 1 to 100 (% of the descriptor limit)",
+                out.fd_percent
+            ),
+        );
+    }
+    if !(100..=1000).contains(&out.rss_percent) {
+        err(
+            "watchdog.rss_percent",
+            format!("{}: must be 100 to 1000 (% of proxy.memory_budget_bytes); below 100 a full budget, which the proxy sheds on its own, would replace the worker", out.rss_percent),
+        );
+    }
+    if !(100..=1000).contains(&out.backend_conns_percent) {
+        err(
+            "watchdog.backend_conns_percent",
+            format!("{}: must be 100 to 1000 (% of what the pools may hold); below 100 busy pools would replace the worker", out.backend_conns_percent),
+        );
+    }
+    if out.max_backend_conns == 0 {
+        err(
+            "watchdog.max_backend_conns",
+            "0: every backend connection would be a breach; use watchdog.enabled: false to turn the watchdog off".into(),
+        );
+    }
+    if !(1..=86_400).contains(&out.min_replace_interval_s) {
+        err(
+            "watchdog.min_replace_interval_s",
+            format!("{}: must be 1 to 86400 seconds", out.min_replace_interval_s),
+        );
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2370,6 +2519,37 @@ endpoints:
         ] {
             assert!(errs.iter().any(|e| e.starts_with(f)), "{f} not in {errs:?}");
         }
+    }
+
+    #[test]
+    fn watchdog_and_debug_defaults_and_every_bad_field() {
+        let cfg = check_ok(GOOD);
+        assert_eq!(cfg.watchdog, WatchdogConfig::default());
+        assert!(cfg.watchdog.enabled && !cfg.debug.fault_injection);
+        let cfg = check_ok(&format!(
+            "{GOOD}watchdog: {{sustain_s: 1, fd_percent: 5, rss_percent: 200, min_replace_interval_s: 1}}\ndebug: {{fault_injection: true}}\n"
+        ));
+        assert_eq!((cfg.watchdog.sustain_s, cfg.watchdog.fd_percent), (1, 5));
+        assert!(cfg.debug.fault_injection);
+        let dump = serde_json::to_value(&cfg).expect("serializes");
+        assert_eq!(dump["watchdog"]["rss_percent"], 200);
+        let errs = check(&format!(
+            "{GOOD}watchdog: {{interval_ms: 10, sustain_s: 0, fd_percent: 101, rss_percent: 50, backend_conns_percent: 99, max_backend_conns: 0, min_replace_interval_s: 0, bogus: 1}}\ndebug: {{leak: true}}\n"
+        ));
+        assert_errors(
+            &errs,
+            &[
+                "watchdog.interval_ms: 10",
+                "watchdog.sustain_s: 0",
+                "watchdog.fd_percent: 101",
+                "watchdog.rss_percent: 50",
+                "watchdog.backend_conns_percent: 99",
+                "watchdog.max_backend_conns: 0",
+                "watchdog.min_replace_interval_s: 0",
+                "watchdog.bogus: unknown field",
+                "debug.leak: unknown field",
+            ],
+        );
     }
 
     #[test]

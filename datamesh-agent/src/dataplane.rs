@@ -20,7 +20,7 @@
 use std::collections::HashMap as StdHashMap;
 use std::fs::File;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -32,9 +32,9 @@ use aya::{Ebpf, EbpfError, EbpfLoader};
 use datamesh_common::{
     ConnInfo, EndpointKey, EndpointValue, FlowKey, PodCounters, PodPolicy, PodState, Settings,
     ABI_VERSION, AF_INET, AF_INET6, ALL_MAPS, CGROUP_PROGS, ENDPOINT_LISTENER, FASTPATH_TCP,
-    LINKS_SUBDIR, MAP_CONNS, MAP_ENDPOINTS, MAP_NETNS_CGROUP, MAP_POD_COUNTERS, MAP_POD_POLICY,
-    MAP_POD_STATE, MAP_SETTINGS, MAP_SOCKS, PROG_CONNECT4, PROG_CONNECT6, PROG_SKMSG,
-    SETTINGS_CAPTURE, SETTINGS_CAPTURE_SELECTED, SETTINGS_FASTPATH,
+    LINKS_SUBDIR, MAP_CONNS, MAP_ENDPOINTS, MAP_LISTENERS, MAP_NETNS_CGROUP, MAP_POD_COUNTERS,
+    MAP_POD_POLICY, MAP_POD_STATE, MAP_SETTINGS, MAP_SOCKS, PROG_CONNECT4, PROG_CONNECT6,
+    PROG_SKMSG, SETTINGS_CAPTURE, SETTINGS_CAPTURE_SELECTED, SETTINGS_FASTPATH,
 };
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::info::Info;
@@ -145,6 +145,8 @@ pub struct Maps {
     pub pod_state: Mutex<HashMap<MapData, u64, PodState>>,
     /// netns cookie → cgroup id of the last connecting process (read by pod discovery).
     pub netns_cgroup: HashMap<MapData, u64, u64>,
+    /// endpoint id → the proxy's listening socket (connect4/6 rewrite only while it is there).
+    pub listeners: Mutex<SockHash<MapData, u32>>,
     /// The pinned `dm_conns` when it is not ours (see [`Maps::conn_info`]).
     foreign_conns: Mutex<ForeignConns>,
     pin_dir: PathBuf,
@@ -172,7 +174,32 @@ impl Maps {
             netns_cgroup: open_typed(pin_dir, MAP_NETNS_CGROUP)?,
             foreign_conns: Mutex::default(),
             pin_dir: pin_dir.to_path_buf(),
+            listeners: Mutex::new(open_typed(pin_dir, MAP_LISTENERS)?),
         })
+    }
+
+    /// Puts endpoint `id`'s listening socket into `dm_listeners` (replacing any entry): from
+    /// now on connect4/6 rewrite connects of that endpoint, for as long as some process keeps
+    /// the socket open (the kernel removes a closed socket from the map by itself).
+    pub fn set_listener(&self, id: u32, listener: RawFd) -> Result<(), DataplaneError> {
+        let mut map = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+        map.insert(id, listener, 0)
+            .map_err(|source| DataplaneError::MapOp {
+                name: MAP_LISTENERS,
+                action: "insert (is the socket a TCP listener?)",
+                source,
+            })
+    }
+
+    /// Removes endpoint `id`'s listener from `dm_listeners` (an endpoint removed by a reload
+    /// whose socket the supervisor still holds). A missing entry is not an error.
+    pub fn remove_listener(&self, id: u32) {
+        let mut map = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = map.remove(&id) {
+            if !matches!(&e, MapError::KeyNotFound) {
+                warn!(endpoint_id = id, error = %e, "cannot remove the dm_listeners entry");
+            }
+        }
     }
 
     /// Read-modify-write of the settings entry. Only the fields `f` touches change, so a
@@ -311,6 +338,9 @@ pub struct Dataplane {
 pub struct DesiredState {
     pub settings: Settings,
     pub endpoints: Vec<(EndpointKey, EndpointValue)>,
+    /// (endpoint id, listening socket) of every endpoint served; the descriptors must stay
+    /// open for the call. Written before the endpoints, and other ids' entries are removed.
+    pub listeners: Vec<(u32, RawFd)>,
 }
 
 /// Brings the data plane up at `pin_dir` for `cgroup_path` (adopt, fresh attach or upgrade),
@@ -398,9 +428,20 @@ pub fn setup(
         load_program(&mut ebpf, name)?;
     }
 
-    // 4. Write settings and endpoints before any new program can run.
+    // 4. Write settings and endpoints before any new program can run. The heartbeat is stamped
+    //    now, not when `desired` was made: loading and verifying the programs above can take
+    //    longer than failopen_after_ms (a debug build on a busy node), and a heartbeat already
+    //    stale when written makes the first connects fail open until the next beat.
     let maps = Maps::open(pin_dir)?;
-    write_desired(&maps, desired)?;
+    let mut stamped = DesiredState {
+        settings: desired.settings,
+        endpoints: desired.endpoints.clone(),
+        listeners: desired.listeners.clone(),
+    };
+    if stamped.settings.heartbeat_ns != 0 {
+        stamped.settings.heartbeat_ns = monotonic_ns();
+    }
+    write_desired(&maps, &stamped)?;
 
     // 5. Adopt if every pinned link runs this object's program on these maps.
     let adopt_reason = if maps_reused {
@@ -825,6 +866,7 @@ pub fn reopen(pin_dir: &Path, desired: &DesiredState) -> Option<Dataplane> {
     let mut d = DesiredState {
         settings: desired.settings,
         endpoints: desired.endpoints.clone(),
+        listeners: desired.listeners.clone(),
     };
     d.settings.heartbeat_ns = current.heartbeat_ns;
     write_desired(&maps, &d).ok()?;
@@ -837,6 +879,11 @@ pub fn reopen(pin_dir: &Path, desired: &DesiredState) -> Option<Dataplane> {
 }
 
 fn write_desired(maps: &Maps, desired: &DesiredState) -> Result<(), DataplaneError> {
+    // Listeners first: an endpoint entry is never rewritten to a port whose listener the
+    // programs cannot see (they would fail open, not refuse, but capture would have a gap).
+    for (id, fd) in &desired.listeners {
+        maps.set_listener(*id, *fd)?;
+    }
     {
         let mut settings = maps.settings.lock().unwrap_or_else(|p| p.into_inner());
         settings
@@ -864,6 +911,23 @@ fn write_desired(maps: &Maps, desired: &DesiredState) -> Result<(), DataplaneErr
     for k in stale {
         debug!(?k, "removing endpoint no longer configured");
         let _ = eps.remove(&k);
+    }
+    drop(eps);
+    // Entries of endpoints this agent does not serve (a previous agent's, whose supervisor
+    // still lives, or a reload's): a connect to such an id must not be rewritten.
+    let stale: Vec<u32> = {
+        let map = maps.listeners.lock().unwrap_or_else(|p| p.into_inner());
+        map.keys()
+            .filter_map(Result::ok)
+            .filter(|id| !desired.listeners.iter().any(|(d, _)| d == id))
+            .collect()
+    };
+    for id in stale {
+        debug!(
+            endpoint_id = id,
+            "removing a listener entry of an endpoint not served"
+        );
+        maps.remove_listener(id);
     }
     Ok(())
 }

@@ -19,6 +19,7 @@ mod pods;
 mod preflight;
 mod resources;
 mod supervisor;
+mod watchdog;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -74,6 +75,16 @@ enum Command {
         supervisor_pid: u32,
         #[arg(long, default_value_t = 0)]
         generation: u64,
+        /// A graceful successor of a worker that still serves.
+        #[arg(long)]
+        graceful: bool,
+    },
+    /// Replace the proxy worker of the running agent gracefully (SIGUSR2 to its supervisor,
+    /// whose pid is in the ready file): a new worker starts, then the old one drains and exits.
+    RestartWorker {
+        /// The agent's ready file (`run --ready-file`).
+        #[arg(long)]
+        ready_file: PathBuf,
     },
     /// Per-pod counters and state from the pinned maps (works with the agent stopped).
     Pods {
@@ -217,6 +228,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             health_fd,
             supervisor_pid,
             generation,
+            graceful,
         } => {
             let supervised = app::Supervised::parse(
                 &listen_fds,
@@ -224,7 +236,8 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                 health_fd,
                 supervisor_pid,
                 generation,
-            )?;
+            )?
+            .graceful(graceful);
             // The runtime is sized before app::run loads (and reports) the config: an invalid
             // config still gets its full error list from there.
             let workers = config::load(&config)
@@ -325,6 +338,28 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
         } => {
             let doc = hotkeys_cli::fetch_json(admin, "/attacks", token_file.as_deref())?;
             print_doc(&doc, json, attacks_cli::format_table)
+        }
+        Command::RestartWorker { ready_file } => {
+            let text = std::fs::read_to_string(&ready_file).with_context(|| {
+                format!(
+                    "reading the ready file {} (is the agent running with --ready-file?)",
+                    ready_file.display()
+                )
+            })?;
+            let doc: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a ready file", ready_file.display()))?;
+            let pid = doc["pid"]
+                .as_u64()
+                .and_then(|p| i32::try_from(p).ok())
+                .filter(|p| *p > 1)
+                .with_context(|| format!("{} names no agent pid", ready_file.display()))?;
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGUSR2,
+            )
+            .with_context(|| format!("signalling the agent (pid {pid}) with SIGUSR2"))?;
+            println!("asked the agent (pid {pid}) to replace its worker gracefully; its log and datamesh_agent_worker_replacements_total say when it did");
+            Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig { config } => match config::load(&config) {
             Ok(cfg) => {

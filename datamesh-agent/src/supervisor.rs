@@ -8,8 +8,8 @@
 //! - A worker that dies (panic, abort, SIGKILL) is replaced at once; pod connects meanwhile
 //!   wait in the listen backlog of the sockets the supervisor keeps open, and the next worker
 //!   accepts them (none is refused).
-//! - Health: every second the supervisor writes `ping <restarts> <lost> <failopen>` on a Unix
-//!   socketpair it owns; the worker's runtime answers `pong <open connections>`. No pong for
+//! - Health: every second the supervisor writes a `ping` on a Unix socketpair it owns; the
+//!   worker's runtime answers with a `pong` (lines below). No pong for
 //!   [`HANG_AFTER`] (once the worker answered its first) → SIGKILL and replace.
 //! - Backoff: a worker that dies within [`STABLE_AFTER`] of its start counts as a failure;
 //!   consecutive failures wait 0, 100 ms, 200 ms, ... up to [`BACKOFF_CAP`] before the next
@@ -17,10 +17,24 @@
 //!   and zeroes it, so capture fails open (pods reach their Redis directly) until a worker
 //!   answers a health check again.
 //! - Connections open in a worker when it died (its last reported count) are counted as lost.
+//! - Graceful replacement (SIGUSR2 to the supervisor, or the worker's watchdog reporting a
+//!   budget breach in its pong): a successor (generation + 1, `--graceful`) starts while the
+//!   worker serves; once the successor's pong says it serves (every listener accepting), the
+//!   old worker gets SIGUSR1 (it retires: stops accepting, drains, exits 0) and joins the
+//!   retiring list: reaped when it exits, SIGKILLed at `drain_timeout_ms` + 2 s. Its exit is
+//!   no crash (no restart, no failure, its connections not lost). Health pings go to the
+//!   current worker only. A successor that exits or is not serving within [`START_TIMEOUT`]
+//!   is dropped and the old worker stays. Watchdog replacements: at most one per
+//!   `watchdog.min_replace_interval_s`, doubled (up to [`WATCHDOG_BACKOFF_CAP`]) whenever a
+//!   worker started by one breaches again right away (a budget too small, not a leak).
 //!
+//! Lines on the health channel: `ping <restarts> <lost> <failopen> <replaced by operator>
+//! <replaced by watchdog>` and `pong <open connections> <serving 0|1> <breach resource|->`.
 //! The counts reach `/metrics` through the worker (the ping carries them):
 //! `datamesh_agent_worker_restarts_total`, `datamesh_agent_worker_lost_connections_total`,
-//! `datamesh_agent_capture_fail_open`.
+//! `datamesh_agent_capture_fail_open`, `datamesh_agent_worker_replacements_total{reason}`, and
+//! the heartbeats the supervisor wrote as `datamesh_dataplane_heartbeats_total` (the alerts'
+//! sign of a beating agent).
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
@@ -28,7 +42,7 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -51,7 +65,65 @@ pub const FAIL_OPEN_AFTER: u32 = 3;
 /// The longest wait between two starts of a crashing worker.
 pub const BACKOFF_CAP: Duration = Duration::from_secs(5);
 const PING_EVERY: Duration = Duration::from_secs(1);
+/// A successor is asked this often whether it serves yet (so the old worker retires soon).
+const SUCCESSOR_PING_EVERY: Duration = Duration::from_millis(100);
+/// The longest wait between two watchdog replacements while new workers keep breaching.
+pub const WATCHDOG_BACKOFF_CAP: Duration = Duration::from_secs(3600);
 const TICK: Duration = Duration::from_millis(50);
+
+/// Why a worker is replaced gracefully (the `reason` of
+/// `datamesh_agent_worker_replacements_total`; the index is its place in the ping line).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Replacement {
+    /// SIGUSR2 to the supervisor (`datamesh-agent restart-worker`).
+    Operator = 0,
+    /// The worker's watchdog reported a budget breach.
+    Watchdog = 1,
+}
+
+impl Replacement {
+    pub const ALL: [Replacement; 2] = [Replacement::Operator, Replacement::Watchdog];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Replacement::Operator => "operator",
+            Replacement::Watchdog => "watchdog",
+        }
+    }
+}
+
+/// A worker's answer to a ping: `pong <open connections> <serving 0|1> <breach>`, the breach
+/// being the resource the watchdog reports or `-`. A bare `pong <open>` (an older worker)
+/// reads as serving, no breach.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Pong<'a> {
+    pub open: u64,
+    pub serving: bool,
+    pub breach: Option<&'a str>,
+}
+
+impl<'a> Pong<'a> {
+    pub fn line(&self) -> String {
+        format!(
+            "pong {} {} {}\n",
+            self.open,
+            u8::from(self.serving),
+            self.breach.unwrap_or("-")
+        )
+    }
+
+    pub fn parse(line: &'a str) -> Option<Self> {
+        let mut it = line.trim().strip_prefix("pong ")?.split_whitespace();
+        let open = it.next()?.parse().ok()?;
+        let serving = it.next() != Some("0");
+        let breach = it.next().filter(|b| *b != "-");
+        Some(Self {
+            open,
+            serving,
+            breach,
+        })
+    }
+}
 
 /// The delay before the next start after `failures` consecutive failures.
 pub fn backoff(failures: u32) -> Duration {
@@ -75,7 +147,12 @@ fn install_signals() -> anyhow::Result<()> {
         SaFlags::SA_RESTART,
         SigSet::empty(),
     );
-    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+    for s in [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGUSR2,
+    ] {
         // SAFETY: the handler only stores into an atomic (async-signal-safe).
         unsafe { sigaction(s, &act) }.with_context(|| format!("installing the {s} handler"))?;
     }
@@ -95,6 +172,8 @@ struct Heartbeat {
     pin_dir: PathBuf,
     state: Mutex<HbState>,
     stop: AtomicBool,
+    /// Heartbeats written (the worker exports them with each ping).
+    beats: AtomicU64,
 }
 
 struct HbState {
@@ -128,10 +207,16 @@ impl Heartbeat {
         let r = Self::with_maps(&mut st, &self.pin_dir, |m| {
             m.update_settings(|s| s.heartbeat_ns = now)
         });
-        if let Some(Err(e)) = r {
-            warn!(error = %e, "heartbeat write failed: capture will fail open");
-            // Pins replaced (an upgrade): open them again next tick.
-            st.maps = None;
+        match r {
+            Some(Ok(_)) => {
+                self.beats.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(Err(e)) => {
+                warn!(error = %e, "heartbeat write failed: capture will fail open");
+                // Pins replaced (an upgrade): open them again next tick.
+                st.maps = None;
+            }
+            None => {}
         }
     }
 
@@ -158,6 +243,78 @@ struct Worker {
     last_ping: Instant,
     open: u64,
     buf: Vec<u8>,
+    /// Every listener accepts (from its pongs).
+    serving: bool,
+    /// The resource its watchdog reports in breach (from its pongs).
+    breach: Option<String>,
+    /// Its breach was looked at (logged once) / a replacement for it was deferred (logged once).
+    breach_seen: bool,
+    breach_deferred: bool,
+    /// Started by a watchdog replacement.
+    by_watchdog: bool,
+}
+
+impl Worker {
+    fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill(2) on our own unreaped child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+    }
+
+    fn ping(&mut self, now: Instant, line: &str) {
+        self.last_ping = now;
+        let _ = self.health.write_all(line.as_bytes());
+    }
+
+    /// Reads the pongs waiting; true if one came.
+    fn read_pongs(&mut self, now: Instant) -> bool {
+        let mut tmp = [0u8; 256];
+        loop {
+            match self.health.read(&mut tmp) {
+                Ok(0) => break,
+                Ok(n) => self.buf.extend_from_slice(tmp.get(..n).unwrap_or_default()),
+                Err(_) => break,
+            }
+        }
+        let mut got = false;
+        while let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.buf.drain(..=pos).collect();
+            let line = String::from_utf8_lossy(&line);
+            let Some(p) = Pong::parse(&line) else {
+                continue;
+            };
+            self.open = p.open;
+            self.serving = p.serving;
+            self.breach = p.breach.map(str::to_string);
+            if self.last_pong.is_none() {
+                info!(
+                    worker_pid = self.child.id(),
+                    after_ms = self.started.elapsed().as_millis() as u64,
+                    "worker healthy"
+                );
+            }
+            self.last_pong = Some(now);
+            got = true;
+        }
+        got
+    }
+}
+
+/// Waits for `w` to exit until `deadline`, then SIGKILLs it.
+fn stop_by(w: &mut Worker, deadline: Instant) -> anyhow::Result<std::process::ExitStatus> {
+    loop {
+        if let Some(st) = w.child.try_wait().context("waiting for the worker")? {
+            return Ok(st);
+        }
+        if Instant::now() >= deadline {
+            warn!(
+                worker_pid = w.child.id(),
+                "the worker did not stop by the drain deadline: killing it"
+            );
+            let _ = w.child.kill();
+            return w.child.wait().context("reaping the worker");
+        }
+        std::thread::sleep(TICK);
+    }
 }
 
 /// Options of `datamesh-agent run`.
@@ -225,12 +382,11 @@ enum Upgrade {
     Listening(handover::Server),
     /// A successor has the sockets and starts its worker; ours still serves.
     Offered(handover::Outgoing, handover::Server),
-    /// The successor serves; our worker drains (SIGUSR1) until it exits or `deadline`.
+    /// The successor serves; our workers drain (SIGUSR1) until they exit or their deadline.
     Retiring {
         out: handover::Outgoing,
         since: Instant,
-        deadline: Instant,
-        /// SIGTERM came meanwhile: exit as soon as the worker is gone.
+        /// SIGTERM came meanwhile: exit as soon as the workers are gone.
         exit_after: bool,
     },
     /// Handed over: nothing held; idle until SIGTERM.
@@ -264,6 +420,7 @@ pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
             beat: true,
         }),
         stop: AtomicBool::new(false),
+        beats: AtomicU64::new(0),
     });
     let hb_thread = {
         let hb = hb.clone();
@@ -280,7 +437,12 @@ pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
     };
     let exe =
         std::fs::read_link("/proc/self/exe").unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
-    let spawn = |generation: u64, stats: &str| -> anyhow::Result<Worker> {
+    // `successor_for`: the worker is a graceful successor (it must not reset what the running
+    // worker still counts), started for this reason.
+    let spawn = |generation: u64,
+                 stats: &str,
+                 successor_for: Option<Replacement>|
+     -> anyhow::Result<Worker> {
         let (mut ours, theirs) = UnixStream::pair().context("health socketpair")?;
         ours.set_nonblocking(true).context("health socket")?;
         // The first ping waits in the socket: the new worker has the counts from its start.
@@ -306,6 +468,9 @@ pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
         if let Some(o) = &opts.ebpf_object {
             cmd.arg("--ebpf-object").arg(o);
         }
+        if successor_for.is_some() {
+            cmd.arg("--graceful");
+        }
         // SAFETY: prctl is async-signal-safe; the worker dies with the supervisor (the
         // spawning thread is the main thread, which lives as long as the supervisor).
         unsafe {
@@ -327,6 +492,11 @@ pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
             last_ping: Instant::now(),
             open: 0,
             buf: Vec::new(),
+            serving: false,
+            breach: None,
+            breach_seen: false,
+            breach_deferred: false,
+            by_watchdog: successor_for == Some(Replacement::Watchdog),
         })
     };
 
@@ -336,13 +506,33 @@ pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
     let mut failures = 0u32;
     let mut fail_open = false;
     let mut ever_healthy = false;
-    let ping = |restarts: u64, lost: u64, fail_open: bool| {
-        format!("ping {restarts} {lost} {}\n", u8::from(fail_open))
+    // Graceful replacements by reason (Replacement as index).
+    let mut replaced = [0u64; 2];
+    let ping = |restarts: u64, lost: u64, fail_open: bool, replaced: [u64; 2]| {
+        format!(
+            "ping {restarts} {lost} {} {} {} {}\n",
+            u8::from(fail_open),
+            replaced[0],
+            replaced[1],
+            hb.beats.load(Ordering::Relaxed)
+        )
     };
-    let mut worker: Option<Worker> = Some(spawn(generation, &ping(0, 0, false))?);
+    let drain = Duration::from_millis(cfg.drain_timeout_ms);
+    // The watchdog's replacements: at most one per `wd_every`, doubled (up to
+    // WATCHDOG_BACKOFF_CAP) while new workers breach right away.
+    let wd_min = Duration::from_secs(cfg.watchdog.min_replace_interval_s.max(1));
+    let mut wd_every = wd_min;
+    let mut wd_last: Option<Instant> = None;
+    let mut worker: Option<Worker> = Some(spawn(generation, &ping(0, 0, false, replaced), None)?);
+    // A worker starting to take over from `worker` (not pinged for health, only for readiness).
+    let mut successor: Option<Worker> = None;
+    // Workers told to retire (SIGUSR1): reaped when they exit, killed at their deadline.
+    let mut retiring: Vec<(Worker, Instant)> = Vec::new();
     let mut next_start: Option<Instant> = None;
     // SIGTERM while a successor starts: it is honoured once the handover ends either way.
     let mut term_pending = false;
+    // Our worker served once: the predecessor (if any) was told, our upgrade socket bound.
+    let mut announced = false;
     let code = loop {
         let mut sig = SIGNAL.swap(0, Ordering::SeqCst);
         if (sig == libc::SIGTERM || sig == libc::SIGINT) && matches!(upgrade, Upgrade::Offered(..))
@@ -353,7 +543,7 @@ pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
         }
         // After a handover only the retiring worker is left to wait for.
         if matches!(upgrade, Upgrade::Retiring { .. } | Upgrade::HandedOver) {
-            match step_handed_over(&mut upgrade, &mut worker, &mut handed_socks, sig) {
+            match step_handed_over(&mut upgrade, &mut retiring, &mut handed_socks, sig) {
                 Some(code) => break code,
                 None => {
                     std::thread::sleep(TICK);
@@ -361,11 +551,13 @@ pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        let mut request: Option<Replacement> = None;
         if sig == libc::SIGHUP {
             if let Some(w) = &worker {
-                // SAFETY: kill(2) on our own unreaped child.
-                unsafe { libc::kill(w.child.id() as libc::pid_t, libc::SIGHUP) };
+                w.signal(libc::SIGHUP);
             }
+        } else if sig == libc::SIGUSR2 {
+            request = Some(Replacement::Operator);
         } else if sig == libc::SIGTERM || sig == libc::SIGINT {
             info!(
                 signal = sig,
@@ -373,30 +565,32 @@ pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
             );
             // The worker zeroes the heartbeat and drains; no beat may follow its zeroing.
             hb.set_beat(false, worker.is_none());
-            match worker.take() {
+            // A successor stops like the worker; retiring ones finish their drain.
+            let mut others: Vec<Worker> = successor.take().into_iter().collect();
+            for o in &others {
+                o.signal(libc::SIGTERM);
+            }
+            others.extend(retiring.drain(..).map(|(w, _)| w));
+            // A hung worker never drains: SIGKILL after the drain deadline + 2 s.
+            let deadline = Instant::now() + drain + Duration::from_secs(2);
+            let st = match worker.take() {
                 Some(mut w) => {
-                    // SAFETY: kill(2) on our own unreaped child.
-                    unsafe { libc::kill(w.child.id() as libc::pid_t, libc::SIGTERM) };
-                    // A hung worker never drains: SIGKILL after the drain deadline + 2 s.
-                    let deadline =
-                        Instant::now() + Duration::from_millis(cfg.drain_timeout_ms + 2000);
-                    let st = loop {
-                        if let Some(st) = w.child.try_wait().context("waiting for the worker")? {
-                            break st;
-                        }
-                        if Instant::now() >= deadline {
-                            warn!("the worker did not stop by the drain deadline: killing it");
-                            let _ = w.child.kill();
-                            break w.child.wait().context("reaping the worker")?;
-                        }
-                        std::thread::sleep(TICK);
-                    };
-                    // Capture off whatever the worker managed (it zeroes the heartbeat first
-                    // thing when it stops; a killed one did not).
-                    hb.set_beat(false, true);
-                    if let Some(r) = &opts.ready_file {
-                        let _ = std::fs::remove_file(r);
-                    }
+                    w.signal(libc::SIGTERM);
+                    Some(stop_by(&mut w, deadline)?)
+                }
+                None => None,
+            };
+            for mut o in others {
+                let _ = stop_by(&mut o, deadline);
+            }
+            // Capture off whatever the worker managed (it zeroes the heartbeat first thing
+            // when it stops; a killed one did not).
+            hb.set_beat(false, true);
+            if let Some(r) = &opts.ready_file {
+                let _ = std::fs::remove_file(r);
+            }
+            match st {
+                Some(st) => {
                     info!(status = %st, "worker stopped; supervisor exits");
                     break if st.success() {
                         ExitCode::SUCCESS
@@ -404,17 +598,11 @@ pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
                         ExitCode::FAILURE
                     };
                 }
-                None => {
-                    if let Some(r) = &opts.ready_file {
-                        let _ = std::fs::remove_file(r);
-                    }
-                    break ExitCode::SUCCESS;
-                }
+                None => break ExitCode::SUCCESS,
             }
         }
         let now = Instant::now();
         let mut dead = None;
-        let mut became_healthy = false;
         if let Some(w) = worker.as_mut() {
             match w.child.try_wait() {
                 Ok(Some(st)) => dead = Some(st),
@@ -422,42 +610,34 @@ pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
                 Err(e) => warn!(error = %e, "waitpid on the worker"),
             }
             if dead.is_none() {
-                // Pongs.
-                let mut tmp = [0u8; 256];
-                loop {
-                    match w.health.read(&mut tmp) {
-                        Ok(0) => break,
-                        Ok(n) => w.buf.extend_from_slice(tmp.get(..n).unwrap_or_default()),
-                        Err(_) => break,
-                    }
-                }
-                while let Some(pos) = w.buf.iter().position(|b| *b == b'\n') {
-                    let line: Vec<u8> = w.buf.drain(..=pos).collect();
-                    let line = String::from_utf8_lossy(&line);
-                    if let Some(n) = line.trim().strip_prefix("pong ") {
-                        w.open = n.trim().parse().unwrap_or(w.open);
-                        if w.last_pong.is_none() {
-                            became_healthy = true;
-                            info!(
-                                worker_pid = w.child.id(),
-                                after_ms = w.started.elapsed().as_millis() as u64,
-                                "worker healthy"
-                            );
-                        }
-                        w.last_pong = Some(now);
-                        ever_healthy = true;
-                        if fail_open {
-                            fail_open = false;
-                            hb.set_beat(true, false);
-                            info!("a worker is healthy again: capture back on");
-                        }
+                if w.read_pongs(now) {
+                    ever_healthy = true;
+                    if fail_open {
+                        fail_open = false;
+                        hb.set_beat(true, false);
+                        info!("a worker is healthy again: capture back on");
                     }
                 }
                 if now.duration_since(w.last_ping) >= PING_EVERY {
-                    w.last_ping = now;
-                    let _ = w
-                        .health
-                        .write_all(ping(restarts, lost, fail_open).as_bytes());
+                    w.ping(now, &ping(restarts, lost, fail_open, replaced));
+                }
+                // The watchdog's breach, reported with the pongs.
+                if let (Some(res), None) = (w.breach.clone(), successor.as_ref()) {
+                    if !w.breach_seen {
+                        w.breach_seen = true;
+                        if w.by_watchdog && w.started.elapsed() < wd_every + wd_min {
+                            wd_every = (wd_every * 2).min(WATCHDOG_BACKOFF_CAP);
+                            error!(resource = %res, worker_pid = w.child.id(), age_s = w.started.elapsed().as_secs(), next_replacement_in_s = wd_every.as_secs(), "watchdog: the new worker breaches its budget right after a replacement: the budget is likely too small for this node's load (not a leak); raise it or the container's limits. Backing off replacements");
+                        }
+                    }
+                    let allowed = wd_last.is_none_or(|t| now.duration_since(t) >= wd_every);
+                    if allowed {
+                        info!(resource = %res, worker_pid = w.child.id(), "watchdog breach: replacing the worker gracefully");
+                        request = Some(Replacement::Watchdog);
+                    } else if !w.breach_deferred {
+                        w.breach_deferred = true;
+                        warn!(resource = %res, worker_pid = w.child.id(), at_most_every_s = wd_every.as_secs(), "watchdog breach: the last replacement was too recent; replacing later");
+                    }
                 }
                 let hung = match w.last_pong {
                     Some(t) => now.duration_since(t) >= HANG_AFTER,
@@ -503,13 +683,122 @@ pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
                 hb.set_beat(false, true);
                 error!(failures, "the proxy cannot stay up: capture fails open (pods reach their Redis directly) until a worker is healthy");
             }
-            next_start = Some(now + delay);
+            if let Some(s) = successor.take() {
+                // A successor was starting: it is the next worker (its start timeout applies).
+                info!(
+                    worker_pid = s.child.id(),
+                    "the successor being started takes over"
+                );
+                worker = Some(s);
+                next_start = None;
+            } else {
+                next_start = Some(now + delay);
+            }
         }
+        // A graceful replacement asked for (SIGUSR2, the watchdog).
+        if let Some(reason) = request {
+            match (&worker, &successor) {
+                (_, Some(s)) => info!(
+                    reason = reason.as_str(),
+                    successor_pid = s.child.id(),
+                    "a replacement is already under way"
+                ),
+                (None, None) => warn!(
+                    reason = reason.as_str(),
+                    "no worker runs to replace (one is being started)"
+                ),
+                (Some(w), None) => {
+                    if reason == Replacement::Watchdog {
+                        wd_last = Some(now);
+                    }
+                    generation += 1;
+                    match spawn(
+                        generation,
+                        &ping(restarts, lost, fail_open, replaced),
+                        Some(reason),
+                    ) {
+                        Ok(s) => {
+                            info!(reason = reason.as_str(), worker_pid = w.child.id(), successor_pid = s.child.id(), "replacing the worker gracefully: its successor starts while it serves");
+                            successor = Some(s);
+                        }
+                        Err(e) => {
+                            error!(error = %e, reason = reason.as_str(), "cannot start a successor: the current worker stays")
+                        }
+                    }
+                }
+            }
+        }
+        // The successor: ready (every listener accepting) → it becomes the worker and the old
+        // one retires; dead or not ready in time → the old one stays.
+        if let Some(s) = successor.as_mut() {
+            let mut failed = None;
+            match s.child.try_wait() {
+                Ok(Some(st)) => failed = Some(format!("it exited ({st}) before it was ready")),
+                Ok(None) => {
+                    s.read_pongs(now);
+                    if !s.serving && now.duration_since(s.last_ping) >= SUCCESSOR_PING_EVERY {
+                        s.ping(now, &ping(restarts, lost, fail_open, replaced));
+                    }
+                    if !s.serving && now.duration_since(s.started) >= START_TIMEOUT {
+                        let _ = s.child.kill();
+                        let _ = s.child.wait();
+                        failed = Some(format!(
+                            "it was not ready within {} s: killed",
+                            START_TIMEOUT.as_secs()
+                        ));
+                    }
+                }
+                Err(e) => warn!(error = %e, "waitpid on the successor"),
+            }
+            if let Some(why) = failed {
+                error!(
+                    successor_pid = s.child.id(),
+                    "graceful replacement failed: {why}; the current worker stays"
+                );
+                successor = None;
+            } else if s.serving {
+                if let Some(new) = successor.take() {
+                    let reason = new.by_watchdog.then_some(Replacement::Watchdog);
+                    let reason = reason.unwrap_or(Replacement::Operator);
+                    replaced[reason as usize] += 1;
+                    if let Some(old) = worker.take() {
+                        old.signal(libc::SIGUSR1);
+                        info!(reason = reason.as_str(), old_pid = old.child.id(), new_pid = new.child.id(), open_connections = old.open, after_ms = new.started.elapsed().as_millis() as u64, "the successor serves: the old worker retires (stops accepting, drains, exits)");
+                        retiring.push((old, now + drain + Duration::from_secs(2)));
+                    }
+                    ever_healthy = true;
+                    let mut new = new;
+                    new.ping(now, &ping(restarts, lost, fail_open, replaced));
+                    worker = Some(new);
+                }
+            }
+        }
+        // Retiring workers: their exit is no crash (nothing counted).
+        retiring.retain_mut(|(w, deadline)| match w.child.try_wait() {
+            Ok(Some(st)) => {
+                info!(worker_pid = w.child.id(), status = %st, "retired worker exited");
+                false
+            }
+            Ok(None) if now >= *deadline => {
+                warn!(
+                    worker_pid = w.child.id(),
+                    "retired worker still alive at drain_timeout_ms + 2 s: killing it"
+                );
+                let _ = w.child.kill();
+                let _ = w.child.wait();
+                false
+            }
+            Ok(None) => true,
+            Err(e) => {
+                warn!(error = %e, "waitpid on a retired worker");
+                true
+            }
+        });
         if worker.is_none() {
             if let Some(t) = next_start {
                 if Instant::now() >= t {
                     generation += 1;
-                    match spawn(generation, &ping(restarts, lost, fail_open)) {
+                    match spawn(generation, &ping(restarts, lost, fail_open, replaced), None) {
                         Ok(w) => {
                             worker = Some(w);
                             next_start = None;
@@ -522,7 +811,13 @@ pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        if became_healthy {
+        // Once our worker serves (every listener accepting): tell the agent we took over from,
+        // and be ready for a successor of our own.
+        let serving = worker
+            .as_ref()
+            .is_some_and(|w| w.serving && w.last_pong.is_some());
+        if serving && !announced {
+            announced = true;
             if let Some(mut inc) = incoming.take() {
                 match inc.ready() {
                     Ok(()) => info!(
@@ -546,25 +841,28 @@ pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        let healthy = worker.as_ref().is_some_and(|w| w.last_pong.is_some());
-        let retire_deadline = Duration::from_millis(cfg.drain_timeout_ms) + Duration::from_secs(2);
         let was_offered = matches!(upgrade, Upgrade::Offered(..));
+        let retire_by = now + drain + Duration::from_secs(2);
         upgrade = step_upgrade(
             std::mem::replace(&mut upgrade, Upgrade::Off),
             term_pending,
-            healthy,
+            serving && successor.is_none(),
             &cfg.pin_dir,
             &handed_socks,
-            || {
-                // The successor serves and beats the heartbeat itself.
-                hb.set_beat(false, false);
-                if let Some(w) = &worker {
-                    // SAFETY: kill(2) on our own unreaped child.
-                    unsafe { libc::kill(w.child.id() as libc::pid_t, libc::SIGUSR1) };
-                }
-            },
-            retire_deadline,
         );
+        if matches!(upgrade, Upgrade::Retiring { .. }) {
+            // The successor agent serves and beats the heartbeat itself: our worker retires
+            // (stop accepting, close clients at command boundaries, exit).
+            hb.set_beat(false, false);
+            if let Some(w) = worker.take() {
+                w.signal(libc::SIGUSR1);
+                retiring.push((w, retire_by));
+            }
+            if let Some(s) = successor.take() {
+                s.signal(libc::SIGTERM);
+                retiring.push((s, retire_by));
+            }
+        }
         if term_pending && was_offered && matches!(upgrade, Upgrade::Listening(_)) {
             // The handover failed: the deferred SIGTERM stops this agent as usual.
             term_pending = false;
@@ -586,8 +884,6 @@ fn step_upgrade(
     healthy: bool,
     pin_dir: &Path,
     socks: &[(String, RawFd)],
-    retire: impl FnOnce(),
-    retire_deadline: Duration,
 ) -> Upgrade {
     match state {
         Upgrade::Listening(srv) => match srv.poll() {
@@ -613,18 +909,15 @@ fn step_upgrade(
             handover::Poll::Ready => {
                 // The successor binds the path anew; ours stops listening.
                 drop(srv);
-                retire();
                 info!(
                     successor_pid = out.peer_pid,
                     successor_version = %out.peer_version,
                     successor_abi = out.peer_abi,
                     "the successor serves: retiring our worker (stop accepting, close clients at command boundaries)"
                 );
-                let now = Instant::now();
                 Upgrade::Retiring {
                     out,
-                    since: now,
-                    deadline: now + retire_deadline,
+                    since: Instant::now(),
                     exit_after: term_pending,
                 }
             }
@@ -633,11 +926,11 @@ fn step_upgrade(
     }
 }
 
-/// One tick after a handover: waits for the retiring worker (SIGKILL at the deadline), then
+/// One tick after a handover: waits for the retiring workers (SIGKILL at their deadline), then
 /// closes our copies of the sockets and idles until SIGTERM. `Some(code)`: exit now.
 fn step_handed_over(
     upgrade: &mut Upgrade,
-    worker: &mut Option<Worker>,
+    retiring: &mut Vec<(Worker, Instant)>,
     socks: &mut Vec<(String, RawFd)>,
     sig: i32,
 ) -> Option<ExitCode> {
@@ -653,37 +946,36 @@ fn step_handed_over(
         Upgrade::Retiring {
             out,
             since,
-            deadline,
             exit_after,
         } => {
             if term {
                 info!("SIGTERM while our worker drains: exiting once it is gone");
                 *exit_after = true;
             }
-            let gone = match worker.as_mut() {
-                None => true,
-                Some(w) => match w.child.try_wait() {
-                    Ok(Some(st)) => {
-                        info!(status = %st, drained_ms = since.elapsed().as_millis() as u64, "the retired worker exited");
-                        true
-                    }
-                    Ok(None) if Instant::now() >= *deadline => {
-                        warn!("the retiring worker still runs at the drain deadline: killing it");
-                        let _ = w.child.kill();
-                        let _ = w.child.wait();
-                        true
-                    }
-                    Ok(None) => false,
-                    Err(e) => {
-                        warn!(error = %e, "waitpid on the retiring worker");
-                        false
-                    }
-                },
-            };
-            if !gone {
+            let now = Instant::now();
+            retiring.retain_mut(|(w, deadline)| match w.child.try_wait() {
+                Ok(Some(st)) => {
+                    info!(worker_pid = w.child.id(), status = %st, drained_ms = since.elapsed().as_millis() as u64, "the retired worker exited");
+                    false
+                }
+                Ok(None) if now >= *deadline => {
+                    warn!(
+                        worker_pid = w.child.id(),
+                        "the retiring worker still runs at the drain deadline: killing it"
+                    );
+                    let _ = w.child.kill();
+                    let _ = w.child.wait();
+                    false
+                }
+                Ok(None) => true,
+                Err(e) => {
+                    warn!(error = %e, "waitpid on a retiring worker");
+                    true
+                }
+            });
+            if !retiring.is_empty() {
                 return None;
             }
-            *worker = None;
             out.done(since.elapsed());
             // Our copies of the listening sockets: the successor holds its own.
             for (_, fd) in socks.drain(..) {
@@ -717,20 +1009,68 @@ mod tests {
     #[test]
     fn ping_counts_reach_the_metrics_monotonically() {
         let m = SupervisorMetrics::default();
-        m.apply("ping 2 5 1");
+        m.apply("ping 2 5 1 0 0 40");
         assert_eq!(
             (m.restarts.get(), m.lost.get(), m.fail_open.get()),
             (2, 5, 1)
         );
-        m.apply("ping 3 5 0");
+        assert_eq!(m.heartbeats.get(), 40);
+        m.apply("ping 3 5 0 0 0 50");
         assert_eq!(
             (m.restarts.get(), m.lost.get(), m.fail_open.get()),
             (3, 5, 0)
         );
+        assert_eq!(m.heartbeats.get(), 50);
+        // Without the heartbeat count (an older supervisor) the rest still applies.
+        m.apply("ping 3 5 0");
+        assert_eq!((m.restarts.get(), m.heartbeats.get()), (3, 50));
         // Garbage and short lines change nothing.
         m.apply("ping x 1 0");
         m.apply("ping 9");
         assert_eq!((m.restarts.get(), m.lost.get()), (3, 5));
+        // The replacements by reason (operator, watchdog), also monotonic.
+        let replaced = |m: &SupervisorMetrics, r: Replacement| {
+            m.replacements
+                .get_or_create(&ReplacementLabels {
+                    reason: r.as_str().into(),
+                })
+                .get()
+        };
+        m.apply("ping 3 5 0 1 2");
+        assert_eq!(replaced(&m, Replacement::Operator), 1);
+        assert_eq!(replaced(&m, Replacement::Watchdog), 2);
+        m.apply("ping 3 5 0 1 1");
+        m.apply("ping 3 5 0 x 4");
+        assert_eq!(replaced(&m, Replacement::Operator), 1);
+        assert_eq!(replaced(&m, Replacement::Watchdog), 4);
+    }
+
+    #[test]
+    fn pong_lines_round_trip_and_old_ones_parse() {
+        let p = Pong {
+            open: 7,
+            serving: true,
+            breach: Some("fds"),
+        };
+        assert_eq!(p.line(), "pong 7 1 fds\n");
+        assert_eq!(Pong::parse(&p.line()), Some(p));
+        let none = Pong {
+            open: 0,
+            serving: false,
+            breach: None,
+        };
+        assert_eq!(Pong::parse(&none.line()), Some(none));
+        // An older worker's `pong <open>`: serving, no breach.
+        assert_eq!(
+            Pong::parse("pong 3\n"),
+            Some(Pong {
+                open: 3,
+                serving: true,
+                breach: None
+            })
+        );
+        assert_eq!(Pong::parse("pong x 1 -"), None);
+        assert_eq!(Pong::parse("ping 1 2 3"), None);
     }
 
     #[test]
@@ -749,6 +1089,18 @@ pub struct SupervisorMetrics {
     restarts: prometheus_client::metrics::counter::Counter,
     lost: prometheus_client::metrics::counter::Counter,
     fail_open: prometheus_client::metrics::gauge::Gauge,
+    /// The data plane's heartbeat counter (`DataplaneMetrics::heartbeats`, registered there),
+    /// kept at the supervisor's count: supervised, the supervisor writes the heartbeat.
+    heartbeats: prometheus_client::metrics::counter::Counter,
+    replacements: prometheus_client::metrics::family::Family<
+        ReplacementLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct ReplacementLabels {
+    reason: String,
 }
 
 impl SupervisorMetrics {
@@ -768,9 +1120,30 @@ impl SupervisorMetrics {
             "1 while the supervisor keeps capture failed open because the proxy cannot stay up",
             self.fail_open.clone(),
         );
+        registry.register(
+            "agent_worker_replacements",
+            "Graceful worker replacements (reason = operator: SIGUSR2 | watchdog: a budget breach)",
+            self.replacements.clone(),
+        );
+        for r in Replacement::ALL {
+            let _ = self.replacements.get_or_create(&ReplacementLabels {
+                reason: r.as_str().into(),
+            });
+        }
     }
 
-    /// Applies a `ping <restarts> <lost> <failopen>` line.
+    /// The supervisor's heartbeat count goes into `heartbeats` (a clone of the data plane's
+    /// registered counter).
+    pub fn with_heartbeats(heartbeats: prometheus_client::metrics::counter::Counter) -> Self {
+        Self {
+            heartbeats,
+            ..Self::default()
+        }
+    }
+
+    /// Applies a `ping <restarts> <lost> <failopen> [<replaced by operator> <replaced by
+    /// watchdog> [<heartbeats>]]` line (the optional fields: a supervisor of an older build
+    /// sends fewer).
     fn apply(&self, line: &str) {
         let mut it = line
             .split_whitespace()
@@ -780,23 +1153,45 @@ impl SupervisorMetrics {
         else {
             return;
         };
-        let r0 = self.restarts.get();
-        if r > r0 {
-            self.restarts.inc_by(r - r0);
-        }
-        let l0 = self.lost.get();
-        if l > l0 {
-            self.lost.inc_by(l - l0);
-        }
+        let raise = |c: &prometheus_client::metrics::counter::Counter, to: u64| {
+            let now = c.get();
+            if to > now {
+                c.inc_by(to - now);
+            }
+        };
+        raise(&self.restarts, r);
+        raise(&self.lost, l);
         self.fail_open.set(f as i64);
+        for reason in Replacement::ALL {
+            if let Some(Some(n)) = it.next() {
+                raise(
+                    &self.replacements.get_or_create(&ReplacementLabels {
+                        reason: reason.as_str().into(),
+                    }),
+                    n,
+                );
+            }
+        }
+        if let Some(Some(b)) = it.next() {
+            raise(&self.heartbeats, b);
+        }
     }
 }
 
-/// The worker's health task: answers each ping with `pong <open connections>` from the
-/// proxy's runtime (a stuck runtime answers nothing, and the supervisor replaces it).
+/// What the worker reports with each pong (see [`Pong`]).
+pub struct HealthReport {
+    pub shared: Arc<datamesh_proxy::listener::Shared>,
+    /// True once every listener accepts (the worker is ready).
+    pub serving: Arc<AtomicBool>,
+    pub watchdog: Arc<crate::watchdog::Watchdog>,
+}
+
+/// The worker's health task: answers each ping with `pong <open connections> <serving 0|1>
+/// <breach: a resource or ->` from the proxy's runtime (a stuck runtime answers nothing, and
+/// the supervisor replaces it).
 pub fn spawn_health(
     health_fd: RawFd,
-    shared: Arc<datamesh_proxy::listener::Shared>,
+    report: HealthReport,
     metrics: Arc<SupervisorMetrics>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     use std::os::fd::FromRawFd;
@@ -812,7 +1207,12 @@ pub fn spawn_health(
         while let Ok(Some(line)) = lines.next_line().await {
             if line.starts_with("ping") {
                 metrics.apply(&line);
-                let pong = format!("pong {}\n", shared.open_connections());
+                let pong = Pong {
+                    open: report.shared.open_connections() as u64,
+                    serving: report.serving.load(Ordering::SeqCst),
+                    breach: report.watchdog.breach().map(|r| r.as_str()),
+                }
+                .line();
                 if w.write_all(pong.as_bytes()).await.is_err() {
                     break;
                 }

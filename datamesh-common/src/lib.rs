@@ -20,7 +20,7 @@ pub const ABI_VERSION: u32 = if cfg!(feature = "abi-next") {
     ABI_LAYOUT
 };
 /// The layout version of this source tree (what [`ABI_VERSION`] is in a normal build).
-const ABI_LAYOUT: u32 = 3;
+const ABI_LAYOUT: u32 = 4;
 /// Added to the version by the `abi-next` feature (the upgrade drill's second build).
 const ABI_NEXT_OFFSET: u32 = 1000;
 
@@ -43,9 +43,14 @@ pub const MAP_POD_POLICY: &str = "dm_pod_policy";
 pub const MAP_POD_STATE: &str = "dm_pod_state";
 pub const MAP_POD_RATE: &str = "dm_pod_rate";
 pub const MAP_NETNS_CGROUP: &str = "dm_netns_cgroup";
+/// SOCKHASH: endpoint id (`EndpointValue.id`, u32) → the proxy's listening socket of that
+/// endpoint. connect4/6 rewrite a connect only while its endpoint's entry exists; the kernel
+/// removes a socket from every sockmap when it is closed, so when the last process holding a
+/// listener dies (the whole agent), capture of its endpoint fails open at once.
+pub const MAP_LISTENERS: &str = "dm_listeners";
 
 /// Every map, in the order the agent pins, checks and removes them.
-pub const ALL_MAPS: [&str; 10] = [
+pub const ALL_MAPS: [&str; 11] = [
     MAP_SETTINGS,
     MAP_ENDPOINTS,
     MAP_SOCK_ORIG,
@@ -56,6 +61,7 @@ pub const ALL_MAPS: [&str; 10] = [
     MAP_POD_STATE,
     MAP_POD_RATE,
     MAP_NETNS_CGROUP,
+    MAP_LISTENERS,
 ];
 
 // ---- program names (function names in the object; never equal to an ELF section name) ----
@@ -73,6 +79,8 @@ pub const SOCK_ORIG_MAX: u32 = 65_536;
 pub const CONNS_MAX: u32 = 131_072;
 pub const SOCKS_MAX: u32 = 131_072;
 pub const PODS_MAX: u32 = 16_384;
+/// Entries of `dm_listeners`: one per endpoint (each endpoint takes two `dm_endpoints` entries).
+pub const LISTENERS_MAX: u32 = ENDPOINTS_MAX / 2;
 
 // ---- Settings.flags ----
 /// Capture is on: connect4/6 rewrite connects to configured endpoints.

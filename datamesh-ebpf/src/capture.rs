@@ -4,8 +4,10 @@
 //! original destination and the pod (netns cookie) are left in `dm_sock_orig` for sock_ops.
 //! Everything else leaves the connect untouched (return 1 without writing the context): other
 //! destinations, the agent's own sockets (bypass mark, agent netns) and, when the agent's
-//! heartbeat is stale, endpoint connects too (fail-open, counted). Over the pod's
-//! connection-rate limit the connect is refused with `ECONNREFUSED` (counted).
+//! heartbeat is stale or the endpoint's proxy listener is not in `dm_listeners` (the agent is
+//! gone: the kernel drops a closed listener from the map), endpoint connects too (fail-open,
+//! counted). Over the pod's connection-rate limit the connect is refused with `ECONNREFUSED`
+//! (counted).
 //!
 //! The proxy listeners themselves are in `dm_endpoints` too (flag `ENDPOINT_LISTENER`, pointing
 //! at themselves): a pod that dials the node proxy address and port directly is recorded and
@@ -16,7 +18,7 @@ use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_ANY},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns,
-        bpf_set_retval,
+        bpf_map_lookup_elem, bpf_set_retval, bpf_sk_release,
     },
     programs::SockAddrContext,
 };
@@ -27,7 +29,10 @@ use datamesh_common::{
 
 use crate::{
     flow::{ctx_read, is_v4_mapped, V4_MAPPED_PREFIX},
-    maps::{count, Counter, ENDPOINTS, NETNS_CGROUP, POD_POLICY, POD_RATE, SETTINGS, SOCK_ORIG},
+    maps::{
+        count, Counter, ENDPOINTS, LISTENERS, NETNS_CGROUP, POD_POLICY, POD_RATE, SETTINGS,
+        SOCK_ORIG,
+    },
 };
 
 /// Return value of a cgroup sock_addr program that lets the connect go on.
@@ -153,6 +158,14 @@ pub fn try_connect(ctx: &SockAddrContext, hook: Hook) -> Result<Verdict, Capture
         }
         return Ok(Verdict::Allow);
     }
+    // Architecture Invariant: capture rewrites a connect only while the endpoint's proxy
+    // listener exists. The kernel removes a closed socket from dm_listeners, so once the whole
+    // agent is gone (supervisor and workers: every copy of the listener closed) connects fail
+    // open at once instead of being refused until the heartbeat goes stale.
+    if !direct && !listener_alive(endpoint.id) {
+        count(netns, Counter::ConnectsFailopen, 1);
+        return Ok(Verdict::Allow);
+    }
 
     if !rate_allow(
         netns,
@@ -186,6 +199,31 @@ pub fn try_connect(ctx: &SockAddrContext, hook: Hook) -> Result<Verdict, Capture
     }
     count(netns, Counter::ConnectsCaptured, 1);
     Ok(Verdict::Allow)
+}
+
+/// Whether the proxy's listening socket of endpoint `id` is in `dm_listeners`.
+///
+/// A lookup in a sockmap from a program returns a referenced socket (or NULL) that the verifier
+/// insists is released on every path; aya-ebpf 0.2.1 wraps that only for sk_lookup programs,
+/// so the raw helpers are called here.
+#[inline(always)]
+fn listener_alive(id: u32) -> bool {
+    let key = id;
+    // SAFETY: the map pointer is the BTF map's own static (relocated to the map by the loader)
+    // and the key a u32 on the stack, the map's key size. The result is a socket reference or
+    // null, released at once below.
+    let sk = unsafe {
+        bpf_map_lookup_elem(
+            core::ptr::addr_of!(LISTENERS).cast_mut().cast(),
+            core::ptr::addr_of!(key).cast(),
+        )
+    };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: `sk` is the non-null socket the lookup acquired; released exactly once.
+    unsafe { bpf_sk_release(sk) };
+    true
 }
 
 /// Remembers the connecting process's cgroup for its network namespace (the agent's way from a

@@ -13,8 +13,8 @@ use aya_ebpf::{
 };
 use datamesh_common::{
     ConnInfo, EndpointKey, EndpointValue, FlowKey, PodCounters, PodPolicy, PodState, RateState,
-    Settings, SockOrig, CONNS_MAX, ENDPOINTS_MAX, NETNS_CGROUP_MAX, PODS_MAX, SETTINGS_ENTRIES,
-    SOCKS_MAX, SOCK_ORIG_MAX,
+    Settings, SockOrig, CONNS_MAX, ENDPOINTS_MAX, LISTENERS_MAX, NETNS_CGROUP_MAX, PODS_MAX,
+    SETTINGS_ENTRIES, SOCKS_MAX, SOCK_ORIG_MAX,
 };
 
 #[btf_map(name = "dm_settings")]
@@ -52,6 +52,12 @@ pub static POD_RATE: LruHashMap<u64, RateState, { PODS_MAX as usize }> = LruHash
 #[btf_map(name = "dm_netns_cgroup")]
 pub static NETNS_CGROUP: LruHashMap<u64, u64, { NETNS_CGROUP_MAX as usize }> = LruHashMap::new();
 
+/// endpoint id -> the proxy's listening socket of that endpoint, inserted by the agent's worker.
+/// The kernel drops a closed socket from the map, so an entry exists exactly while some process
+/// (the supervisor, a worker) still holds the listener open: connect4/6 rewrite only then.
+#[btf_map(name = "dm_listeners")]
+pub static LISTENERS: SockHash<u32, { LISTENERS_MAX as usize }> = SockHash::new();
+
 const fn str_eq(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());
     if a.len() != b.len() {
@@ -80,7 +86,8 @@ const _: () = {
     assert!(str_eq("dm_pod_state", c::MAP_POD_STATE));
     assert!(str_eq("dm_pod_rate", c::MAP_POD_RATE));
     assert!(str_eq("dm_netns_cgroup", c::MAP_NETNS_CGROUP));
-    assert!(c::ALL_MAPS.len() == 10);
+    assert!(str_eq("dm_listeners", c::MAP_LISTENERS));
+    assert!(c::ALL_MAPS.len() == 11);
 };
 
 /// Which `PodCounters` field a program bumps.

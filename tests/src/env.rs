@@ -36,6 +36,7 @@ pub const ENDPOINT_NAME: &str = "cache";
 pub struct EnvBuilder {
     pods: Vec<String>,
     kubelet: Vec<(String, KubeletPod)>,
+    pod_cgroups: Vec<(String, PathBuf)>,
     fastpath: bool,
     limits: Vec<(String, u32, u32)>,
     agent: bool,
@@ -122,6 +123,7 @@ impl Default for EnvBuilder {
         Self {
             pods: Vec::new(),
             kubelet: Vec::new(),
+            pod_cgroups: Vec::new(),
             fastpath: false,
             limits: Vec::new(),
             agent: true,
@@ -153,6 +155,14 @@ impl EnvBuilder {
     /// kubelet would under the test's cgroup, and its log directory is made under the run dir.
     pub fn kubelet_pod(mut self, short: &str, spec: KubeletPod) -> Self {
         self.kubelet.push((short.to_string(), spec));
+        self
+    }
+
+    /// Puts the cgroup of the pod `short` (also listed in `pods`) at `rel` under the instance's
+    /// cgroup instead of `pod-<short>`: e.g. `node-b/pod-web`, for tests that attach more than
+    /// one agent, each under its own subtree (two simulated nodes).
+    pub fn pod_cgroup(mut self, short: &str, rel: impl Into<PathBuf>) -> Self {
+        self.pod_cgroups.push((short.to_string(), rel.into()));
         self
     }
 
@@ -280,9 +290,13 @@ impl EnvBuilder {
                 .filter(|i| *i < 200)
                 .ok_or_else(|| anyhow!("too many pods"))?;
             let kubelet = self.kubelet.iter().find(|(s, _)| s == name).map(|(_, k)| k);
-            let pod = match kubelet {
-                None => Pod::create(n, i, name, env.bridge()?, env.cgroup()?)?,
-                Some(k) => {
+            let custom = self.pod_cgroups.iter().find(|(s, _)| s == name);
+            let pod = match (kubelet, custom) {
+                (None, Some((_, rel))) => {
+                    Pod::create_at(n, i, name, env.bridge()?, env.cgroup()?, rel)?
+                }
+                (None, None) => Pod::create(n, i, name, env.bridge()?, env.cgroup()?)?,
+                (Some(k), _) => {
                     let log = env.pod_log_dir().join(k.log_dir_name());
                     std::fs::create_dir_all(&log)
                         .with_context(|| format!("creating {}", log.display()))?;

@@ -14,7 +14,8 @@
 //! proxy tests [`proxy`] (raw RESP connections, real-client runners), [`sentinel`] (master,
 //! replica and three sentinels) and [`cluster`] (a 3-master Redis Cluster), and [`drill`]
 //! (failover scenarios under load, direct vs through the proxy, for `cargo xtask drill` and
-//! `tests/tests/failover.rs`), and [`clients`] (the client programs of `tests/clients/` and the
+//! `tests/tests/failover.rs`), [`restartdrill`] (the agent's own failures under load, for
+//! `cargo xtask drill restart` and `tests/tests/restartdrill.rs`), and [`clients`] (the client programs of `tests/clients/` and the
 //! table of `docs/compatibility.md` they are held to, for `tests/tests/compat.rs`).
 
 pub mod acl_table;
@@ -24,15 +25,18 @@ pub mod clients;
 pub mod cluster;
 pub mod drill;
 pub mod env;
+pub mod graydrill;
 pub mod hotcache;
 pub mod instance;
 pub mod keydrill;
+pub mod leakdrill;
 pub mod net;
 pub mod pod;
 pub mod proc;
 pub mod proxy;
 pub mod redis;
 pub mod resp;
+pub mod restartdrill;
 pub mod sentinel;
 pub mod tenant;
 pub mod upgradedrill;

@@ -12,7 +12,8 @@
 //! path on and off), `ratelimit` (per-pod connection-rate limit), `identity` (direct dials attributed and limited,
 //! uncaptured clients refused unless allowed, password files, admin access), `podident` (pods
 //! named from the kubelet's cgroup and log layout built under the test cgroup; opt-in capture),
-//! `supervisor` (the worker SIGKILLed, SIGSTOPped, crash-looping; the supervisor SIGKILLed).
+//! `supervisor` (the worker SIGKILLed, SIGSTOPped, crash-looping; the supervisor SIGKILLed:
+//! immediate fail-open through `dm_listeners`, no connect refused).
 
 #[path = "dataplane/common.rs"]
 mod common;

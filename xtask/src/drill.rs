@@ -40,6 +40,18 @@ pub enum Drill {
     /// One pod floods random missing keys (cache penetration): time to detect, the automatic
     /// throttle of the pod, a runtime deny rule, the bystanders' p99 in every phase.
     KeyAttack,
+    /// Two simulated nodes (an agent each, one Redis): the canary opts in one namespace, the
+    /// alerts are watched, the canary is widened and the stable node promoted by reload, the
+    /// canary rolled back; captured and direct connects, client errors, time to take effect.
+    GrayRelease,
+    /// The worker leaks descriptors, memory, then dedicated backend connections under load:
+    /// time to the watchdog's detection and to the graceful replacement, refused connects,
+    /// client errors, the values before and after (`drill_leak`).
+    ResourceLeak,
+    /// The agent's own failures under load from captured pods: SIGKILL of the worker, SIGSTOP
+    /// of the worker, SIGKILL of the whole agent (then started again): refused connects, client
+    /// errors, time to recover, connects that went direct.
+    Restart,
     /// Zero-error restart, upgrade to a build with another map layout (`abi-next`) and
     /// rollback, under pooled and short-connection clients: errors, refused connects, capture
     /// gap, counters carried over.
@@ -73,6 +85,9 @@ pub fn run(a: &Args) -> Result<()> {
         Drill::Tenant => return run_tenant(a),
         Drill::Upgrade => return crate::drill_upgrade::run(a.seconds, a.agent_bin.as_deref()),
         Drill::HotKey | Drill::KeyAttack => return run_key_drill(a),
+        Drill::GrayRelease => return crate::drill_gray::run(a),
+        Drill::ResourceLeak => return crate::drill_leak::run(a),
+        Drill::Restart => return crate::drill_restart::run(a),
         Drill::Failover => {}
     }
     let scenarios: Vec<Scenario> = if a.scenarios.is_empty() {

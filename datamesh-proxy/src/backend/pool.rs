@@ -68,6 +68,16 @@ impl NodePool {
         self.idle.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
+    /// Fault injection (the agent's `debug.fault_injection`, the resource-leak drill): opens
+    /// a dedicated connection outside the `max_dedicated` budget and never gives it back, as
+    /// a leaked one would be: open at the backend, counted in the gauges, owned by nobody.
+    pub async fn leak_dedicated(&self) -> Result<(), BackendError> {
+        let conn = self.new_dedicated();
+        conn.connect_now().await?;
+        std::mem::forget(conn);
+        Ok(())
+    }
+
     fn new_dedicated(&self) -> Arc<Conn> {
         Conn::new(&self.ctx, true, None, None)
     }
@@ -386,6 +396,26 @@ impl BackendGroup {
     }
 
     /// Every pool (for `/backends` and metrics).
+    /// Backend connections this group's pools may hold at most: `pool_size` shared ones per
+    /// pool and `max_dedicated` exclusive ones per node (the agent's watchdog compares the
+    /// open ones with this).
+    pub fn connection_limit(&self) -> u64 {
+        let pools = self.pools.lock().unwrap_or_else(|p| p.into_inner()).len() as u64;
+        let nodes = self
+            .node_budgets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len() as u64;
+        pools * u64::from(self.settings.pool_size) + nodes * u64::from(self.settings.max_dedicated)
+    }
+
+    /// Open backend connections of this endpoint (shared and dedicated, from the gauges the
+    /// connections keep).
+    pub fn open_connections(&self) -> u64 {
+        let m = &self.metrics;
+        (m.shared_conns.get().max(0) + m.dedicated_conns.get().max(0)) as u64
+    }
+
     pub fn pools(&self) -> Vec<Arc<NodePool>> {
         self.pools
             .lock()

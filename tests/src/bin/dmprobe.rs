@@ -14,6 +14,7 @@
 //! dmprobe connect-loop --addr A --until-ok --timeout-ms 3000
 //! dmprobe connect-loop --addr A --count 20
 //! dmprobe connect-loop --addr A --duration-ms 3000
+//! dmprobe timeline     --addr A --duration-ms 30000 [--stop-file F] [--pause-ms 2]
 //! ```
 
 use std::collections::BTreeMap;
@@ -88,7 +89,7 @@ impl Opts {
 
 fn run(args: &[String]) -> Res<String> {
     let (sub, rest) = args.split_first().ok_or(
-        "usage: dmprobe <burst|bigvalue|slowreader|reset|concurrent|connect-loop> --addr A ...",
+        "usage: dmprobe <burst|bigvalue|slowreader|reset|concurrent|connect-loop|timeline> --addr A ...",
     )?;
     let o = Opts::parse(rest)?;
     match sub.as_str() {
@@ -106,6 +107,12 @@ fn run(args: &[String]) -> Res<String> {
                 connect_count(o.addr()?, o.num("count", None)?)
             }
         }
+        "timeline" => timeline(
+            o.addr()?,
+            o.num("duration-ms", None)?,
+            o.flags.get("stop-file").map(std::path::PathBuf::from),
+            o.num("pause-ms", Some(2))?,
+        ),
         other => Err(format!("unknown subcommand {other:?}")),
     }
 }
@@ -567,5 +574,81 @@ fn connect_count(addr: SocketAddr, count: u64) -> Res<String> {
         "{{\"case\":\"connect-loop\",\"count\":{count},\"ok\":{ok},\"refused\":{refused},\"errors\":{},\"ms\":{}}}",
         errors_json(&errors),
         t0.elapsed().as_millis()
+    ))
+}
+
+/// CLOCK_MONOTONIC in microseconds: the clock the tests read too (`drill::mono_now`), shared
+/// across network namespaces, so attempt times compare with the time of a fault.
+fn mono_us() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
+}
+
+/// One connect + PING + close (a PHP-style short-lived connection), classified:
+/// `proxy` / `direct` (PONG; where the socket was connected: the proxy when capture rewrote
+/// the connect, the address asked for when it did not), `connect:<errno>` (the connect
+/// failed: ECONNREFUSED is a refused connect), `io-proxy:<kind>` / `io-direct:<kind>` (the
+/// connection was established, then failed before the PONG: reset, EOF, timeout).
+fn ping_classified(addr: SocketAddr) -> String {
+    let s = match TcpStream::connect_timeout(&addr, Duration::from_millis(2000)) {
+        Ok(s) => s,
+        Err(e) => return format!("connect:{}", kind_name(&e)),
+    };
+    let side = match s.peer_addr() {
+        Ok(p) if p == addr => "direct",
+        Ok(_) => "proxy",
+        Err(_) => "unknown",
+    };
+    let io = |s: &TcpStream| -> Result<(), String> {
+        s.set_read_timeout(Some(Duration::from_millis(2000)))
+            .map_err(|e| kind_name(&e))?;
+        let mut w = s;
+        w.write_all(&encode(&[b"PING"]))
+            .map_err(|e| kind_name(&e))?;
+        let mut r = BufReader::new(s);
+        match read_reply(&mut r) {
+            Ok(Reply::Simple(p)) if p == "PONG" => Ok(()),
+            Ok(_) => Err("bad_reply".into()),
+            Err(e) => Err(kind_name(&e)),
+        }
+    };
+    match io(&s) {
+        Ok(()) => side.to_string(),
+        Err(kind) => format!("io-{side}:{kind}"),
+    }
+}
+
+/// Short-lived connections back to back until `duration_ms` passed or `stop_file` exists;
+/// prints every attempt as `[start_us, end_us, outcome]` (CLOCK_MONOTONIC, see
+/// [`ping_classified`] for the outcomes) and the totals per outcome.
+fn timeline(
+    addr: SocketAddr,
+    duration_ms: u64,
+    stop_file: Option<std::path::PathBuf>,
+    pause_ms: u64,
+) -> Res<String> {
+    let t0 = Instant::now();
+    let mut totals: BTreeMap<String, u64> = BTreeMap::new();
+    let mut attempts = Vec::new();
+    while t0.elapsed() < Duration::from_millis(duration_ms) {
+        if stop_file.as_ref().is_some_and(|f| f.exists()) {
+            break;
+        }
+        let start = mono_us();
+        let outcome = ping_classified(addr);
+        let end = mono_us();
+        *totals.entry(outcome.clone()).or_insert(0) += 1;
+        attempts.push(format!("[{start},{end},\"{outcome}\"]"));
+        std::thread::sleep(Duration::from_millis(pause_ms));
+    }
+    Ok(format!(
+        "{{\"case\":\"timeline\",\"totals\":{},\"attempts\":[{}]}}",
+        errors_json(&totals),
+        attempts.join(",")
     ))
 }

@@ -222,9 +222,22 @@ pub fn is_pod_addr(pod: &Pod, addr: SocketAddr) -> bool {
 /// the proxy's /connections.
 pub fn assert_capture_works(env: &Env, pod: &Pod, name: &str) -> Result<()> {
     let seen = redis_cli_client_addr(pod.cmd("redis-cli"), env.service_addr(), name)?;
-    ensure!(
-        captured_by_proxy(env, pod, seen)?,
-        "not captured: the proxy has no record of {seen}"
-    );
+    if !captured_by_proxy(env, pod, seen)? {
+        let dump = |map: &str| {
+            Command::new("bpftool")
+                .args(["map", "dump", "pinned"])
+                .arg(env.pin_dir().join(map))
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default()
+        };
+        bail!(
+            "not captured: the proxy has no record of {seen} (monotonic now {:.0} ns; pod counters {:?}; dm_settings {}; dm_listeners {})",
+            datamesh_tests::drill::mono_now() * 1e9,
+            counters(env, pod).unwrap_or_default(),
+            dump("dm_settings"),
+            dump("dm_listeners")
+        );
+    }
     Ok(())
 }

@@ -1,6 +1,8 @@
 //! Agent lifecycle: a SIGKILLed agent fails open within the heartbeat bound (pods reach Redis
-//! directly) while `pods` still reads the pinned counters; a restarted agent re-adopts the pinned
-//! links and maps (same link ids, counters carried over) and capture resumes.
+//! directly; since ABI 4 at once, see `supervisor.rs`) while `pods` still reads the pinned
+//! counters; a restarted agent re-adopts the pinned links and maps (same link ids, counters
+//! carried over) and capture resumes; maps of the previous layout (no `dm_listeners`) are
+//! replaced by an upgrade (new links, capture works).
 
 use std::time::Instant;
 
@@ -132,6 +134,35 @@ fn restarted_agent_readopts_pinned_links_and_maps() {
         let cfg = env.agent().http_get("/config_dump")?;
         let v: Value = serde_json::from_str(&cfg.1).context("/config_dump is not JSON")?;
         ensure!(v.is_object(), "/config_dump is not a JSON object: {v}");
+        Ok(())
+    });
+}
+
+#[test]
+fn maps_of_the_previous_layout_are_replaced_on_upgrade() {
+    run_test(Env::builder().pods(["a"]), |env| {
+        assert_capture_works(env, env.pod("a"), "dmfirst")?;
+        let ids_before = env.agent().link_ids()?;
+        // An ABI 3 data plane: every map but dm_listeners pinned, links attached.
+        env.agent_mut().kill9()?;
+        std::fs::remove_file(env.pin_dir().join("dm_listeners"))
+            .context("unpinning dm_listeners")?;
+        env.agent_mut().spawn()?;
+        let ready = env.agent().ready()?.clone();
+        ensure!(
+            ready.dataplane == "upgraded",
+            "agent over maps without dm_listeners reports dataplane {:?}, expected \"upgraded\"",
+            ready.dataplane
+        );
+        ensure!(
+            env.agent().link_ids()? != ids_before,
+            "the links were not replaced"
+        );
+        ensure!(
+            env.pin_dir().join("dm_listeners").exists(),
+            "dm_listeners was not pinned by the upgrade"
+        );
+        assert_capture_works(env, env.pod("a"), "dmsecond")?;
         Ok(())
     });
 }

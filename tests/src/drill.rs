@@ -956,37 +956,24 @@ fn join(addrs: &[SocketAddr]) -> String {
         .join(",")
 }
 
-/// One load process (`tests/tools/failover_load.py`), killed on drop.
-struct Loader {
-    label: String,
-    child: Child,
+/// A load script run as a child process: JSON objects on its stdout, one line on its stdin
+/// (what the script waits for to stop), stderr to a file. Killed on drop. The drills' loads
+/// (`failover_load.py` here, `restart_load.py` in [`crate::restartdrill`]) run through it.
+pub struct JsonLoad {
+    pub label: String,
+    pub child: Child,
     stdin: Option<ChildStdin>,
     lines: Receiver<String>,
     reader: Option<JoinHandle<()>>,
-    stderr: PathBuf,
+    pub stderr: PathBuf,
 }
 
-impl Loader {
-    fn spawn(label: &str, target: Vec<String>, load: &LoadOptions, dir: &Path) -> Result<Self> {
-        let script = load_script();
-        ensure!(
-            script.is_file(),
-            "the load script {} is missing",
-            script.display()
-        );
-        let stderr = dir.join(format!("load-{label}.stderr"));
+impl JsonLoad {
+    /// Starts `cmd` (its arguments set) with piped stdin/stdout and stderr to `stderr`.
+    pub fn spawn(label: &str, mut cmd: Command, stderr: PathBuf) -> Result<Self> {
         let err_file = std::fs::File::create(&stderr)
             .with_context(|| format!("creating {}", stderr.display()))?;
-        let mut cmd = Command::new("python3");
-        cmd.arg(&script)
-            .args(["--label", label])
-            .args(&target)
-            .args(["--set-clients", &load.set_clients.to_string()])
-            .args(["--incr-clients", &load.incr_clients.to_string()])
-            .args(["--pipeline", &load.pipeline.to_string()])
-            .args(["--pace-ms", &load.pace_ms.to_string()])
-            .args(["--timeout", &load.timeout_s.to_string()])
-            .stdin(Stdio::piped())
+        cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(err_file);
         let mut child = cmd.spawn().with_context(|| {
@@ -1019,8 +1006,8 @@ impl Loader {
         })
     }
 
-    /// The next JSON object the script prints, within `timeout`.
-    fn next_json(&mut self, timeout: Duration) -> Result<Value> {
+    /// The next JSON object the script prints, within `timeout` (other lines are echoed).
+    pub fn next_json(&mut self, timeout: Duration) -> Result<Value> {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -1047,7 +1034,8 @@ impl Loader {
         }
     }
 
-    fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+    /// Waits for the script's `{"event": "ready"}`.
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
         let v = self.next_json(timeout)?;
         ensure!(
             v.get("event").and_then(Value::as_str) == Some("ready"),
@@ -1057,46 +1045,18 @@ impl Loader {
         Ok(())
     }
 
-    /// Tells the script to stop, with the fault time its figures are relative to.
-    fn stop(&mut self, fault: f64, recheck: Option<Duration>) -> Result<()> {
+    /// Writes the one line the script waits for to stop.
+    pub fn send_stop(&mut self, line: &Value) -> Result<()> {
         let mut stdin = self
             .stdin
             .take()
             .ok_or_else(|| anyhow!("the {} load was already stopped", self.label))?;
-        let line = serde_json::json!({
-            "stop": true,
-            "fault": fault,
-            "recheck_ms": recheck.map_or(0, |d| d.as_millis()),
-        });
         writeln!(stdin, "{line}")
-            .with_context(|| format!("writing the stop line to the {} load", self.label))?;
-        Ok(())
-    }
-
-    /// The script's result, once it has read everything back.
-    fn finish(mut self, timeout: Duration) -> Result<LoadResult> {
-        let v = self.next_json(timeout)?;
-        let r = v
-            .get("result")
-            .ok_or_else(|| anyhow!("the {} load printed {v} instead of a result", self.label))?;
-        let label = self.label.clone();
-        let st = wait_until(
-            &format!("the {label} load to exit after its result"),
-            Duration::from_secs(10),
-            || Ok(self.child.try_wait()?),
-        )?;
-        ensure!(
-            st.success(),
-            "the {} load exited with {} after its result; stderr:\n{}",
-            self.label,
-            status_text(st),
-            tail(&self.stderr, 30)
-        );
-        LoadResult::from_json(r)
+            .with_context(|| format!("writing the stop line to the {} load", self.label))
     }
 }
 
-impl Drop for Loader {
+impl Drop for JsonLoad {
     fn drop(&mut self) {
         drop(self.stdin.take());
         let _ = self.child.kill();
@@ -1104,6 +1064,67 @@ impl Drop for Loader {
         if let Some(r) = self.reader.take() {
             let _ = r.join();
         }
+    }
+}
+
+/// One failover load process (`tests/tools/failover_load.py`).
+struct Loader(JsonLoad);
+
+impl Loader {
+    fn spawn(label: &str, target: Vec<String>, load: &LoadOptions, dir: &Path) -> Result<Self> {
+        let script = load_script();
+        ensure!(
+            script.is_file(),
+            "the load script {} is missing",
+            script.display()
+        );
+        let mut cmd = Command::new("python3");
+        cmd.arg(&script)
+            .args(["--label", label])
+            .args(&target)
+            .args(["--set-clients", &load.set_clients.to_string()])
+            .args(["--incr-clients", &load.incr_clients.to_string()])
+            .args(["--pipeline", &load.pipeline.to_string()])
+            .args(["--pace-ms", &load.pace_ms.to_string()])
+            .args(["--timeout", &load.timeout_s.to_string()]);
+        let stderr = dir.join(format!("load-{label}.stderr"));
+        Ok(Self(JsonLoad::spawn(label, cmd, stderr)?))
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        self.0.wait_ready(timeout)
+    }
+
+    /// Tells the script to stop, with the fault time its figures are relative to.
+    fn stop(&mut self, fault: f64, recheck: Option<Duration>) -> Result<()> {
+        self.0.send_stop(&serde_json::json!({
+            "stop": true,
+            "fault": fault,
+            "recheck_ms": recheck.map_or(0, |d| d.as_millis()),
+        }))
+    }
+
+    /// The script's result, once it has read everything back.
+    fn finish(mut self, timeout: Duration) -> Result<LoadResult> {
+        let l = &mut self.0;
+        let v = l.next_json(timeout)?;
+        let r = v
+            .get("result")
+            .ok_or_else(|| anyhow!("the {} load printed {v} instead of a result", l.label))?;
+        let label = l.label.clone();
+        let st = wait_until(
+            &format!("the {label} load to exit after its result"),
+            Duration::from_secs(10),
+            || Ok(l.child.try_wait()?),
+        )?;
+        ensure!(
+            st.success(),
+            "the {} load exited with {} after its result; stderr:\n{}",
+            l.label,
+            status_text(st),
+            tail(&l.stderr, 30)
+        );
+        LoadResult::from_json(r)
     }
 }
 

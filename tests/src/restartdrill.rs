@@ -22,14 +22,13 @@
 //!
 //! Times are CLOCK_MONOTONIC, shared by this process, the load script and the probe.
 
+use crate::drill::JsonLoad;
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Write as _};
 use std::path::PathBuf;
-use std::process::{Child, ChildStdin, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use anyhow::{anyhow, ensure, Context, Result};
 use serde_json::Value;
 
 use crate::drill::mono_now;
@@ -172,22 +171,13 @@ pub fn load_script() -> PathBuf {
         .join("restart_load.py")
 }
 
-/// One redis-py load process in a pod, killed on drop.
-struct Loader {
-    label: String,
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: Receiver<String>,
-    stderr: PathBuf,
-}
+/// One restart load process (`tests/tools/restart_load.py`) in the load pod.
+struct Loader(JsonLoad);
 
 impl Loader {
     fn spawn(env: &Env, label: &str, retries: u32, opts: &RestartOptions) -> Result<Self> {
         let script = load_script();
         ensure!(script.is_file(), "{} is missing", script.display());
-        let stderr = env.run_dir().join(format!("restart-load-{label}.stderr"));
-        let err_file = std::fs::File::create(&stderr)
-            .with_context(|| format!("creating {}", stderr.display()))?;
         let mut cmd = env.pod(LOAD_POD).cmd("python3");
         cmd.arg(&script)
             .args(["--label", label])
@@ -195,105 +185,31 @@ impl Loader {
             .args(["--clients", &opts.clients.to_string()])
             .args(["--retries", &retries.to_string()])
             .args(["--pace-ms", &opts.pace_ms.to_string()])
-            .args(["--timeout", &opts.timeout_s.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(err_file);
-        let mut child = cmd.spawn().with_context(|| {
-            format!(
-                "starting `{}` (is python3 with redis-py installed? `cargo xtask setup`)",
-                crate::proc::describe(&cmd)
-            )
-        })?;
-        let stdin = child.stdin.take();
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| anyhow!("no stdout pipe"))?;
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Ok(Self {
-            label: label.to_string(),
-            child,
-            stdin,
-            lines,
-            stderr,
-        })
-    }
-
-    fn next_json(&mut self, timeout: Duration) -> Result<Value> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => match serde_json::from_str::<Value>(&line) {
-                    Ok(v) if v.is_object() => return Ok(v),
-                    _ => eprintln!("{} load: {line}", self.label),
-                },
-                Err(RecvTimeoutError::Timeout) => bail!(
-                    "the {} load printed nothing within {timeout:?}; stderr:\n{}",
-                    self.label,
-                    tail(&self.stderr, 30)
-                ),
-                Err(RecvTimeoutError::Disconnected) => {
-                    let st = self.child.wait()?;
-                    bail!(
-                        "the {} load exited ({}); stderr:\n{}",
-                        self.label,
-                        status_text(st),
-                        tail(&self.stderr, 30)
-                    )
-                }
-            }
-        }
+            .args(["--timeout", &opts.timeout_s.to_string()]);
+        let stderr = env.run_dir().join(format!("restart-load-{label}.stderr"));
+        Ok(Self(JsonLoad::spawn(label, cmd, stderr)?))
     }
 
     fn wait_ready(&mut self) -> Result<()> {
-        let v = self.next_json(Duration::from_secs(40))?;
-        ensure!(
-            v.get("event").and_then(Value::as_str) == Some("ready"),
-            "the {} load did not get ready: {v}",
-            self.label
-        );
-        Ok(())
+        self.0.wait_ready(Duration::from_secs(40))
     }
 
     /// Stops the load and returns its per-phase figures.
     fn finish(mut self, phases: &[(String, f64, f64)]) -> Result<Value> {
-        let mut stdin = self
-            .stdin
-            .take()
-            .ok_or_else(|| anyhow!("{} load already stopped", self.label))?;
-        let line = serde_json::json!({ "phases": phases });
-        writeln!(stdin, "{line}").context("writing the stop line")?;
-        let v = self.next_json(Duration::from_secs(30))?;
+        self.0.send_stop(&serde_json::json!({ "phases": phases }))?;
+        let v = self.0.next_json(Duration::from_secs(30))?;
         let r = v
             .get("result")
             .cloned()
-            .ok_or_else(|| anyhow!("the {} load printed {v}", self.label))?;
+            .ok_or_else(|| anyhow!("the {} load printed {v}", self.0.label))?;
         if let Some(f) = r.get("fatal").and_then(Value::as_object) {
             ensure!(
                 f.is_empty(),
                 "{} load clients died of a bug: {f:?}",
-                self.label
+                self.0.label
             );
         }
         Ok(r)
-    }
-}
-
-impl Drop for Loader {
-    fn drop(&mut self) {
-        drop(self.stdin.take());
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -31,9 +31,8 @@ pub struct Args {
 
 /// Prepares the machine, builds the eBPF object and the agent (release when asked), checks
 /// privileges; returns the agent binary.
-pub fn build_agent(release: bool) -> Result<PathBuf> {
-    crate::setup::ensure()?;
-    crate::build_ebpf::run(&crate::build_ebpf::Args::default())?;
+/// `cargo build -p datamesh-agent --bin datamesh-agent [--release]`.
+fn agent_build(release: bool) -> Command {
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.current_dir(project_root()).args([
         "build",
@@ -45,7 +44,15 @@ pub fn build_agent(release: bool) -> Result<PathBuf> {
     if release {
         cmd.arg("--release");
     }
-    let st = cmd.status().context("cannot start cargo build")?;
+    cmd
+}
+
+pub fn build_agent(release: bool) -> Result<PathBuf> {
+    crate::setup::ensure()?;
+    crate::build_ebpf::run(&crate::build_ebpf::Args::default())?;
+    let st = agent_build(release)
+        .status()
+        .context("cannot start cargo build")?;
     if !st.success() {
         bail!("building datamesh-agent failed ({st})");
     }
@@ -69,21 +76,7 @@ pub fn build_next_agent(release: bool) -> Result<PathBuf> {
     })?;
     let profile = if release { "release" } else { "debug" };
     let dir = datamesh_tests::target_dir().join(profile);
-    let cargo = || {
-        let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-        cmd.current_dir(project_root()).args([
-            "build",
-            "-p",
-            "datamesh-agent",
-            "--bin",
-            "datamesh-agent",
-        ]);
-        if release {
-            cmd.arg("--release");
-        }
-        cmd
-    };
-    let st = cargo()
+    let st = agent_build(release)
         .args(["--features", "abi-next"])
         .env("DATAMESH_EBPF_OBJ", &object)
         .status()
@@ -97,7 +90,9 @@ pub fn build_next_agent(release: bool) -> Result<PathBuf> {
     std::fs::rename(&tmp, &next).context("renaming the abi-next agent")?;
     // The first build back in place (fresh in cargo's cache: only copied; its eBPF object at
     // the default path was not touched).
-    let st = cargo().status().context("cannot start cargo build")?;
+    let st = agent_build(release)
+        .status()
+        .context("cannot start cargo build")?;
     if !st.success() {
         bail!("building datamesh-agent failed ({st})");
     }

@@ -213,7 +213,8 @@ impl Loader {
     }
 }
 
-fn signal(pid: u32, sig: libc::c_int) -> Result<()> {
+/// kill(2) on an agent's worker (tests and drills).
+pub fn signal(pid: u32, sig: libc::c_int) -> Result<()> {
     // SAFETY: kill(2) on the agent's worker, a pid read from the supervisor's children.
     if unsafe { libc::kill(pid as libc::pid_t, sig) } != 0 {
         return Err(std::io::Error::last_os_error()).context("kill(2) on the worker");
@@ -222,7 +223,7 @@ fn signal(pid: u32, sig: libc::c_int) -> Result<()> {
 }
 
 /// Waits until the agent answers `/ready` 200 (served by a worker).
-fn wait_ready(env: &Env, timeout: Duration) -> Result<()> {
+pub fn wait_ready(env: &Env, timeout: Duration) -> Result<()> {
     let t0 = Instant::now();
     loop {
         if let Ok((200, _)) = env.agent().http_get("/ready") {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, ensure, Context, Result};
 use datamesh_tests::drill::mono_now;
 use datamesh_tests::env::run_test;
-use datamesh_tests::restartdrill;
+use datamesh_tests::restartdrill::{self, signal, wait_ready};
 use datamesh_tests::Env;
 use serde_json::Value;
 
@@ -20,26 +20,6 @@ use crate::common::{assert_capture_works, counter, counters, probe_bin};
 /// The bounds: a crashed worker is replaced within 500 ms, a hung one within 3 s.
 const CRASH_BOUND_MS: u128 = 500;
 const HANG_BOUND_MS: u128 = 3000;
-
-fn signal(pid: u32, sig: libc::c_int) -> Result<()> {
-    // SAFETY: kill(2) on the worker pid read from the supervisor's children just now.
-    if unsafe { libc::kill(pid as libc::pid_t, sig) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("kill(2) on the worker");
-    }
-    Ok(())
-}
-
-/// Waits until the admin endpoint (served by the worker) answers /ready 200.
-fn wait_ready(env: &Env, timeout: Duration) -> Result<()> {
-    let t0 = Instant::now();
-    loop {
-        if let Ok((200, _)) = env.agent().http_get("/ready") {
-            return Ok(());
-        }
-        ensure!(t0.elapsed() < timeout, "/ready not 200 within {timeout:?}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
 
 /// Waits up to 2 s for metric `name` to reach `min` (the counts come with the supervisor's
 /// pings); returns its last value.

@@ -36,8 +36,12 @@ use tracing::info;
 pub const ADMIN: &str = "admin";
 /// At most this many sockets are handed over (endpoints + admin).
 const MAX_FDS: usize = 1100;
-/// How long either side waits for the other's next line during the exchange.
+/// How long the successor waits for the running agent's answer.
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the running agent waits for the successor's request, which it sends right after
+/// connecting. Short: the supervisor's loop (and its health checks) waits meanwhile, and a
+/// successor that connected and died must not get the running worker taken for hung.
+const REQUEST_TIMEOUT: Duration = Duration::from_millis(300);
 
 #[derive(Serialize, Deserialize, Debug)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -147,8 +151,8 @@ pub fn offer(
     socks: &[(String, RawFd)],
 ) -> anyhow::Result<Outgoing> {
     stream.set_nonblocking(false).context("upgrade stream")?;
-    stream.set_read_timeout(Some(EXCHANGE_TIMEOUT))?;
-    stream.set_write_timeout(Some(EXCHANGE_TIMEOUT))?;
+    stream.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+    stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
     let cred = getsockopt(&stream, sockopt::PeerCredentials).context("SO_PEERCRED")?;
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };

@@ -201,10 +201,12 @@ impl AgentConfig {
         y.push_str(&format!("netns_dir: {}\n", self.netns_dir.display()));
         y.push_str(&format!("cgroup_root: {}\n", self.cgroup_root.display()));
         y.push_str(&format!("pod_log_dir: {}\n", self.pod_log_dir.display()));
-        y.push_str(&format!(
-            "upgrade_socket: {}\n",
-            self.upgrade_socket.display()
-        ));
+        if !self.upgrade_socket.as_os_str().is_empty() {
+            y.push_str(&format!(
+                "upgrade_socket: {}\n",
+                self.upgrade_socket.display()
+            ));
+        }
         y.push_str(&format!("default_conn_rate: {}\n", self.default_conn_rate));
         y.push_str(&format!(
             "default_conn_burst: {}\n",
@@ -390,6 +392,7 @@ impl Agent {
         extra_procs: Option<PathBuf>,
         bin: Option<PathBuf>,
     ) -> Result<Self> {
+        let explicit = bin.is_some();
         let bin = match bin {
             Some(b) if b.is_file() => b,
             Some(b) => bail!("datamesh-agent binary not found at {}", b.display()),
@@ -399,6 +402,15 @@ impl Agent {
         // (the gray-release drill's nodes) never take each other's sockets.
         let mut config = config;
         config.upgrade_socket = dir.join("upgrade.sock");
+        // A given binary may be an older build (a benchmark's A/B) that has no upgrade_socket:
+        // it gets the config without the key (and its own default socket).
+        if explicit {
+            if let Ok(Some(msg)) = check_config(&bin, &config, dir) {
+                if msg.contains("upgrade_socket") {
+                    config.upgrade_socket = PathBuf::new();
+                }
+            }
+        }
         let config_path = dir.join("agent.yaml");
         std::fs::write(&config_path, config.to_yaml())
             .with_context(|| format!("writing {}", config_path.display()))?;

@@ -113,6 +113,10 @@ pub struct ProbePhase {
     pub direct: u64,
     /// `ECONNREFUSED` at connect.
     pub refused: u64,
+    /// Of `refused`, those started within [`KILL_RACE_MS`] after the phase's start (the
+    /// fault): rewritten to the listener in the microseconds before it closed with its
+    /// process. The one refusal the listener gate cannot rule out.
+    pub refused_in_race: u64,
     /// Other connect failures (timeouts...), except a reset.
     pub connect_errors: u64,
     /// Their kinds (`connect:<kind>`), for messages.
@@ -422,6 +426,18 @@ pub fn parse_attempts(v: &Value) -> Result<Vec<(f64, f64, String)>> {
         .collect()
 }
 
+/// How long after a whole-agent kill a refused connect counts as the race with the listener's
+/// close (see [`ProbePhase::refused_in_race`]).
+pub const KILL_RACE_MS: f64 = 10.0;
+
+/// Refused connects that started within `window_ms` of `t` (either side).
+pub fn refused_near(attempts: &[(f64, f64, String)], t: f64, window_ms: f64) -> u64 {
+    attempts
+        .iter()
+        .filter(|(s, _, o)| o == "connect:ECONNREFUSED" && ((s - t) * 1000.0).abs() < window_ms)
+        .count() as u64
+}
+
 pub fn probe_phase(attempts: &[(f64, f64, String)], t0: f64, t1: f64) -> ProbePhase {
     let mut p = ProbePhase::default();
     let rel = |t: f64| (t - t0) * 1000.0;
@@ -447,7 +463,12 @@ pub fn probe_phase(attempts: &[(f64, f64, String)], t0: f64, t1: f64) -> ProbePh
                     p.last_proxied_before_direct_ms = last_proxied;
                 }
             }
-            "connect:ECONNREFUSED" => p.refused += 1,
+            "connect:ECONNREFUSED" => {
+                p.refused += 1;
+                if (0.0..KILL_RACE_MS).contains(&rel(*s)) {
+                    p.refused_in_race += 1;
+                }
+            }
             // A direct connect is never reset by Redis: this one was in a dying listener's
             // queue (handshake or accept queue).
             "connect:ECONNRESET" => p.lost_proxied += 1,

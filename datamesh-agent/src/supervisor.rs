@@ -774,26 +774,7 @@ pub fn run(opts: Options) -> anyhow::Result<ExitCode> {
             }
         }
         // Retiring workers: their exit is no crash (nothing counted).
-        retiring.retain_mut(|(w, deadline)| match w.child.try_wait() {
-            Ok(Some(st)) => {
-                info!(worker_pid = w.child.id(), status = %st, "retired worker exited");
-                false
-            }
-            Ok(None) if now >= *deadline => {
-                warn!(
-                    worker_pid = w.child.id(),
-                    "retired worker still alive at drain_timeout_ms + 2 s: killing it"
-                );
-                let _ = w.child.kill();
-                let _ = w.child.wait();
-                false
-            }
-            Ok(None) => true,
-            Err(e) => {
-                warn!(error = %e, "waitpid on a retired worker");
-                true
-            }
-        });
+        reap_retiring(&mut retiring, now);
         if worker.is_none() {
             if let Some(t) = next_start {
                 if Instant::now() >= t {
@@ -926,6 +907,31 @@ fn step_upgrade(
     }
 }
 
+/// Reaps the retiring workers that exited (a retirement is no crash: nothing counted) and
+/// SIGKILLs those still alive at their deadline (`drain_timeout_ms` + 2 s).
+fn reap_retiring(retiring: &mut Vec<(Worker, Instant)>, now: Instant) {
+    retiring.retain_mut(|(w, deadline)| match w.child.try_wait() {
+        Ok(Some(st)) => {
+            info!(worker_pid = w.child.id(), status = %st, age_ms = w.started.elapsed().as_millis() as u64, "retired worker exited");
+            false
+        }
+        Ok(None) if now >= *deadline => {
+            warn!(
+                worker_pid = w.child.id(),
+                "retired worker still alive at drain_timeout_ms + 2 s: killing it"
+            );
+            let _ = w.child.kill();
+            let _ = w.child.wait();
+            false
+        }
+        Ok(None) => true,
+        Err(e) => {
+            warn!(error = %e, "waitpid on a retired worker");
+            true
+        }
+    });
+}
+
 /// One tick after a handover: waits for the retiring workers (SIGKILL at their deadline), then
 /// closes our copies of the sockets and idles until SIGTERM. `Some(code)`: exit now.
 fn step_handed_over(
@@ -953,26 +959,7 @@ fn step_handed_over(
                 *exit_after = true;
             }
             let now = Instant::now();
-            retiring.retain_mut(|(w, deadline)| match w.child.try_wait() {
-                Ok(Some(st)) => {
-                    info!(worker_pid = w.child.id(), status = %st, drained_ms = since.elapsed().as_millis() as u64, "the retired worker exited");
-                    false
-                }
-                Ok(None) if now >= *deadline => {
-                    warn!(
-                        worker_pid = w.child.id(),
-                        "the retiring worker still runs at the drain deadline: killing it"
-                    );
-                    let _ = w.child.kill();
-                    let _ = w.child.wait();
-                    false
-                }
-                Ok(None) => true,
-                Err(e) => {
-                    warn!(error = %e, "waitpid on a retiring worker");
-                    true
-                }
-            });
+            reap_retiring(retiring, now);
             if !retiring.is_empty() {
                 return None;
             }
